@@ -1,0 +1,1 @@
+"""ONNX -> ONNX rewrites on onnx-ir graphs. No torch import anywhere in this package."""

@@ -1,0 +1,3 @@
+"""hn-export: PixArt-Sigma -> ONNX -> W4A4 with the HadaNorm transform."""
+
+__version__ = "0.1.0"

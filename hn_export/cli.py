@@ -1,0 +1,72 @@
+"""The `hn-export` command line.
+
+`hn-export MODEL.onnx --w4a4` quantizes (the default command); the other jobs are subcommands
+(`hn-export export ...`). Bad input prints one line ``error: ...`` and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from graph_passes.errors import GraphInputError
+from hn_export.errors import UserError
+
+DEFAULT_COMMAND = "quantize"
+
+
+class DefaultCommandGroup(click.Group):
+    """A group whose first argument may be a model path: then the default command runs."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = [DEFAULT_COMMAND, *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultCommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hn-export")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """Export PixArt-Sigma to ONNX and quantize it to W4A4 with the HadaNorm transform.
+
+    \b
+    hn-export export --preset pixart-sigma-256 -o model.onnx
+    hn-export model.onnx --w4a4            # writes model.w4a4.onnx
+    """
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _register_commands() -> None:
+    from hn_export.cli_export import export_command
+    from hn_export.cli_quantize import quantize_command
+
+    cli.add_command(export_command, "export")
+    cli.add_command(quantize_command, DEFAULT_COMMAND)
+
+
+_register_commands()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI, turning bad input into one line and exit code 2."""
+    try:
+        cli.main(args=argv, prog_name="hn-export", standalone_mode=False)
+    except (UserError, GraphInputError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("error: interrupted; no output file was written", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted; no output file was written", err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()} (see `hn-export --help`)", err=True)
+        sys.exit(2)
+    sys.exit(0)

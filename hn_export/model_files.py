@@ -1,0 +1,114 @@
+"""Reading and writing ONNX model files safely.
+
+Reads fail with a one-line `UserError` naming the file and the fix. Writes are atomic: the model (and its external
+data file, when the weights pass 2 GB) are written to a temporary folder beside the target and renamed into place, so
+an interrupted or failed write never leaves a partial ``.onnx`` or ``.onnx.data`` behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx_ir as ir
+
+from hn_export.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# Protobuf cannot hold more than 2 GiB; keep a margin for the graph itself.
+EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
+
+
+def external_data_name(path: Path) -> str:
+    return path.name + ".data"
+
+
+def load_model(path: str | os.PathLike, what: str = "model") -> ir.Model:
+    """Load an ONNX model, checking that it exists, parses, and that its external data files are present."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{what} file {path} does not exist", "check the path")
+    if path.is_dir():
+        raise UserError(f"{what} path {path} is a folder, not an ONNX file", "pass the .onnx file inside it")
+    if path.stat().st_size == 0:
+        raise UserError(f"{what} file {path} is empty", "re-export it with `hn-export export`")
+    try:
+        model = ir.load(path)
+    except Exception as exc:  # protobuf raises several types for garbage bytes
+        raise UserError(
+            f"{what} file {path} is not a readable ONNX model ({type(exc).__name__})",
+            "pass an .onnx file written by `hn-export export` or torch.onnx.export",
+        ) from None
+    _check_external_data(model, path)
+    return model
+
+
+def _check_external_data(model: ir.Model, path: Path) -> None:
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            data_path = Path(tensor.base_dir) / tensor.location
+            if not data_path.exists():
+                raise UserError(
+                    f"external data file {data_path} of {path} is missing",
+                    f"keep {tensor.location} beside {path.name}",
+                )
+            if data_path.stat().st_size < tensor.offset + tensor.length:
+                raise UserError(
+                    f"external data file {data_path} of {path} is truncated",
+                    "re-export the model",
+                )
+
+
+def model_nbytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def check_output_path(output: Path, *inputs: Path) -> None:
+    """Refuse to overwrite an input and fail early (before long work) when the folder is not writable."""
+    out = output.resolve()
+    for inp in inputs:
+        inp_r = Path(inp).resolve()
+        if out == inp_r or out == inp_r.with_name(inp_r.name + ".data"):
+            raise UserError(f"output path {output} is the input file", "choose another -o path")
+    parent = out.parent
+    if not parent.is_dir():
+        raise UserError(f"output folder {parent} does not exist", "create it or choose another -o path")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"output folder {parent} is not writable", "choose another -o path")
+
+
+def save_model(model: ir.Model, path: str | os.PathLike) -> list[Path]:
+    """Write `model` to `path` atomically; external data (``path.data``) when weights exceed the 2 GB limit.
+
+    Returns the files written.
+    """
+    path = Path(path)
+    check_output_path(path)
+    use_external = model_nbytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
+    data_name = external_data_name(path)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".hn-export-", dir=path.parent))
+    try:
+        tmp_model = tmp_dir / path.name
+        if use_external:
+            ir.save(model, tmp_model, external_data=data_name)
+        else:
+            ir.save(model, tmp_model)
+        written = [path]
+        if use_external:
+            os.replace(tmp_dir / data_name, path.parent / data_name)
+            written.append(path.parent / data_name)
+        os.replace(tmp_model, path)
+        stale = path.parent / data_name
+        if not use_external and stale.exists():
+            stale.unlink()  # a data file from an older, larger model of the same name
+    except OSError as exc:
+        raise UserError(f"could not write {path}: {exc.strerror}", "check free disk space and permissions") from None
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    logger.info("wrote %s", ", ".join(str(p) for p in written))
+    return written
