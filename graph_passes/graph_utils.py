@@ -1,0 +1,61 @@
+"""Small onnx-ir helpers shared by the passes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+from graph_passes import tags
+
+
+def tagged_matmuls(graph: ir.Graph, role: str) -> dict[str, list[ir.Node]]:
+    """MatMuls carrying a site tag with the given role, grouped by site, in graph order."""
+    out: dict[str, list[ir.Node]] = {}
+    for node in graph:
+        site = tags.site_of(node)
+        if node.op_type == "MatMul" and site is not None and tags.role_of(node) == role:
+            out.setdefault(site, []).append(node)
+    return out
+
+
+def redirect_uses(old: ir.Value, new: ir.Value, keep: Iterable[ir.Node] = ()) -> None:
+    """Make every consumer of `old` (except the nodes in `keep`) read `new`; graph outputs too."""
+    keep_ids = {id(n) for n in keep}
+    for node, index in list(old.uses()):
+        if id(node) not in keep_ids:
+            node.replace_input_with(index, new)
+    graph = old.graph
+    if graph is not None and old.is_graph_output():
+        for i, output in enumerate(graph.outputs):
+            if output is old:
+                graph.outputs[i] = new
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register a new constant initializer under a name not used in the graph yet."""
+    base, count = name, 0
+    while name in graph.initializers:
+        count += 1
+        name = f"{base}_{count}"
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def shared_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A small constant initializer shared by every node that asks for `name` (created once)."""
+    if name in graph.initializers:
+        return graph.initializers[name]
+    return add_initializer(graph, name, array)
+
+
+def make_node(op_type: str, inputs: list[ir.Value | None], name: str, *, domain: str = "", num_outputs: int = 1,
+              metadata: dict[str, str] | None = None, **attrs) -> ir.Node:
+    node = ir.Node(domain, op_type, inputs, attributes=ir.convenience.convert_attributes(attrs),
+                   num_outputs=num_outputs, name=name, metadata_props=dict(metadata or {}))
+    for i, out in enumerate(node.outputs):
+        out.name = f"{name}_out{i}" if num_outputs > 1 else f"{name}_out"
+    return node

@@ -1,0 +1,203 @@
+"""List the linear layers of an exported graph and group them into activation sites.
+
+A linear ``y = x W^T + b`` appears in a torch export as ``MatMul(x, Wt)`` with ``Wt`` a constant ``[in, out]``
+initializer (stored pre-transposed) and an optional ``Add(., b)`` with a constant ``[out]`` bias, or as
+``Gemm(x, W, b, transB=1)``. The dynamo exporter gives weights generated names; the module path comes from the
+node's ``namespace`` metadata (``.../transformer.transformer_blocks.0.attn1.to_q: torch.nn.modules.linear.Linear/...``).
+
+An *activation site* is one activation tensor together with the linears of one module group that consume it:
+q/k/v of self-attention share one site, k/v of cross-attention another. PixArt has 7 per block. Linears of
+different blocks that read the same tensor (every block's cross-attention k/v reads the projected caption) form
+separate sites, so each gets its own transform.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from graph_passes.errors import GraphInputError
+
+_LINEAR_CLASS = "torch.nn.modules.linear.Linear"
+_BLOCK_RE = re.compile(r"transformer_blocks\.(\d+)\.")
+
+# Module-path suffix -> (group name, role) for PixArt's BasicTransformerBlock.
+_PIXART_ROLES: tuple[tuple[str, str, str], ...] = (
+    ("attn1.to_q", "attn1.qkv", "self-attn in"),
+    ("attn1.to_k", "attn1.qkv", "self-attn in"),
+    ("attn1.to_v", "attn1.qkv", "self-attn in"),
+    ("attn1.to_out.0", "attn1.out", "self-attn out"),
+    ("attn2.to_q", "attn2.q", "cross-attn query in"),
+    ("attn2.to_k", "attn2.kv", "text in"),
+    ("attn2.to_v", "attn2.kv", "text in"),
+    ("attn2.to_out.0", "attn2.out", "cross-attn out"),
+    ("ff.net.0.proj", "ff.in", "ffn in"),
+    ("ff.net.2", "ff.out", "ffn out"),
+)
+ROLES: tuple[str, ...] = tuple(dict.fromkeys(role for _, _, role in _PIXART_ROLES))
+
+
+@dataclasses.dataclass
+class LinearLayer:
+    """One linear layer of the graph."""
+
+    module_path: str
+    node: ir.Node  # the MatMul (or Gemm)
+    weight: ir.Value  # constant initializer; [in, out] for MatMul, [out, in] for Gemm(transB=1)
+    bias: ir.Value | None
+    bias_add: ir.Node | None  # the Add that applies the bias after a MatMul
+    in_features: int
+    out_features: int
+
+    @property
+    def activation(self) -> ir.Value:
+        value = self.node.inputs[0]
+        assert value is not None
+        return value
+
+    @property
+    def is_matmul(self) -> bool:
+        return self.node.op_type == "MatMul"
+
+
+@dataclasses.dataclass
+class ActivationSite:
+    """An activation tensor and the linears (of one module group) that consume it."""
+
+    name: str  # e.g. "transformer_blocks.3.attn1.qkv"
+    role: str  # e.g. "self-attn in"; "linear" for graphs without PixArt module paths
+    block: int | None
+    activation: ir.Value
+    linears: list[LinearLayer]
+
+    @property
+    def width(self) -> int:
+        return self.linears[0].in_features
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteSelection:
+    """Which linears become activation sites: module-path regexes (searched, not anchored)."""
+
+    include: tuple[str, ...] = (r"transformer_blocks\.",)
+    exclude: tuple[str, ...] = ()
+
+    def selects(self, module_path: str) -> bool:
+        return any(re.search(p, module_path) for p in self.include) and not any(
+            re.search(p, module_path) for p in self.exclude
+        )
+
+
+def module_path_of(node: ir.Node) -> str:
+    """The module path of a linear from the exporter's namespace metadata, or the node name."""
+    namespace = node.metadata_props.get("namespace", "")
+    path = ""
+    for part in namespace.split("/"):
+        name, _, cls = part.partition(": ")
+        if cls.strip() == _LINEAR_CLASS:
+            path = name.strip()
+    return path or (node.name or "")
+
+
+def _constant(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None or not value.is_initializer():
+        return None
+    return value.const_value
+
+
+def _bias_add(matmul: ir.Node, out_features: int) -> tuple[ir.Node | None, ir.Value | None]:
+    consumers = list(matmul.outputs[0].uses())
+    if len(consumers) != 1:
+        return None, None
+    add, _ = consumers[0]
+    if add.op_type != "Add":
+        return None, None
+    for value in add.inputs:
+        tensor = _constant(value)
+        if tensor is not None and tuple(tensor.shape) == (out_features,):
+            return add, value
+    return None, None
+
+
+def find_linears(model: ir.Model) -> list[LinearLayer]:
+    """All linear layers of the main graph, in graph order."""
+    linears: list[LinearLayer] = []
+    for node in model.graph:
+        if node.op_type == "MatMul" and node.domain == "":
+            weight = node.inputs[1]
+            tensor = _constant(weight)
+            if tensor is None or len(tensor.shape) != 2:
+                continue
+            in_f, out_f = (int(d) for d in tensor.shape)
+            add, bias = _bias_add(node, out_f)
+            path = module_path_of(node) or weight.name or ""
+            linears.append(LinearLayer(path, node, weight, bias, add, in_f, out_f))
+        elif node.op_type == "Gemm" and node.domain == "":
+            attrs = node.attributes
+            trans_b = attrs["transB"].as_int() if "transB" in attrs else 0
+            tensor = _constant(node.inputs[1])
+            if tensor is None or len(tensor.shape) != 2:
+                continue
+            out_f, in_f = (int(d) for d in tensor.shape) if trans_b else reversed([int(d) for d in tensor.shape])
+            bias = node.inputs[2] if len(node.inputs) > 2 else None
+            path = module_path_of(node) or node.inputs[1].name or ""
+            linears.append(LinearLayer(path, node, node.inputs[1], bias, None, in_f, out_f))
+    return linears
+
+
+def _group_and_role(module_path: str) -> tuple[str, str, int | None]:
+    block_match = _BLOCK_RE.search(module_path)
+    block = int(block_match.group(1)) if block_match else None
+    for suffix, group, role in _PIXART_ROLES:
+        if module_path.endswith(suffix) and block_match is not None:
+            return f"transformer_blocks.{block}.{group}", role, block
+    return module_path, "linear", block
+
+
+def find_activation_sites(model: ir.Model, selection: SiteSelection = SiteSelection()) -> list[ActivationSite]:
+    """Group the selected MatMul linears by (activation tensor, module group).
+
+    Raises GraphInputError when the graph has no linear layer or the selection matches none.
+    """
+    linears = find_linears(model)
+    if not linears:
+        raise GraphInputError(
+            "the model has no linear layers (MatMul or Gemm with a constant 2-D weight); "
+            "pass a transformer exported with `hn-export export`"
+        )
+    sites: dict[tuple[str, str], ActivationSite] = {}
+    for linear in linears:
+        if not linear.is_matmul or not selection.selects(linear.module_path):
+            continue
+        group, role, block = _group_and_role(linear.module_path)
+        key = (linear.activation.name or "", group)
+        if key not in sites:
+            sites[key] = ActivationSite(group, role, block, linear.activation, [])
+        sites[key].linears.append(linear)
+    if not sites:
+        raise GraphInputError(
+            f"no linear layer matches --include {list(selection.include)} / --exclude {list(selection.exclude)}; "
+            "list the layers with `hn-export layers MODEL.onnx` and adjust the patterns"
+        )
+    _make_names_unique(sites.values())
+    return list(sites.values())
+
+
+def _make_names_unique(sites: Iterable[ActivationSite]) -> None:
+    seen: dict[str, int] = {}
+    for site in sites:
+        count = seen.get(site.name, 0)
+        seen[site.name] = count + 1
+        if count:
+            site.name = f"{site.name}#{count}"
+
+
+def sites_by_block(sites: Sequence[ActivationSite]) -> dict[int | None, list[ActivationSite]]:
+    out: dict[int | None, list[ActivationSite]] = {}
+    for site in sites:
+        out.setdefault(site.block, []).append(site)
+    return out

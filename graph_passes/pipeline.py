@@ -1,0 +1,83 @@
+"""The W-A quantization pipeline: site tagging -> transform -> weight fusion -> bias correction -> quantize -> clean-up.
+
+`build_pipeline` returns an onnx-ir `PassManager` ending in onnx-ir's common clean-up passes and a full
+`onnx.checker` check. `quantize_model` plans each site's transform from calibration statistics and runs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+
+import onnx_ir as ir
+from onnx_ir.passes.common import (
+    CheckerPass,
+    RemoveUnusedFunctionsPass,
+    RemoveUnusedNodesPass,
+    RemoveUnusedOpsetsPass,
+    TopologicalSortPass,
+)
+
+from graph_passes.bias_correction import BiasCorrectionPass
+from graph_passes.fuse_weights import FuseWeightsPass
+from graph_passes.insert_transforms import InsertTransformsPass
+from graph_passes.linears import ActivationSite, SiteSelection, find_activation_sites
+from graph_passes.methods import TransformOptions
+from graph_passes.quantization import QuantConfig
+from graph_passes.quantize import QuantizePass
+from graph_passes.site_transforms import SiteStats, SiteTransform, plan_site_transform
+from graph_passes.tag_sites import TagSitesPass
+
+logger = logging.getLogger(__name__)
+
+
+def plan_transforms(
+    sites: list[ActivationSite], stats: Mapping[str, SiteStats], options: TransformOptions
+) -> dict[str, SiteTransform]:
+    return {site.name: plan_site_transform(site, stats.get(site.name), options, i) for i, site in enumerate(sites)}
+
+
+def build_pipeline(
+    transforms: dict[str, SiteTransform],
+    options: TransformOptions,
+    quant: QuantConfig | None,
+    selection: SiteSelection,
+) -> ir.passes.PassManager:
+    passes: list[ir.passes.PassBase] = [
+        TagSitesPass(selection),
+        InsertTransformsPass(transforms),
+        FuseWeightsPass(transforms),
+        BiasCorrectionPass(options.bias_correction),
+    ]
+    if quant is not None:
+        passes.append(QuantizePass(quant))
+    passes += [
+        RemoveUnusedNodesPass(),
+        RemoveUnusedFunctionsPass(),
+        RemoveUnusedOpsetsPass(),
+        TopologicalSortPass(),
+        CheckerPass(full_check=True),
+    ]
+    return ir.passes.PassManager(passes)
+
+
+@dataclasses.dataclass
+class QuantizeResult:
+    sites: list[ActivationSite]
+    transforms: dict[str, SiteTransform]
+
+
+def quantize_model(
+    model: ir.Model,
+    stats: Mapping[str, SiteStats],
+    options: TransformOptions,
+    quant: QuantConfig | None,
+    selection: SiteSelection = SiteSelection(),
+) -> QuantizeResult:
+    """Rewrite `model` in place. ``quant=None`` inserts and fuses the transforms only (the exactness check)."""
+    sites = find_activation_sites(model, selection)
+    transforms = plan_transforms(sites, stats, options)
+    build_pipeline(transforms, options, quant, selection)(model)
+    logger.info("%s: %d sites, %s", options.method.value, len(sites), quant.label if quant else "transform only")
+    return QuantizeResult(sites, transforms)

@@ -1,0 +1,123 @@
+"""Pass (e): weights to INT-b in blocks along the input dimension, activations to per-token dynamic QDQ.
+
+Each site MatMul ``MatMul(a, W^T)`` becomes ``MatMul(QDQ(a), DequantizeLinear(q, scale[, zp], axis=0,
+block_size=B))``. The activation quantizer (one per activation tensor, shared by the site's MatMuls) is
+ReduceMax/ReduceMin over the last axis -> scale and zero point -> blocked ``QuantizeLinear``/``DequantizeLinear``
+with ``axis=-1`` and ``block_size = width`` (one block per token). The maths is in `graph_passes.quantization`.
+
+Bias-correction MatMuls (``hadanorm.role = bias-correction``) keep their float mean token: in ``float-token`` mode
+they read the same dequantized weight as the site MatMul, in ``exact`` mode an int8 per-output-channel copy.
+
+Note: onnxruntime's default graph optimizations fuse ``DequantizeLinear + MatMul`` into ``MatMulNBits`` whose
+default accuracy level quantizes the activations to int8; `runtime.session` sets the session options that keep the
+numbers of this graph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from graph_passes import tags
+from graph_passes.graph_utils import add_initializer, make_node, shared_constant
+from graph_passes.methods import BiasCorrection
+from graph_passes.quantization import (
+    QuantConfig,
+    container,
+    quantize_weight,
+    quantize_weight_per_channel_int8,
+)
+
+WEIGHT_ROLE = "hadanorm.weight"  # metadata on weight DequantizeLinear nodes: tags.ROLE_MAIN or ROLE_BIAS_CORRECTION
+
+
+def _float_dtype(value: ir.Value) -> np.dtype:
+    return value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+
+
+class QuantizePass(ir.passes.InPlacePass):
+    def __init__(self, config: QuantConfig):
+        super().__init__()
+        self.config = config
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        act_cache: dict[int, ir.Value] = {}
+        weight_cache: dict[int, ir.Value] = {}
+        int8_cache: dict[int, ir.Value] = {}
+        matmuls = [n for n in graph if n.op_type == "MatMul" and tags.site_of(n) is not None]
+        mains = [n for n in matmuls if tags.role_of(n) == tags.ROLE_MAIN]
+        corrections = [n for n in matmuls if tags.role_of(n) == tags.ROLE_BIAS_CORRECTION]
+        for node in mains:
+            activation, weight = node.inputs[0], node.inputs[1]
+            if id(activation) not in act_cache:
+                act_cache[id(activation)] = self._activation_qdq(graph, node, activation)
+            node.replace_input_with(0, act_cache[id(activation)])
+            if id(weight) not in weight_cache:
+                weight_cache[id(weight)] = self._weight_dq(graph, node, weight)
+            node.replace_input_with(1, weight_cache[id(weight)])
+        for node in corrections:
+            weight = node.inputs[1]
+            if node.metadata_props.get(tags.BIAS_CORRECTION) == BiasCorrection.EXACT.value:
+                if id(weight) not in int8_cache:
+                    int8_cache[id(weight)] = self._weight_int8_dq(graph, node, weight)
+                node.replace_input_with(1, int8_cache[id(weight)])
+            else:
+                node.replace_input_with(1, weight_cache[id(weight)])
+        return ir.passes.PassResult(model, modified=bool(mains))
+
+    def _activation_qdq(self, graph: ir.Graph, before: ir.Node, x: ir.Value) -> ir.Value:
+        bits = self.config.act_bits
+        dtype = _float_dtype(x)
+        zp_type, _ = container(bits, signed=False)
+        width = before.inputs[1].shape[0] if before.inputs[1].shape is not None else None
+        if not isinstance(width, int):
+            raise ValueError(f"cannot tell the width of the activation {x.name}")
+        name = f"{tags.site_of(before)}.act_q".replace("#", "_")
+        axes = shared_constant(graph, "hadanorm.last_axis", np.array([-1], dtype=np.int64))
+        zero = shared_constant(graph, f"hadanorm.zero_{dtype}", np.array(0, dtype=dtype))
+        qmax = shared_constant(graph, f"hadanorm.qmax{bits}_{dtype}", np.array(2**bits - 1, dtype=dtype))
+        tiny = shared_constant(graph, f"hadanorm.tiny_{dtype}", np.array(np.finfo(dtype).tiny, dtype=dtype))
+        nodes: list[ir.Node] = []
+
+        def op(op_type: str, inputs: list[ir.Value], **attrs) -> ir.Value:
+            node = make_node(op_type, inputs, f"{name}.{len(nodes)}_{op_type}", **attrs)
+            nodes.append(node)
+            return node.outputs[0]
+
+        hi = op("Max", [op("ReduceMax", [x, axes], keepdims=1), zero])
+        lo = op("Min", [op("ReduceMin", [x, axes], keepdims=1), zero])
+        scale = op("Max", [op("Div", [op("Sub", [hi, lo]), qmax]), tiny])
+        zp_float = op("Clip", [op("Round", [op("Neg", [op("Div", [lo, scale])])]), zero, qmax])
+        zp = op("Cast", [zp_float], to=zp_type)
+        q = op("QuantizeLinear", [x, scale, zp], axis=-1, block_size=width)
+        dq = op("DequantizeLinear", [q, scale, zp], axis=-1, block_size=width)
+        dq.type, dq.shape = x.type, x.shape
+        graph.insert_before(before, nodes)
+        return dq
+
+    def _weight_dq(self, graph: ir.Graph, before: ir.Node, weight: ir.Value) -> ir.Value:
+        original = weight.const_value.numpy()
+        qw = quantize_weight(original, self.config, original.dtype)
+        q_init = add_initializer(graph, f"{weight.name}.q{self.config.weight_bits}", qw.q)
+        name = q_init.name
+        inputs = [q_init, add_initializer(graph, f"{name}.scale", qw.scale)]
+        if qw.zero_point is not None:
+            inputs.append(add_initializer(graph, f"{name}.zero_point", qw.zero_point))
+        block = min(self.config.weight_block, original.shape[0])
+        node = make_node("DequantizeLinear", inputs, f"{name}.dq", axis=0, block_size=block,
+                         metadata={WEIGHT_ROLE: tags.ROLE_MAIN})
+        node.outputs[0].type, node.outputs[0].shape = weight.type, weight.shape
+        graph.insert_before(before, node)
+        return node.outputs[0]
+
+    def _weight_int8_dq(self, graph: ir.Graph, before: ir.Node, weight: ir.Value) -> ir.Value:
+        original = weight.const_value.numpy()
+        q, scale = quantize_weight_per_channel_int8(original, original.dtype)
+        q_init = add_initializer(graph, f"{weight.name}.q8", q)
+        name = q_init.name
+        inputs = [q_init, add_initializer(graph, f"{name}.scale", scale)]
+        node = make_node("DequantizeLinear", inputs, f"{name}.dq", axis=1, metadata={WEIGHT_ROLE: tags.ROLE_BIAS_CORRECTION})
+        node.outputs[0].type, node.outputs[0].shape = weight.type, weight.shape
+        graph.insert_before(before, node)
+        return node.outputs[0]

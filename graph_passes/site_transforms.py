@@ -1,0 +1,91 @@
+"""Per-site transform parameters from calibration statistics.
+
+For a site with linears ``W_1..W_k`` (stacked ``W`` with rows = output channels) and input channels ``j``:
+
+    s_j   = max|X_j|^alpha / max_i |W_ij|^(1 - alpha)          (SmoothQuant; X centered first when the method centers)
+    x~    = H S^-1 (x - mu)                                     (online; H = H_L (x) H_R diag(signs))
+    W~^T  = H S W^T                                             (offline, float64; ONNX stores W^T as [in, out])
+
+so that ``W~ x~ = W (x - mu)`` exactly. Scales are clipped to [1e-5, 1e5] and channels with zero statistics get 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from graph_passes.hadamard import KroneckerHadamard, hadamard_factors
+from graph_passes.hadanorm_ops import TransformOp
+from graph_passes.linears import ActivationSite
+from graph_passes.methods import TransformOptions
+
+
+@dataclasses.dataclass
+class SiteStats:
+    """Per-channel calibration statistics of one activation site (float64, shape [d])."""
+
+    absmax: np.ndarray
+    centered_absmax: np.ndarray  # max |x - mean over tokens|, the mean taken per batch element
+    mean: np.ndarray
+
+
+@dataclasses.dataclass
+class SiteTransform:
+    center: bool
+    inv_scale: np.ndarray  # float64 [d]: 1 / s (ones without SmoothQuant)
+    hadamard: KroneckerHadamard | None
+
+    @property
+    def op(self) -> TransformOp | None:
+        smooth = not np.all(self.inv_scale == 1.0)
+        if not (self.center or smooth or self.hadamard is not None):
+            return None
+        return TransformOp(center=self.center, rotate=self.hadamard is not None)
+
+    def channel_mul(self) -> np.ndarray:
+        """The ``mul`` input of the op: 1/s with the Hadamard's random signs folded in (float64)."""
+        if self.hadamard is not None and self.hadamard.signs is not None:
+            return self.inv_scale * self.hadamard.signs
+        return self.inv_scale
+
+    def fuse_weight(self, weight_t: np.ndarray) -> np.ndarray:
+        """``W~^T = H S W^T`` for an ONNX weight ``W^T`` of shape [in, out], in float64."""
+        fused = np.asarray(weight_t, dtype=np.float64) / self.inv_scale[:, None]
+        if self.hadamard is not None:
+            fused = self.hadamard.rotate_weight_rows(fused)
+        return fused
+
+
+def smoothing_inv_scale(act_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: float) -> np.ndarray:
+    """``1 / s`` with ``s_j = act_j^alpha / w_j^(1-alpha)``; 1 where either statistic is zero."""
+    act = np.asarray(act_absmax, dtype=np.float64)
+    wmax = np.asarray(weight_absmax, dtype=np.float64)
+    valid = (act > 0) & (wmax > 0)
+    scale = np.ones_like(act)
+    scale[valid] = act[valid] ** alpha / wmax[valid] ** (1.0 - alpha)
+    return 1.0 / np.clip(scale, 1e-5, 1e5)
+
+
+def weight_input_absmax(site: ActivationSite) -> np.ndarray:
+    """max_i |W_ij| over every output row of every linear of the site, per input channel j."""
+    rows = [np.abs(np.asarray(lin.weight.const_value.numpy(), dtype=np.float64)).max(axis=1) for lin in site.linears]
+    return np.max(np.stack(rows), axis=0)
+
+
+def plan_site_transform(
+    site: ActivationSite, stats: SiteStats | None, options: TransformOptions, site_index: int
+) -> SiteTransform:
+    recipe = options.method.recipe
+    width = site.width
+    inv_scale = np.ones(width, dtype=np.float64)
+    if recipe.smooth:
+        if stats is None:
+            raise ValueError(f"site {site.name} needs calibration statistics for SmoothQuant scales")
+        act = stats.centered_absmax if recipe.center else stats.absmax
+        inv_scale = smoothing_inv_scale(act, weight_input_absmax(site), options.alpha)
+    hadamard = None
+    if recipe.rotate:
+        seed = None if options.seed is None else options.seed + site_index
+        hadamard = hadamard_factors(width, options.hadamard, block_size=options.hadamard_block, seed=seed)
+    return SiteTransform(center=recipe.center, inv_scale=inv_scale, hadamard=hadamard)
