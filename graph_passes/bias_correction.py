@@ -54,6 +54,8 @@ class BiasCorrectionPass(ir.passes.InPlacePass):
                     add = make_node("Add", [out, correction.outputs[0]], f"{name}.{i}.add_mean")
                     new = [correction, add]
                 redirect_uses(out, new[-1].outputs[0], keep=new)
+                if self.mode is BiasCorrection.QUANTIZED_TOKEN:
+                    out.shape = None  # now N + 1 tokens
                 graph.insert_after(matmul, new)
                 modified = True
         return ir.passes.PassResult(model, modified=modified)

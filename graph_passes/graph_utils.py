@@ -21,16 +21,22 @@ def tagged_matmuls(graph: ir.Graph, role: str) -> dict[str, list[ir.Node]]:
 
 
 def redirect_uses(old: ir.Value, new: ir.Value, keep: Iterable[ir.Node] = ()) -> None:
-    """Make every consumer of `old` (except the nodes in `keep`) read `new`; graph outputs too."""
+    """Make every consumer of `old` (except the nodes in `keep`) read `new`.
+
+    A graph output is replaced too, and `new` takes over its name, type and shape: output names are public."""
     keep_ids = {id(n) for n in keep}
     for node, index in list(old.uses()):
         if id(node) not in keep_ids:
             node.replace_input_with(index, new)
+    new.type, new.shape = old.type, old.shape
     graph = old.graph
     if graph is not None and old.is_graph_output():
+        name = old.name
+        old.name = f"{name}.before_correction"
         for i, output in enumerate(graph.outputs):
             if output is old:
                 graph.outputs[i] = new
+        new.name = name
 
 
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:

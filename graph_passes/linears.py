@@ -149,13 +149,14 @@ def find_linears(model: ir.Model) -> list[LinearLayer]:
     return linears
 
 
-def _group_and_role(module_path: str) -> tuple[str, str, int | None]:
+def _group_and_role(module_path: str) -> tuple[str | None, str, int | None]:
+    """PixArt block linears get their module group; other linears group by activation alone (group None)."""
     block_match = _BLOCK_RE.search(module_path)
     block = int(block_match.group(1)) if block_match else None
     for suffix, group, role in _PIXART_ROLES:
         if module_path.endswith(suffix) and block_match is not None:
             return f"transformer_blocks.{block}.{group}", role, block
-    return module_path, "linear", block
+    return None, "linear", block
 
 
 def find_activation_sites(model: ir.Model, selection: SiteSelection = SiteSelection()) -> list[ActivationSite]:
@@ -174,9 +175,9 @@ def find_activation_sites(model: ir.Model, selection: SiteSelection = SiteSelect
         if not linear.is_matmul or not selection.selects(linear.module_path):
             continue
         group, role, block = _group_and_role(linear.module_path)
-        key = (linear.activation.name or "", group)
+        key = (linear.activation.name or "", group or "")
         if key not in sites:
-            sites[key] = ActivationSite(group, role, block, linear.activation, [])
+            sites[key] = ActivationSite(group or linear.module_path, role, block, linear.activation, [])
         sites[key].linears.append(linear)
     if not sites:
         raise GraphInputError(

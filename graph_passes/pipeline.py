@@ -35,7 +35,11 @@ logger = logging.getLogger(__name__)
 def plan_transforms(
     sites: list[ActivationSite], stats: Mapping[str, SiteStats], options: TransformOptions
 ) -> dict[str, SiteTransform]:
-    return {site.name: plan_site_transform(site, stats.get(site.name), options, i) for i, site in enumerate(sites)}
+    """`stats` is keyed by activation tensor name (statistics describe a tensor, whichever sites read it)."""
+    return {
+        site.name: plan_site_transform(site, stats.get(site.activation.name), options, i)
+        for i, site in enumerate(sites)
+    }
 
 
 def build_pipeline(

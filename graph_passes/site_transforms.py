@@ -23,7 +23,7 @@ from graph_passes.methods import TransformOptions
 
 @dataclasses.dataclass
 class SiteStats:
-    """Per-channel calibration statistics of one activation site (float64, shape [d])."""
+    """Per-channel calibration statistics of one activation tensor (float64, shape [d])."""
 
     absmax: np.ndarray
     centered_absmax: np.ndarray  # max |x - mean over tokens|, the mean taken per batch element

@@ -1,0 +1,205 @@
+"""Calibration: per-channel activation statistics of every linear's input, from the FP graph in onnxruntime.
+
+For each activation tensor ``X`` ([B, N, d]) read by a linear, the graph is extended with reductions so that only
+``d``-sized vectors leave onnxruntime per call (the full model has 196 sites; activations are never held):
+
+    absmax_j          = max_{b,n} |X_bnj|
+    centered_absmax_j = max_{b,n} |X_bnj - mean_n X_bnj|     (the mean per batch element, as dynamic centering does)
+    mean_j            = mean_{b,n} X_bnj
+
+and the host reduces them over calls (max, max, running mean). Default inputs walk denoising trajectories of the FP
+graph itself (see `hn_export.denoise`); ``--calib FILE.npz`` supplies inputs instead. Statistics are saved with a
+hash of the model files, so a file made for another model is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+from tqdm import tqdm
+
+from graph_passes.linears import SiteSelection, find_activation_sites
+from graph_passes.site_transforms import SiteStats
+from hn_export.denoise import DenoiseConfig, ModelSignature, trajectory
+from hn_export.errors import UserError
+from hn_export.ort_models import open_session
+
+logger = logging.getLogger(__name__)
+
+ALL_LINEARS = SiteSelection(include=("",))
+_STATS = ("absmax", "centered_absmax", "mean")
+
+
+def model_hash(path: str | os.PathLike) -> str:
+    """sha256 of the model file and its external data files (streamed)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = [path] + sorted(p for p in path.parent.glob(path.name + ".data*"))
+    for file in files:
+        with open(file, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass
+class CalibrationStats:
+    model_hash: str
+    sites: dict[str, SiteStats]  # keyed by activation tensor name
+    calls: int
+    source: str  # "trajectories(samples=..., steps=..., seed=...)" or "file:NAME"
+
+    def save(self, path: str | os.PathLike) -> None:
+        arrays = {f"{name}/{key}": getattr(st, key) for name, st in sorted(self.sites.items()) for key in _STATS}
+        meta = json.dumps({"model_hash": self.model_hash, "calls": self.calls, "source": self.source})
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp.npz")
+        np.savez(tmp, __meta__=np.array(meta), **arrays)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, expected_hash: str | None = None) -> CalibrationStats:
+        path = Path(path)
+        if not path.exists():
+            raise UserError(f"calibration statistics file {path} does not exist", "check the path")
+        try:
+            with np.load(path) as data:
+                meta = json.loads(str(data["__meta__"]))
+                sites: dict[str, dict[str, np.ndarray]] = {}
+                for key in data.files:
+                    if key != "__meta__":
+                        name, _, stat = key.rpartition("/")  # tensor names may hold "/" too
+                        sites.setdefault(name, {})[stat] = data[key].astype(np.float64)
+        except Exception:
+            raise UserError(f"{path} is not a calibration statistics file written by hn-export",
+                            "recalibrate with --save-stats") from None
+        if expected_hash is not None and meta["model_hash"] != expected_hash:
+            raise UserError(f"calibration statistics {path} were made for another model",
+                            "recalibrate for this model (omit --stats, or pass --save-stats to keep them)")
+        return cls(meta["model_hash"], {n: SiteStats(**s) for n, s in sites.items()}, meta["calls"], meta["source"])
+
+
+def _add_stat_outputs(model: ir.Model) -> dict[str, str]:
+    """Append the reductions of every linear input; returns output prefix -> activation name."""
+    graph = model.graph
+    activations = {site.activation.name: site.activation for site in find_activation_sites(model, ALL_LINEARS)}
+    owners: dict[str, str] = {}
+    tape = ir.tape.Tape(graph)
+    all_but_last = tape.initializer(ir.tensor(np.array([0, 1], dtype=np.int64), name="hn_calib.axes01"))
+    tokens = tape.initializer(ir.tensor(np.array([-2], dtype=np.int64), name="hn_calib.axis_tokens"))
+    for i, (name, x) in enumerate(activations.items()):
+        if x.shape is not None and len(x.shape) != 3:
+            raise UserError(f"linear input {name} has shape {x.shape}; calibration expects [B, N, d]",
+                            "pass a transformer whose linears act on token sequences")
+        xf = tape.op("Cast", [x], {"to": ir.DataType.FLOAT})
+        absmax = tape.op("ReduceMax", [tape.op("Abs", [xf]), all_but_last], {"keepdims": 0})
+        mean_tok = tape.op("ReduceMean", [xf, tokens], {"keepdims": 1})
+        centered = tape.op("ReduceMax", [tape.op("Abs", [tape.op("Sub", [xf, mean_tok])]), all_but_last],
+                           {"keepdims": 0})
+        mean = tape.op("ReduceMean", [xf, all_but_last], {"keepdims": 0})
+        for value, stat in zip((absmax, centered, mean), _STATS):
+            value.name = f"hn_calib.{i}.{stat}"
+            value.type = ir.TensorType(ir.DataType.FLOAT)
+            graph.outputs.append(value)
+        owners[f"hn_calib.{i}"] = name
+    graph.extend(tape.nodes)
+    for init in tape.initializers:
+        graph.register_initializer(init)
+    return owners
+
+
+def check_inputs(feeds: dict[str, np.ndarray], what: str) -> None:
+    for name, array in feeds.items():
+        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+            raise UserError(f"{what}: input {name} contains NaN or inf", "pass finite calibration inputs")
+
+
+def npz_batches(path: Path, sig: ModelSignature, batch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+    """Calls from a user file: arrays named like the graph inputs, first axis = samples."""
+    try:
+        data = dict(np.load(path))
+    except Exception:
+        raise UserError(f"calibration input file {path} is not a readable .npz",
+                        "save the inputs with numpy.savez(hidden_states=..., timestep=..., encoder_hidden_states=...)") from None
+    needed = ["hidden_states", "timestep", "encoder_hidden_states"] + (["encoder_attention_mask"] if sig.has_mask else [])
+    missing = [k for k in needed if k not in data]
+    if missing:
+        raise UserError(f"calibration input file {path} lacks arrays {missing}", f"it must hold {needed}")
+    count = data["hidden_states"].shape[0]
+    if data["hidden_states"].shape[1:] != sig.latent_shape:
+        raise UserError(f"hidden_states in {path} has shape {data['hidden_states'].shape}; the model takes "
+                        f"[N, {', '.join(map(str, sig.latent_shape))}]", "pass inputs for this resolution")
+    check_inputs(data, f"calibration input file {path}")
+    for start in range(0, count, batch):
+        yield {k: data[k][start:start + batch].astype(sig.dtype if k != "encoder_attention_mask" else data[k].dtype)
+               for k in needed}
+
+
+class _Accumulator:
+    def __init__(self, owners: dict[str, str]):
+        self.owners = owners
+        self.values: dict[str, dict[str, np.ndarray]] = {}
+        self.calls = 0
+
+    def add(self, outputs: dict[str, np.ndarray]) -> None:
+        self.calls += 1
+        for prefix in self.owners:
+            new = {stat: outputs[f"{prefix}.{stat}"].astype(np.float64) for stat in _STATS}
+            if not all(np.all(np.isfinite(v)) for v in new.values()):
+                raise UserError(f"activation {self.owners[prefix]} became NaN or inf during calibration",
+                                "check the model (an FP16 graph may overflow: calibrate the FP32 graph)")
+            old = self.values.get(prefix)
+            if old is None:
+                self.values[prefix] = new
+            else:
+                old["absmax"] = np.maximum(old["absmax"], new["absmax"])
+                old["centered_absmax"] = np.maximum(old["centered_absmax"], new["centered_absmax"])
+                old["mean"] += (new["mean"] - old["mean"]) / self.calls
+
+    def result(self) -> dict[str, SiteStats]:
+        return {name: SiteStats(**self.values[prefix]) for prefix, name in self.owners.items()}
+
+
+def calibrate(
+    model_path: Path,
+    config: DenoiseConfig,
+    inputs: Path | None = None,
+    progress: bool = True,
+    threads: int | None = None,
+) -> CalibrationStats:
+    """Statistics of every linear input of the FP graph at `model_path`."""
+    from hn_export.model_files import load_model
+
+    model = load_model(model_path)
+    sig = ModelSignature.of(model)
+    owners = _add_stat_outputs(model)
+    acc = _Accumulator(owners)
+    names = [f"{prefix}.{stat}" for prefix in owners for stat in _STATS]
+    with open_session(model, threads=threads) as session:
+        def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+            results = session.run(["sample", *names], feeds)
+            acc.add(dict(zip(names, results[1:])))
+            return results[0]
+
+        if inputs is not None:
+            batches: Iterable = npz_batches(inputs, sig)
+            for feeds in tqdm(list(batches), desc="calibrating", unit="call", disable=not progress):
+                run(feeds)
+            source = f"file:{inputs.name}"
+        else:
+            total = config.samples * config.steps
+            with tqdm(total=total, desc="calibrating", unit="call", disable=not progress) as bar:
+                for index in range(config.samples):
+                    for _ in trajectory(run, sig, config, index):
+                        bar.update(1)
+            source = f"trajectories(samples={config.samples}, steps={config.steps}, seed={config.seed})"
+    logger.info("calibrated %d sites over %d calls", len(acc.result()), acc.calls)
+    return CalibrationStats(model_hash(model_path), acc.result(), acc.calls, source)

@@ -1,0 +1,92 @@
+"""`hn-export MODEL.onnx --w4a4 ...`: transform and quantize an FP ONNX graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from graph_passes.hadamard import HadamardMode
+from graph_passes.linears import SiteSelection
+from graph_passes.methods import BiasCorrection, Method, TransformOptions
+from graph_passes.quantization import QuantConfig
+from hn_export.denoise import DenoiseConfig
+from hn_export.errors import UserError
+from hn_export.quantize_job import QuantizeJob, default_output, run_quantize
+
+_PRESET_BITS = {"w4a4": (4, 4), "w6a6": (6, 6), "w8a8": (8, 8)}
+
+
+def _enum_choice(enum_type) -> click.Choice:
+    return click.Choice([m.value for m in enum_type])
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--w4a4", "preset", flag_value="w4a4", help="4-bit weights and activations (default).")
+@click.option("--w6a6", "preset", flag_value="w6a6", help="6-bit weights and activations.")
+@click.option("--w8a8", "preset", flag_value="w8a8", help="8-bit weights and activations.")
+@click.option("--wbits", type=click.IntRange(2, 8), help="Weight bits (2-8); overrides the preset.")
+@click.option("--abits", type=click.IntRange(2, 8), help="Activation bits (2-8); overrides the preset.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output .onnx (default MODEL.w4a4.onnx).")
+@click.option("--method", type=_enum_choice(Method), default=Method.HADANORM.value, show_default=True)
+@click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+              help="SmoothQuant migration strength.")
+@click.option("--hadamard", type=_enum_choice(HadamardMode), default=HadamardMode.FULL.value, show_default=True,
+              help="full: H_K (x) H_2^n; block: block-diagonal Hadamard.")
+@click.option("--hadamard-block", type=int, default=128, show_default=True, help="Block size of --hadamard block.")
+@click.option("--bias-correction", type=_enum_choice(BiasCorrection), default=BiasCorrection.FLOAT_TOKEN.value,
+              show_default=True, help="How centered sites add W mu back.")
+@click.option("--weight-block", type=int, default=128, show_default=True, help="Weight quantization block size.")
+@click.option("--asymmetric-weights", is_flag=True, help="Asymmetric (zero-point) weight quantization.")
+@click.option("--calib", "calib_inputs", type=click.Path(path_type=Path),
+              help="Calibration inputs (.npz with hidden_states, timestep, encoder_hidden_states).")
+@click.option("--calib-samples", type=click.IntRange(1), default=2, show_default=True,
+              help="Denoising trajectories for calibration.")
+@click.option("--calib-steps", type=click.IntRange(1), default=20, show_default=True,
+              help="Denoising steps per calibration trajectory.")
+@click.option("--stats", "stats_path", type=click.Path(path_type=Path), help="Reuse saved calibration statistics.")
+@click.option("--save-stats", type=click.Path(path_type=Path), help="Save the calibration statistics here.")
+@click.option("--include", multiple=True, help="Module-path regex of linears to quantize (repeatable).")
+@click.option("--exclude", multiple=True, help="Module-path regex of linears to leave in float (repeatable).")
+@click.option("--transform-only", is_flag=True, help="Insert and fuse the transforms, no quantization.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of Hadamard signs and calibration.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def quantize_command(model: Path, preset, wbits, abits, output, method, alpha, hadamard, hadamard_block,
+                     bias_correction, weight_block, asymmetric_weights, calib_inputs, calib_samples, calib_steps,
+                     stats_path, save_stats, include, exclude, transform_only, seed, no_progress) -> None:
+    """Quantize MODEL.onnx (W4A4 with HadaNorm by default)."""
+    if calib_inputs is not None and stats_path is not None:
+        raise UserError("--calib and --stats both given", "pass one: inputs to calibrate on, or saved statistics")
+    w_default, a_default = _PRESET_BITS[preset or "w4a4"]
+    quant = None if transform_only else QuantConfig(
+        weight_bits=wbits or w_default, act_bits=abits or a_default, weight_block=weight_block,
+        weight_symmetric=not asymmetric_weights)
+    if weight_block < 1:
+        raise UserError(f"--weight-block {weight_block} must be positive", "use e.g. 128")
+    job = QuantizeJob(
+        model_path=model,
+        output=output or default_output(model, quant),
+        transform=TransformOptions(method=Method(method), alpha=alpha, hadamard=HadamardMode(hadamard),
+                                   hadamard_block=hadamard_block, bias_correction=BiasCorrection(bias_correction),
+                                   seed=seed),
+        quant=quant,
+        selection=SiteSelection(include=tuple(include) or SiteSelection().include, exclude=tuple(exclude)),
+        calibration=DenoiseConfig(samples=calib_samples, steps=calib_steps, seed=seed),
+        calib_inputs=calib_inputs,
+        stats_path=stats_path,
+        save_stats=save_stats,
+        progress=not no_progress,
+    )
+    report = run_quantize(job)
+    bits = quant.label.upper() if quant else "transform only"
+    click.echo(f"{method} {bits}: {report.sites} activation sites, {report.linears} linears")
+    if quant:
+        ratio = report.weight_bytes_after / max(report.weight_bytes_before, 1)
+        click.echo(f"site weights: {report.weight_bytes_before / 1e6:.2f} MB -> {report.weight_bytes_after / 1e6:.2f} MB"
+                   f" ({ratio:.3f}x)")
+        if report.bias_correction_bytes:
+            click.echo(f"exact bias correction adds {report.bias_correction_bytes / 1e6:.2f} MB of int8 weights")
+    click.echo(f"calibration: {report.calibration}")
+    for path in report.files:
+        click.echo(f"wrote {path}")

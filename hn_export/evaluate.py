@@ -1,0 +1,79 @@
+"""Compare a candidate graph with a reference graph on identical inputs.
+
+* single call: one denoiser call per sample (CFG batch of 2, a mid-schedule timestep), outputs concatenated;
+* end of denoising: the final latents of an N-step DPM-Solver run of each graph from the same seeds.
+
+SQNR is taken over all samples together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from hn_export.denoise import DenoiseConfig, ModelSignature, denoise, model_inputs, sample_conditions
+from hn_export.metrics import Comparison
+from hn_export.model_files import load_model
+from hn_export.ort_models import open_session
+
+SINGLE_CALL_TIMESTEP = 500.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    single_call: Comparison
+    end_of_denoising: Comparison | None
+
+
+class GraphRunner:
+    """A loaded graph and its session, callable with feeds -> `sample` (float32)."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        self.model = load_model(path)
+        self.signature = ModelSignature.of(self.model)
+        self._ctx = open_session(self.model, threads=threads)
+        self.session = self._ctx.__enter__()
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        cast = {k: v.astype(self.signature.dtype) if v.dtype.kind == "f" else v for k, v in feeds.items()}
+        return self.session.run(["sample"], cast)[0].astype(np.float32)
+
+    def close(self) -> None:
+        self._ctx.__exit__(None, None, None)
+
+    def __enter__(self) -> GraphRunner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def single_call_outputs(runner: GraphRunner, sig: ModelSignature, config: DenoiseConfig) -> np.ndarray:
+    outs = []
+    for index in range(config.samples):
+        cond = sample_conditions(sig, config, index)
+        outs.append(runner(model_inputs(sig, cond["latents"], SINGLE_CALL_TIMESTEP, cond["captions"])))
+    return np.concatenate(outs)
+
+
+def final_latents(runner: GraphRunner, sig: ModelSignature, config: DenoiseConfig) -> np.ndarray:
+    return np.concatenate([denoise(runner, sig, config, i) for i in range(config.samples)])
+
+
+def reference_outputs(reference: GraphRunner, config: DenoiseConfig, with_denoising: bool) -> dict[str, np.ndarray]:
+    sig = reference.signature
+    out = {"single_call": single_call_outputs(reference, sig, config)}
+    if with_denoising:
+        out["end_of_denoising"] = final_latents(reference, sig, config)
+    return out
+
+
+def evaluate(candidate: GraphRunner, reference: dict[str, np.ndarray], config: DenoiseConfig) -> Evaluation:
+    sig = candidate.signature
+    single = Comparison.of(reference["single_call"], single_call_outputs(candidate, sig, config))
+    end = None
+    if "end_of_denoising" in reference:
+        end = Comparison.of(reference["end_of_denoising"], final_latents(candidate, sig, config))
+    return Evaluation(single, end)

@@ -1,0 +1,94 @@
+"""The quantize job behind `hn-export MODEL.onnx --w4a4`: load, calibrate (or reuse statistics), rewrite, save."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from graph_passes.linears import SiteSelection, find_activation_sites
+from graph_passes.methods import TransformOptions
+from graph_passes.pipeline import quantize_model
+from graph_passes.quantization import QuantConfig
+from graph_passes.quantize import WEIGHT_ROLE
+from graph_passes import tags
+from hn_export.calibration import CalibrationStats, calibrate, model_hash
+from hn_export.denoise import DenoiseConfig
+from hn_export.model_files import check_output_path, load_model, save_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeJob:
+    model_path: Path
+    output: Path
+    transform: TransformOptions
+    quant: QuantConfig | None  # None = --transform-only
+    selection: SiteSelection = SiteSelection()
+    calibration: DenoiseConfig = DenoiseConfig(samples=2, steps=20)
+    calib_inputs: Path | None = None
+    stats_path: Path | None = None  # reuse statistics
+    save_stats: Path | None = None
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class QuantizeReport:
+    output: Path
+    files: list[Path]
+    sites: int
+    linears: int
+    weight_bytes_before: int  # the site linears' float weights
+    weight_bytes_after: int  # their quantized integers + scales
+    bias_correction_bytes: int  # extra int8 copies (exact bias correction)
+    calibration: str
+
+
+def default_output(model_path: Path, quant: QuantConfig | None) -> Path:
+    label = quant.label if quant is not None else "transformed"
+    return model_path.with_name(f"{model_path.name.removesuffix('.onnx')}.{label}.onnx")
+
+
+def _weight_bytes(model: ir.Model) -> tuple[int, int]:
+    """Bytes of the quantized site weights (integers + scales + zero points) and of the exact-correction copies."""
+    main = extra = 0
+    for node in model.graph:
+        role = node.metadata_props.get(WEIGHT_ROLE)
+        if node.op_type != "DequantizeLinear" or role is None:
+            continue
+        size = sum(v.const_value.nbytes for v in node.inputs if v is not None and v.const_value is not None)
+        if role == tags.ROLE_MAIN:
+            main += size
+        else:
+            extra += size
+    return main, extra
+
+
+def run_quantize(job: QuantizeJob) -> QuantizeReport:
+    check_output_path(job.output, job.model_path)
+    model = load_model(job.model_path)
+    sites = find_activation_sites(model, job.selection)  # fail fast on graphs with no linears
+    before = sum(lin.weight.const_value.nbytes for site in sites for lin in site.linears)
+    stats = CalibrationStats(model_hash="", sites={}, calls=0, source="none (the method needs no statistics)")
+    if job.transform.method.recipe.smooth:
+        if job.stats_path is not None:
+            stats = CalibrationStats.load(job.stats_path, expected_hash=model_hash(job.model_path))
+        else:
+            stats = calibrate(job.model_path, job.calibration, job.calib_inputs, progress=job.progress)
+        if job.save_stats is not None:
+            stats.save(job.save_stats)
+    quantize_model(model, stats.sites, job.transform, job.quant, job.selection)
+    main, extra = _weight_bytes(model)
+    model.metadata_props["hn_export.method"] = job.transform.method.value
+    model.metadata_props["hn_export.bits"] = job.quant.label if job.quant else "float"
+    model.metadata_props["hn_export.bias_correction"] = job.transform.bias_correction.value
+    model.metadata_props["hn_export.onnxruntime_session_config"] = (
+        "session.qdq_matmulnbits_accuracy_level=1 (see runtime.session: the default level 4 changes the numbers)"
+    )
+    files = save_model(model, job.output)
+    return QuantizeReport(job.output, files, len(sites), sum(len(s.linears) for s in sites), before, main, extra,
+                          stats.source)
