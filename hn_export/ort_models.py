@@ -24,7 +24,7 @@ def _external_files(model: ir.Model) -> set[Path]:
 
 
 @contextlib.contextmanager
-def open_session(model: ir.Model, mode: NumericsMode = NumericsMode.FP32,
+def open_session(model: ir.Model, mode: NumericsMode = NumericsMode.AS_WRITTEN,
                  threads: int | None = None) -> Iterator[ort.InferenceSession]:
     """A session for `model`. Weights in external files stay there: the graph is written to a temporary folder
     beside links to those files."""

@@ -87,7 +87,7 @@ def run_quantize(job: QuantizeJob) -> QuantizeReport:
     model.metadata_props["hn_export.bits"] = job.quant.label if job.quant else "float"
     model.metadata_props["hn_export.bias_correction"] = job.transform.bias_correction.value
     model.metadata_props["hn_export.onnxruntime_session_config"] = (
-        "session.qdq_matmulnbits_accuracy_level=1 (see runtime.session: the default level 4 changes the numbers)"
+        "session.disable_quant_qdq=1 (see runtime.session: default fusions change the numbers or fail)"
     )
     files = save_model(model, job.output)
     return QuantizeReport(job.output, files, len(sites), sum(len(s.linears) for s in sites), before, main, extra,

@@ -7,9 +7,12 @@ level 1 (fp32 compute), 5.3e-6 with QDQ fusions disabled. With per-token activat
 the default already kept the numbers; the float mean-token MatMul of ``float-token`` bias correction is the case
 the default changes.
 
-* `NumericsMode.FP32` (default everywhere in hn-export): ``session.qdq_matmulnbits_accuracy_level = 1``: fused
-  kernels that compute in fp32 (1024x1152 tokens: 56 ms vs 86 ms unfused, same numbers within fp32 rounding).
-* `NumericsMode.AS_WRITTEN`: ``session.disable_quant_qdq = 1``: every Q/DQ node runs as written (slowest).
+* `NumericsMode.AS_WRITTEN` (default everywhere in hn-export): ``session.disable_quant_qdq = 1``: every Q/DQ node
+  runs as written. The only mode that runs every bit width: for 5-8-bit activations (uint8 containers) the default
+  QDQ fusion builds ``MatMulIntegerToFloat``, which refuses per-token zero points ("input a zero point must be a
+  scalar") and the session fails at run time.
+* `NumericsMode.FP32`: ``session.qdq_matmulnbits_accuracy_level = 1``: ``MatMulNBits`` computing in fp32
+  (1024 x 1152 tokens, int4: 56 ms vs 86 ms as written, same numbers within fp32 rounding). Up to 4 bits only.
 * `NumericsMode.FAST`: onnxruntime's defaults (int8 activations inside MatMulNBits): opt-in, different numbers.
 """
 
@@ -23,8 +26,8 @@ import onnxruntime as ort
 
 
 class NumericsMode(enum.Enum):
-    FP32 = "fp32"
     AS_WRITTEN = "as-written"
+    FP32 = "fp32"
     FAST = "fast"
 
     @property
@@ -39,7 +42,7 @@ _SESSION_CONFIG: dict[NumericsMode, dict[str, str]] = {
 }
 
 
-def session_options(mode: NumericsMode = NumericsMode.FP32, threads: int | None = None) -> ort.SessionOptions:
+def session_options(mode: NumericsMode = NumericsMode.AS_WRITTEN, threads: int | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     for key, value in mode.session_config.items():
@@ -55,7 +58,7 @@ def available_providers() -> list[str]:
 
 def create_session(
     model: str | os.PathLike | bytes,
-    mode: NumericsMode = NumericsMode.FP32,
+    mode: NumericsMode = NumericsMode.AS_WRITTEN,
     providers: Sequence[str] | None = None,
     threads: int | None = None,
 ) -> ort.InferenceSession:

@@ -56,3 +56,20 @@ def dit_like_input(width: int, batch: int = 2, tokens: int = 16, seed: int = 1) 
 
 def serialize(model: ir.Model) -> bytes:
     return ir.serde.serialize_model(model).SerializeToString()
+
+
+def linear_model(width: int, out: int, seed: int = 0) -> tuple[ir.Model, np.ndarray, np.ndarray]:
+    """y = x @ Wt + b with Wt [width, out]; returns the model, Wt and b (float32)."""
+    rng = np.random.default_rng(seed)
+    wt = (rng.standard_normal((width, out)) / np.sqrt(width)).astype(np.float32)
+    b = rng.standard_normal(out).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "wt"], ["mm"], name="linear"),
+         helper.make_node("Add", ["mm", "b"], ["y"], name="bias")],
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "N", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "N", out])],
+        [numpy_helper.from_array(wt, "wt"), numpy_helper.from_array(b, "b")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    return ir.serde.deserialize_model(proto), wt, b
