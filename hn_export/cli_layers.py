@@ -1,0 +1,46 @@
+"""`hn-export layers MODEL.onnx`: list the linear layers and the activation sites they form."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import click
+
+from graph_passes.linears import SiteSelection, find_activation_sites, find_linears
+from hn_export.model_files import load_model
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--include", multiple=True, help="Module-path regex of site linears (default: transformer blocks).")
+@click.option("--exclude", multiple=True, help="Module-path regex of linears to leave out.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def layers_command(model: Path, include, exclude, as_json: bool) -> None:
+    """List MODEL's linear layers (module path, weight, bias, in/out features) and activation sites."""
+    ir_model = load_model(model)
+    linears = find_linears(ir_model)
+    selection = SiteSelection(include=tuple(include) or SiteSelection().include, exclude=tuple(exclude))
+    sites = find_activation_sites(ir_model, selection)
+    if as_json:
+        click.echo(json.dumps({
+            "linears": [{"module": lin.module_path, "op": lin.node.op_type, "weight": lin.weight.name,
+                         "bias": lin.bias.name if lin.bias is not None else None,
+                         "in_features": lin.in_features, "out_features": lin.out_features,
+                         "activation": lin.activation.name} for lin in linears],
+            "sites": [{"name": s.name, "role": s.role, "block": s.block, "activation": s.activation.name,
+                       "width": s.width, "linears": [lin.module_path for lin in s.linears]} for s in sites],
+        }, indent=2))
+        return
+    click.echo(f"{len(linears)} linear layers")
+    click.echo(f"{'module':<52} {'in':>6} {'out':>6}  {'weight':<28} bias")
+    for lin in linears:
+        bias = lin.bias.name if lin.bias is not None else "-"
+        click.echo(f"{lin.module_path:<52} {lin.in_features:>6} {lin.out_features:>6}  {lin.weight.name:<28} {bias}")
+    blocks = {s.block for s in sites if s.block is not None}
+    click.echo(f"\n{len(sites)} activation sites" + (f" in {len(blocks)} blocks" if blocks else ""))
+    click.echo(f"{'site':<40} {'role':<20} {'width':>6}  linears")
+    for s in sites:
+        names = ", ".join(re.sub(r"^.*transformer_blocks\.\d+\.", "", lin.module_path) for lin in s.linears)
+        click.echo(f"{s.name:<40} {s.role:<20} {s.width:>6}  {names}")
