@@ -41,12 +41,16 @@ def cli(verbose: int) -> None:
 
 
 def _register_commands() -> None:
+    from hn_export.cli_compare import compare_command
+    from hn_export.cli_demo import demo_command
     from hn_export.cli_export import export_command
     from hn_export.cli_layers import layers_command
     from hn_export.cli_quantize import quantize_command
 
     cli.add_command(export_command, "export")
     cli.add_command(layers_command, "layers")
+    cli.add_command(compare_command, "compare")
+    cli.add_command(demo_command, "demo")
     cli.add_command(quantize_command, DEFAULT_COMMAND)
 
 

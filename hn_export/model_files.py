@@ -82,6 +82,18 @@ def check_output_path(output: Path, *inputs: Path) -> None:
         raise UserError(f"output folder {parent} is not writable", "choose another -o path")
 
 
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write a report file through a temporary name and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def save_model(model: ir.Model, path: str | os.PathLike) -> list[Path]:
     """Write `model` to `path` atomically; external data (``path.data``) when weights exceed the 2 GB limit.
 

@@ -33,6 +33,7 @@ class QuantizeJob:
     calib_inputs: Path | None = None
     stats_path: Path | None = None  # reuse statistics
     save_stats: Path | None = None
+    stats: CalibrationStats | None = None  # statistics already in memory (compare computes them once)
     progress: bool = True
 
 
@@ -75,7 +76,9 @@ def run_quantize(job: QuantizeJob) -> QuantizeReport:
     before = sum(lin.weight.const_value.nbytes for site in sites for lin in site.linears)
     stats = CalibrationStats(model_hash="", sites={}, calls=0, source="none (the method needs no statistics)")
     if job.transform.method.recipe.smooth:
-        if job.stats_path is not None:
+        if job.stats is not None:
+            stats = job.stats
+        elif job.stats_path is not None:
             stats = CalibrationStats.load(job.stats_path, expected_hash=model_hash(job.model_path))
         else:
             stats = calibrate(job.model_path, job.calibration, job.calib_inputs, progress=job.progress)
