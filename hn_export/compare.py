@@ -35,6 +35,11 @@ class GridPoint:
     bias_correction: BiasCorrection
 
     @property
+    def file_stem(self) -> str:
+        bias = f".{self.bias_correction.value}" if self.method.recipe.center else ""
+        return f"{self.method.value}{bias}.{self.quant.label}"
+
+    @property
     def label(self) -> str:
         if self.method.recipe.center:
             return f"{self.method.value} ({self.bias_correction.value})"
@@ -91,8 +96,7 @@ def run_compare(model: Path, points: list[GridPoint], reference: Path | None, co
         folder = config.keep_models or Path(tmp)
         for point in tqdm(points, desc="compare", unit="model", disable=not config.progress):
             start = time.perf_counter()
-            out = folder / f"{model.name.removesuffix('.onnx')}.{point.method.value}.{point.bias_correction.value}" \
-                           f".{point.quant.label}.onnx"
+            out = folder / f"{model.name.removesuffix('.onnx')}.{point.file_stem}.onnx"
             transform = dataclasses.replace(config.transform, method=point.method,
                                             bias_correction=point.bias_correction)
             run_quantize(QuantizeJob(model, out, transform, point.quant, stats=stats, progress=False))
