@@ -111,7 +111,9 @@ class FixNoopSqueezePass(ir.passes.InPlacePass):
 
 def _drop_if_unused(graph: ir.Graph | ir.Function, value: ir.Value | None) -> None:
     """Remove the initializer `value` once nothing uses it any more."""
-    if value is None or not isinstance(graph, ir.Graph) or value.uses() or value in graph.inputs or value.is_graph_output():
+    if value is None or not isinstance(graph, ir.Graph):
+        return
+    if value.uses() or value in graph.inputs or value.is_graph_output():
         return
     if value.name is not None and graph.initializers.get(value.name) is value:
         del graph.initializers[value.name]

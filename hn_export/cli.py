@@ -21,8 +21,10 @@ class DefaultCommandGroup(click.Group):
     """A group whose first argument may be a model path: then the default command runs."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
-            args = [DEFAULT_COMMAND, *args]
+        # Group options (-v) may come first; the first non-option argument is a command name or a model path.
+        first = next((i for i, a in enumerate(args) if not a.startswith("-")), None)
+        if first is not None and args[first] not in self.commands:
+            args = [*args[:first], DEFAULT_COMMAND, *args[first:]]
         return super().parse_args(ctx, args)
 
 

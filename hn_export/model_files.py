@@ -71,11 +71,16 @@ def model_nbytes(model: ir.Model) -> int:
 def check_output_path(output: Path, *inputs: Path) -> None:
     """Refuse to overwrite an input and fail early (before long work) when the folder is not writable."""
     out = output.resolve()
+    if out.is_dir():
+        raise UserError(f"output path {output} is a folder", "pass a file name such as model.onnx")
     for inp in inputs:
         inp_r = Path(inp).resolve()
         if out == inp_r or out == inp_r.with_name(inp_r.name + ".data"):
             raise UserError(f"output path {output} is the input file", "choose another -o path")
     parent = out.parent
+    blocking = next((p for p in [parent, *parent.parents] if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise UserError(f"output path {output}: {blocking} is a file, not a folder", "choose another -o path")
     if not parent.is_dir():
         raise UserError(f"output folder {parent} does not exist", "create it or choose another -o path")
     if not os.access(parent, os.W_OK):

@@ -1,0 +1,240 @@
+"""Export a diffusers PixArt transformer to ONNX (opset 21, IR 10) that onnxruntime loads and that matches torch.
+
+Steps (shown as a tqdm bar when ``progress=True``):
+
+1. trace: `torch.export.export` (non-strict) of a thin wrapper whose attribute is named ``transformer``, so module
+   paths in the node metadata (``metadata_props["namespace"]``) read ``transformer.transformer_blocks.0.attn1.to_q``.
+2. translate: `torch.onnx.export(exported_program, dynamo=True, opset_version=21)` decomposes to ATen and translates
+   to ONNX; the result (`ONNXProgram.model`) is an onnx_ir Model.
+3. fix: `graph_passes.fix_noop_squeeze.FixNoopSqueezePass` turns diffusers' no-op ``squeeze(1)`` (a Squeeze on the
+   token dimension, which onnxruntime refuses to load) into Identity; the IR version is pinned to 10 (onnxruntime
+   1.31 reads at most 13, onnx 1.23 would write 14).
+4. save: `hn_export.model_files.save_model`, atomic; weights go to ``<name>.onnx.data`` above ~1.8 GB.
+
+Graph interface (names of the diffusers forward arguments):
+
+- ``hidden_states`` [B, in_channels, H, W] float, ``timestep`` [B] float, ``encoder_hidden_states`` [B, L, caption
+  channels] float, and with ``with_mask=True`` ``encoder_attention_mask`` [B, L] float (1 keep, 0 drop).
+- output ``sample`` [B, out_channels, H, W].
+- B and L are dynamic (`torch.export.Dim`); H and W are fixed by the model's ``sample_size`` (the positional
+  embedding is computed at export time: one file per resolution).
+- With ``with_mask=True`` every shape is static (B=2, L=`MASK_CAPTION_LENGTH`): torch.export with the attention mask
+  and dynamic shapes fails (torch 2.13), a static export works.
+- ``fp16=True`` exports the model in float16 (a float16 reference graph; inputs and output are float16). A model that
+  is already float16 is exported as is; a float32 one is copied first (the caller's model is not changed; convert it
+  yourself with ``model.half()`` to save the copy's memory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import onnx_ir as ir
+import torch
+from torch import nn
+
+from graph_passes.fix_noop_squeeze import FixNoopSqueezePass
+from hn_export.model_files import check_output_path, save_model
+
+logger = logging.getLogger(__name__)
+
+OPSET_VERSION = 21
+IR_VERSION = 10
+INPUT_NAMES = ("hidden_states", "timestep", "encoder_hidden_states")
+MASK_INPUT_NAME = "encoder_attention_mask"
+OUTPUT_NAME = "sample"
+EXAMPLE_BATCH = 2  # not 0 or 1: torch.export specialises those sizes
+EXAMPLE_CAPTION_LENGTH = 9  # an odd size that no other dimension of the model has
+MASK_CAPTION_LENGTH = 120  # static caption length of the masked export (PixArt-Alpha's T5 length; Sigma uses 300)
+
+
+class TransformerForExport(nn.Module):
+    """Calls the diffusers transformer with keyword arguments and returns the sample tensor."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask=None):
+        return self.transformer(
+            hidden_states=hidden_states,
+            timestep=timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            return_dict=False,
+        )[0]
+
+
+def example_inputs(model: nn.Module, dtype: torch.dtype, with_mask: bool) -> tuple[torch.Tensor, ...]:
+    """Example inputs for tracing, in the order of `TransformerForExport.forward`."""
+    from models.build import make_inputs
+
+    length = MASK_CAPTION_LENGTH if with_mask else EXAMPLE_CAPTION_LENGTH
+    inputs = make_inputs(model, batch=EXAMPLE_BATCH, caption_length=length, seed=0, dtype=dtype, with_mask=with_mask)
+    names = (*INPUT_NAMES, MASK_INPUT_NAME) if with_mask else INPUT_NAMES
+    return tuple(inputs[n] for n in names)
+
+
+def dynamic_shapes(with_mask: bool) -> dict | None:
+    if with_mask:
+        return None
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    length = torch.export.Dim("caption_length", min=1, max=8192)
+    return {
+        "hidden_states": {0: batch},
+        "timestep": {0: batch},
+        "encoder_hidden_states": {0: batch, 1: length},
+    }
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence torch's and diffusers' own export chatter (warnings, log lines, prints)."""
+    names = ("torch", "torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "diffusers", "onnxscript", "onnx_ir")
+    saved = {}
+    for name in names:
+        lg = logging.getLogger(name)
+        saved[name] = lg.level
+        lg.setLevel(logging.ERROR)
+    sink = io.StringIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with contextlib.redirect_stdout(sink):
+                yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+        if sink.getvalue().strip():
+            logger.debug("exporter output:\n%s", sink.getvalue())
+
+
+def _name_dynamic_dims(model: ir.Model) -> None:
+    """Rename the exporter's symbols (``s47``...) of the dynamic dimensions to ``batch`` and ``caption_length``."""
+    inputs = {v.name: v for v in model.graph.inputs}
+    renames: dict[str, str] = {}
+    for input_name, axis, new in (("hidden_states", 0, "batch"), ("encoder_hidden_states", 1, "caption_length")):
+        value = inputs.get(input_name)
+        if value is None or value.shape is None:
+            continue
+        dim = value.shape[axis]
+        if isinstance(dim, ir.SymbolicDim) and dim.value is not None:
+            renames[dim.value] = new
+    if not renames:
+        return
+    for value in _all_values(model.graph):
+        if value.shape is None:
+            continue
+        dims = list(value.shape.dims)
+        changed = False
+        for i, dim in enumerate(dims):
+            if isinstance(dim, ir.SymbolicDim) and dim.value in renames:
+                dims[i] = renames[dim.value]
+                changed = True
+        if changed:
+            value.shape = ir.Shape(dims)
+
+
+def _all_values(graph: ir.Graph):
+    seen: set[int] = set()
+    for value in [*graph.inputs, *graph.outputs]:
+        if id(value) not in seen:
+            seen.add(id(value))
+            yield value
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for value in node.outputs:
+            if id(value) not in seen:
+                seen.add(id(value))
+                yield value
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _prepare(model: nn.Module, fp16: bool) -> nn.Module:
+    dtype = _model_dtype(model)
+    if fp16 and dtype != torch.float16:
+        with _quiet():
+            model = copy.deepcopy(model).half()
+    elif not fp16 and dtype != torch.float32:
+        raise ValueError(f"the model is {dtype}; pass fp16=True for a float16 model or convert it to float32")
+    return model.eval()
+
+
+def to_onnx(model: nn.Module, *, fp16: bool = False, with_mask: bool = False, progress=None) -> ir.Model:
+    """Trace, translate and fix `model`; returns the onnx_ir Model (not written)."""
+    model = _prepare(model, fp16)
+    dtype = torch.float16 if fp16 else torch.float32
+    wrapper = TransformerForExport(model).eval()
+    args = example_inputs(model, dtype, with_mask)
+    names = [*INPUT_NAMES, MASK_INPUT_NAME] if with_mask else list(INPUT_NAMES)
+    shapes = dynamic_shapes(with_mask)
+
+    def stage(name: str) -> None:
+        if progress is not None:
+            progress.set_postfix_str(name, refresh=True)
+
+    with _quiet(), torch.no_grad():
+        stage("trace")
+        exported = torch.export.export(wrapper, args, dynamic_shapes=shapes, strict=False)
+        if progress is not None:
+            progress.update(1)
+        stage("decompose/translate")
+        program = torch.onnx.export(
+            exported,
+            (),
+            dynamo=True,
+            opset_version=OPSET_VERSION,
+            input_names=names,
+            output_names=[OUTPUT_NAME],
+            verbose=False,
+            external_data=True,
+        )
+        if progress is not None:
+            progress.update(1)
+    stage("fix")
+    onnx_model = program.model
+    FixNoopSqueezePass()(onnx_model)
+    if not with_mask:
+        _name_dynamic_dims(onnx_model)
+    onnx_model.ir_version = IR_VERSION
+    if progress is not None:
+        progress.update(1)
+    return onnx_model
+
+
+def export_transformer(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    fp16: bool = False,
+    with_mask: bool = False,
+    progress: bool = True,
+    metadata: dict[str, str] | None = None,
+) -> list[Path]:
+    """Export a diffusers `PixArtTransformer2DModel` to `path`; returns the files written (.onnx [+ .onnx.data]).
+
+    `metadata` entries are stored in the model's ``metadata_props``.
+    """
+    path = Path(path)
+    check_output_path(path)
+    from tqdm import tqdm
+
+    with tqdm(total=4, desc=f"export {path.name}", unit="stage", disable=not progress, file=sys.stderr,
+              bar_format="{desc}: stage {n_fmt}/{total_fmt}{postfix} [{elapsed}]") as bar:
+        onnx_model = to_onnx(model, fp16=fp16, with_mask=with_mask, progress=bar)
+        for key, value in (metadata or {}).items():
+            onnx_model.metadata_props[key] = str(value)
+        bar.set_postfix_str("save", refresh=True)
+        files = save_model(onnx_model, path)
+        bar.update(1)
+        bar.set_postfix_str("done")
+    logger.info("exported %s", ", ".join(str(f) for f in files))
+    return files
