@@ -13,6 +13,7 @@ import click
 
 from graph_passes.errors import GraphInputError
 from hn_export.errors import UserError
+from runtime.errors import RuntimeInputError
 
 DEFAULT_COMMAND = "quantize"
 
@@ -45,6 +46,7 @@ def cli(verbose: int) -> None:
 def _register_commands() -> None:
     from hn_export.cli_compare import compare_command
     from hn_export.cli_demo import demo_command
+    from hn_export.cli_diff import diff_command
     from hn_export.cli_export import export_command
     from hn_export.cli_layers import layers_command
     from hn_export.cli_quantize import quantize_command
@@ -53,6 +55,7 @@ def _register_commands() -> None:
     cli.add_command(layers_command, "layers")
     cli.add_command(compare_command, "compare")
     cli.add_command(demo_command, "demo")
+    cli.add_command(diff_command, "diff")
     cli.add_command(quantize_command, DEFAULT_COMMAND)
 
 
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning bad input into one line and exit code 2."""
     try:
         cli.main(args=argv, prog_name="hn-export", standalone_mode=False)
-    except (UserError, GraphInputError) as exc:
+    except (UserError, GraphInputError, RuntimeInputError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except click.exceptions.Exit as exc:

@@ -16,7 +16,7 @@ import numpy as np
 from hn_export.denoise import DenoiseConfig, ModelSignature, denoise, model_inputs, sample_conditions
 from hn_export.metrics import Comparison
 from hn_export.model_files import load_model
-from hn_export.ort_models import open_session
+from runtime.denoiser import Denoiser
 
 SINGLE_CALL_TIMESTEP = 500.0
 
@@ -28,20 +28,18 @@ class Evaluation:
 
 
 class GraphRunner:
-    """A loaded graph and its session, callable with feeds -> `sample` (float32)."""
+    """A graph file run through `runtime.Denoiser`, callable with feeds -> `sample` (float32)."""
 
-    def __init__(self, path: Path, threads: int | None = None):
-        self.model = load_model(path)
-        self.signature = ModelSignature.of(self.model)
-        self._ctx = open_session(self.model, threads=threads)
-        self.session = self._ctx.__enter__()
+    def __init__(self, path: Path, provider: str | None = None, kernels: bool = True):
+        self.signature = ModelSignature.of(load_model(path))  # lazy: weights stay on disk
+        self.denoiser = Denoiser(path, provider=provider, kernel_library=kernels)
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         cast = {k: v.astype(self.signature.dtype) if v.dtype.kind == "f" else v for k, v in feeds.items()}
-        return self.session.run(["sample"], cast)[0].astype(np.float32)
+        return self.denoiser(cast).astype(np.float32)
 
     def close(self) -> None:
-        self._ctx.__exit__(None, None, None)
+        self.denoiser = None
 
     def __enter__(self) -> GraphRunner:
         return self

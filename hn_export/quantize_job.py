@@ -18,6 +18,8 @@ from graph_passes import tags
 from hn_export.calibration import CalibrationStats, calibrate, model_hash
 from hn_export.denoise import DenoiseConfig
 from hn_export.model_files import check_output_path, load_model, save_model
+from runtime.denoiser import TRANSFORM_OPS_KEY
+from runtime.domain import HADANORM_DOMAIN
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +88,8 @@ def run_quantize(job: QuantizeJob) -> QuantizeReport:
             stats.save(job.save_stats)
     quantize_model(model, stats.sites, job.transform, job.quant, job.selection)
     main, extra = _weight_bytes(model)
+    ops = sorted({n.op_type for n in model.graph if n.domain == HADANORM_DOMAIN})
+    model.metadata_props[TRANSFORM_OPS_KEY] = ",".join(ops)
     model.metadata_props["hn_export.method"] = job.transform.method.value
     model.metadata_props["hn_export.bits"] = job.quant.label if job.quant else "float"
     model.metadata_props["hn_export.bias_correction"] = job.transform.bias_correction.value

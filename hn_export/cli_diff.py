@@ -1,0 +1,79 @@
+"""`hn-export diff CANDIDATE.onnx REFERENCE.onnx`: SQNR and friends, for one call and a whole denoising run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+import click
+
+from hn_export.denoise import DenoiseConfig, model_inputs, sample_conditions
+from hn_export import diff as diff_lib
+from hn_export.diff import compare_outputs, load_feeds
+from hn_export.evaluate import SINGLE_CALL_TIMESTEP, GraphRunner
+from hn_export.model_files import write_atomic
+
+
+def _json_safe(value):
+    return None if isinstance(value, float) and math.isinf(value) else value
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("candidate", type=click.Path(path_type=Path))
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.option("--steps", type=click.IntRange(0), default=20, show_default=True,
+              help="Denoising steps of the full run (0: single call only).")
+@click.option("--samples", type=click.IntRange(1), default=1, show_default=True, help="Seeded samples.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--inputs", "inputs_path", type=click.Path(path_type=Path),
+              help="Single-call inputs (.npz named like the graph inputs) instead of seeded ones.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the figures as JSON.")
+@click.option("--min-sqnr", type=float, help="Exit with code 1 when the SQNR (end of denoising, else single call) "
+                                             "is below this many dB.")
+@click.option("--per-layer", "per_layer", is_flag=True, help="SQNR at every activation site (one call).")
+@click.option("--provider", help="Execution provider (CPU, CUDA, ...); default: the best available.")
+def diff_command(**kwargs) -> None:
+    """Run CANDIDATE and REFERENCE on identical inputs and compare their outputs."""
+    _diff(**kwargs)
+
+
+def _diff(candidate: Path, reference: Path, steps: int, samples: int, seed: int, inputs_path: Path | None,
+          json_path: Path | None, min_sqnr: float | None, per_layer: bool, provider: str | None) -> None:
+    config = DenoiseConfig(steps=steps, samples=samples, seed=seed)
+    with GraphRunner(reference, provider=provider) as ref, GraphRunner(candidate, provider=provider) as cand:
+        feeds = load_feeds(inputs_path, ref.signature) if inputs_path else None
+        results = compare_outputs(cand, ref, config, feeds)
+        click.echo(f"candidate {candidate.name} ({cand.denoiser.hadanorm_path} for hadanorm ops, "
+                   f"{cand.denoiser.providers[0]}) vs reference {reference.name}")
+        if feeds is None:
+            first = sample_conditions(ref.signature, config, 0)
+            layer_feeds = model_inputs(ref.signature, first["latents"], SINGLE_CALL_TIMESTEP, first["captions"])
+        else:
+            layer_feeds = feeds
+    click.echo(f"{'output':<28} {'SQNR (dB)':>10} {'cosine':>10} {'max abs':>11} {'rel L2':>10}")
+    for name, comp in results.items():
+        label = "sample, one call" if name == "single_call" else f"latents after {steps} steps"
+        click.echo(f"{label:<28} {comp.sqnr_db:>10.2f} {comp.cosine:>10.6f} {comp.max_abs:>11.4g} {comp.rel_l2:>10.4g}")
+    layers = diff_lib.per_layer(candidate, reference, layer_feeds) if per_layer else []
+    if layers:
+        click.echo(f"\n{'activation site':<36} {'role':<20} {'SQNR (dB)':>10}")
+        for layer in layers:
+            click.echo(f"{layer.site:<36} {layer.role:<20} {layer.comparison.sqnr_db:>10.2f}")
+    if json_path is not None:
+        data = {"candidate": candidate.name, "reference": reference.name, "steps": steps, "samples": samples,
+                "seed": seed,
+                "outputs": {k: {f: _json_safe(v) for f, v in dataclasses.asdict(c).items()} for k, c in results.items()},
+                "per_layer": [{"site": l.site, "role": l.role, "block": l.block,
+                               **{f: _json_safe(v) for f, v in dataclasses.asdict(l.comparison).items()}}
+                              for l in layers]}
+        write_atomic(json_path, json.dumps(data, indent=2) + "\n")
+        click.echo(f"wrote {json_path}")
+    if min_sqnr is not None:
+        key = "end_of_denoising" if "end_of_denoising" in results else "single_call"
+        got = results[key].sqnr_db
+        if got < min_sqnr:
+            click.echo(f"error: SQNR {got:.2f} dB ({key.replace('_', ' ')}) is below --min-sqnr {min_sqnr} dB", err=True)
+            sys.exit(1)

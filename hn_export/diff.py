@@ -1,0 +1,106 @@
+"""`hn-export diff`: a candidate graph against a reference graph on identical inputs.
+
+Reported per output: SQNR (dB), cosine similarity, max abs error, relative L2, for one denoiser call and for the
+final latents of an N-step denoising run. ``--per-layer`` compares the output of every activation site's linears
+(the value after the bias Add, whose name the quantization passes keep), found in the reference graph and requested
+as extra outputs of both graphs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from graph_passes.linears import find_activation_sites
+from hn_export.denoise import DenoiseConfig, ModelSignature
+from hn_export.errors import UserError
+from hn_export.evaluate import GraphRunner, final_latents, single_call_outputs
+from hn_export.metrics import Comparison
+from hn_export.model_files import load_model, save_model
+from runtime.denoiser import Denoiser
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerComparison:
+    site: str
+    role: str
+    block: int | None
+    comparison: Comparison
+
+
+def load_feeds(path: Path, sig: ModelSignature) -> dict[str, np.ndarray]:
+    try:
+        data = dict(np.load(path))
+    except Exception:
+        raise UserError(f"inputs file {path} is not a readable .npz",
+                        "save it with numpy.savez(hidden_states=..., timestep=..., encoder_hidden_states=...)") from None
+    needed = ["hidden_states", "timestep", "encoder_hidden_states"] + (["encoder_attention_mask"] if sig.has_mask else [])
+    missing = [k for k in needed if k not in data]
+    if missing:
+        raise UserError(f"inputs file {path} lacks arrays {missing}", f"it must hold {needed}")
+    return {k: data[k] for k in needed}
+
+
+def compare_outputs(candidate: GraphRunner, reference: GraphRunner, config: DenoiseConfig,
+                    feeds: dict[str, np.ndarray] | None) -> dict[str, Comparison]:
+    """Single call (the given feeds, else seeded ones) and, with steps > 0, end of denoising."""
+    sig = reference.signature
+    if candidate.signature.latent_shape != sig.latent_shape:
+        raise UserError(f"the candidate takes latents {candidate.signature.latent_shape}, the reference "
+                        f"{sig.latent_shape}", "compare graphs exported at the same resolution")
+    if feeds is not None:
+        single = Comparison.of(reference(feeds), candidate(feeds))
+    else:
+        single = Comparison.of(single_call_outputs(reference, sig, config),
+                               single_call_outputs(candidate, candidate.signature, config))
+    out = {"single_call": single}
+    if config.steps > 0:
+        out["end_of_denoising"] = Comparison.of(final_latents(reference, sig, config),
+                                                final_latents(candidate, candidate.signature, config))
+    return out
+
+
+def _with_outputs(model: ir.Model, names: list[str]) -> None:
+    values = {v.name: v for node in model.graph for v in node.outputs}
+    for name in names:
+        value = values[name]
+        if value.type is None:
+            value.type = model.graph.outputs[0].type
+        if not value.is_graph_output():
+            model.graph.outputs.append(value)
+
+
+def per_layer(candidate: Path, reference: Path, feeds: dict[str, np.ndarray]) -> list[LayerComparison]:
+    ref_model, cand_model = load_model(reference, "reference"), load_model(candidate, "candidate")
+    cand_values = {v.name for node in cand_model.graph for v in node.outputs}
+    plan: list[tuple[str, str, int | None, list[str]]] = []
+    for site in find_activation_sites(ref_model):
+        names = [(lin.bias_add or lin.node).outputs[0].name for lin in site.linears]
+        if all(n in cand_values for n in names):
+            plan.append((site.name, site.role, site.block, names))
+    if not plan:
+        raise UserError("no activation-site outputs are shared by the two graphs",
+                        "--per-layer needs a candidate quantized from the reference's export")
+    names = [n for *_, group in plan for n in group]
+    results: dict[str, dict[str, np.ndarray]] = {}
+    with tempfile.TemporaryDirectory(prefix="hn-export-diff-") as tmp:
+        for key, model in (("reference", ref_model), ("candidate", cand_model)):
+            _with_outputs(model, names)
+            path = Path(tmp) / f"{key}.onnx"
+            save_model(model, path)
+            denoiser = Denoiser(path)
+            sig_dtype = np.float16 if denoiser.inputs["hidden_states"].type == "tensor(float16)" else np.float32
+            cast = {k: v.astype(sig_dtype) if v.dtype.kind == "f" else v for k, v in feeds.items()}
+            arrays = denoiser.session.run(names, cast)
+            results[key] = dict(zip(names, arrays))
+            del denoiser
+    out = []
+    for site, role, block, group in plan:
+        ref = np.concatenate([results["reference"][n].astype(np.float64).ravel() for n in group])
+        cand = np.concatenate([results["candidate"][n].astype(np.float64).ravel() for n in group])
+        out.append(LayerComparison(site, role, block, Comparison.of(ref, cand)))
+    return out

@@ -1,0 +1,168 @@
+"""One PixArt denoiser call on the device: load a graph, pick a provider, check inputs, run.
+
+`Denoiser` wraps an onnxruntime session:
+* loads the graph (external data included: onnxruntime resolves ``model.onnx.data`` beside the file);
+* registers the hadanorm kernel library when one is built (`runtime.kernels.library_path()`) and says which
+  implementation of the hadanorm ops is active: ``kernels`` or ``function bodies`` (or ``none`` for graphs without
+  hadanorm ops);
+* picks the execution provider: the one asked for, else the first available of CUDA, QNN, CoreML, CPU;
+* sets the session options of `runtime.session` so DequantizeLinear+MatMul fusions do not change the numbers;
+* checks feeds (names, ranks, static dims, dtypes, equal batch, caption length) before onnxruntime sees them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from runtime.domain import HADANORM_DOMAIN
+from runtime.errors import RuntimeInputError
+from runtime.session import NumericsMode, session_options
+
+logger = logging.getLogger(__name__)
+
+PROVIDER_PREFERENCE: tuple[str, ...] = (
+    "CUDAExecutionProvider",
+    "QNNExecutionProvider",
+    "CoreMLExecutionProvider",
+    "CPUExecutionProvider",
+)
+TRANSFORM_OPS_KEY = "hn_export.transform_ops"  # model metadata: comma list of hadanorm op types the graph uses
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+
+
+def choose_providers(provider: str | None = None) -> list[str]:
+    available = ort.get_available_providers()
+    if provider is not None:
+        name = provider if provider.endswith("ExecutionProvider") else f"{provider}ExecutionProvider"
+        matches = [p for p in available if p.lower() == name.lower()]
+        if not matches:
+            raise RuntimeInputError(
+                f"execution provider {provider!r} is not available in this onnxruntime; "
+                f"available: {', '.join(available)}"
+            )
+        return [matches[0]] + (["CPUExecutionProvider"] if matches[0] != "CPUExecutionProvider" else [])
+    ordered = [p for p in PROVIDER_PREFERENCE if p in available]
+    return ordered or ["CPUExecutionProvider"]
+
+
+def _default_kernel_library() -> Path | None:
+    try:
+        from runtime.kernels import library_path
+    except ImportError:
+        return None
+    return library_path()
+
+
+class Denoiser:
+    """A loaded denoiser graph. Call it with feeds (numpy arrays) to get ``sample``."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        provider: str | None = None,
+        mode: NumericsMode = NumericsMode.AS_WRITTEN,
+        threads: int | None = None,
+        kernel_library: str | os.PathLike | None | bool = True,
+    ):
+        """`kernel_library`: True = the built library if any, False/None = function bodies only, or a path."""
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise RuntimeInputError(f"model file {self.path} does not exist; check the path")
+        options = session_options(mode, threads)
+        library = _default_kernel_library() if kernel_library is True else kernel_library or None
+        self.kernel_library = Path(library) if library else None
+        if self.kernel_library is not None:
+            self._register(options, self.kernel_library)
+        self.providers = choose_providers(provider)
+        try:
+            self.session = ort.InferenceSession(os.fspath(self.path), options, providers=self.providers)
+        except Exception as exc:  # onnxruntime raises several pybind types
+            raise RuntimeInputError(self._explain_load_error(str(exc))) from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.transform_ops = [op for op in meta.get(TRANSFORM_OPS_KEY, "").split(",") if op]
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def hadanorm_path(self) -> str:
+        """Which implementation runs the hadanorm ops: 'kernels', 'function bodies' or 'none'."""
+        if not self.transform_ops:
+            return "none"
+        return "kernels" if self.kernel_library is not None else "function bodies"
+
+    @staticmethod
+    def _register(options: ort.SessionOptions, library: Path) -> None:
+        if not library.is_file():
+            raise RuntimeInputError(f"kernel library {library} does not exist; build it with "
+                                    "`python -m runtime.kernels.build` or run without kernels")
+        try:
+            options.register_custom_ops_library(os.fspath(library))
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RuntimeInputError(
+                f"kernel library {library} cannot be loaded by onnxruntime {ort.__version__} ({first}); rebuild it "
+                "with `python -m runtime.kernels.build --force` against this onnxruntime, or run without kernels"
+            ) from None
+
+    def _explain_load_error(self, message: str) -> str:
+        first = message.strip().splitlines()[0] if message.strip() else "unknown error"
+        if "external data" in message.lower() or ".onnx.data" in message or "No such file" in message:
+            return (f"cannot load {self.path}: its external data file is missing or unreadable ({first[:200]}); "
+                    f"keep {self.path.name}.data beside it")
+        if HADANORM_DOMAIN in message:
+            return (f"{self.path} uses {HADANORM_DOMAIN} ops but carries no function bodies and no kernel library is "
+                    "registered; build the kernels with `python -m runtime.kernels.build` or re-quantize with hn-export")
+        if "Protobuf parsing failed" in message or "INVALID_PROTOBUF" in message:
+            return f"{self.path} is not a readable ONNX model; re-export it with `hn-export export`"
+        return f"onnxruntime cannot load {self.path}: {first[:300]}"
+
+    def check_inputs(self, feeds: Mapping[str, np.ndarray]) -> None:
+        unknown = sorted(set(feeds) - set(self.inputs))
+        missing = sorted(set(self.inputs) - set(feeds))
+        if unknown or missing:
+            raise RuntimeInputError(
+                f"inputs {unknown or ''}{' are unknown' if unknown else ''}{'; ' if unknown and missing else ''}"
+                f"{'missing ' + str(missing) if missing else ''}; the model takes {sorted(self.inputs)}"
+            )
+        batch = None
+        for name, spec in self.inputs.items():
+            array = feeds[name]
+            want = _ORT_TYPES.get(spec.type)
+            if want is not None and array.dtype != want:
+                raise RuntimeInputError(f"input {name} has dtype {array.dtype}; the model takes {np.dtype(want)} "
+                                        f"(cast with .astype(np.{np.dtype(want).name}))")
+            if array.ndim != len(spec.shape):
+                raise RuntimeInputError(f"input {name} has shape {list(array.shape)}; the model takes rank "
+                                        f"{len(spec.shape)} {spec.shape}")
+            for axis, (got, dim) in enumerate(zip(array.shape, spec.shape)):
+                if isinstance(dim, int) and got != dim:
+                    raise RuntimeInputError(f"input {name} has shape {list(array.shape)}; dimension {axis} must be "
+                                            f"{dim} (model shape {spec.shape}; one file per resolution)")
+            if array.ndim and batch is None:
+                batch = array.shape[0]
+            elif array.ndim and array.shape[0] != batch:
+                raise RuntimeInputError(f"input {name} has batch {array.shape[0]}, other inputs {batch}; "
+                                        "all inputs need the same batch size")
+            if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+                raise RuntimeInputError(f"input {name} contains NaN or inf; pass finite values")
+        text, mask = feeds.get("encoder_hidden_states"), feeds.get("encoder_attention_mask")
+        if text is not None and mask is not None and mask.shape[1] != text.shape[1]:
+            raise RuntimeInputError(f"encoder_attention_mask has caption length {mask.shape[1]}, "
+                                    f"encoder_hidden_states {text.shape[1]}; they must match")
+
+    def __call__(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> np.ndarray:
+        self.check_inputs(feeds)
+        return self.session.run(list(outputs or self.output_names[:1]), dict(feeds))[0]
