@@ -21,6 +21,7 @@ from onnx_ir.passes.common import (
 
 from graph_passes.bias_correction import BiasCorrectionPass
 from graph_passes.fuse_weights import FuseWeightsPass
+from graph_passes.gated_activation_quant import GatedActivationQuantPass
 from graph_passes.insert_transforms import InsertTransformsPass
 from graph_passes.linears import ActivationSite, SiteSelection, find_activation_sites
 from graph_passes.methods import TransformOptions
@@ -47,14 +48,19 @@ def build_pipeline(
     options: TransformOptions,
     quant: QuantConfig | None,
     selection: SiteSelection,
+    gated_act_bits: int | None = None,
 ) -> ir.passes.PassManager:
+    """`gated_act_bits`: instead of quantizing, put every activation quantizer behind a runtime switch (the
+    sensitivity study); weights stay in float."""
     passes: list[ir.passes.PassBase] = [
         TagSitesPass(selection),
         InsertTransformsPass(transforms),
         FuseWeightsPass(transforms),
         BiasCorrectionPass(options.bias_correction),
     ]
-    if quant is not None:
+    if gated_act_bits is not None:
+        passes.append(GatedActivationQuantPass(gated_act_bits, list(transforms)))
+    elif quant is not None:
         passes.append(QuantizePass(quant))
     passes += [
         RemoveUnusedNodesPass(),
@@ -78,10 +84,11 @@ def quantize_model(
     options: TransformOptions,
     quant: QuantConfig | None,
     selection: SiteSelection = SiteSelection(),
+    gated_act_bits: int | None = None,
 ) -> QuantizeResult:
     """Rewrite `model` in place. ``quant=None`` inserts and fuses the transforms only (the exactness check)."""
     sites = find_activation_sites(model, selection)
     transforms = plan_transforms(sites, stats, options)
-    build_pipeline(transforms, options, quant, selection)(model)
+    build_pipeline(transforms, options, quant, selection, gated_act_bits)(model)
     logger.info("%s: %d sites, %s", options.method.value, len(sites), quant.label if quant else "transform only")
     return QuantizeResult(sites, transforms)

@@ -67,34 +67,7 @@ class QuantizePass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(mains))
 
     def _activation_qdq(self, graph: ir.Graph, before: ir.Node, x: ir.Value) -> ir.Value:
-        bits = self.config.act_bits
-        dtype = _float_dtype(x)
-        zp_type, _ = container(bits, signed=False)
-        width = before.inputs[1].shape[0] if before.inputs[1].shape is not None else None
-        if not isinstance(width, int):
-            raise ValueError(f"cannot tell the width of the activation {x.name}")
-        name = f"{tags.site_of(before)}.act_q".replace("#", "_")
-        axes = shared_constant(graph, "hadanorm.last_axis", np.array([-1], dtype=np.int64))
-        zero = shared_constant(graph, f"hadanorm.zero_{dtype}", np.array(0, dtype=dtype))
-        qmax = shared_constant(graph, f"hadanorm.qmax{bits}_{dtype}", np.array(2**bits - 1, dtype=dtype))
-        tiny = shared_constant(graph, f"hadanorm.tiny_{dtype}", np.array(np.finfo(dtype).tiny, dtype=dtype))
-        nodes: list[ir.Node] = []
-
-        def op(op_type: str, inputs: list[ir.Value], **attrs) -> ir.Value:
-            node = make_node(op_type, inputs, f"{name}.{len(nodes)}_{op_type}", **attrs)
-            nodes.append(node)
-            return node.outputs[0]
-
-        hi = op("Max", [op("ReduceMax", [x, axes], keepdims=1), zero])
-        lo = op("Min", [op("ReduceMin", [x, axes], keepdims=1), zero])
-        scale = op("Max", [op("Div", [op("Sub", [hi, lo]), qmax]), tiny])
-        zp_float = op("Clip", [op("Round", [op("Neg", [op("Div", [lo, scale])])]), zero, qmax])
-        zp = op("Cast", [zp_float], to=zp_type)
-        q = op("QuantizeLinear", [x, scale, zp], axis=-1, block_size=width)
-        dq = op("DequantizeLinear", [q, scale, zp], axis=-1, block_size=width)
-        dq.type, dq.shape = x.type, x.shape
-        graph.insert_before(before, nodes)
-        return dq
+        return activation_qdq(graph, before, x, self.config.act_bits)
 
     def _weight_dq(self, graph: ir.Graph, before: ir.Node, weight: ir.Value) -> ir.Value:
         original = weight.const_value.numpy()
@@ -121,3 +94,34 @@ class QuantizePass(ir.passes.InPlacePass):
         node.outputs[0].type, node.outputs[0].shape = weight.type, weight.shape
         graph.insert_before(before, node)
         return node.outputs[0]
+
+
+def activation_qdq(graph: ir.Graph, before: ir.Node, x: ir.Value, bits: int) -> ir.Value:
+    """Insert a per-token dynamic asymmetric QDQ of `x` before the site MatMul `before`; returns the DQ output."""
+    dtype = _float_dtype(x)
+    zp_type, _ = container(bits, signed=False)
+    width = before.inputs[1].shape[0] if before.inputs[1].shape is not None else None
+    if not isinstance(width, int):
+        raise ValueError(f"cannot tell the width of the activation {x.name}")
+    name = f"{tags.site_of(before)}.act_q".replace("#", "_")
+    axes = shared_constant(graph, "hadanorm.last_axis", np.array([-1], dtype=np.int64))
+    zero = shared_constant(graph, f"hadanorm.zero_{dtype}", np.array(0, dtype=dtype))
+    qmax = shared_constant(graph, f"hadanorm.qmax{bits}_{dtype}", np.array(2**bits - 1, dtype=dtype))
+    tiny = shared_constant(graph, f"hadanorm.tiny_{dtype}", np.array(np.finfo(dtype).tiny, dtype=dtype))
+    nodes: list[ir.Node] = []
+
+    def op(op_type: str, inputs: list[ir.Value], **attrs) -> ir.Value:
+        node = make_node(op_type, inputs, f"{name}.{len(nodes)}_{op_type}", **attrs)
+        nodes.append(node)
+        return node.outputs[0]
+
+    hi = op("Max", [op("ReduceMax", [x, axes], keepdims=1), zero])
+    lo = op("Min", [op("ReduceMin", [x, axes], keepdims=1), zero])
+    scale = op("Max", [op("Div", [op("Sub", [hi, lo]), qmax]), tiny])
+    zp_float = op("Clip", [op("Round", [op("Neg", [op("Div", [lo, scale])])]), zero, qmax])
+    zp = op("Cast", [zp_float], to=zp_type)
+    q = op("QuantizeLinear", [x, scale, zp], axis=-1, block_size=width)
+    dq = op("DequantizeLinear", [q, scale, zp], axis=-1, block_size=width)
+    dq.type, dq.shape = x.type, x.shape
+    graph.insert_before(before, nodes)
+    return dq

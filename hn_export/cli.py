@@ -47,6 +47,7 @@ def _register_commands() -> None:
     from hn_export.cli_compare import compare_command
     from hn_export.cli_demo import demo_command
     from hn_export.cli_diff import diff_command
+    from hn_export.cli_sensitivity import sensitivity_command
     from hn_export.cli_export import export_command
     from hn_export.cli_layers import layers_command
     from hn_export.cli_quantize import quantize_command
@@ -56,6 +57,7 @@ def _register_commands() -> None:
     cli.add_command(compare_command, "compare")
     cli.add_command(demo_command, "demo")
     cli.add_command(diff_command, "diff")
+    cli.add_command(sensitivity_command, "sensitivity")
     cli.add_command(quantize_command, DEFAULT_COMMAND)
 
 

@@ -32,6 +32,7 @@ PROVIDER_PREFERENCE: tuple[str, ...] = (
     "CoreMLExecutionProvider",
     "CPUExecutionProvider",
 )
+BATCHED_INPUTS = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask")
 TRANSFORM_OPS_KEY = "hn_export.transform_ops"  # model metadata: comma list of hadanorm op types the graph uses
 
 _ORT_TYPES = {
@@ -151,9 +152,11 @@ class Denoiser:
                 if isinstance(dim, int) and got != dim:
                     raise RuntimeInputError(f"input {name} has shape {list(array.shape)}; dimension {axis} must be "
                                             f"{dim} (model shape {spec.shape}; one file per resolution)")
-            if array.ndim and batch is None:
+            if name not in BATCHED_INPUTS or not array.ndim:
+                pass
+            elif batch is None:
                 batch = array.shape[0]
-            elif array.ndim and array.shape[0] != batch:
+            elif array.shape[0] != batch:
                 raise RuntimeInputError(f"input {name} has batch {array.shape[0]}, other inputs {batch}; "
                                         "all inputs need the same batch size")
             if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):

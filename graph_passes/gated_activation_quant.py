@@ -1,0 +1,46 @@
+"""Sensitivity pass: every site's activation quantizer behind a runtime switch; weights stay in float.
+
+For site ``i`` (in the order of `find_activation_sites`) the MatMuls read ``x + m_i (QDQ(x) - x)`` where ``m`` is a new
+graph input ``hn_quant_mask`` of shape [S]: ``m = e_i`` turns on quantizer ``i`` alone (the paper's sensitivity
+study), ``m = 0`` gives the float graph, ``m = 1`` every activation quantizer. One graph serves all S runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from graph_passes import tags
+from graph_passes.graph_utils import make_node, shared_constant, tagged_matmuls
+from graph_passes.quantize import activation_qdq
+
+MASK_INPUT = "hn_quant_mask"
+
+
+class GatedActivationQuantPass(ir.passes.InPlacePass):
+    def __init__(self, act_bits: int, site_order: list[str]):
+        super().__init__()
+        self.act_bits = act_bits
+        self.site_order = site_order
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        mask = ir.Value(name=MASK_INPUT, shape=ir.Shape([len(self.site_order)]),
+                        type=ir.TensorType(graph.inputs[0].dtype or ir.DataType.FLOAT))
+        graph.inputs.append(mask)
+        index = {name: i for i, name in enumerate(self.site_order)}
+        groups = tagged_matmuls(graph, tags.ROLE_MAIN)
+        for site, matmuls in groups.items():
+            x = matmuls[0].inputs[0]
+            dq = activation_qdq(graph, matmuls[0], x, self.act_bits)
+            name = f"{site}.gate".replace("#", "_")
+            position = shared_constant(graph, f"hadanorm.site_index_{index[site]}", np.array(index[site], np.int64))
+            gate = make_node("Gather", [mask, position], f"{name}.m", axis=0)
+            delta = make_node("Sub", [dq, x], f"{name}.delta")
+            scaled = make_node("Mul", [delta.outputs[0], gate.outputs[0]], f"{name}.scaled")
+            gated = make_node("Add", [x, scaled.outputs[0]], f"{name}.out")
+            gated.outputs[0].type, gated.outputs[0].shape = x.type, x.shape
+            graph.insert_before(matmuls[0], [gate, delta, scaled, gated])
+            for matmul in matmuls:
+                matmul.replace_input_with(0, gated.outputs[0])
+        return ir.passes.PassResult(model, modified=bool(groups))
