@@ -21,6 +21,9 @@ logger = logging.getLogger(__name__)
 
 # Protobuf cannot hold more than 2 GiB; keep a margin for the graph itself.
 EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
+# What the passes write (blocked QuantizeLinear needs opset 21) and what onnxruntime 1.20+ loads.
+MIN_OPSET, MAX_OPSET = 21, 21
+MAX_IR_VERSION = 10
 
 
 def external_data_name(path: Path) -> str:
@@ -44,7 +47,23 @@ def load_model(path: str | os.PathLike, what: str = "model") -> ir.Model:
             "pass an .onnx file written by `hn-export export` or torch.onnx.export",
         ) from None
     _check_external_data(model, path)
+    _check_versions(model, path)
     return model
+
+
+def _check_versions(model: ir.Model, path: Path) -> None:
+    opset = model.opset_imports.get("", model.graph.opset_imports.get(""))
+    if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UserError(
+            f"{path} uses ONNX opset {opset}; hn-export reads and writes opset {MIN_OPSET}",
+            "re-export with `hn-export export` (opset 21) or convert it with onnx.version_converter",
+        )
+    if model.ir_version > MAX_IR_VERSION:
+        raise UserError(
+            f"{path} has ONNX IR version {model.ir_version}, newer than {MAX_IR_VERSION}, which hn-export writes and "
+            "onnxruntime 1.20+ loads",
+            "re-export with `hn-export export` or save it with ir_version 10",
+        )
 
 
 def _check_external_data(model: ir.Model, path: Path) -> None:

@@ -113,7 +113,7 @@ def test_no_linear_layers(hn_cli, tmp_path):
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
     path = tmp_path / "relu.onnx"
-    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]).SerializeToString())
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10).SerializeToString())
     before = {p.name for p in tmp_path.iterdir()}
     assert_clean_failure(hn_cli(path, "--w4a4"), tmp_path, "no linear layers", before=before)
 
