@@ -57,6 +57,7 @@ class GridResult:
             return None if c is None else {k: (None if isinstance(v, float) and math.isinf(v) else v)
                                            for k, v in dataclasses.asdict(c).items()}
         return {
+            "label": self.point.label,
             "method": self.point.method.value,
             "bias_correction": self.point.bias_correction.value if self.point.method.recipe.center else None,
             "bits": self.point.quant.label,
@@ -118,16 +119,17 @@ def table_markdown(results: list[GridResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_sqnr(results: list[GridResult], title: str) -> bytes:
+def plot_sqnr(rows: list[dict], title: str) -> bytes:
+    """Grouped bars of end-of-denoising SQNR from `GridResult.as_dict()` rows."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    labels = list(dict.fromkeys(r.point.label for r in results))
-    bits = list(dict.fromkeys(r.point.quant.label for r in results))
-    values = {(r.point.label, r.point.quant.label): r.evaluation.end_of_denoising.sqnr_db for r in results}
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    bits = list(dict.fromkeys(r["bits"] for r in rows))
+    values = {(r["label"], r["bits"]): r["end_of_denoising"]["sqnr_db"] for r in rows}
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(labels) + 2), 4.5), dpi=120)
     width = 0.8 / len(bits)
     x = np.arange(len(labels))
@@ -135,6 +137,7 @@ def plot_sqnr(results: list[GridResult], title: str) -> bytes:
         heights = [values.get((label, b), np.nan) for label in labels]
         bars = ax.bar(x + (i - (len(bits) - 1) / 2) * width, heights, width, label=b.upper())
         ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+    ax.margins(y=0.12)
     ax.set_xticks(x, labels, rotation=30, ha="right")
     ax.set_ylabel("end-of-denoising SQNR (dB)")
     ax.set_xlabel("method (bias correction)")
@@ -149,11 +152,19 @@ def plot_sqnr(results: list[GridResult], title: str) -> bytes:
     return buffer.getvalue()
 
 
+def replot(out_dir: Path) -> Path:
+    """Redraw `out_dir/sqnr.png` from `out_dir/results.json`."""
+    data = json.loads((Path(out_dir) / "results.json").read_text())
+    meta = data["meta"]
+    title = f"{meta['model']}: SQNR after {meta['steps']} denoising steps"
+    return write_atomic(Path(out_dir) / "sqnr.png", plot_sqnr(data["results"], title))
+
+
 def write_results(results: list[GridResult], out_dir: Path, meta: dict, title: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [r.as_dict() for r in results]
     return [
         write_atomic(out_dir / "table.md", table_markdown(results)),
-        write_atomic(out_dir / "results.json",
-                     json.dumps({"meta": meta, "results": [r.as_dict() for r in results]}, indent=2) + "\n"),
-        write_atomic(out_dir / "sqnr.png", plot_sqnr(results, title)),
+        write_atomic(out_dir / "results.json", json.dumps({"meta": meta, "results": rows}, indent=2) + "\n"),
+        write_atomic(out_dir / "sqnr.png", plot_sqnr(rows, title)),
     ]
