@@ -24,6 +24,7 @@ EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
 # What the passes write (blocked QuantizeLinear needs opset 21) and what onnxruntime 1.20+ loads.
 MIN_OPSET, MAX_OPSET = 21, 21
 MAX_IR_VERSION = 10
+SMALL_EXTERNAL_TENSOR_BYTES = 4096
 
 
 def external_data_name(path: Path) -> str:
@@ -48,7 +49,17 @@ def load_model(path: str | os.PathLike, what: str = "model") -> ir.Model:
         ) from None
     _check_external_data(model, path)
     _check_versions(model, path)
+    _inline_small_external_tensors(model)
     return model
+
+
+def _inline_small_external_tensors(model: ir.Model) -> None:
+    """Read external tensors under 4 KB into memory. Shape/axes constants must be inline for onnxruntime's shape
+    inference when a graph is passed as bytes, and for onnx.checker on the graphs the passes write."""
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor) and tensor.nbytes < SMALL_EXTERNAL_TENSOR_BYTES:
+            value.const_value = ir.tensor(tensor.numpy(), name=value.name)
 
 
 def _check_versions(model: ir.Model, path: Path) -> None:
@@ -126,6 +137,11 @@ def save_model(model: ir.Model, path: str | os.PathLike) -> list[Path]:
     path = Path(path)
     check_output_path(path)
     use_external = model_nbytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
+    if not use_external:
+        # Weights loaded lazily from the input's data file must end up in this file, not as links to that one.
+        for value in model.graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
     data_name = external_data_name(path)
     tmp_dir = Path(tempfile.mkdtemp(prefix=".hn-export-", dir=path.parent))
     try:

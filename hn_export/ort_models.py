@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import onnx_ir as ir
 import onnxruntime as ort
 
-from runtime.session import NumericsMode, create_session
+from runtime.session import NumericsMode, session_options
 
 
 def _external_files(model: ir.Model) -> set[Path]:
@@ -26,16 +24,14 @@ def _external_files(model: ir.Model) -> set[Path]:
 @contextlib.contextmanager
 def open_session(model: ir.Model, mode: NumericsMode = NumericsMode.AS_WRITTEN,
                  threads: int | None = None) -> Iterator[ort.InferenceSession]:
-    """A session for `model`. Weights in external files stay there: the graph is written to a temporary folder
-    beside links to those files."""
+    """A session for `model`. Weights in external files stay there: the graph goes to onnxruntime as bytes with
+    ``session.model_external_initializers_file_folder_path`` naming their folder (onnxruntime refuses external data
+    outside the model's folder, links included)."""
     proto = ir.serde.serialize_model(model)
-    files = _external_files(model)
-    if not files:
-        yield create_session(proto.SerializeToString(), mode, threads=threads)
-        return
-    with tempfile.TemporaryDirectory(prefix="hn-export-session-") as tmp:
-        for file in files:
-            os.symlink(file.resolve(), Path(tmp) / file.name)
-        path = Path(tmp) / "model.onnx"
-        path.write_bytes(proto.SerializeToString())
-        yield create_session(path, mode, threads=threads)
+    folders = {file.parent.resolve() for file in _external_files(model)}
+    if len(folders) > 1:
+        raise ValueError(f"external data in several folders: {sorted(map(str, folders))}")
+    options = session_options(mode, threads)
+    if folders:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folders.pop()))
+    yield ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])

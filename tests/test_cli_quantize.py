@@ -178,3 +178,30 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
     assert "Traceback" not in proc.stderr
+
+
+def test_external_data_model_quantizes_like_inline(hn_cli, tiny_onnx, tmp_path):
+    """Weights in model.onnx.data (as every >2 GB model has): calibration and quantization read them in place, and
+    the result equals the one from the inline file (onnxruntime refuses external data reached through links)."""
+    import onnx
+
+    folder = tmp_path / "ext"
+    folder.mkdir()
+    external = folder / "tiny.onnx"
+    onnx.save(onnx.load(tiny_onnx), external, save_as_external_data=True, location="tiny.onnx.data",
+              size_threshold=0)
+    assert (folder / "tiny.onnx.data").stat().st_size > 100_000
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    assert hn_cli(tiny_onnx, "-o", a, *FAST_CALIB).exit_code == 0
+    result = hn_cli(external, "-o", b, *FAST_CALIB)
+    assert result.exit_code == 0, result.err
+    inits = [{t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(p).graph.initializer} for p in (a, b)]
+    assert inits[0].keys() == inits[1].keys()
+    assert all(np.array_equal(inits[0][k], inits[1][k]) for k in inits[0])
+    from runtime.denoiser import Denoiser
+
+    rng = np.random.default_rng(3)
+    feeds = {"hidden_states": rng.standard_normal((2, 4, 8, 8)).astype(np.float32),
+             "timestep": np.array([10.0, 700.0], np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, 7, 32)).astype(np.float32)}
+    assert np.array_equal(Denoiser(a)(feeds), Denoiser(b)(feeds))
