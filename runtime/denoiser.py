@@ -4,7 +4,8 @@
 * loads the graph (external data included: onnxruntime resolves ``model.onnx.data`` beside the file);
 * registers the hadanorm kernel library when one is built (`runtime.kernels.library_path()`) and says which
   implementation of the hadanorm ops is active: ``kernels`` or ``function bodies`` (or ``none`` for graphs without
-  hadanorm ops);
+  hadanorm ops). onnxruntime runs a registered custom-op kernel in place of a model-local function of the same
+  domain and name (verified in tests/test_kernels.py with a call log); the kernels are float32 and CPU-only;
 * picks the execution provider: the one asked for, else the first available of CUDA, QNN, CoreML, CPU;
 * sets the session options of `runtime.session` so DequantizeLinear+MatMul fusions do not change the numbers;
 * checks feeds (names, ranks, static dims, dtypes, equal batch, caption length) before onnxruntime sees them.
@@ -22,6 +23,7 @@ import onnxruntime as ort
 
 from runtime.domain import HADANORM_DOMAIN
 from runtime.errors import RuntimeInputError
+from runtime.kernels import KernelLibraryError, library_path, register_kernels
 from runtime.session import NumericsMode, session_options
 
 logger = logging.getLogger(__name__)
@@ -59,14 +61,6 @@ def choose_providers(provider: str | None = None) -> list[str]:
     return ordered or ["CPUExecutionProvider"]
 
 
-def _default_kernel_library() -> Path | None:
-    try:
-        from runtime.kernels import library_path
-    except ImportError:
-        return None
-    return library_path()
-
-
 class Denoiser:
     """A loaded denoiser graph. Call it with feeds (numpy arrays) to get ``sample``."""
 
@@ -83,7 +77,7 @@ class Denoiser:
         if not self.path.is_file():
             raise RuntimeInputError(f"model file {self.path} does not exist; check the path")
         options = session_options(mode, threads)
-        library = _default_kernel_library() if kernel_library is True else kernel_library or None
+        library = library_path() if kernel_library is True else kernel_library or None
         self.kernel_library = Path(library) if library else None
         if self.kernel_library is not None:
             self._register(options, self.kernel_library)
@@ -106,17 +100,10 @@ class Denoiser:
 
     @staticmethod
     def _register(options: ort.SessionOptions, library: Path) -> None:
-        if not library.is_file():
-            raise RuntimeInputError(f"kernel library {library} does not exist; build it with "
-                                    "`python -m runtime.kernels.build` or run without kernels")
         try:
-            options.register_custom_ops_library(os.fspath(library))
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RuntimeInputError(
-                f"kernel library {library} cannot be loaded by onnxruntime {ort.__version__} ({first}); rebuild it "
-                "with `python -m runtime.kernels.build --force` against this onnxruntime, or run without kernels"
-            ) from None
+            register_kernels(options, library)
+        except KernelLibraryError as exc:
+            raise RuntimeInputError(f"{exc} (or run without kernels)") from None
 
     def _explain_load_error(self, message: str) -> str:
         first = message.strip().splitlines()[0] if message.strip() else "unknown error"

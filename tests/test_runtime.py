@@ -99,7 +99,8 @@ def test_bad_kernel_library(tiny_onnx, tmp_path):
     fake.write_bytes(b"\x7fELF not really a library")
     with pytest.raises(RuntimeInputError) as info:
         Denoiser(tiny_onnx, kernel_library=fake)
-    assert "cannot be loaded" in str(info.value) and "rebuild it" in str(info.value)
+    assert "is not a loadable shared library" in str(info.value) and "rebuild it" in str(info.value)
+    assert "\n" not in str(info.value)
 
 
 def test_not_onnx(tmp_path):
@@ -109,3 +110,14 @@ def test_not_onnx(tmp_path):
         Denoiser(path)
     with pytest.raises(RuntimeInputError, match="does not exist"):
         Denoiser(tmp_path / "missing.onnx")
+
+
+def test_kernels_active_and_equal_to_function_bodies(quantized):
+    from runtime.kernels.build import build
+
+    library = build()
+    with_kernels = Denoiser(quantized, kernel_library=library)
+    assert with_kernels.hadanorm_path == "kernels"
+    plain = Denoiser(quantized, kernel_library=False)
+    a, b = with_kernels(feeds()), plain(feeds())
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) <= 1e-5
