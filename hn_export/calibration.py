@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from graph_passes.linears import SiteSelection, find_activation_sites
 from graph_passes.site_transforms import SiteStats
-from hn_export.denoise import DenoiseConfig, ModelSignature, trajectory
+from hn_export.denoise import DenoiseConfig, ModelSignature, load_input_file, trajectory
 from hn_export.errors import UserError
 from hn_export.ort_models import open_session
 
@@ -116,31 +116,13 @@ def _add_stat_outputs(model: ir.Model) -> dict[str, str]:
     return owners
 
 
-def check_inputs(feeds: dict[str, np.ndarray], what: str) -> None:
-    for name, array in feeds.items():
-        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
-            raise UserError(f"{what}: input {name} contains NaN or inf", "pass finite calibration inputs")
-
-
 def npz_batches(path: Path, sig: ModelSignature, batch: int = 2) -> Iterator[dict[str, np.ndarray]]:
-    """Calls from a user file: arrays named like the graph inputs, first axis = samples."""
-    try:
-        data = dict(np.load(path))
-    except Exception:
-        raise UserError(f"calibration input file {path} is not a readable .npz",
-                        "save the inputs with numpy.savez(hidden_states=..., timestep=..., encoder_hidden_states=...)") from None
-    needed = ["hidden_states", "timestep", "encoder_hidden_states"] + (["encoder_attention_mask"] if sig.has_mask else [])
-    missing = [k for k in needed if k not in data]
-    if missing:
-        raise UserError(f"calibration input file {path} lacks arrays {missing}", f"it must hold {needed}")
+    """Calls from a user file, `batch` samples at a time."""
+    data = load_input_file(path, sig, "calibration input file")
     count = data["hidden_states"].shape[0]
-    if data["hidden_states"].shape[1:] != sig.latent_shape:
-        raise UserError(f"hidden_states in {path} has shape {data['hidden_states'].shape}; the model takes "
-                        f"[N, {', '.join(map(str, sig.latent_shape))}]", "pass inputs for this resolution")
-    check_inputs(data, f"calibration input file {path}")
     for start in range(0, count, batch):
-        yield {k: data[k][start:start + batch].astype(sig.dtype if k != "encoder_attention_mask" else data[k].dtype)
-               for k in needed}
+        yield {k: v[start:start + batch].astype(sig.dtype if k != "encoder_attention_mask" else v.dtype)
+               for k, v in data.items()}
 
 
 class _Accumulator:

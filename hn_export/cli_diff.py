@@ -10,9 +10,9 @@ from pathlib import Path
 
 import click
 
-from hn_export.denoise import DenoiseConfig, model_inputs, sample_conditions
+from hn_export.denoise import DenoiseConfig, load_input_file, model_inputs, sample_conditions
 from hn_export import diff as diff_lib
-from hn_export.diff import compare_outputs, load_feeds
+from hn_export.diff import compare_outputs
 from hn_export.evaluate import SINGLE_CALL_TIMESTEP, GraphRunner
 from hn_export.model_files import write_atomic
 
@@ -44,7 +44,7 @@ def _diff(candidate: Path, reference: Path, steps: int, samples: int, seed: int,
           json_path: Path | None, min_sqnr: float | None, per_layer: bool, provider: str | None) -> None:
     config = DenoiseConfig(steps=steps, samples=samples, seed=seed)
     with GraphRunner(reference, provider=provider) as ref, GraphRunner(candidate, provider=provider) as cand:
-        feeds = load_feeds(inputs_path, ref.signature) if inputs_path else None
+        feeds = load_input_file(inputs_path, ref.signature, "inputs file") if inputs_path else None
         results = compare_outputs(cand, ref, config, feeds)
         click.echo(f"candidate {candidate.name} ({cand.denoiser.hadanorm_path} for hadanorm ops, "
                    f"{cand.denoiser.providers[0]}) vs reference {reference.name}")

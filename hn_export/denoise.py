@@ -86,6 +86,27 @@ def sample_conditions(sig: ModelSignature, config: DenoiseConfig, index: int) ->
     return {"latents": latents.astype(np.float32), "captions": captions.astype(np.float32)}
 
 
+def load_input_file(path, sig: ModelSignature, what: str) -> dict[str, np.ndarray]:
+    """Graph inputs from a user .npz (arrays named like the graph inputs, first axis = samples), checked: readable,
+    complete, this resolution, finite."""
+    try:
+        data = dict(np.load(path))
+    except Exception:
+        raise UserError(f"{what} {path} is not a readable .npz",
+                        "save it with numpy.savez(hidden_states=..., timestep=..., encoder_hidden_states=...)") from None
+    needed = ["hidden_states", "timestep", "encoder_hidden_states"] + (["encoder_attention_mask"] if sig.has_mask else [])
+    missing = [k for k in needed if k not in data]
+    if missing:
+        raise UserError(f"{what} {path} lacks arrays {missing}", f"it must hold {needed}")
+    if data["hidden_states"].shape[1:] != sig.latent_shape:
+        raise UserError(f"hidden_states in {path} has shape {data['hidden_states'].shape}; the model takes "
+                        f"[N, {', '.join(map(str, sig.latent_shape))}]", "pass inputs for this resolution")
+    for name in needed:
+        if np.issubdtype(data[name].dtype, np.floating) and not np.all(np.isfinite(data[name])):
+            raise UserError(f"{what} {path}: input {name} contains NaN or inf", "pass finite inputs")
+    return {k: data[k] for k in needed}
+
+
 def model_inputs(sig: ModelSignature, latents: np.ndarray, timestep: float, captions: np.ndarray) -> dict[str, np.ndarray]:
     batch = captions.shape[0]
     feeds = {

@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes.linears import find_activation_sites
-from hn_export.denoise import DenoiseConfig, ModelSignature
+from hn_export.denoise import DenoiseConfig
 from hn_export.errors import UserError
 from hn_export.evaluate import GraphRunner, final_latents, single_call_outputs
 from hn_export.metrics import Comparison
@@ -30,19 +30,6 @@ class LayerComparison:
     role: str
     block: int | None
     comparison: Comparison
-
-
-def load_feeds(path: Path, sig: ModelSignature) -> dict[str, np.ndarray]:
-    try:
-        data = dict(np.load(path))
-    except Exception:
-        raise UserError(f"inputs file {path} is not a readable .npz",
-                        "save it with numpy.savez(hidden_states=..., timestep=..., encoder_hidden_states=...)") from None
-    needed = ["hidden_states", "timestep", "encoder_hidden_states"] + (["encoder_attention_mask"] if sig.has_mask else [])
-    missing = [k for k in needed if k not in data]
-    if missing:
-        raise UserError(f"inputs file {path} lacks arrays {missing}", f"it must hold {needed}")
-    return {k: data[k] for k in needed}
 
 
 def compare_outputs(candidate: GraphRunner, reference: GraphRunner, config: DenoiseConfig,

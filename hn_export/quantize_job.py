@@ -6,7 +6,6 @@ import dataclasses
 import logging
 from pathlib import Path
 
-import numpy as np
 import onnx_ir as ir
 
 from graph_passes.linears import SiteSelection, find_activation_sites

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from graph_passes.gated_activation_quant import MASK_INPUT
-from graph_passes.linears import ROLES, find_activation_sites
+from graph_passes.linears import ROLES
 from graph_passes.methods import Method, TransformOptions
 from graph_passes.pipeline import quantize_model
 from hn_export.calibration import CalibrationStats, calibrate

@@ -119,7 +119,7 @@ def test_console_script_bad_input_no_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2
-    assert lines == [f"error: unknown preset 'nope'; use one of: pixart-sigma-1024, pixart-sigma-512, "
-                     f"pixart-sigma-256, tiny"], proc.stderr
+    assert lines == ["error: unknown preset 'nope'; use one of: pixart-sigma-1024, pixart-sigma-512, "
+                     "pixart-sigma-256, tiny"], proc.stderr
     assert proc.stdout == ""
     assert leftovers(tmp_path) == []

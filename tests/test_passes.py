@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import copy
 
 import numpy as np
 import onnx_ir as ir

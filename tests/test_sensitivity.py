@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnx_ir as ir
 import pytest
 
 from graph_passes.gated_activation_quant import MASK_INPUT
