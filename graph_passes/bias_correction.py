@@ -40,6 +40,7 @@ class BiasCorrectionPass(ir.passes.InPlacePass):
             mean_token = transform.outputs[1]
             if self.mode is BiasCorrection.QUANTIZED_TOKEN:
                 tokens = make_node("Concat", [transform.outputs[0], mean_token], f"{name}.with_mean", axis=-2)
+                tokens.outputs[0].type = transform.outputs[0].type  # the quantizer reads its dtype (fp16 graphs)
                 graph.insert_after(transform, tokens)
             for i, matmul in enumerate(matmuls):
                 matmul.metadata_props[tags.BIAS_CORRECTION] = self.mode.value

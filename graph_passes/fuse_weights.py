@@ -26,16 +26,16 @@ class FuseWeightsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         modified = False
-        done: set[int] = set()
+        done: set[tuple[str, int]] = set()  # per site: a weight tied across two sites is fused once for each
         for site, matmuls in tagged_matmuls(graph, tags.ROLE_MAIN).items():
             transform = self.transforms[site]
             if transform.op is None:
                 continue
             for matmul in matmuls:
                 weight = matmul.inputs[1]
-                if id(weight) in done:
+                if (site, id(weight)) in done:
                     continue
-                done.add(id(weight))
+                done.add((site, id(weight)))
                 original = weight.const_value.numpy()
                 fused = transform.fuse_weight(original).astype(original.dtype)
                 outside = [n for n, _ in weight.uses() if tags.site_of(n) != site]
