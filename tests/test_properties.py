@@ -22,7 +22,6 @@ import math
 import numpy as np
 import onnx
 import onnx_ir as ir
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
