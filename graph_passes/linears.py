@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import numpy as np
 import onnx_ir as ir
@@ -195,10 +195,3 @@ def _make_names_unique(sites: Iterable[ActivationSite]) -> None:
         seen[site.name] = count + 1
         if count:
             site.name = f"{site.name}#{count}"
-
-
-def sites_by_block(sites: Sequence[ActivationSite]) -> dict[int | None, list[ActivationSite]]:
-    out: dict[int | None, list[ActivationSite]] = {}
-    for site in sites:
-        out.setdefault(site.block, []).append(site)
-    return out

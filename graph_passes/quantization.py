@@ -6,8 +6,8 @@ Weights ``W^T`` ``[in, out]``, blocks of ``B`` rows (the last block may be short
 * asymmetric: ``scale = (max(w, 0) - min(w, 0)) / (2^b - 1)``, ``zp = clip(round(-min / scale), 0, 2^b - 1)``,
   ``q = clip(round(w / scale) + zp, 0, 2^b - 1)``
 
-Activations, per token (last axis), dynamic asymmetric min/max with zero in the range, computed in the activation
-dtype exactly as the graph does (so this file doubles as the reference the tests compare onnxruntime against):
+Activations (built as graph nodes in `graph_passes.quantize.activation_qdq`), per token (last axis), dynamic
+asymmetric min/max with zero in the range, computed in the activation dtype:
 ``scale = max((max(x, 0) - min(x, 0)) / (2^b - 1), tiny)``, ``zp = clip(round(-min / scale), 0, 2^b - 1)``,
 ``q = saturate(round(x / scale) + zp)`` in the container, ``x^ = (q - zp) * scale``.
 
@@ -101,17 +101,3 @@ def quantize_weight_per_channel_int8(weight_t: np.ndarray, scale_dtype: np.dtype
     scale = np.where(scale > 0, scale, 1.0).astype(scale_dtype)
     q = np.clip(np.round(w / scale.astype(np.float64)[None, :]), -127, 127).astype(np.int8)
     return q, scale
-
-
-def fake_quantize_activation(x: np.ndarray, bits: int) -> np.ndarray:
-    """Per-token dynamic asymmetric quantize-dequantize, in x's dtype, mirroring the graph's QDQ nodes."""
-    dtype = x.dtype
-    qmax = dtype.type(2**bits - 1)
-    zero = dtype.type(0)
-    hi = np.maximum(x.max(axis=-1, keepdims=True), zero)
-    lo = np.minimum(x.min(axis=-1, keepdims=True), zero)
-    scale = np.maximum((hi - lo) / qmax, dtype.type(np.finfo(dtype).tiny))
-    zp = np.clip(np.round(-(lo / scale)), zero, qmax)
-    container_max = 15 if bits <= 4 else 255
-    q = np.clip(np.round(x / scale) + zp, 0, container_max)
-    return ((q - zp) * scale).astype(dtype)

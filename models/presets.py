@@ -46,10 +46,6 @@ class PixArtPreset:
     interpolation_scale: int | None = None  # None: filled in by `config()` the way diffusers computes it
     description: str = ""
 
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
     def replace(self, **changes: Any) -> "PixArtPreset":
         """A copy with some fields changed; `interpolation_scale` follows a new sample size unless given."""
         if "sample_size" in changes and "interpolation_scale" not in changes:
@@ -81,7 +77,3 @@ PRESETS: dict[str, PixArtPreset] = {
         description="test model: 2 blocks, 72 wide, 8x8 latent",
     ),
 }
-
-
-def preset_names() -> list[str]:
-    return list(PRESETS)
