@@ -11,9 +11,11 @@ the default changes.
   runs as written. The only mode that runs every bit width: for 5-8-bit activations (uint8 containers) the default
   QDQ fusion builds ``MatMulIntegerToFloat``, which refuses per-token zero points ("input a zero point must be a
   scalar") and the session fails at run time.
-* `NumericsMode.FP32`: ``session.qdq_matmulnbits_accuracy_level = 1``: ``MatMulNBits`` computing in fp32
-  (1024 x 1152 tokens, int4: 56 ms vs 86 ms as written, same numbers within fp32 rounding). Up to 4 bits only.
-* `NumericsMode.FAST`: onnxruntime's defaults (int8 activations inside MatMulNBits): opt-in, different numbers.
+* `NumericsMode.FP32`: ``session.qdq_matmulnbits_accuracy_level = 1``: ``MatMulNBits`` computing in fp32. An
+  isolated 1024 x 1152 int4 MatMul ran faster (56 ms vs 86 ms), but the whole 4-block PixArt graph ran 39% slower
+  than as written (benchmarks/runtime_latency.md). Up to 4 bits only.
+* `NumericsMode.FAST`: onnxruntime's defaults (int8 activations inside MatMulNBits): opt-in, different numbers
+  (33.6 dB vs as written after one call of the 4-block model), and 48% slower there too.
 """
 
 from __future__ import annotations
