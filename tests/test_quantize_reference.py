@@ -16,6 +16,7 @@ from graph_passes.quantization import QuantConfig
 from graph_passes.site_transforms import SiteStats
 from runtime.session import create_session
 from tests.graphs import dit_like_input, linear_model, serialize
+from tests.random_graphs import ref_int8_per_channel, ref_tokens
 
 ALL = SiteSelection(include=("",))
 
@@ -30,22 +31,6 @@ def ref_weight(wt: np.ndarray, bits: int, block: int) -> np.ndarray:
         scale[scale == 0] = 1.0
         out[start:start + block] = np.clip(np.round(rows / scale), -qmax, qmax) * scale
     return out
-
-
-def ref_int8_per_channel(wt: np.ndarray) -> np.ndarray:
-    scale = (np.abs(wt).max(axis=0) / 127).astype(np.float32).astype(np.float64)
-    return np.clip(np.round(wt / scale), -127, 127) * scale
-
-
-def ref_tokens(x: np.ndarray, bits: int) -> np.ndarray:
-    """Per-token asymmetric min/max (zero included) quantize-dequantize in float32."""
-    x = x.astype(np.float32)
-    hi = np.maximum(x.max(-1, keepdims=True), 0)
-    lo = np.minimum(x.min(-1, keepdims=True), 0)
-    scale = np.maximum((hi - lo) / np.float32(2**bits - 1), np.finfo(np.float32).tiny)
-    zp = np.clip(np.round(-lo / scale), 0, 2**bits - 1)
-    q = np.clip(np.round(x / scale) + zp, 0, 15 if bits <= 4 else 255)
-    return ((q - zp) * scale).astype(np.float64)
 
 
 def reference(x, wt, b, transform, bias_mode: BiasCorrection, config: QuantConfig) -> np.ndarray:
