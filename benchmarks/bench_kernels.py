@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ from graph_passes.hadanorm_ops import ALL_OPS, TransformOp, ensure_function  # n
 from runtime.domain import HADANORM_DOMAIN  # noqa: E402
 from runtime.kernels import register_kernels  # noqa: E402
 from runtime.kernels.build import build  # noqa: E402
+from machine_info import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 SHAPES = [(1, 1024, 1152), (1, 1024, 4608)]
 
@@ -76,18 +76,6 @@ def load_average() -> str:
         return " / ".join(f"{v:.1f}" for v in os.getloadavg())
     except OSError:
         return "unknown"
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}"
 
 
 def main() -> None:

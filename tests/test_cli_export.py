@@ -15,16 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from hn_export.cli import main
 from models.build import ModelSource, build_transformer
+from tests.cli_runner import run_cli
 
 
-def run_cli(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def leftovers(folder: Path) -> list[Path]:

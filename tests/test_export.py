@@ -18,21 +18,15 @@ import pytest
 import torch
 
 from graph_passes.fix_noop_squeeze import FixNoopSqueezePass
-from hn_export.cli import main
 from hn_export.export import MASK_CAPTION_LENGTH, export_transformer
 from models.build import InitKind, ModelSource, build_transformer, make_inputs
+from tests.cli_runner import run_cli
 
 FP32_TOL = 1e-4
 FP16_TOL = 1e-2
 SHAPES = [(1, 7), (3, 20), (1, 20), (3, 7)]
 
 
-def run_cli(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def session(path: Path) -> ort.InferenceSession:
