@@ -48,7 +48,7 @@ class TransformOp:
 ALL_OPS: tuple[TransformOp, ...] = tuple(TransformOp(c, r) for c in (False, True) for r in (False, True))
 
 
-class _Body:
+class FunctionBody:
     """Builds the nodes of one function body with unique value names."""
 
     def __init__(self) -> None:
@@ -60,6 +60,15 @@ class _Body:
         node = ir.Node("", op_type, inputs, attributes=ir.convenience.convert_attributes(attrs),
                        name=f"n{self._count}_{op_type}")
         node.outputs[0].name = f"v{self._count}_{op_type}"
+        self.nodes.append(node)
+        return node.outputs[0]
+
+    def ref_constant(self, attribute: str, ref_attr_name: str, type_: ir.AttributeType) -> ir.Value:
+        """A ``Constant`` whose value is the calling node's attribute `ref_attr_name`."""
+        self._count += 1
+        attr = ir.Attr(attribute, type_, None, ref_attr_name=ref_attr_name)
+        node = ir.Node("", "Constant", [], attributes=[attr], name=f"n{self._count}_Constant")
+        node.outputs[0].name = f"v{self._count}_{ref_attr_name}"
         self.nodes.append(node)
         return node.outputs[0]
 
@@ -77,18 +86,21 @@ class _Body:
         return self.op("Reshape", [both, shape])
 
 
-def build_function(spec: TransformOp) -> ir.Function:
-    inputs = [ir.Value(name=name) for name in spec.input_names]
-    body = _Body()
+def transform_body(body: FunctionBody, spec: TransformOp, inputs: list[ir.Value]) -> list[ir.Value]:
+    """The op's maths on function inputs ``(x, mul[, h_left, h_right])``: ``[y]`` or ``[y, mean_y]``."""
     x, mul = inputs[0], inputs[1]
-    outputs: list[ir.Value] = []
     if spec.center:
         mean = body.op("ReduceMean", [x, body.const(np.array([-2], dtype=np.int64))], keepdims=1)
         scaled = [body.op("Mul", [body.op("Sub", [x, mean]), mul]), body.op("Mul", [mean, mul])]
     else:
         scaled = [body.op("Mul", [x, mul])]
-    for value in scaled:
-        outputs.append(body.rotate(value, inputs[2], inputs[3]) if spec.rotate else value)
+    return [body.rotate(value, inputs[2], inputs[3]) if spec.rotate else value for value in scaled]
+
+
+def build_function(spec: TransformOp) -> ir.Function:
+    inputs = [ir.Value(name=name) for name in spec.input_names]
+    body = FunctionBody()
+    outputs = transform_body(body, spec, inputs)
     for value, name in zip(outputs, ("y", "mean_y")):
         value.name = name
     graph = ir.Graph(inputs, outputs, nodes=body.nodes, opset_imports={"": _ONNX_OPSET}, name=spec.op_type)

@@ -24,8 +24,10 @@ from graph_passes.fuse_weights import FuseWeightsPass
 from graph_passes.gated_activation_quant import GatedActivationQuantPass
 from graph_passes.insert_transforms import InsertTransformsPass
 from graph_passes.linears import ActivationSite, SiteSelection, find_activation_sites
+from graph_passes.lower_fused import LowerToFusedPass
+from graph_passes.lower_nbits import LowerToNBitsPass
 from graph_passes.methods import TransformOptions
-from graph_passes.quantization import QuantConfig
+from graph_passes.quantization import OutputFormat, QuantConfig
 from graph_passes.quantize import QuantizePass
 from graph_passes.site_transforms import SiteStats, SiteTransform, plan_site_transform
 from graph_passes.tag_sites import TagSitesPass
@@ -62,6 +64,10 @@ def build_pipeline(
         passes.append(GatedActivationQuantPass(gated_act_bits, list(transforms)))
     elif quant is not None:
         passes.append(QuantizePass(quant))
+        if quant.format is OutputFormat.NBITS:
+            passes.append(LowerToNBitsPass())
+        elif quant.format is OutputFormat.FUSED:
+            passes.append(LowerToFusedPass())
     passes += [
         RemoveUnusedNodesPass(),
         RemoveUnusedFunctionsPass(),

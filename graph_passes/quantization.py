@@ -17,10 +17,19 @@ Containers: INT4/UINT4 for up to 4 bits, INT8/UINT8 (narrower range) for 5 to 8 
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
+
+
+class OutputFormat(enum.Enum):
+    """How the quantized linears are written (the same integers and scales in every format)."""
+
+    QDQ = "qdq"  # QuantizeLinear/DequantizeLinear around float MatMuls: portable, simulates the integer maths
+    NBITS = "nbits"  # com.microsoft::MatMulNBits (int4/int8 weights in memory, int8 dot products): stock onnxruntime
+    FUSED = "fused"  # hadanorm::*Quantize + IntMatMul ops: integer kernels of the hadanorm library
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +38,7 @@ class QuantConfig:
     act_bits: int = 4
     weight_block: int = 128
     weight_symmetric: bool = True
+    format: OutputFormat = OutputFormat.QDQ
 
     def __post_init__(self) -> None:
         for bits in (self.weight_bits, self.act_bits):

@@ -28,7 +28,7 @@ from graph_passes.quantization import (
     quantize_weight_per_channel_int8,
 )
 
-WEIGHT_ROLE = "hadanorm.weight"  # metadata on weight DequantizeLinear nodes: tags.ROLE_MAIN or ROLE_BIAS_CORRECTION
+WEIGHT_ROLE = tags.WEIGHT_ROLE
 
 
 def _float_dtype(value: ir.Value) -> np.dtype:
@@ -97,13 +97,20 @@ class QuantizePass(ir.passes.InPlacePass):
 
 
 def activation_qdq(graph: ir.Graph, before: ir.Node, x: ir.Value, bits: int) -> ir.Value:
-    """Insert a per-token dynamic asymmetric QDQ of `x` before the site MatMul `before`; returns the DQ output."""
+    """Insert a per-token dynamic asymmetric QDQ of `x` before the site MatMul `before`; returns the DQ output.
+
+    Every node of the quantizer carries ``tags.ACT_QUANT`` (the lowering passes find it by that tag). When `bits`
+    is narrower than its container (UINT4 holds 2-3 bits, UINT8 5-7), `x` is first clipped to
+    ``[-zp * scale, (qmax - zp) * scale]`` (per token) so that ``round(x / scale) + zp`` stays in ``0..2^bits - 1`` (the container
+    would saturate one level too high); the result equals ``clip(round(x / scale) + zp, 0, qmax)``.
+    """
     dtype = _float_dtype(x)
     zp_type, _ = container(bits, signed=False)
     width = before.inputs[1].shape[0] if before.inputs[1].shape is not None else None
     if not isinstance(width, int):
         raise ValueError(f"cannot tell the width of the activation {x.name}")
-    name = f"{tags.site_of(before)}.act_q".replace("#", "_")
+    site = tags.site_of(before)
+    name = f"{site}.act_q".replace("#", "_")
     axes = shared_constant(graph, "hadanorm.last_axis", np.array([-1], dtype=np.int64))
     zero = shared_constant(graph, f"hadanorm.zero_{dtype}", np.array(0, dtype=dtype))
     qmax = shared_constant(graph, f"hadanorm.qmax{bits}_{dtype}", np.array(2**bits - 1, dtype=dtype))
@@ -111,7 +118,7 @@ def activation_qdq(graph: ir.Graph, before: ir.Node, x: ir.Value, bits: int) -> 
     nodes: list[ir.Node] = []
 
     def op(op_type: str, inputs: list[ir.Value], **attrs) -> ir.Value:
-        node = make_node(op_type, inputs, f"{name}.{len(nodes)}_{op_type}", **attrs)
+        node = make_node(op_type, inputs, f"{name}.{len(nodes)}_{op_type}", metadata={tags.ACT_QUANT: site}, **attrs)
         nodes.append(node)
         return node.outputs[0]
 
@@ -120,8 +127,14 @@ def activation_qdq(graph: ir.Graph, before: ir.Node, x: ir.Value, bits: int) -> 
     scale = op("Max", [op("Div", [op("Sub", [hi, lo]), qmax]), tiny])
     zp_float = op("Clip", [op("Round", [op("Neg", [op("Div", [lo, scale])])]), zero, qmax])
     zp = op("Cast", [zp_float], to=zp_type)
-    q = op("QuantizeLinear", [x, scale, zp], axis=-1, block_size=width)
+    source = x
+    if bits not in (4, 8):
+        low = op("Mul", [op("Neg", [zp_float]), scale])
+        high = op("Mul", [op("Sub", [qmax, zp_float]), scale])
+        source = op("Max", [op("Min", [x, high]), low])  # Clip takes scalar bounds only
+    q = op("QuantizeLinear", [source, scale, zp], axis=-1, block_size=width)
     dq = op("DequantizeLinear", [q, scale, zp], axis=-1, block_size=width)
+    nodes[-1].metadata_props[tags.ACT_BITS] = str(bits)
     dq.type, dq.shape = x.type, x.shape
     graph.insert_before(before, nodes)
     return dq

@@ -5,6 +5,9 @@ ROLE = "hadanorm.role"  # on MatMuls: one of the values below
 ROLE_MAIN = "main"  # the site's own linear
 ROLE_BIAS_CORRECTION = "bias-correction"  # mean token times the fused weight (float-token and exact modes)
 BIAS_CORRECTION = "hadanorm.bias_correction"  # on MatMuls of centered sites: the BiasCorrection value
+WEIGHT_ROLE = "hadanorm.weight"  # on weight DequantizeLinear nodes: ROLE_MAIN or ROLE_BIAS_CORRECTION
+ACT_QUANT = "hadanorm.act_quant"  # on every node of a per-token activation quantizer: the site name
+ACT_BITS = "hadanorm.act_bits"  # on the activation quantizer's DequantizeLinear: its bit width
 
 
 def site_of(node) -> str | None:

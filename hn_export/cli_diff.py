@@ -46,8 +46,9 @@ def _diff(candidate: Path, reference: Path, steps: int, samples: int, seed: int,
     with GraphRunner(reference, provider=provider) as ref, GraphRunner(candidate, provider=provider) as cand:
         feeds = load_input_file(inputs_path, ref.signature, "inputs file") if inputs_path else None
         results = compare_outputs(cand, ref, config, feeds)
-        click.echo(f"candidate {candidate.name} ({cand.denoiser.hadanorm_path} for hadanorm ops, "
-                   f"{cand.denoiser.providers[0]}) vs reference {reference.name}")
+        implementations = {"candidate": cand.denoiser.implementation, "reference": ref.denoiser.implementation}
+        click.echo(f"candidate {candidate.name} ({implementations['candidate']}, {cand.denoiser.providers[0]}) vs "
+                   f"reference {reference.name} ({implementations['reference']})")
         if feeds is None:
             first = sample_conditions(ref.signature, config, 0)
             layer_feeds = model_inputs(ref.signature, first["latents"], SINGLE_CALL_TIMESTEP, first["captions"])
@@ -63,8 +64,8 @@ def _diff(candidate: Path, reference: Path, steps: int, samples: int, seed: int,
         for layer in layers:
             click.echo(f"{layer.site:<36} {layer.role:<20} {layer.comparison.sqnr_db:>10.2f}")
     if json_path is not None:
-        data = {"candidate": candidate.name, "reference": reference.name, "steps": steps, "samples": samples,
-                "seed": seed,
+        data = {"candidate": candidate.name, "reference": reference.name, "implementation": implementations,
+                "steps": steps, "samples": samples, "seed": seed,
                 "outputs": {k: {f: _json_safe(v) for f, v in dataclasses.asdict(c).items()} for k, c in results.items()},
                 "per_layer": [{"site": l.site, "role": l.role, "block": l.block,
                                **{f: _json_safe(v) for f, v in dataclasses.asdict(l.comparison).items()}}

@@ -9,7 +9,7 @@ import click
 from graph_passes.hadamard import HadamardMode
 from graph_passes.linears import SiteSelection
 from graph_passes.methods import BiasCorrection, Method, TransformOptions
-from graph_passes.quantization import QuantConfig
+from graph_passes.quantization import OutputFormat, QuantConfig
 from hn_export.denoise import DenoiseConfig
 from hn_export.errors import UserError
 from hn_export.quantize_job import QuantizeJob, default_output, run_quantize
@@ -39,6 +39,10 @@ def _enum_choice(enum_type) -> click.Choice:
               show_default=True, help="How centered sites add W mu back.")
 @click.option("--weight-block", type=int, default=128, show_default=True, help="Weight quantization block size.")
 @click.option("--asymmetric-weights", is_flag=True, help="Asymmetric (zero-point) weight quantization.")
+@click.option("--format", "output_format", type=_enum_choice(OutputFormat), default=OutputFormat.QDQ.value,
+              show_default=True,
+              help="qdq: portable Q/DQ graph (float MatMuls); nbits: MatMulNBits, stock onnxruntime, int4 weights "
+                   "in memory; fused: hadanorm integer kernels (build the library; function bodies otherwise).")
 @click.option("--calib", "calib_inputs", type=click.Path(path_type=Path),
               help="Calibration inputs (.npz with hidden_states, timestep, encoder_hidden_states).")
 @click.option("--calib-samples", type=click.IntRange(1), default=2, show_default=True,
@@ -53,17 +57,19 @@ def _enum_choice(enum_type) -> click.Choice:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of Hadamard signs and calibration.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def quantize_command(model: Path, preset, wbits, abits, output, method, alpha, hadamard, hadamard_block,
-                     bias_correction, weight_block, asymmetric_weights, calib_inputs, calib_samples, calib_steps,
+                     bias_correction, weight_block, asymmetric_weights, output_format, calib_inputs, calib_samples, calib_steps,
                      stats_path, save_stats, include, exclude, transform_only, seed, no_progress) -> None:
     """Quantize MODEL.onnx (W4A4 with HadaNorm by default)."""
     if calib_inputs is not None and stats_path is not None:
         raise UserError("--calib and --stats both given", "pass one: inputs to calibrate on, or saved statistics")
     w_default, a_default = _PRESET_BITS[preset or "w4a4"]
-    quant = None if transform_only else QuantConfig(
-        weight_bits=wbits or w_default, act_bits=abits or a_default, weight_block=weight_block,
-        weight_symmetric=not asymmetric_weights)
     if weight_block < 1:
         raise UserError(f"--weight-block {weight_block} must be positive", "use e.g. 128")
+    fmt = OutputFormat(output_format)
+    _check_format_block(fmt, weight_block, wbits or w_default)
+    quant = None if transform_only else QuantConfig(
+        weight_bits=wbits or w_default, act_bits=abits or a_default, weight_block=weight_block,
+        weight_symmetric=not asymmetric_weights, format=fmt)
     job = QuantizeJob(
         model_path=model,
         output=output or default_output(model, quant),
@@ -79,7 +85,7 @@ def quantize_command(model: Path, preset, wbits, abits, output, method, alpha, h
         progress=not no_progress,
     )
     report = run_quantize(job)
-    bits = quant.label.upper() if quant else "transform only"
+    bits = f"{quant.label.upper()} ({quant.format.value})" if quant else "transform only"
     click.echo(f"{method} {bits}: {report.sites} activation sites, {report.linears} linears")
     if quant:
         ratio = report.weight_bytes_after / max(report.weight_bytes_before, 1)
@@ -90,3 +96,15 @@ def quantize_command(model: Path, preset, wbits, abits, output, method, alpha, h
     click.echo(f"calibration: {report.calibration}")
     for path in report.files:
         click.echo(f"wrote {path}")
+
+
+def _check_format_block(fmt: OutputFormat, block: int, weight_bits: int) -> None:
+    """Refuse weight blocks a format cannot hold (before any work). A weight narrower than one block is one
+    padded block in every format."""
+    if fmt is OutputFormat.NBITS and (block < 16 or block & (block - 1)):
+        raise UserError(f"--format nbits needs a power-of-two --weight-block >= 16 (MatMulNBits), got {block}",
+                        "use --weight-block 128, or --format qdq/fused")
+    granule = 8 if weight_bits <= 4 else 4
+    if fmt is OutputFormat.FUSED and block % granule:
+        raise UserError(f"--format fused needs a --weight-block that is a multiple of {granule} for {weight_bits}-bit "
+                        f"weights, got {block}", "use --weight-block 128")

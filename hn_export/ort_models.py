@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx_ir as ir
 import onnxruntime as ort
 
-from runtime.session import NumericsMode, session_options
+from runtime.session import NumericsMode, create_session
 
 
 def _external_files(model: ir.Model) -> set[Path]:
@@ -31,7 +31,5 @@ def open_session(model: ir.Model, mode: NumericsMode = NumericsMode.AS_WRITTEN,
     folders = {file.parent.resolve() for file in _external_files(model)}
     if len(folders) > 1:
         raise ValueError(f"external data in several folders: {sorted(map(str, folders))}")
-    options = session_options(mode, threads)
-    if folders:
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folders.pop()))
-    yield ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    folder = folders.pop() if folders else None
+    yield create_session(proto.SerializeToString(), mode, threads=threads, external_data_folder=folder)

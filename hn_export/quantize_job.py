@@ -12,13 +12,11 @@ from graph_passes.linears import SiteSelection, find_activation_sites
 from graph_passes.methods import TransformOptions
 from graph_passes.pipeline import quantize_model
 from graph_passes.quantization import QuantConfig
-from graph_passes.quantize import WEIGHT_ROLE
 from graph_passes import tags
 from hn_export.calibration import CalibrationStats, calibrate, model_hash
 from hn_export.denoise import DenoiseConfig
 from hn_export.model_files import check_output_path, load_model, save_model
-from runtime.denoiser import TRANSFORM_OPS_KEY
-from runtime.domain import HADANORM_DOMAIN
+from runtime.domain import FORMAT_KEY, HADANORM_DOMAIN, TRANSFORM_OPS_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -55,19 +53,28 @@ def default_output(model_path: Path, quant: QuantConfig | None) -> Path:
     return model_path.with_name(f"{model_path.name.removesuffix('.onnx')}.{label}.onnx")
 
 
+_MAIN_WEIGHT_OPS = {"MatMulNBits", "IntMatMul4", "IntMatMul8"}
+
+
 def _weight_bytes(model: ir.Model) -> tuple[int, int]:
-    """Bytes of the quantized site weights (integers + scales + zero points) and of the exact-correction copies."""
-    main = extra = 0
+    """Bytes of the quantized site weights (integers + scales + zero points) and of the exact-correction copies,
+    in any output format (each initializer counted once)."""
+    main: dict[int, int] = {}
+    extra: dict[int, int] = {}
     for node in model.graph:
-        role = node.metadata_props.get(WEIGHT_ROLE)
-        if node.op_type != "DequantizeLinear" or role is None:
-            continue
-        size = sum(v.const_value.nbytes for v in node.inputs if v is not None and v.const_value is not None)
-        if role == tags.ROLE_MAIN:
-            main += size
+        role = node.metadata_props.get(tags.WEIGHT_ROLE)
+        if node.op_type == "DequantizeLinear" and role is not None:
+            target = main if role == tags.ROLE_MAIN else extra
+        elif node.op_type in _MAIN_WEIGHT_OPS:
+            target = main
+        elif node.op_type in ("FloatMatMul4", "FloatMatMul8"):
+            target = extra
         else:
-            extra += size
-    return main, extra
+            continue
+        for value in node.inputs:
+            if value is not None and value.const_value is not None and value.is_initializer():
+                target[id(value)] = value.const_value.nbytes
+    return sum(main.values()), sum(v for k, v in extra.items() if k not in main)
 
 
 def run_quantize(job: QuantizeJob) -> QuantizeReport:
@@ -92,6 +99,7 @@ def run_quantize(job: QuantizeJob) -> QuantizeReport:
     model.metadata_props["hn_export.method"] = job.transform.method.value
     model.metadata_props["hn_export.bits"] = job.quant.label if job.quant else "float"
     model.metadata_props["hn_export.bias_correction"] = job.transform.bias_correction.value
+    model.metadata_props[FORMAT_KEY] = job.quant.format.value if job.quant else "float"
     model.metadata_props["hn_export.onnxruntime_session_config"] = (
         "session.disable_quant_qdq=1 (see runtime.session: default fusions change the numbers or fail)"
     )

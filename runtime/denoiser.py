@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from runtime.domain import HADANORM_DOMAIN
+from runtime.domain import HADANORM_DOMAIN, TRANSFORM_OPS_KEY
 from runtime.errors import RuntimeInputError
-from runtime.kernels import KernelLibraryError, library_path, register_kernels
-from runtime.session import NumericsMode, session_options
+from runtime.kernels import KernelLibraryError
+from runtime.session import NumericsMode, create_session, implementation, resolve_library
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,6 @@ PROVIDER_PREFERENCE: tuple[str, ...] = (
     "CPUExecutionProvider",
 )
 BATCHED_INPUTS = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask")
-TRANSFORM_OPS_KEY = "hn_export.transform_ops"  # model metadata: comma list of hadanorm op types the graph uses
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -71,23 +70,23 @@ class Denoiser:
         mode: NumericsMode = NumericsMode.AS_WRITTEN,
         threads: int | None = None,
         kernel_library: str | os.PathLike | None | bool = True,
+        profile_prefix: str | None = None,
     ):
         """`kernel_library`: True = the built library if any, False/None = function bodies only, or a path."""
         self.path = Path(path)
         if not self.path.is_file():
             raise RuntimeInputError(f"model file {self.path} does not exist; check the path")
-        options = session_options(mode, threads)
-        library = library_path() if kernel_library is True else kernel_library or None
-        self.kernel_library = Path(library) if library else None
-        if self.kernel_library is not None:
-            self._register(options, self.kernel_library)
+        self.kernel_library = resolve_library(kernel_library)
         self.providers = choose_providers(provider)
         try:
-            self.session = ort.InferenceSession(os.fspath(self.path), options, providers=self.providers)
+            self.session = create_session(self.path, mode, self.providers, threads,
+                                          kernel_library=self.kernel_library, profile_prefix=profile_prefix)
+        except KernelLibraryError as exc:
+            raise RuntimeInputError(f"{exc} (or run without kernels)") from None
         except Exception as exc:  # onnxruntime raises several pybind types
             raise RuntimeInputError(self._explain_load_error(str(exc))) from None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.transform_ops = [op for op in meta.get(TRANSFORM_OPS_KEY, "").split(",") if op]
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.transform_ops = [op for op in self.metadata.get(TRANSFORM_OPS_KEY, "").split(",") if op]
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -98,12 +97,10 @@ class Denoiser:
             return "none"
         return "kernels" if self.kernel_library is not None else "function bodies"
 
-    @staticmethod
-    def _register(options: ort.SessionOptions, library: Path) -> None:
-        try:
-            register_kernels(options, library)
-        except KernelLibraryError as exc:
-            raise RuntimeInputError(f"{exc} (or run without kernels)") from None
+    @property
+    def implementation(self) -> str:
+        """What runs the quantized linears and hadanorm ops, e.g. ``fused: kernels (avx512vnni)``."""
+        return implementation(self.metadata, self.kernel_library)
 
     def _explain_load_error(self, message: str) -> str:
         first = message.strip().splitlines()[0] if message.strip() else "unknown error"
@@ -155,4 +152,25 @@ class Denoiser:
 
     def __call__(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> np.ndarray:
         self.check_inputs(feeds)
-        return self.session.run(list(outputs or self.output_names[:1]), dict(feeds))[0]
+        try:
+            return self.session.run(list(outputs or self.output_names[:1]), dict(feeds))[0]
+        except Exception as exc:  # onnxruntime's pybind error types
+            message = explain_run_error(str(exc), self.path)
+            if message is None:
+                raise
+            raise RuntimeInputError(message) from None
+
+
+_PACKED_OPS = ("IntMatMul4", "IntMatMul8", "FloatMatMul4", "FloatMatMul8")
+
+
+def explain_run_error(message: str, path: Path) -> str | None:
+    """One line for a run-time failure of a ``fused`` graph's packed-weight ops (kernels or function bodies), or
+    None for other errors."""
+    op = next((name for name in _PACKED_OPS if name in message), None)
+    if op is None:
+        return None
+    first = " ".join(message.split())
+    detail = first[first.index(op):][:240] if op in first else first[:240]
+    return (f"{path}: a packed weight does not match its declared shape ({detail}); "
+            "re-quantize the model with `hn-export MODEL.onnx --format fused`")

@@ -1,21 +1,22 @@
-"""onnxruntime sessions whose numbers match the graph as written.
+"""The one place that creates onnxruntime sessions in hn-export (`create_session`), and what runs in them.
 
-onnxruntime's default optimizations fuse ``DequantizeLinear + MatMul`` into ``com.microsoft::MatMulNBits`` with
-accuracy level 4, which quantizes a float activation to int8 on the fly. Measured on a 1152x1152 int4 weight
-(256 tokens, onnxruntime 1.31 CPU): max abs error vs float64 maths 0.098 with the default, 2.0e-5 with accuracy
-level 1 (fp32 compute), 5.3e-6 with QDQ fusions disabled. With per-token activation QDQ in front (our site MatMuls)
-the default already kept the numbers; the float mean-token MatMul of ``float-token`` bias correction is the case
-the default changes.
+Session options (`NumericsMode`):
 
-* `NumericsMode.AS_WRITTEN` (default everywhere in hn-export): ``session.disable_quant_qdq = 1``: every Q/DQ node
-  runs as written. The only mode that runs every bit width: for 5-8-bit activations (uint8 containers) the default
-  QDQ fusion builds ``MatMulIntegerToFloat``, which refuses per-token zero points ("input a zero point must be a
-  scalar") and the session fails at run time.
-* `NumericsMode.FP32`: ``session.qdq_matmulnbits_accuracy_level = 1``: ``MatMulNBits`` computing in fp32. An
-  isolated 1024 x 1152 int4 MatMul ran faster (56 ms vs 86 ms), but the whole 4-block PixArt graph ran 39% slower
-  than as written (benchmarks/runtime_latency.md). Up to 4 bits only.
-* `NumericsMode.FAST`: onnxruntime's defaults (int8 activations inside MatMulNBits): opt-in, different numbers
-  (33.6 dB vs as written after one call of the 4-block model), and 48% slower there too.
+* `NumericsMode.AS_WRITTEN` (default everywhere): ``session.disable_quant_qdq = 1``: every Q/DQ node runs as
+  written. onnxruntime's default QDQ fusions change a ``qdq`` graph's numbers (DequantizeLinear + MatMul on a float
+  activation becomes ``MatMulNBits`` with int8 activations inside; `tests/test_session_options.py` measures the
+  gap) or fail (5-8-bit activations become ``MatMulIntegerToFloat``, which refuses per-token zero points). The
+  price: constant folding turns every weight DequantizeLinear of a ``qdq`` graph into a float32 initializer, so a
+  ``qdq`` graph holds float weights in memory and runs float MatMuls. The ``nbits`` and ``fused`` formats carry no
+  weight DequantizeLinear (their weights stay packed 4-bit data: ``tests/test_int_formats.py`` checks
+  onnxruntime's optimized model), so this option costs them nothing.
+* `NumericsMode.FP32`: ``session.qdq_matmulnbits_accuracy_level = 1`` (MatMulNBits computing in fp32), and
+  `NumericsMode.FAST`: onnxruntime's defaults; both opt-in, for ``qdq`` graphs only
+  (`benchmarks/bench_runtime_latency.py` measures them).
+
+`implementation` says which code runs a graph's quantized linears and hadanorm ops, so that a reported number
+can be tied to what produced it: ``fused: kernels (avx512vnni)``, ``fused: function bodies``,
+``nbits: MatMulNBits, transforms: kernels``, ``qdq: as written, transforms: function bodies``, ``float``.
 """
 
 from __future__ import annotations
@@ -23,8 +24,13 @@ from __future__ import annotations
 import enum
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import onnxruntime as ort
+
+from runtime.domain import FORMAT_KEY, TRANSFORM_OPS_KEY
+from runtime.kernel_isa import library_isa
+from runtime.kernels import library_path, register_kernels
 
 
 class NumericsMode(enum.Enum):
@@ -54,8 +60,11 @@ def session_options(mode: NumericsMode = NumericsMode.AS_WRITTEN, threads: int |
     return options
 
 
-def available_providers() -> list[str]:
-    return list(ort.get_available_providers())
+def resolve_library(kernel_library: bool | str | os.PathLike | None) -> Path | None:
+    """True: the built library if any; False/None: none; a path: that library."""
+    if kernel_library is True:
+        return library_path()
+    return Path(kernel_library) if kernel_library else None
 
 
 def create_session(
@@ -63,6 +72,43 @@ def create_session(
     mode: NumericsMode = NumericsMode.AS_WRITTEN,
     providers: Sequence[str] | None = None,
     threads: int | None = None,
+    *,
+    kernel_library: bool | str | os.PathLike | None = False,
+    external_data_folder: str | os.PathLike | None = None,
+    optimized_model_path: str | os.PathLike | None = None,
+    profile_prefix: str | None = None,
 ) -> ort.InferenceSession:
+    """A session for a model file or serialized bytes.
+
+    `kernel_library`: register the hadanorm kernel library (True: the built one, if any). Raises
+    `runtime.kernels.KernelLibraryError` (one line with the fix) when a named library cannot be registered.
+    `external_data_folder`: where the weights of a model passed as bytes live. `optimized_model_path`: write
+    onnxruntime's optimized graph there (what it holds in memory). `profile_prefix`: enable onnxruntime's profiler.
+    """
+    options = session_options(mode, threads)
+    library = resolve_library(kernel_library)
+    if library is not None:
+        register_kernels(options, library)
+    if external_data_folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         os.fspath(external_data_folder))
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = os.fspath(optimized_model_path)
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     source = model if isinstance(model, bytes) else os.fspath(model)
-    return ort.InferenceSession(source, session_options(mode, threads), providers=list(providers or ["CPUExecutionProvider"]))
+    return ort.InferenceSession(source, options, providers=list(providers or ["CPUExecutionProvider"]))
+
+
+def implementation(metadata: dict[str, str], kernel_library: Path | None) -> str:
+    """Which code runs a graph's quantized linears and hadanorm ops (from hn-export's model metadata)."""
+    fmt = metadata.get(FORMAT_KEY, "")
+    transforms = [op for op in metadata.get(TRANSFORM_OPS_KEY, "").split(",") if op]
+    kernels = f"kernels ({library_isa(kernel_library)})" if kernel_library is not None else "function bodies"
+    if fmt == "fused":
+        return f"fused: {kernels}"
+    if not fmt and not transforms:
+        return "float"
+    head = {"nbits": "nbits: MatMulNBits", "qdq": "qdq: as written", "float": "float"}.get(fmt, fmt or "qdq")
+    return f"{head}, transforms: {kernels}" if transforms else head

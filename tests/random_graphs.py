@@ -382,7 +382,7 @@ def ref_tokens(x: np.ndarray, bits: int) -> np.ndarray:
     lo = np.minimum(x.min(-1, keepdims=True), 0)
     scale = np.maximum((hi - lo) / np.float32(2**bits - 1), np.finfo(np.float32).tiny)
     zp = np.clip(np.round(-lo / scale), 0, 2**bits - 1)
-    q = np.clip(np.round(x / scale) + zp, 0, 15 if bits <= 4 else 255)
+    q = np.clip(np.round(x / scale) + zp, 0, 2**bits - 1)  # the b-bit grid, whatever the container
     return ((q - zp) * scale).astype(np.float64)
 
 

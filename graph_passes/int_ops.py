@@ -1,0 +1,175 @@
+"""The integer-execution ops of the ``hadanorm`` domain (the ``fused`` format), each with an ONNX function body.
+
+Quantize ops, attribute ``bits`` (2..8), one per transform variant (``Quantize``, ``ScaleQuantize``,
+``ScaleRotateQuantize``, ``CenterScaleQuantize``, ``CenterScaleRotateQuantize``): ``y`` = the transform of
+`graph_passes.hadanorm_ops` (``y = x`` for ``Quantize``), then per token (last axis), asymmetric min/max in float32:
+
+    qmax  = 2^bits - 1
+    hi    = max(max_i y_i, 0),  lo = min(min_i y_i, 0)
+    scale = max((hi - lo) / qmax, FLT_MIN)               (rounded to the activation dtype, then used as float32)
+    zp    = clip(round(-lo / scale), 0, qmax)
+    codes = clip(round(y / scale) + zp, 0, qmax)         (uint8; round half to even)
+
+Outputs ``codes`` uint8 ``[..., N, d]``, ``scale`` T ``[..., N, 1]``, ``zero_point`` uint8 ``[..., N, 1]`` and, for the
+Center ops, ``mean_y`` T ``[..., 1, d]`` (the transformed mean token, as the transform op's second output).
+
+``IntMatMul4`` / ``IntMatMul8`` (``codes, a_scale, a_zero_point, b, scales, zero_points, bias``), attribute
+``block_size``: ``y = (codes - a_zero_point) * a_scale @ w + bias`` with ``w`` the packed weight of
+`graph_passes.int_packing` (4-bit or 8-bit container) and ``bias`` ``[N]`` or ``[..., 1, N]``. The kernel library
+computes ``sum (c - z)(u - zw)`` exactly in int32 per block and applies the scales once per block.
+
+``FloatMatMul4`` / ``FloatMatMul8`` (``x, b, scales, zero_points``): ``y = x @ w`` for a float ``x`` (the bias
+correction's mean token).
+
+The function bodies dequantize and run a float MatMul: stock onnxruntime runs the file without the library, slowly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from graph_passes.hadanorm_ops import FunctionBody, TransformOp, transform_body
+from runtime.domain import HADANORM_DOMAIN, HADANORM_OPSET_VERSION
+
+_ONNX_OPSET = 21
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeOp:
+    """A transform (or none) fused with the per-token activation quantizer."""
+
+    transform: TransformOp | None
+
+    @property
+    def op_type(self) -> str:
+        return (self.transform.op_type if self.transform else "") + "Quantize"
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return self.transform.input_names if self.transform else ("x",)
+
+    @property
+    def num_outputs(self) -> int:
+        return 4 if self.transform is not None and self.transform.center else 3
+
+
+@dataclasses.dataclass(frozen=True)
+class MatMulOp:
+    """``IntMatMul{4,8}`` (quantized activation codes) or ``FloatMatMul{4,8}`` (float activation)."""
+
+    bits: int  # weight container: 4 or 8
+    integer_input: bool
+
+    @property
+    def op_type(self) -> str:
+        return ("Int" if self.integer_input else "Float") + f"MatMul{self.bits}"
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        weights = ("b", "scales", "zero_points")
+        if self.integer_input:
+            return ("codes", "a_scale", "a_zero_point", *weights, "bias")
+        return ("x", *weights)
+
+
+QUANTIZE_OPS: tuple[QuantizeOp, ...] = (QuantizeOp(None),) + tuple(
+    QuantizeOp(TransformOp(c, r)) for c in (False, True) for r in (False, True))
+MATMUL_OPS: tuple[MatMulOp, ...] = tuple(MatMulOp(b, i) for b in (4, 8) for i in (True, False))
+
+
+def _i64(*values: int) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
+
+
+def _quantize_body(body: FunctionBody, spec: QuantizeOp, inputs: list[ir.Value]) -> list[ir.Value]:
+    x = inputs[0]
+    transformed = transform_body(body, spec.transform, inputs) if spec.transform else [x]
+    y = transformed[0]
+    y32 = body.op("Cast", [y], to=ir.DataType.FLOAT)
+    bits = body.ref_constant("value_int", "bits", ir.AttributeType.INT)
+    qmax = body.op("Sub", [body.op("Pow", [body.const(np.array(2.0, np.float32)),
+                                          body.op("Cast", [bits], to=ir.DataType.FLOAT)]),
+                           body.const(np.array(1.0, np.float32))])
+    zero = body.const(np.array(0.0, np.float32))
+    last = body.const(_i64(-1))
+    hi = body.op("Max", [body.op("ReduceMax", [y32, last], keepdims=1), zero])
+    lo = body.op("Min", [body.op("ReduceMin", [y32, last], keepdims=1), zero])
+    scale32 = body.op("Max", [body.op("Div", [body.op("Sub", [hi, lo]), qmax]),
+                              body.const(np.array(np.finfo(np.float32).tiny, np.float32))])
+    scale_t = body.op("CastLike", [scale32, x])  # the scale the graph carries, in the activation dtype
+    scale = body.op("Cast", [scale_t], to=ir.DataType.FLOAT)  # ... and the one the codes are computed with
+    zp = body.op("Clip", [body.op("Round", [body.op("Neg", [body.op("Div", [lo, scale])])]), zero, qmax])
+    codes = body.op("Clip", [body.op("Add", [body.op("Round", [body.op("Div", [y32, scale])]), zp]), zero, qmax])
+    outputs = [body.op("Cast", [codes], to=ir.DataType.UINT8), scale_t, body.op("Cast", [zp], to=ir.DataType.UINT8)]
+    return outputs + transformed[1:]
+
+
+def _dequantized_weight(body: FunctionBody, spec: MatMulOp, b: ir.Value, scales: ir.Value, zero_points: ir.Value,
+                        k_source: ir.Value) -> ir.Value:
+    """``w`` [K, N] in the dtype of `scales` from the packed layout (see `graph_passes.int_packing`)."""
+    b_shape = body.op("Shape", [b])
+    tiles_groups = body.op("Slice", [b_shape, body.const(_i64(0)), body.const(_i64(2))])
+    if spec.bits == 4:
+        lo = body.op("BitwiseAnd", [b, body.const(np.array(15, np.uint8))])
+        hi = body.op("BitShift", [b, body.const(np.array(4, np.uint8))], direction="RIGHT")
+        axis2 = body.const(_i64(2))
+        both = body.op("Concat", [body.op("Unsqueeze", [lo, axis2]), body.op("Unsqueeze", [hi, axis2])], axis=2)
+        v = body.op("Reshape", [both, body.op("Concat", [tiles_groups, body.const(_i64(2, 16, 4))], axis=0)])
+        v = body.op("Transpose", [v], perm=[1, 2, 4, 0, 3])  # [g, h, j, t, c]: k = 8g + 4h + j, n = 16t + c
+    else:
+        v = body.op("Reshape", [b, body.op("Concat", [tiles_groups, body.const(_i64(16, 4))], axis=0)])
+        v = body.op("Transpose", [v], perm=[1, 3, 0, 2])  # [g, j, t, c]: k = 4g + j
+    n_pad = body.op("Mul", [body.op("Slice", [b_shape, body.const(_i64(0)), body.const(_i64(1))]),
+                            body.const(_i64(16))])
+    codes = body.op("Reshape", [v, body.op("Concat", [body.const(_i64(-1)), n_pad], axis=0)])  # [K_pad, N_pad]
+    s_shape = body.op("Shape", [scales])
+    n = body.op("Slice", [s_shape, body.const(_i64(1)), body.const(_i64(2))])
+    codes = body.op("Slice", [codes, body.const(_i64(0)), n, body.const(_i64(1))])  # [K_pad, N]
+    k_blocks = body.op("Slice", [s_shape, body.const(_i64(0)), body.const(_i64(1))])
+    blocks = body.op("Reshape", [codes, body.op("Concat", [k_blocks, body.const(_i64(-1)), n], axis=0)])
+    one = body.const(_i64(1))
+    centered = body.op("Sub", [body.op("CastLike", [blocks, scales]),
+                               body.op("Unsqueeze", [body.op("CastLike", [zero_points, scales]), one])])
+    w = body.op("Mul", [centered, body.op("Unsqueeze", [scales, one])])
+    w = body.op("Reshape", [w, body.op("Concat", [body.const(_i64(-1)), n], axis=0)])  # [K_pad, N]
+    k = body.op("Shape", [k_source], start=-1)
+    return body.op("Slice", [w, body.const(_i64(0)), k, body.const(_i64(0))])  # [K, N]
+
+
+def _matmul_body(body: FunctionBody, spec: MatMulOp, inputs: list[ir.Value]) -> list[ir.Value]:
+    if spec.integer_input:
+        codes, a_scale, a_zp, b, scales, zps, bias = inputs
+        w = _dequantized_weight(body, spec, b, scales, zps, codes)
+        a = body.op("Mul", [body.op("Sub", [body.op("CastLike", [codes, scales]), body.op("CastLike", [a_zp, scales])]),
+                            a_scale])
+        return [body.op("Add", [body.op("MatMul", [a, w]), bias])]
+    x, b, scales, zps = inputs
+    return [body.op("MatMul", [x, _dequantized_weight(body, spec, b, scales, zps, x)])]
+
+
+def build_function(spec: QuantizeOp | MatMulOp) -> ir.Function:
+    inputs = [ir.Value(name=name) for name in spec.input_names]
+    body = FunctionBody()
+    if isinstance(spec, QuantizeOp):
+        outputs = _quantize_body(body, spec, inputs)
+        names, attributes = ("codes", "scale", "zero_point", "mean_y"), ["bits"]
+    else:
+        outputs = _matmul_body(body, spec, inputs)
+        names, attributes = ("y",), ["block_size"]
+    # name the outputs; an output that is also an input of the body's last node keeps its node
+    for value, name in zip(outputs, names):
+        value.name = name
+    graph = ir.Graph(inputs, outputs, nodes=body.nodes, opset_imports={"": _ONNX_OPSET}, name=spec.op_type)
+    return ir.Function(HADANORM_DOMAIN, spec.op_type, graph=graph,
+                       attributes=[ir.Attr(a, ir.AttributeType.INT, None) for a in attributes])
+
+
+def ensure_function(model: ir.Model, spec: QuantizeOp | MatMulOp) -> None:
+    model.opset_imports[HADANORM_DOMAIN] = HADANORM_OPSET_VERSION
+    model.graph.opset_imports[HADANORM_DOMAIN] = HADANORM_OPSET_VERSION
+    key = (HADANORM_DOMAIN, spec.op_type, "")
+    if key not in model.functions:
+        model.functions[key] = build_function(spec)
