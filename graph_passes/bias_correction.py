@@ -21,7 +21,7 @@ import onnx_ir as ir
 from graph_passes import tags
 from graph_passes.graph_utils import make_node, redirect_uses, shared_constant, tagged_matmuls
 from graph_passes.methods import BiasCorrection
-from runtime.domain import HADANORM_DOMAIN
+from graph_passes.domain import HADANORM_DOMAIN
 
 
 class BiasCorrectionPass(ir.passes.InPlacePass):

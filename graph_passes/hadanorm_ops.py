@@ -20,7 +20,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from runtime.domain import HADANORM_DOMAIN, HADANORM_OPSET_VERSION
+from graph_passes.domain import HADANORM_DOMAIN, HADANORM_OPSET_VERSION
 
 _ONNX_OPSET = 21
 

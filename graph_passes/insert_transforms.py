@@ -15,7 +15,7 @@ from graph_passes import tags
 from graph_passes.graph_utils import add_initializer, make_node, tagged_matmuls
 from graph_passes.hadanorm_ops import ensure_function
 from graph_passes.site_transforms import SiteTransform
-from runtime.domain import HADANORM_DOMAIN
+from graph_passes.domain import HADANORM_DOMAIN
 
 
 def _safe(name: str) -> str:

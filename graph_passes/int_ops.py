@@ -32,7 +32,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes.hadanorm_ops import FunctionBody, TransformOp, transform_body
-from runtime.domain import HADANORM_DOMAIN, HADANORM_OPSET_VERSION
+from graph_passes.domain import HADANORM_DOMAIN, HADANORM_OPSET_VERSION
 
 _ONNX_OPSET = 21
 

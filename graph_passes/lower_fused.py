@@ -14,7 +14,8 @@ Per site MatMul ``MatMul(DQ_act, DQ_w)``:
   int8 copy packed as one block) added to it: ``bias' = mean~ W~ + bias`` is ``[B, 1, N]``.
 * ``quantized-token`` sites keep their Concat / Slice / Add around the IntMatMul (the mean token is a quantized row).
 
-Maths unchanged: ``y = (codes - zp) scale @ w + bias`` is what the qdq graph computes; only the summation order of
+Node names end in their op type (onnxruntime's run-time errors name the node, also inside an inlined function body,
+so `runtime.denoiser` can say which packed weight is broken). Maths unchanged: ``y = (codes - zp) scale @ w + bias`` is what the qdq graph computes; only the summation order of
 the float epilogue differs (the integer sums are exact).
 """
 
@@ -36,7 +37,7 @@ from graph_passes.lowering import (
     single_use,
     weight_dq,
 )
-from runtime.domain import HADANORM_DOMAIN
+from graph_passes.domain import HADANORM_DOMAIN
 
 _TRANSFORMS = {TransformOp(c, r).op_type: TransformOp(c, r) for c in (False, True) for r in (False, True)}
 
@@ -133,7 +134,7 @@ class LowerToFusedPass(ir.passes.InPlacePass):
                 spec = MatMulOp(corr_weights["bits"], integer_input=False)
                 node = make_node(spec.op_type, [correction.inputs[0], corr_weights["b"], corr_weights["scales"],
                                                 corr_weights["zero_points"]],
-                                 f"{_safe(matmul.name)}.mean_correction", domain=HADANORM_DOMAIN,
+                                 f"{_safe(matmul.name)}.{spec.op_type}", domain=HADANORM_DOMAIN,
                                  metadata={tags.SITE: tags.site_of(matmul) or ""},
                                  block_size=corr_weights["block_size"])
                 node.outputs[0].type = out.type
@@ -159,7 +160,7 @@ class LowerToFusedPass(ir.passes.InPlacePass):
         spec = MatMulOp(weights["bits"], integer_input=True)
         node = make_node(spec.op_type, [codes, scale, zero_point, weights["b"], weights["scales"],
                                         weights["zero_points"], bias],
-                         f"{_safe(matmul.name)}.int", domain=HADANORM_DOMAIN,
+                         f"{_safe(matmul.name)}.{spec.op_type}", domain=HADANORM_DOMAIN,
                          metadata={tags.SITE: tags.site_of(matmul) or "", tags.ROLE: tags.ROLE_MAIN},
                          block_size=weights["block_size"])
         ensure_function(model, spec)

@@ -13,6 +13,7 @@ import click
 
 from graph_passes.errors import GraphInputError
 from hn_export.errors import UserError
+from models.errors import ModelInputError
 from runtime.errors import RuntimeInputError
 
 DEFAULT_COMMAND = "quantize"
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning bad input into one line and exit code 2."""
     try:
         cli.main(args=argv, prog_name="hn-export", standalone_mode=False)
-    except (UserError, GraphInputError, RuntimeInputError) as exc:
+    except (UserError, GraphInputError, RuntimeInputError, ModelInputError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except click.exceptions.Exit as exc:

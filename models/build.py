@@ -14,7 +14,7 @@ DiT-like activation statistics; ``InitKind.PLAIN`` keeps the plain initialisatio
 checkpoints (their weights are real).
 
 ``layers`` keeps the first N blocks (any source); ``sample_size`` changes the latent size (the positional embedding is
-not a weight, so this works for checkpoints too). Bad input raises a one-line `UserError`.
+not a weight, so this works for checkpoints too). Bad input raises a one-line `models.errors.ModelInputError`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from hn_export.errors import UserError
+from models.errors import ModelInputError as UserError
 from models.presets import PRESETS, PixArtPreset
 
 logger = logging.getLogger(__name__)

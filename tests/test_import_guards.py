@@ -1,4 +1,5 @@
-"""`runtime` imports with only onnxruntime + numpy; `graph_passes` never imports torch."""
+"""Package boundaries: `runtime` imports with only onnxruntime + numpy; `graph_passes` never imports torch or its
+sibling `runtime`; `models` never imports `hn_export` (packages import downward only)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def modules_of(package: str) -> list[str]:
 
 @pytest.mark.parametrize("package,blocked", [
     ("runtime", ["torch", "diffusers", "onnx", "onnx_ir", "onnxscript", "hn_export", "graph_passes", "models"]),
-    ("graph_passes", ["torch", "diffusers", "hn_export", "models"]),
+    ("graph_passes", ["torch", "diffusers", "hn_export", "models", "runtime"]),
+    ("models", ["hn_export", "graph_passes", "runtime"]),
 ])
 def test_package_imports_without(package, blocked):
     modules = modules_of(package)
@@ -43,3 +45,11 @@ def test_package_imports_without(package, blocked):
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == f"ok {len(modules)}"
+
+
+def test_writer_and_device_agree_on_names():
+    import graph_passes.domain as written
+    import runtime.domain as read
+
+    names = ("HADANORM_DOMAIN", "HADANORM_OPSET_VERSION", "TRANSFORM_OPS_KEY", "FORMAT_KEY")
+    assert {n: getattr(written, n) for n in names} == {n: getattr(read, n) for n in names}
