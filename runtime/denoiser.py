@@ -84,7 +84,8 @@ class Denoiser:
         except KernelLibraryError as exc:
             raise RuntimeInputError(f"{exc} (or run without kernels)") from None
         except Exception as exc:  # onnxruntime raises several pybind types
-            raise RuntimeInputError(self._explain_load_error(str(exc))) from None
+            message = explain_run_error(str(exc), self.path) or self._explain_load_error(str(exc))
+            raise RuntimeInputError(message) from None
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self.transform_ops = [op for op in self.metadata.get(TRANSFORM_OPS_KEY, "").split(",") if op]
         self.inputs = {i.name: i for i in self.session.get_inputs()}
@@ -165,8 +166,8 @@ _PACKED_OPS = ("IntMatMul4", "IntMatMul8", "FloatMatMul4", "FloatMatMul8")
 
 
 def explain_run_error(message: str, path: Path) -> str | None:
-    """One line for a run-time failure of a ``fused`` graph's packed-weight ops (kernels or function bodies), or
-    None for other errors."""
+    """One line for a failure of a ``fused`` graph's packed-weight ops (kernels at run time, or their inlined
+    function bodies at load or run time), or None for other errors."""
     op = next((name for name in _PACKED_OPS if name in message), None)
     if op is None:
         return None
