@@ -1,4 +1,4 @@
-"""Pass (c): fuse the inverse transform into each consuming weight, in float64.
+"""The weight half of pass (b): fuse the inverse transform into each consuming weight, in float64.
 
 ONNX stores ``W^T`` as ``[in, out]``; the pass replaces it by ``W~^T = H S W^T`` (computed in float64, cast to the
 weight's dtype at the end), so that ``x~ W~^T = (x - mu) W^T``. A weight also read outside its site (tied weights)
@@ -18,34 +18,27 @@ from graph_passes.site_transforms import SiteTransform
 logger = logging.getLogger(__name__)
 
 
-class FuseWeightsPass(ir.passes.InPlacePass):
-    def __init__(self, transforms: dict[str, SiteTransform]):
-        super().__init__()
-        self.transforms = transforms
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        modified = False
-        done: set[tuple[str, int]] = set()  # per site: a weight tied across two sites is fused once for each
-        for site, matmuls in tagged_matmuls(graph, tags.ROLE_MAIN).items():
-            transform = self.transforms[site]
-            if transform.op is None:
+def fuse_site_weights(graph: ir.Graph, transforms: dict[str, SiteTransform]) -> None:
+    """Replace every transformed site's weights by ``W~^T = H S W^T`` (called by `InsertTransformsPass`, whose
+    inserted transform ops make the graph correct again only together with this)."""
+    done: set[tuple[str, int]] = set()  # per site: a weight tied across two sites is fused once for each
+    for site, matmuls in tagged_matmuls(graph, tags.ROLE_MAIN).items():
+        transform = transforms[site]
+        if transform.op is None:
+            continue
+        for matmul in matmuls:
+            weight = matmul.inputs[1]
+            if (site, id(weight)) in done:
                 continue
-            for matmul in matmuls:
-                weight = matmul.inputs[1]
-                if (site, id(weight)) in done:
-                    continue
-                done.add((site, id(weight)))
-                original = weight.const_value.numpy()
-                fused = transform.fuse_weight(original).astype(original.dtype)
-                outside = [n for n, _ in weight.uses() if tags.site_of(n) != site]
-                if outside:
-                    logger.info("weight %s of site %s is shared outside the site: fusing a copy", weight.name, site)
-                    copy = add_initializer(graph, f"{weight.name}.{site}", fused)
-                    for node, index in list(weight.uses()):
-                        if tags.site_of(node) == site:
-                            node.replace_input_with(index, copy)
-                else:
-                    weight.const_value = ir.tensor(fused, name=weight.name)
-                modified = True
-        return ir.passes.PassResult(model, modified=modified)
+            done.add((site, id(weight)))
+            original = weight.const_value.numpy()
+            fused = transform.fuse_weight(original).astype(original.dtype)
+            outside = [n for n, _ in weight.uses() if tags.site_of(n) != site]
+            if outside:
+                logger.info("weight %s of site %s is shared outside the site: fusing a copy", weight.name, site)
+                copy = add_initializer(graph, f"{weight.name}.{site}", fused)
+                for node, index in list(weight.uses()):
+                    if tags.site_of(node) == site:
+                        node.replace_input_with(index, copy)
+            else:
+                weight.const_value = ir.tensor(fused, name=weight.name)

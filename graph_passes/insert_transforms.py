@@ -1,9 +1,10 @@
-"""Pass (b): insert the online transform before each tagged site.
+"""Pass (b): insert the online transform before each tagged site and fuse its inverse into the weights.
 
 For a site with transform ``x~ = H S^-1 (x - mu)`` the site's MatMuls read ``x~`` instead of ``x``:
 ``hadanorm.<Op>(x, mul, h_left, h_right) -> (x~[, mean~])`` with ``mul = sign / s``. The op's function body is added
-to the model so stock onnxruntime runs it. Without fusing the weights (pass c) the graph is wrong, so the two
-always run together.
+to the model so stock onnxruntime runs it. The same pass then replaces each weight ``W^T`` by ``W~^T = H S W^T``
+(`graph_passes.fuse_weights`), so the graph it leaves computes ``(x - mu) W^T``: equal to the original for methods
+without centering, and completed by the bias correction (pass d) for centered ones.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes import tags
+from graph_passes.fuse_weights import fuse_site_weights
 from graph_passes.graph_utils import add_initializer, make_node, tagged_matmuls
 from graph_passes.hadanorm_ops import ensure_function
 from graph_passes.site_transforms import SiteTransform
@@ -52,4 +54,5 @@ class InsertTransformsPass(ir.passes.InPlacePass):
             for matmul in matmuls:
                 matmul.replace_input_with(0, node.outputs[0])
             modified = True
+        fuse_site_weights(graph, self.transforms)
         return ir.passes.PassResult(model, modified=modified)

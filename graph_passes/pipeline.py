@@ -1,4 +1,4 @@
-"""The W-A quantization pipeline: site tagging -> transform -> weight fusion -> bias correction -> quantize -> clean-up.
+"""The W-A quantization pipeline: site tagging -> transform + weight fusion -> bias correction -> quantize -> clean-up.
 
 `build_pipeline` returns an onnx-ir `PassManager` ending in onnx-ir's common clean-up passes and a full
 `onnx.checker` check. `quantize_model` plans each site's transform from calibration statistics and runs it.
@@ -20,7 +20,6 @@ from onnx_ir.passes.common import (
 )
 
 from graph_passes.bias_correction import BiasCorrectionPass
-from graph_passes.fuse_weights import FuseWeightsPass
 from graph_passes.gated_activation_quant import GatedActivationQuantPass
 from graph_passes.insert_transforms import InsertTransformsPass
 from graph_passes.linears import ActivationSite, SiteSelection, find_activation_sites
@@ -57,7 +56,6 @@ def build_pipeline(
     passes: list[ir.passes.PassBase] = [
         TagSitesPass(selection),
         InsertTransformsPass(transforms),
-        FuseWeightsPass(transforms),
         BiasCorrectionPass(options.bias_correction),
     ]
     if gated_act_bits is not None:

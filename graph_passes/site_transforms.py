@@ -26,8 +26,7 @@ class SiteStats:
     """Per-channel calibration statistics of one activation tensor (float64, shape [d])."""
 
     absmax: np.ndarray
-    centered_absmax: np.ndarray  # max |x - mean over tokens|, the mean taken per batch element
-    mean: np.ndarray
+    centered_absmax: np.ndarray  # max |x - mean over tokens (axis -2)|, the mean taken per leading index
 
 
 @dataclasses.dataclass

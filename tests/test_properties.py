@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from graph_passes.hadamard import HadamardMode
 from graph_passes.linears import SiteSelection, find_activation_sites
+from graph_passes.lowering import activation_quantizer
 from graph_passes.methods import BiasCorrection, Method, TransformOptions
 from graph_passes.pipeline import QuantizeResult, quantize_model
 from graph_passes.quantization import QuantConfig
@@ -40,7 +41,6 @@ from tests.random_graphs import (
     GraphSpec,
     dit_like,
     expected_inv_scale,
-    pixart_group,
     quantized_linear,
     ref_weight_asymmetric,
     ref_weight_symmetric,
@@ -75,8 +75,7 @@ class Case:
                 f"x: {self.x.shape}, calibration: {self.x_cal.shape})")
 
 
-# Weights tied across two sites (the fix of test_weight_tied_across_two_sites) are covered by the properties too.
-TIE_ACROSS_SITES = True
+# Weights may be tied across two sites (the fix of test_weight_tied_across_two_sites is covered by the properties).
 WIDTH = st.sampled_from(WIDTHS)
 PIXART_PATHS = [f"transformer_blocks.{b}.{suffix}" for b in (0, 1) for suffix in PIXART_GROUPS]
 
@@ -109,10 +108,9 @@ def cases(draw, quantized: bool) -> Case:
         src = draw(st.sampled_from(readable), label=f"{name} input")
         out_width = draw(WIDTH)
         # a weight tied to an earlier linear with the same shape: of the same site (same input and module group), or
-        # of another site once TIE_ACROSS_SITES is on
+        # of another site
         tied = [lin.name for lin in builder.spec.linears
-                if builder.spec.inits[lin.weight].shape == (builder.spec.widths[src], out_width)
-                and (TIE_ACROSS_SITES or (lin.input == src and pixart_group(lin.name) == pixart_group(name)))]
+                if builder.spec.inits[lin.weight].shape == (builder.spec.widths[src], out_width)]
         tie = draw(st.sampled_from(tied)) if tied and draw(st.booleans()) else None
         name = builder.linear(name, src, out_width, bias=draw(st.booleans()), weight_of=tie)
         readable.append(name)
@@ -254,11 +252,9 @@ def run_probed(model: ir.Model, spec: GraphSpec, x: np.ndarray) -> tuple[dict[st
     nodes = {n.name: n for n in probe.graph}
     names = {}
     for lin in spec.linears:
-        dq = nodes[lin.name].inputs[0].producer()
-        assert dq is not None and dq.op_type == "DequantizeLinear", lin.name
-        q = dq.inputs[0].producer()
-        assert q is not None and q.op_type == "QuantizeLinear", lin.name
-        value = q.inputs[0]
+        quantizer = activation_quantizer(nodes[lin.name].inputs[0])
+        assert quantizer is not None, lin.name
+        value = quantizer.x  # what is quantized (before the b-bit grid clip of narrow widths)
         names[lin.name] = value.name
         if not (value.is_graph_input() or value.is_graph_output()):
             value.type = value.type or ir.TensorType(ir.DataType.FLOAT)
