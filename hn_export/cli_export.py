@@ -42,8 +42,8 @@ def _size(nbytes: int) -> str:
 @click.option("--sample-size", type=int, help="Latent size (pixels / 8), e.g. 32, 64, 128. One file per size.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--init", "init_kind", type=click.Choice([k.value for k in InitKind]), default=InitKind.DIT_STATS.value,
-              show_default=True, help="Random weights: DiT-like activation statistics, or plain diffusers init "
-              "(presets and configs only).")
+              show_default=True, help="Random weights: DiT-like activation statistics (dit-stats), the same "
+              "without planted channel-mean offsets (outliers), or plain diffusers init (presets and configs only).")
 @click.option("--fp16", is_flag=True, help="Export a float16 graph (inputs and output float16).")
 @click.option("--with-mask", is_flag=True,
               help="Add the encoder_attention_mask input [B, L]; the export then has static shapes (B=2, L=120).")

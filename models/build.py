@@ -43,6 +43,7 @@ class InitKind(str, enum.Enum):
 
     DIT_STATS = "dit-stats"
     PLAIN = "plain"
+    OUTLIERS = "outliers"  # dit-stats without its planted per-channel mean offsets
 
 
 @dataclass
@@ -151,10 +152,10 @@ def _seeded_model(kwargs: dict[str, Any], source: ModelSource, what: str):
         except (TypeError, ValueError, NotImplementedError, AssertionError, RuntimeError) as exc:
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UserError(f"cannot build a PixArt transformer from {what}: {msg}", "fix the config") from None
-    if InitKind(source.init) == InitKind.DIT_STATS:
+    if InitKind(source.init) in (InitKind.DIT_STATS, InitKind.OUTLIERS):
         from models.dit_stats import plant_dit_stats
 
-        plant_dit_stats(model, source.seed)
+        plant_dit_stats(model, source.seed, offsets=InitKind(source.init) == InitKind.DIT_STATS)
     return model
 
 

@@ -123,13 +123,18 @@ def _pick(gen: torch.Generator, width: int, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def plant_dit_stats(model: nn.Module, seed: int) -> None:
+def plant_dit_stats(model: nn.Module, seed: int, offsets: bool = True) -> None:
     """Plant DiT-like activation statistics into a randomly initialised PixArt transformer, in place.
 
     Deterministic for a given `seed` (its own `torch.Generator`; the global RNG is untouched). See the module
-    docstring for the recipe and the numbers it gives.
+    docstring for the recipe and the numbers it gives. ``offsets=False`` is ``--init outliers``: the same draws, but
+    every planted per-channel mean offset is zero (patch-embedding bias and its massive channels, caption-projection
+    bias, the shift rows, the FFN up-projection bias); outlier channels (scale rows, weight rows x 8), attention
+    sharpness and gates of order 1 stay. Centering (DynCenter, HadaNorm) removes exactly the offsets dit-stats
+    plants, so this recipe shows the methods on statistics that do not favour it.
     """
     gen = torch.Generator().manual_seed(10_000_019 + int(seed))
+    keep = 1.0 if offsets else 0.0  # multiplies every planted offset (draws unchanged, so outliers are the same)
     d = model.config.num_attention_heads * model.config.attention_head_dim
     n_out = _n_outliers(d, 0.01, 2)
 
@@ -139,14 +144,14 @@ def plant_dit_stats(model: nn.Module, seed: int) -> None:
     bias = _signs(gen, d) * _lognormal(gen, d, 0.3, 0.8)
     massive = _pick(gen, d, n_out)
     bias[massive] = _signs(gen, n_out) * (6.0 + 4.0 * torch.rand(n_out, generator=gen))
-    proj.bias.copy_(bias.to(proj.bias.dtype))
+    proj.bias.copy_((keep * bias).to(proj.bias.dtype))
 
     # Caption projection (input of the cross-attention k/v): per-channel offsets and a few large output channels.
     cap = getattr(model, "caption_projection", None)
     if cap is not None:
         out_lin = cap.linear_2
         width = out_lin.out_features
-        out_lin.bias.copy_((_signs(gen, width) * _lognormal(gen, width, 0.1, 1.0)).to(out_lin.bias.dtype))
+        out_lin.bias.copy_((keep * _signs(gen, width) * _lognormal(gen, width, 0.1, 1.0)).to(out_lin.bias.dtype))
         out_lin.weight[_pick(gen, width, _n_outliers(width, 0.01, 2))] *= 8.0
 
     for block in model.transformer_blocks:
@@ -161,7 +166,7 @@ def plant_dit_stats(model: nn.Module, seed: int) -> None:
         table = torch.empty(6, d)
         for shift_row, scale_row in ((SHIFT_MSA, SCALE_MSA), (SHIFT_MLP, SCALE_MLP)):
             # mean offsets of varied size: log-normal magnitudes
-            table[shift_row] = _signs(gen, d) * _lognormal(gen, d, 0.25, 1.0)
+            table[shift_row] = keep * _signs(gen, d) * _lognormal(gen, d, 0.25, 1.0)
             # modulation scale 1 + s: mostly near 1, a few outlier channels amplified 6-12x
             scale = 0.15 * torch.randn(d, generator=gen)
             idx = _pick(gen, d, n_out)
@@ -176,14 +181,15 @@ def plant_dit_stats(model: nn.Module, seed: int) -> None:
         # with large weights (heavy tails / outliers in the FFN down-projection input).
         up = block.ff.net[0].proj
         hidden = up.out_features
-        up.bias.copy_((torch.randn(hidden, generator=gen) * _lognormal(gen, hidden, 0.5, 0.7)).to(up.bias.dtype))
+        up_bias = torch.randn(hidden, generator=gen) * _lognormal(gen, hidden, 0.5, 0.7)
+        up.bias.copy_((keep * up_bias).to(up.bias.dtype))
         k = _n_outliers(hidden, 0.005, 2)
         rows = _pick(gen, hidden, k)
         up.weight[rows] *= 8.0
 
     # Output modulation (global table [2, D]: shift, scale).
     table = torch.empty(2, d)
-    table[0] = _signs(gen, d) * _lognormal(gen, d, 0.25, 1.0)
+    table[0] = keep * _signs(gen, d) * _lognormal(gen, d, 0.25, 1.0)
     scale = 0.15 * torch.randn(d, generator=gen)
     idx = _pick(gen, d, n_out)
     scale[idx] = (6.0 + 6.0 * torch.rand(n_out, generator=gen)) * _signs(gen, n_out) - 1.0
@@ -325,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     args = parser.parse_args(argv)
     results = {}
-    for init in (InitKind.PLAIN, InitKind.DIT_STATS):
+    for init in (InitKind.PLAIN, InitKind.DIT_STATS, InitKind.OUTLIERS):
         model = build_transformer(ModelSource(preset=args.preset, layers=args.layers, sample_size=args.sample_size,
                                               seed=args.seed, init=init))
         inputs = make_inputs(model, batch=args.batch, caption_length=args.caption_length, seed=args.seed + 1)
@@ -334,15 +340,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(results))
         return
-    plain, dit = results["plain"], results["dit-stats"]
-    print("| role | mean spread plain / dit-stats | kurtosis plain / dit-stats | max/median absmax plain / dit-stats |")
+    inits = list(results)
+    names = " / ".join(inits)
+    print(f"| role | mean spread {names} | kurtosis {names} | max/median absmax {names} |")
     print("|---|---|---|---|")
-    for role in [*plain["roles"], "overall"]:
-        a = plain["overall"] if role == "overall" else plain["roles"][role]
-        b = dit["overall"] if role == "overall" else dit["roles"][role]
-        cells = " | ".join(f"{a[k]:.2f} / {b[k]:.2f}" for k in STAT_NAMES)
+    for role in [*results["plain"]["roles"], "overall"]:
+        rows = [r["overall"] if role == "overall" else r["roles"][role] for r in results.values()]
+        cells = " | ".join(" / ".join(f"{row[k]:.2f}" for row in rows) for k in STAT_NAMES)
         print(f"| {role} | {cells} |")
-    print(f"| block contribution | {plain['block_contribution']:.3f} / {dit['block_contribution']:.3f} | | |")
+    contributions = " / ".join(f"{r['block_contribution']:.3f}" for r in results.values())
+    print(f"| block contribution | {contributions} | | |")
 
 
 if __name__ == "__main__":
