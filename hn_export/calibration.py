@@ -1,15 +1,22 @@
 """Calibration: per-channel activation statistics of every linear's input, from the FP graph in onnxruntime.
 
-For each activation tensor ``X`` ([B, N, d]) read by a linear, the graph is extended with reductions so that only
-``d``-sized vectors leave onnxruntime per call (the full model has 196 sites; activations are never held):
+Shapes: an activation ``X`` read by a linear may have any rank. Channels are the last axis; every other axis indexes
+tokens. The hadanorm ops center over axis -2, separately for each index ``l`` of the axes before it, so the
+statistics do the same: for ``X`` of shape ``[..., N, d]`` with leading index ``l``
 
-    absmax_j          = max_{b,n} |X_bnj|
-    centered_absmax_j = max_{b,n} |X_bnj - mean_n X_bnj|     (the mean per batch element, as dynamic centering does)
-    mean_j            = mean_{b,n} X_bnj
+    absmax_j          = max_{l,n} |X_lnj|
+    centered_absmax_j = max_{l,n} |X_lnj - mean_n X_lnj|     (the mean over axis -2 per leading index, as centering does)
 
-and the host reduces them over calls (max, max, running mean). Default inputs walk denoising trajectories of the FP
-graph itself (see `hn_export.denoise`); ``--calib FILE.npz`` supplies inputs instead. Statistics are saved with a
-hash of the model files, so a file made for another model is refused.
+A rank-3 input ``[B, N, d]`` is centered per batch element; a rank-2 input ``[T, d]`` (e.g. a MatMul on ``[B, d]``)
+has its tokens on axis 0 and is centered over them; a rank-1 input ``[d]`` is one token (centered statistic 0).
+In the graph the input is viewed as ``[1, ..., N, d]`` (one Unsqueeze, so no rank is special-cased) and flattened
+to ``[tokens, d]`` for the max. The reductions run inside onnxruntime, so only ``d``-sized vectors leave the
+session per call (the full model has 196 sites; activations are never held); the host takes the max over calls.
+
+Default inputs walk denoising trajectories of the FP graph itself (see `hn_export.denoise`); ``--calib FILE.npz``
+supplies inputs instead. Statistics are saved with a hash of the model files, so a file made for another model is
+refused. Files written before the per-channel ``mean`` was dropped (it was never used) still load; the mean is
+ignored.
 """
 
 from __future__ import annotations
@@ -35,7 +42,8 @@ from hn_export.ort_models import open_session
 logger = logging.getLogger(__name__)
 
 ALL_LINEARS = SiteSelection(include=("",))
-_STATS = ("absmax", "centered_absmax", "mean")
+_STATS = ("absmax", "centered_absmax")
+_DROPPED_STATS = ("mean",)  # written by older versions, never used: ignored on load
 
 
 def model_hash(path: str | os.PathLike) -> str:
@@ -81,6 +89,13 @@ class CalibrationStats:
         except Exception:
             raise UserError(f"{path} is not a calibration statistics file written by hn-export",
                             "recalibrate with --save-stats") from None
+        for name, values in sites.items():
+            missing = [stat for stat in _STATS if stat not in values]
+            if missing:
+                raise UserError(f"calibration statistics {path} lack {'/'.join(missing)} for activation {name}",
+                                "recalibrate with --save-stats")
+            for stat in _DROPPED_STATS:
+                values.pop(stat, None)
         if expected_hash is not None and meta["model_hash"] != expected_hash:
             raise UserError(f"calibration statistics {path} were made for another model",
                             "recalibrate for this model (omit --stats, or pass --save-stats to keep them)")
@@ -93,19 +108,20 @@ def _add_stat_outputs(model: ir.Model) -> dict[str, str]:
     activations = {site.activation.name: site.activation for site in find_activation_sites(model, ALL_LINEARS)}
     owners: dict[str, str] = {}
     tape = ir.tape.Tape(graph)
-    all_but_last = tape.initializer(ir.tensor(np.array([0, 1], dtype=np.int64), name="hn_calib.axes01"))
+    first = tape.initializer(ir.tensor(np.array([0], dtype=np.int64), name="hn_calib.axis0"))
     tokens = tape.initializer(ir.tensor(np.array([-2], dtype=np.int64), name="hn_calib.axis_tokens"))
+
+    def channel_absmax(value: ir.Value) -> ir.Value:
+        """max |value| over every axis but the last: flatten to [tokens, d], reduce axis 0."""
+        flat = tape.op("Flatten", [tape.op("Abs", [value])], {"axis": -1})
+        return tape.op("ReduceMax", [flat, first], {"keepdims": 0})
+
     for i, (name, x) in enumerate(activations.items()):
-        if x.shape is not None and len(x.shape) != 3:
-            raise UserError(f"linear input {name} has shape {x.shape}; calibration expects [B, N, d]",
-                            "pass a transformer whose linears act on token sequences")
-        xf = tape.op("Cast", [x], {"to": ir.DataType.FLOAT})
-        absmax = tape.op("ReduceMax", [tape.op("Abs", [xf]), all_but_last], {"keepdims": 0})
+        # [..., N, d] -> [1, ..., N, d]: rank >= 2 for every input, the same token axis -2 and leading indices
+        xf = tape.op("Unsqueeze", [tape.op("Cast", [x], {"to": ir.DataType.FLOAT}), first])
         mean_tok = tape.op("ReduceMean", [xf, tokens], {"keepdims": 1})
-        centered = tape.op("ReduceMax", [tape.op("Abs", [tape.op("Sub", [xf, mean_tok])]), all_but_last],
-                           {"keepdims": 0})
-        mean = tape.op("ReduceMean", [xf, all_but_last], {"keepdims": 0})
-        for value, stat in zip((absmax, centered, mean), _STATS):
+        values = (channel_absmax(xf), channel_absmax(tape.op("Sub", [xf, mean_tok])))
+        for value, stat in zip(values, _STATS):
             value.name = f"hn_calib.{i}.{stat}"
             value.type = ir.TensorType(ir.DataType.FLOAT)
             graph.outputs.append(value)
@@ -144,7 +160,6 @@ class _Accumulator:
             else:
                 old["absmax"] = np.maximum(old["absmax"], new["absmax"])
                 old["centered_absmax"] = np.maximum(old["centered_absmax"], new["centered_absmax"])
-                old["mean"] += (new["mean"] - old["mean"]) / self.calls
 
     def result(self) -> dict[str, SiteStats]:
         return {name: SiteStats(**self.values[prefix]) for prefix, name in self.owners.items()}

@@ -1,7 +1,13 @@
 """The comparison grid behind `hn-export compare`: methods x bit widths x bias-correction modes.
 
-Calibration runs once and is shared; each grid point is quantized to a temporary file, run against the reference
-(single-call and end-of-denoising SQNR), then deleted unless kept.
+Calibration runs once (on denoising trajectories, or on a user file) and is shared; each grid point is quantized to
+a temporary file, run against the reference (single-call and end-of-denoising SQNR), then deleted unless kept.
+
+What the graphs run on (`EvaluationInputs`): seeded inputs by default (`hn_export.evaluate`), or a user file
+(``--inputs FILE.npz``). A file's rows are taken in (unconditional, conditional) pairs, as a classifier-free-guidance
+pipeline calls the transformer: the single call runs the rows as stored, two at a time; denoising sample ``i`` starts
+from the same seeded latents as the default run and is conditioned on pair ``i``'s caption embeddings (and mask), so a
+file holding the seeded captions reproduces the default figures.
 """
 
 from __future__ import annotations
@@ -15,13 +21,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from graph_passes.methods import BiasCorrection, Method, TransformOptions
 from graph_passes.quantization import QuantConfig
 from hn_export.calibration import CalibrationStats, calibrate
-from hn_export.denoise import DenoiseConfig
-from hn_export.evaluate import Evaluation, GraphRunner, evaluate, reference_outputs
+from hn_export.denoise import DenoiseConfig, denoise
+from hn_export.evaluate import Evaluation, GraphRunner, final_latents, single_call_outputs
+from hn_export.metrics import Comparison
 from hn_export.model_files import write_atomic
 from hn_export.quantize_job import QuantizeJob, run_quantize
 
@@ -76,21 +84,70 @@ def grid(methods: list[Method], quants: list[QuantConfig], biases: list[BiasCorr
 
 
 @dataclasses.dataclass(frozen=True)
+class EvaluationInputs:
+    """The inputs every graph of one comparison runs on: seeded (``feeds`` None) or a user file's checked arrays
+    (`hn_export.cli_options.check_model_and_inputs`: rows in (unconditional, conditional) pairs)."""
+
+    config: DenoiseConfig  # steps; seed of the starting latents; samples when seeded
+    feeds: dict[str, np.ndarray] | None = None
+    source: str = "seeded"  # or "file:NAME"
+
+    @property
+    def samples(self) -> int:
+        return self.config.samples if self.feeds is None else self.feeds["hidden_states"].shape[0] // 2
+
+    def _pair(self, index: int) -> dict[str, np.ndarray]:
+        assert self.feeds is not None
+        return {k: v[2 * index:2 * index + 2] for k, v in self.feeds.items()}
+
+    def single_call(self, runner: GraphRunner) -> np.ndarray:
+        """One call per sample: the seeded latents at a mid-schedule timestep, or the file's rows two at a time."""
+        if self.feeds is None:
+            return single_call_outputs(runner, runner.signature, self.config)
+        return np.concatenate([runner(self._pair(i)) for i in range(self.samples)])
+
+    def final_latents(self, runner: GraphRunner) -> np.ndarray:
+        """The final latents of every sample's denoising run."""
+        if self.feeds is None:
+            return final_latents(runner, runner.signature, self.config)
+        out = []
+        for index in range(self.samples):
+            pair = self._pair(index)
+            conditions = {k: pair[k] for k in ("encoder_hidden_states", "encoder_attention_mask") if k in pair}
+
+            def run(feeds: dict[str, np.ndarray], conditions=conditions) -> np.ndarray:
+                return runner({**feeds, **conditions})  # the seeded trajectory, the file's captions
+
+            out.append(denoise(run, runner.signature, self.config, index))
+        return np.concatenate(out)
+
+    def reference(self, runner: GraphRunner) -> dict[str, np.ndarray]:
+        return {"single_call": self.single_call(runner), "end_of_denoising": self.final_latents(runner)}
+
+    def evaluate(self, runner: GraphRunner, reference: dict[str, np.ndarray]) -> Evaluation:
+        return Evaluation(Comparison.of(reference["single_call"], self.single_call(runner)),
+                          Comparison.of(reference["end_of_denoising"], self.final_latents(runner)))
+
+
+@dataclasses.dataclass(frozen=True)
 class CompareConfig:
     evaluation: DenoiseConfig = DenoiseConfig(steps=20, samples=2)
     calibration: DenoiseConfig = DenoiseConfig(steps=20, samples=2)
     transform: TransformOptions = TransformOptions()
     keep_models: Path | None = None
     progress: bool = True
+    calib_inputs: Path | None = None  # --calib FILE.npz instead of trajectories
+    inputs: EvaluationInputs | None = None  # default: seeded, from `evaluation`
 
 
 def run_compare(model: Path, points: list[GridPoint], reference: Path | None, config: CompareConfig) -> list[GridResult]:
     needs_stats = any(p.method.recipe.smooth for p in points)
     stats: CalibrationStats | None = None
     if needs_stats:
-        stats = calibrate(model, config.calibration, progress=config.progress)
+        stats = calibrate(model, config.calibration, config.calib_inputs, progress=config.progress)
+    inputs = config.inputs or EvaluationInputs(config.evaluation)
     with GraphRunner(reference or model) as ref:
-        ref_out = reference_outputs(ref, config.evaluation, with_denoising=True)
+        ref_out = inputs.reference(ref)
     results = []
     with tempfile.TemporaryDirectory(prefix="hn-export-compare-") as tmp:
         folder = config.keep_models or Path(tmp)
@@ -101,7 +158,7 @@ def run_compare(model: Path, points: list[GridPoint], reference: Path | None, co
                                             bias_correction=point.bias_correction)
             run_quantize(QuantizeJob(model, out, transform, point.quant, stats=stats, progress=False))
             with GraphRunner(out) as runner:
-                evaluation = evaluate(runner, ref_out, config.evaluation)
+                evaluation = inputs.evaluate(runner, ref_out)
             if config.keep_models is None:
                 out.unlink()
             results.append(GridResult(point, evaluation, time.perf_counter() - start))

@@ -3,7 +3,9 @@
 For each method the FP graph gets the method's transforms (fused, float weights) and every activation quantizer
 behind a runtime mask (`graph_passes.gated_activation_quant`). Run ``i`` sets the mask to ``e_i`` and denoises from
 the same seeds as the FP reference; the SQNR of its final latents is quantizer ``i``'s sensitivity. Results are
-aggregated by role (mean over blocks, in dB) and by block (mean over roles).
+aggregated by role (mean over blocks, in dB) and by block (mean over roles). Calibration may come from a user file
+(``--calib``) and the denoising runs may be conditioned on a user file's caption embeddings (``--inputs``, see
+`hn_export.compare.EvaluationInputs`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from graph_passes.linears import ROLES
 from graph_passes.methods import Method, TransformOptions
 from graph_passes.pipeline import quantize_model
 from hn_export.calibration import CalibrationStats, calibrate
+from hn_export.compare import EvaluationInputs
 from hn_export.denoise import DenoiseConfig
-from hn_export.evaluate import GraphRunner, final_latents
+from hn_export.evaluate import GraphRunner
 from hn_export.metrics import sqnr_db
 from hn_export.model_files import load_model, save_model, write_atomic
 
@@ -49,12 +52,16 @@ class _MaskedRunner(GraphRunner):
 
 def run_sensitivity(model_path: Path, methods: list[Method], act_bits: int, config: DenoiseConfig,
                     calibration: DenoiseConfig, transform: TransformOptions = TransformOptions(),
-                    progress: bool = True) -> list[SiteSensitivity]:
+                    progress: bool = True, calib_inputs: Path | None = None,
+                    inputs: EvaluationInputs | None = None) -> list[SiteSensitivity]:
+    """`config` sets the denoising runs (seeded unless `inputs` is given); `calib_inputs` replaces the calibration
+    trajectories of `calibration`."""
     stats: CalibrationStats | None = None
     if any(m.recipe.smooth for m in methods):
-        stats = calibrate(model_path, calibration, progress=progress)
+        stats = calibrate(model_path, calibration, calib_inputs, progress=progress)
+    inputs = inputs or EvaluationInputs(config)
     with GraphRunner(model_path) as ref:
-        reference = final_latents(ref, ref.signature, config)
+        reference = inputs.final_latents(ref)
     results: list[SiteSensitivity] = []
     with tempfile.TemporaryDirectory(prefix="hn-export-sensitivity-") as tmp:
         for method in methods:
@@ -70,7 +77,7 @@ def run_sensitivity(model_path: Path, methods: list[Method], act_bits: int, conf
                 mask = np.zeros(len(sites))
                 mask[i] = 1.0
                 with _MaskedRunner(path, mask) as runner:
-                    latents = final_latents(runner, runner.signature, config)
+                    latents = inputs.final_latents(runner)
                 results.append(SiteSensitivity(method.value, site.name, site.role, site.block,
                                                sqnr_db(reference, latents)))
             path.unlink()

@@ -332,7 +332,7 @@ def site_stats(spec: GraphSpec, x: np.ndarray) -> dict[str, SiteStats]:
     for name in spec.site_inputs():
         a = values[name]
         centered = a - a.mean(axis=1, keepdims=True)
-        stats[name] = SiteStats(np.abs(a).max((0, 1)), np.abs(centered).max((0, 1)), a.mean((0, 1)))
+        stats[name] = SiteStats(np.abs(a).max((0, 1)), np.abs(centered).max((0, 1)))
     return stats
 
 

@@ -18,6 +18,20 @@ from tests.graphs import mlp_model, serialize
 FAST_CALIB = ("--calib-samples", "1", "--calib-steps", "3", "--no-progress")
 EVAL = DenoiseConfig(steps=4, samples=1, seed=7)
 
+# Single-call SQNR (dB) of the quantized tiny model against its FP32 graph (EVAL, FAST_CALIB), measured on the
+# 2-core CPU machine with onnxruntime 1.31.1. Default W4A4 hadanorm: 20.73; the same with Hadamard-sign and
+# calibration seeds 1 and 2: 22.77 and 22.41, so a 2 dB margin below a measured level covers a change of seed.
+# The upper margin (5 dB) catches a graph that lost quantizers: W8A8 measures 49.46, the transform-only graph is
+# exact (inf).
+BELOW_DB, ABOVE_DB = 2.0, 5.0
+W4A4_DB = 20.73
+# 4 more bits on weights and activations: 6.02 dB per bit while quantization noise dominates, 24 dB; measured 28.73.
+W8A8_GAIN_DB = 20.0
+
+
+def within_measured(sqnr: float, measured: float) -> bool:
+    return measured - BELOW_DB <= sqnr <= measured + ABOVE_DB
+
 
 @pytest.fixture(scope="module")
 def reference(tiny_onnx):
@@ -39,11 +53,11 @@ def test_default_output_name_and_quality(hn_cli, tiny_onnx, tmp_path, reference)
     assert out.exists()
     assert "14 activation sites" in result.out
     w4 = single_call_sqnr(out, reference)
-    assert 3.0 < w4 < 60.0  # quantized: not exact, not garbage
+    assert within_measured(w4, W4A4_DB), w4
     result = hn_cli(model, "--w8a8", *FAST_CALIB)
     assert result.exit_code == 0, result.err
     w8 = single_call_sqnr(tmp_path / "model.w8a8.onnx", reference)
-    assert w8 > w4 + 10.0
+    assert w8 >= w4 + W8A8_GAIN_DB, (w4, w8)
 
 
 @pytest.mark.parametrize("method", [m.value for m in Method])
@@ -56,14 +70,21 @@ def test_transform_only_equals_fp_graph(hn_cli, tiny_onnx, tmp_path, reference, 
     assert got.rel_l2 <= 1e-5
 
 
-@pytest.mark.parametrize("args", [("--w6a6",), ("--wbits", "3", "--abits", "5"), ("--hadamard", "block",
-                                  "--hadamard-block", "8"), ("--bias-correction", "quantized-token"),
-                                  ("--bias-correction", "exact"), ("--asymmetric-weights",)])
-def test_options_run(hn_cli, tiny_onnx, tmp_path, reference, args):
+@pytest.mark.parametrize("args,measured_db", [
+    (("--w6a6",), 32.81),
+    (("--wbits", "3", "--abits", "5"), 16.09),
+    (("--hadamard", "block", "--hadamard-block", "8"), 21.71),
+    (("--bias-correction", "quantized-token"), 18.82),
+    (("--bias-correction", "exact"), 26.41),
+    (("--asymmetric-weights",), 25.82),
+])
+def test_options_run(hn_cli, tiny_onnx, tmp_path, reference, args, measured_db):
+    """Each option at its measured level (margins above)."""
     out = tmp_path / "q.onnx"
     result = hn_cli(tiny_onnx, *args, "-o", out, *FAST_CALIB)
     assert result.exit_code == 0, result.err
-    assert single_call_sqnr(out, reference) > 3.0
+    sqnr = single_call_sqnr(out, reference)
+    assert within_measured(sqnr, measured_db), sqnr
 
 
 def test_same_command_twice_is_byte_identical(hn_cli, tiny_onnx, tmp_path):

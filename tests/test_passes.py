@@ -41,7 +41,7 @@ def calibration_stats(model: ir.Model, x: np.ndarray) -> dict[str, SiteStats]:
     for site in sites:
         a = outs[site.activation.name].astype(np.float64)
         centered = a - a.mean(axis=1, keepdims=True)
-        stats[site.activation.name] = SiteStats(np.abs(a).max((0, 1)), np.abs(centered).max((0, 1)), a.mean((0, 1)))
+        stats[site.activation.name] = SiteStats(np.abs(a).max((0, 1)), np.abs(centered).max((0, 1)))
     return stats
 
 

@@ -1,0 +1,97 @@
+"""Options shared by the commands that quantize and evaluate several graphs (`compare`, `sensitivity`).
+
+Comma lists (``--methods none,hadanorm``, ``--bits w4a4,w6a6``) and the user input files ``--calib FILE.npz`` and
+``--inputs FILE.npz``, checked before any work with the loader the quantize and diff commands use
+(`hn_export.denoise.load_input_file`), so a bad file fails with one line and nothing is written.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import TypeVar
+
+import click
+
+from graph_passes.quantization import QuantConfig
+from hn_export.denoise import ModelSignature, load_input_file
+from hn_export.errors import UserError
+from hn_export.model_files import load_model
+
+E = TypeVar("E", bound=Enum)
+
+CALIB_HELP = ("Calibration inputs (.npz with hidden_states, timestep, encoder_hidden_states; first axis = samples) "
+              "instead of denoising trajectories; --calib-samples/--calib-steps are then unused.")
+INPUTS_HELP = ("Evaluation inputs (.npz named like the graph inputs, rows in (unconditional, conditional) pairs as a "
+               "classifier-free-guidance pipeline calls the transformer): the single call runs the rows as stored; "
+               "each pair's caption embeddings condition one denoising sample (from seeded latents), so the pairs "
+               "set the sample count.")
+
+
+def parse_list(text: str, enum_type: type[E], option: str) -> list[E]:
+    """``a,b,c`` or ``all`` -> enum members; an unknown name is a UserError naming the valid ones."""
+    if text == "all":
+        return list(enum_type)
+    try:
+        return [enum_type(item.strip()) for item in text.split(",") if item.strip()]
+    except ValueError:
+        valid = ", ".join(m.value for m in enum_type)
+        raise UserError(f"{option} {text!r} names an unknown value", f"choose from: {valid}, or all") from None
+
+
+def parse_bits(text: str) -> list[QuantConfig]:
+    """``w4a4,w6a6`` -> QuantConfigs (2 to 8 bits each)."""
+    out = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        try:
+            w, a = item.removeprefix("w").split("a")
+            out.append(QuantConfig(int(w), int(a)))
+        except ValueError:
+            raise UserError(f"--bits item {item!r} is not of the form wNaM with N, M in 2..8",
+                            "e.g. --bits w4a4,w6a6") from None
+    return out
+
+
+def input_file_options(command):
+    """``--calib FILE.npz`` and ``--inputs FILE.npz`` (parameters ``calib_inputs``, ``inputs_path``)."""
+    command = click.option("--inputs", "inputs_path", type=click.Path(path_type=Path), help=INPUTS_HELP)(command)
+    return click.option("--calib", "calib_inputs", type=click.Path(path_type=Path), help=CALIB_HELP)(command)
+
+
+def samples_option(default: int):
+    """``--samples N``; None when not given, so that it can be checked against ``--inputs``."""
+    return click.option("--samples", type=click.IntRange(1), default=None,
+                        help=f"Seeded samples [default: {default}; with --inputs: the file's pairs].")
+
+
+def check_model_and_inputs(model: Path, calib_inputs: Path | None, inputs_path: Path | None,
+                           samples: int | None) -> tuple[ModelSignature, dict | None]:
+    """Load MODEL's signature and check both input files against it, before any work.
+
+    Returns the signature and the checked ``--inputs`` arrays (None without the option)."""
+    sig = ModelSignature.of(load_model(model))  # lazy: weights stay on disk
+    if calib_inputs is not None:
+        load_input_file(calib_inputs, sig, "calibration input file")
+    if inputs_path is None:
+        return sig, None
+    if samples is not None:
+        raise UserError("--samples and --inputs both given",
+                        "drop --samples: the file's (unconditional, conditional) pairs are the samples")
+    feeds = load_input_file(inputs_path, sig, "inputs file")
+    rows = {name: int(value.shape[0]) if value.ndim else 0 for name, value in feeds.items()}
+    if len(set(rows.values())) != 1:
+        raise UserError(f"inputs file {inputs_path}: arrays have different sample counts {rows}",
+                        "give every array the same first axis")
+    count = rows["hidden_states"]
+    if count == 0 or count % 2:
+        raise UserError(f"inputs file {inputs_path} holds {count} rows; they are taken in (unconditional, "
+                        "conditional) pairs", "pass an even, nonzero number of rows")
+    captions = feeds["encoder_hidden_states"]
+    if captions.ndim != 3 or captions.shape[2] != sig.caption_channels:
+        raise UserError(f"encoder_hidden_states in {inputs_path} has shape {captions.shape}; the model takes "
+                        f"[N, L, {sig.caption_channels}]", "pass caption embeddings of this model's width")
+    if sig.fixed_caption_length is not None and captions.shape[1] != sig.fixed_caption_length:
+        raise UserError(f"encoder_hidden_states in {inputs_path} has {captions.shape[1]} tokens; the model takes "
+                        f"{sig.fixed_caption_length}", "pad or cut the captions to that length")
+    return sig, feeds

@@ -1,0 +1,143 @@
+"""`hn-export compare` and `hn-export sensitivity` on user files: `--calib FILE.npz` (calibration inputs) and
+`--inputs FILE.npz` (evaluation inputs), and the one-line errors for bad files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hn_export.denoise import DenoiseConfig, ModelSignature, sample_conditions
+from hn_export.model_files import load_model
+from tests.cli_runner import run_cli
+
+FAST = ("--methods", "none,hadanorm", "--bits", "w4a4", "--steps", "2", "--calib-steps", "2", "--calib-samples", "1",
+        "--no-progress")
+EVAL_SEED = 1000  # compare and sensitivity evaluate from seed --seed + 1000 (--seed 0)
+
+
+def pairs_file(model: Path, path: Path, other_captions: bool, samples: int = 1) -> Path:
+    """(unconditional, conditional) rows for `samples` samples: the seeded latents at t = 500 and either the very
+    captions the default run draws (so the default figures must come back) or other ones."""
+    sig = ModelSignature.of(load_model(model))
+    rng = np.random.default_rng(99)
+    rows = {"hidden_states": [], "timestep": [], "encoder_hidden_states": []}
+    for index in range(samples):
+        cond = sample_conditions(sig, DenoiseConfig(seed=EVAL_SEED), index)
+        captions = cond["captions"]
+        if other_captions:
+            captions = (rng.standard_normal(captions.shape) * 0.2).astype(np.float32)
+        rows["hidden_states"].append(np.repeat(cond["latents"], 2, axis=0))
+        rows["timestep"].append(np.full(2, 500.0, np.float32))
+        rows["encoder_hidden_states"].append(captions)
+    np.savez(path, **{k: np.concatenate(v) for k, v in rows.items()})
+    return path
+
+
+def calib_file(path: Path, rows: int = 2) -> Path:
+    rng = np.random.default_rng(5)
+    np.savez(path, hidden_states=rng.standard_normal((rows, 4, 8, 8)).astype(np.float32),
+             timestep=np.linspace(50.0, 900.0, rows).astype(np.float32),
+             encoder_hidden_states=(rng.standard_normal((rows, 7, 32)) * 0.2).astype(np.float32))
+    return path
+
+
+def compare(model: Path, out: Path, *args) -> dict:
+    assert run_cli(["compare", str(model), *FAST, "--out", str(out), *map(str, args)]) == 0
+    return json.loads((out / "results.json").read_text())
+
+
+def rows(results: dict) -> dict[str, dict]:
+    return {r["label"]: r for r in results["results"]}
+
+
+@pytest.fixture(scope="module")
+def default_compare(tiny_onnx, tmp_path_factory) -> dict:
+    return compare(tiny_onnx, tmp_path_factory.mktemp("cmp") / "default", "--samples", "1")
+
+
+def test_inputs_file_of_the_seeded_captions_gives_the_default_figures(tiny_onnx, tmp_path, default_compare):
+    results = compare(tiny_onnx, tmp_path / "out", "--inputs", pairs_file(tiny_onnx, tmp_path / "seeded.npz", False))
+    assert results["meta"]["inputs"] == "file:seeded.npz" and results["meta"]["samples"] == 1
+    assert default_compare["meta"]["inputs"] == "seeded"
+    assert results["results"] == default_compare["results"]  # same graphs, same inputs: the same numbers
+
+
+def test_inputs_file_conditions_the_evaluation(tiny_onnx, tmp_path, default_compare):
+    results = compare(tiny_onnx, tmp_path / "out", "--inputs", pairs_file(tiny_onnx, tmp_path / "other.npz", True))
+    assert results["meta"]["inputs"] == "file:other.npz"
+    got, default = rows(results), rows(default_compare)
+    assert got.keys() == default.keys() == {"none", "hadanorm (float-token)"}
+    for label in got:  # other captions, other numbers (measured: 7.25 -> 12.27 dB and 20.75 -> 21.89 dB)
+        for key in ("single_call", "end_of_denoising"):
+            assert got[label][key]["sqnr_db"] != default[label][key]["sqnr_db"], (label, key)
+
+
+def test_calib_file_calibrates(tiny_onnx, tmp_path, default_compare):
+    results = compare(tiny_onnx, tmp_path / "out", "--samples", "1", "--calib", calib_file(tmp_path / "calib.npz"))
+    assert results["meta"]["calibration"] == {"file": "calib.npz"}
+    assert "steps" in default_compare["meta"]["calibration"]
+    got, default = rows(results), rows(default_compare)
+    assert got["none"] == default["none"]  # needs no statistics: untouched
+    hadanorm = "hadanorm (float-token)"
+    assert got[hadanorm]["single_call"]["sqnr_db"] != default[hadanorm]["single_call"]["sqnr_db"]
+
+
+# ---- bad files: one line, exit code 2, nothing written --------------------------------------------------------
+
+def _garbage(path: Path) -> list[str]:
+    path.write_bytes(b"not an npz\n" * 10)
+    return ["--calib", str(path)]
+
+
+def _nan_calib(path: Path) -> list[str]:
+    calib_file(path)
+    data = dict(np.load(path))
+    data["encoder_hidden_states"][1, 2, 3] = np.nan
+    np.savez(path, **data)
+    return ["--calib", str(path)]
+
+
+def _no_captions(path: Path) -> list[str]:
+    rng = np.random.default_rng(0)
+    np.savez(path, hidden_states=rng.standard_normal((2, 4, 8, 8)).astype(np.float32),
+             timestep=np.ones(2, np.float32))
+    return ["--inputs", str(path)]
+
+
+def _inputs(path: Path, **change) -> list[str]:
+    calib_file(path, rows=change.pop("rows", 2))
+    data = {**dict(np.load(path)), **change}
+    np.savez(path, **data)
+    return ["--inputs", str(path)]
+
+
+BAD = {
+    "calib not npz": (_garbage, "calibration input file", "is not a readable .npz", "numpy.savez("),
+    "calib NaN": (_nan_calib, "input encoder_hidden_states contains NaN or inf", "pass finite inputs"),
+    "inputs missing array": (_no_captions, "lacks arrays ['encoder_hidden_states']", "it must hold"),
+    "inputs odd rows": (lambda p: _inputs(p, rows=3), "holds 3 rows", "pass an even, nonzero number of rows"),
+    "inputs caption width": (lambda p: _inputs(p, encoder_hidden_states=np.zeros((2, 7, 16), np.float32)),
+                             "has shape (2, 7, 16); the model takes [N, L, 32]", "of this model's width"),
+    "inputs row counts": (lambda p: _inputs(p, timestep=np.ones(4, np.float32)), "different sample counts",
+                          "same first axis"),
+    "inputs and samples": (lambda p: ["--samples", "1", *_inputs(p)], "--samples and --inputs both given",
+                           "drop --samples"),
+}
+
+
+@pytest.mark.parametrize("command", ["compare", "sensitivity"])
+@pytest.mark.parametrize("kind", list(BAD))
+def test_bad_input_files(hn_cli, tiny_onnx, tmp_path, command, kind):
+    make, *expected = BAD[kind]
+    args = make(tmp_path / "in.npz")
+    out = tmp_path / "out"
+    result = hn_cli(command, tiny_onnx, "--methods", "hadanorm", "--steps", "1", "--out", out, "--no-progress", *args)
+    assert result.exit_code == 2, (result.exit_code, result.err, result.out[-500:])
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.err
+    assert "; " in lines[0] and all(text in lines[0] for text in expected), lines[0]
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npz"]
