@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from graph_passes.methods import BiasCorrection, Method, TransformOptions
+from graph_passes.quantization import OutputFormat
 from hn_export.cli_options import check_model_and_inputs, input_file_options, parse_bits, parse_list, samples_option
 from hn_export.compare import CompareConfig, EvaluationInputs, grid, run_compare, table_markdown, write_results
 from hn_export.denoise import DenoiseConfig
@@ -18,6 +19,8 @@ from hn_export.model_files import load_model
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--methods", default="all", show_default=True, help="Comma list of methods, or all.")
 @click.option("--bits", default="w4a4,w6a6", show_default=True, help="Comma list of wNaM.")
+@click.option("--formats", default="qdq", show_default=True,
+              help="Comma list of output formats (qdq, nbits, fused), or all: the same quantization run three ways.")
 @click.option("--bias-corrections", default="float-token", show_default=True,
               help="Comma list of bias-correction modes for centered methods, or all.")
 @click.option("--steps", type=click.IntRange(1), default=20, show_default=True, help="Denoising steps.")
@@ -32,12 +35,14 @@ from hn_export.model_files import load_model
 @click.option("--keep-models", type=click.Path(path_type=Path), help="Keep the quantized graphs in this folder.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-progress", is_flag=True)
-def compare_command(model, methods, bits, bias_corrections, steps, samples, reference, out_dir, calib_inputs,
+def compare_command(model, methods, bits, formats, bias_corrections, steps, samples, reference, out_dir, calib_inputs,
                     inputs_path, calib_samples, calib_steps, hadamard, keep_models, seed, no_progress) -> None:
     """Quantize MODEL with each method and bit width; SQNR against the reference graph."""
     from graph_passes.hadamard import HadamardMode
 
-    points = grid(parse_list(methods, Method, "--methods"), parse_bits(bits),
+    quants = [dataclasses.replace(q, format=f) for q in parse_bits(bits)
+              for f in parse_list(formats, OutputFormat, "--formats")]
+    points = grid(parse_list(methods, Method, "--methods"), quants,
                   parse_list(bias_corrections, BiasCorrection, "--bias-corrections"))
     # fail fast with a clear message, before any work: the model, both input files, the reference
     _, feeds = check_model_and_inputs(model, calib_inputs, inputs_path, samples)

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from graph_passes.methods import BiasCorrection, Method, TransformOptions
-from graph_passes.quantization import QuantConfig
+from graph_passes.quantization import OutputFormat, QuantConfig
 from hn_export.calibration import CalibrationStats, calibrate
 from hn_export.denoise import DenoiseConfig, denoise
 from hn_export.evaluate import Evaluation, GraphRunner, final_latents, single_call_outputs
@@ -45,7 +45,13 @@ class GridPoint:
     @property
     def file_stem(self) -> str:
         bias = f".{self.bias_correction.value}" if self.method.recipe.center else ""
-        return f"{self.method.value}{bias}.{self.quant.label}"
+        return f"{self.method.value}{bias}.{self.bits}"
+
+    @property
+    def bits(self) -> str:
+        """``w4a4``, or ``w4a4-fused`` for a format other than qdq."""
+        fmt = self.quant.format
+        return self.quant.label + ("" if fmt is OutputFormat.QDQ else f"-{fmt.value}")
 
     @property
     def label(self) -> str:
@@ -59,6 +65,7 @@ class GridResult:
     point: GridPoint
     evaluation: Evaluation
     seconds: float
+    implementation: str = ""  # what ran the quantized graph (runtime.Denoiser.implementation)
 
     def as_dict(self) -> dict:
         def comp(c):
@@ -68,7 +75,9 @@ class GridResult:
             "label": self.point.label,
             "method": self.point.method.value,
             "bias_correction": self.point.bias_correction.value if self.point.method.recipe.center else None,
-            "bits": self.point.quant.label,
+            "bits": self.point.bits,
+            "format": self.point.quant.format.value,
+            "implementation": self.implementation,
             "single_call": comp(self.evaluation.single_call),
             "end_of_denoising": comp(self.evaluation.end_of_denoising),
         }  # no timings: the same command gives byte-identical reports
@@ -159,20 +168,21 @@ def run_compare(model: Path, points: list[GridPoint], reference: Path | None, co
             run_quantize(QuantizeJob(model, out, transform, point.quant, stats=stats, progress=False))
             with GraphRunner(out) as runner:
                 evaluation = inputs.evaluate(runner, ref_out)
+                implementation = runner.denoiser.implementation
             if config.keep_models is None:
                 out.unlink()
-            results.append(GridResult(point, evaluation, time.perf_counter() - start))
-            logger.info("%s %s: %.2f dB", point.label, point.quant.label, evaluation.end_of_denoising.sqnr_db)
+            results.append(GridResult(point, evaluation, time.perf_counter() - start, implementation))
+            logger.info("%s %s: %.2f dB", point.label, point.bits, evaluation.end_of_denoising.sqnr_db)
     return results
 
 
 def table_markdown(results: list[GridResult]) -> str:
-    lines = ["| method | bits | end-of-denoising SQNR (dB) | single-call SQNR (dB) | single-call cosine |",
-             "|---|---|---:|---:|---:|"]
+    lines = ["| method | bits | end-of-denoising SQNR (dB) | single-call SQNR (dB) | single-call cosine | runs as |",
+             "|---|---|---:|---:|---:|---|"]
     for r in results:
         e, s = r.evaluation.end_of_denoising, r.evaluation.single_call
-        lines.append(f"| {r.point.label} | {r.point.quant.label.upper()} | {e.sqnr_db:.2f} | {s.sqnr_db:.2f} | "
-                     f"{s.cosine:.4f} |")
+        lines.append(f"| {r.point.label} | {r.point.bits.upper()} | {e.sqnr_db:.2f} | {s.sqnr_db:.2f} | "
+                     f"{s.cosine:.4f} | {r.implementation} |")
     return "\n".join(lines) + "\n"
 
 

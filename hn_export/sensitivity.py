@@ -39,6 +39,7 @@ class SiteSensitivity:
     role: str
     block: int | None
     sqnr_db: float
+    implementation: str = ""  # what ran the gated graph (runtime.Denoiser.implementation)
 
 
 class _MaskedRunner(GraphRunner):
@@ -78,8 +79,9 @@ def run_sensitivity(model_path: Path, methods: list[Method], act_bits: int, conf
                 mask[i] = 1.0
                 with _MaskedRunner(path, mask) as runner:
                     latents = inputs.final_latents(runner)
+                    implementation = runner.denoiser.implementation
                 results.append(SiteSensitivity(method.value, site.name, site.role, site.block,
-                                               sqnr_db(reference, latents)))
+                                               sqnr_db(reference, latents), implementation))
             path.unlink()
     return results
 
