@@ -89,9 +89,11 @@ def quantize_model(
     quant: QuantConfig | None,
     selection: SiteSelection = SiteSelection(),
     gated_act_bits: int | None = None,
+    sites: list[ActivationSite] | None = None,
 ) -> QuantizeResult:
-    """Rewrite `model` in place. ``quant=None`` inserts and fuses the transforms only (the exactness check)."""
-    sites = find_activation_sites(model, selection)
+    """Rewrite `model` in place. ``quant=None`` inserts and fuses the transforms only (the exactness check).
+    `sites`: the activation sites of `selection`, when the caller found them already."""
+    sites = sites if sites is not None else find_activation_sites(model, selection)
     transforms = plan_transforms(sites, stats, options)
     build_pipeline(transforms, options, quant, selection, gated_act_bits)(model)
     logger.info("%s: %d sites, %s", options.method.value, len(sites), quant.label if quant else "transform only")

@@ -102,8 +102,9 @@ class CalibrationStats:
         return cls(meta["model_hash"], {n: SiteStats(**s) for n, s in sites.items()}, meta["calls"], meta["source"])
 
 
-def _add_stat_outputs(model: ir.Model) -> dict[str, str]:
-    """Append the reductions of every linear input; returns output prefix -> activation name."""
+def _add_stat_outputs(model: ir.Model) -> tuple[dict[str, str], list[ir.Node], list[ir.Value]]:
+    """Append the reductions of every linear input; returns output prefix -> activation name, and the nodes and
+    initializers added (to take them out again)."""
     graph = model.graph
     activations = {site.activation.name: site.activation for site in find_activation_sites(model, ALL_LINEARS)}
     owners: dict[str, str] = {}
@@ -129,7 +130,16 @@ def _add_stat_outputs(model: ir.Model) -> dict[str, str]:
     graph.extend(tape.nodes)
     for init in tape.initializers:
         graph.register_initializer(init)
-    return owners
+    return owners, list(tape.nodes), list(tape.initializers)
+
+
+def _remove_stat_outputs(model: ir.Model, outputs: int, nodes: list[ir.Node], initializers: list[ir.Value]) -> None:
+    """Undo `_add_stat_outputs`: the graph is as it was loaded."""
+    graph = model.graph
+    del graph.outputs[outputs:]
+    graph.remove(nodes, safe=True)
+    for init in initializers:
+        graph.initializers.pop(init.name)
 
 
 def npz_batches(path: Path, sig: ModelSignature, batch: int = 2) -> Iterator[dict[str, np.ndarray]]:
@@ -171,13 +181,16 @@ def calibrate(
     inputs: Path | None = None,
     progress: bool = True,
     threads: int | None = None,
+    model: ir.Model | None = None,
 ) -> CalibrationStats:
-    """Statistics of every linear input of the FP graph at `model_path`."""
+    """Statistics of every linear input of the FP graph at `model_path`. `model`: that graph already loaded (the
+    quantize job's); the reductions are added for the run and taken out again, so it comes back unchanged."""
     from hn_export.model_files import load_model
 
-    model = load_model(model_path)
+    model = model if model is not None else load_model(model_path)
     sig = ModelSignature.of(model)
-    owners = _add_stat_outputs(model)
+    outputs = len(model.graph.outputs)
+    owners, added_nodes, added_inits = _add_stat_outputs(model)
     acc = _Accumulator(owners)
     names = [f"{prefix}.{stat}" for prefix in owners for stat in _STATS]
     with open_session(model, threads=threads) as session:
@@ -198,5 +211,6 @@ def calibrate(
                     for _ in trajectory(run, sig, config, index):
                         bar.update(1)
             source = f"trajectories(samples={config.samples}, steps={config.steps}, seed={config.seed})"
+    _remove_stat_outputs(model, outputs, added_nodes, added_inits)
     logger.info("calibrated %d sites over %d calls", len(acc.result()), acc.calls)
     return CalibrationStats(model_hash(model_path), acc.result(), acc.calls, source)

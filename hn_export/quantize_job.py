@@ -89,10 +89,10 @@ def run_quantize(job: QuantizeJob) -> QuantizeReport:
         elif job.stats_path is not None:
             stats = CalibrationStats.load(job.stats_path, expected_hash=model_hash(job.model_path))
         else:
-            stats = calibrate(job.model_path, job.calibration, job.calib_inputs, progress=job.progress)
+            stats = calibrate(job.model_path, job.calibration, job.calib_inputs, progress=job.progress, model=model)
         if job.save_stats is not None:
             stats.save(job.save_stats)
-    quantize_model(model, stats.sites, job.transform, job.quant, job.selection)
+    quantize_model(model, stats.sites, job.transform, job.quant, job.selection, sites=sites)
     main, extra = _weight_bytes(model)
     ops = sorted({n.op_type for n in model.graph if n.domain == HADANORM_DOMAIN})
     model.metadata_props[TRANSFORM_OPS_KEY] = ",".join(ops)

@@ -55,7 +55,7 @@ def reference_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def stats_of(model: ir.Model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    owners = _add_stat_outputs(model)
+    owners, _, _ = _add_stat_outputs(model)
     assert owners == {"hn_calib.0": "x"}
     proto = ir.serde.serialize_model(model).SerializeToString()
     session = ort.InferenceSession(proto, providers=["CPUExecutionProvider"])
@@ -211,3 +211,14 @@ def test_cli_reuses_older_stats_files_and_refuses_incomplete_ones(hn_cli, tiny_o
     assert len(lines) == 1 and lines[0].startswith("error: calibration statistics ")
     assert "lack centered_absmax for activation" in lines[0] and lines[0].endswith("recalibrate with --save-stats")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_calibrating_a_loaded_model_leaves_it_unchanged(tiny_onnx):
+    """The quantize job loads the graph once and calibrates on it: the reductions come out again."""
+    from hn_export.denoise import DenoiseConfig
+    from hn_export.model_files import load_model
+
+    model = load_model(tiny_onnx)
+    before = ir.serde.serialize_model(model).SerializeToString()
+    stats = calibrate(tiny_onnx, DenoiseConfig(samples=1, steps=2), progress=False, model=model)
+    assert stats.sites and ir.serde.serialize_model(model).SerializeToString() == before
