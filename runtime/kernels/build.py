@@ -10,15 +10,17 @@ from, in order:
    /etc/apt/sources.list and /etc/apt/sources.list.d/) with its release name replaced by trixie, in a temporary
    apt configuration.
 
-The library is compiled without linking against onnxruntime (``-DORT_API_MANUAL_INIT``); its
-``RegisterCustomOps`` asks the loading onnxruntime for the headers' API version, so a library built against API 21
-loads in every onnxruntime >= 1.21. The result is ``runtime/kernels/build/libhadanorm_kernels.so``; it is rebuilt
-only when the source, the headers' API version, the compiler or the flags change (a ``.stamp`` file beside it).
+Every ``*.cc`` of this folder is compiled (in parallel, one compiler per core) and linked into one library, without
+linking against onnxruntime (``-DORT_API_MANUAL_INIT``); its ``RegisterCustomOps`` asks the loading onnxruntime for
+the headers' API version, so a library built against API 21 loads in every onnxruntime >= 1.21. The result is
+``runtime/kernels/build/libhadanorm_kernels.so``; it is rebuilt only when a source or header, the headers' API
+version, the compiler or the flags change (a ``.stamp`` file beside it).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import fcntl
 import glob
@@ -32,14 +34,16 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCE = HERE / "hadanorm_kernels.cc"
+SOURCES = sorted(HERE.glob("*.cc"))  # every source of the library (arch-specific ones compile to nothing elsewhere)
+HEADERS = sorted(HERE.glob("*.h"))
 HEADER_CACHE = HERE / "_ort_headers"
 DEFAULT_OUTPUT_DIR = HERE / "build"
 LIBRARY_NAME = "libhadanorm_kernels.so"
 
 HEADER_PACKAGE = "libonnxruntime-dev"
 HEADER_SUITE = "trixie"  # Debian 13: libonnxruntime-dev 1.21 (C API 21)
-CXX_FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++17", "-DORT_API_MANUAL_INIT", "-fvisibility=hidden", "-Wall"]
+CXX_FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++17", "-DORT_API_MANUAL_INIT", "-fvisibility=hidden", "-Wall",
+             "-ffp-contract=off"]
 APT_SOURCES = Path("/etc/apt/sources.list")
 APT_SOURCE_PARTS = Path("/etc/apt/sources.list.d")
 
@@ -234,7 +238,9 @@ def _compiler() -> str:
 
 def _stamp(cxx: str, include_dir: Path, flags: list[str]) -> str:
     digest = hashlib.sha256()
-    digest.update(SOURCE.read_bytes())
+    for path in (*SOURCES, *HEADERS):
+        digest.update(f"{path.name}\n".encode())
+        digest.update(path.read_bytes())
     digest.update(f"api={header_api_version(include_dir)}\n".encode())
     digest.update(" ".join([cxx, *flags]).encode())
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
@@ -266,16 +272,33 @@ def build(output_dir: str | os.PathLike | None = None, force: bool = False, log=
         stamp = _stamp(cxx, include_dir, flags)
         if not force and library.is_file() and stamp_file.is_file() and stamp_file.read_text().strip() == stamp:
             return library
-        log(f"compiling {SOURCE.name} (onnxruntime C API {header_api_version(include_dir)}) -> {library}")
+        log(f"compiling {len(SOURCES)} sources (onnxruntime C API {header_api_version(include_dir)}) -> {library}")
         tmp = out_dir / f".{LIBRARY_NAME}.{os.getpid()}.tmp"
-        cmd = [cxx, *flags, f"-I{include_dir}", str(SOURCE), "-o", str(tmp)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            tmp.unlink(missing_ok=True)
-            raise BuildError(f"compiling {SOURCE.name} failed:\n{proc.stderr.strip()}")
+        with tempfile.TemporaryDirectory(prefix=".objects-", dir=out_dir) as objects:
+            _compile_and_link(cxx, flags, include_dir, Path(objects), tmp)
         os.replace(tmp, library)  # a new file: processes that loaded the old one keep it
         stamp_file.write_text(stamp + "\n")
     return library
+
+
+def _compile_and_link(cxx: str, flags: list[str], include_dir: Path, objects: Path, target: Path) -> None:
+    """Every source to an object file (in parallel, one compiler per core), then one link."""
+    compile_flags = [f for f in flags if f != "-shared"]
+    jobs = []
+    for source in SOURCES:
+        obj = objects / (source.stem + ".o")
+        cmd = [cxx, *compile_flags, f"-I{include_dir}", f"-I{HERE}", "-c", str(source), "-o", str(obj)]
+        jobs.append((source, obj, cmd))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        results = list(pool.map(lambda job: subprocess.run(job[2], capture_output=True, text=True), jobs))
+    for (source, _, _), proc in zip(jobs, results):
+        if proc.returncode:
+            raise BuildError(f"compiling {source.name} failed:\n{proc.stderr.strip()}")
+    proc = subprocess.run([cxx, *flags, *(str(obj) for _, obj, _ in jobs), "-o", str(target)], capture_output=True,
+                          text=True)
+    if proc.returncode:
+        target.unlink(missing_ok=True)
+        raise BuildError(f"linking the kernel library failed:\n{proc.stderr.strip()}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,119 @@
+// Integer-execution maths of the fused W4A4 format: per-token activation quantization, the int8 x int4/int8 GEMM
+// with per-block weight scales, and float x packed-weight products. No onnxruntime API, so a standalone test binary
+// builds on any target (benchmarks/check_aarch64_build.sh).
+//
+// Packed weights (graph_passes/int_packing.py, the contract): tiles of 16 output columns; 4-bit b [tiles, K_pad/8,
+// 64] with byte [t, g, 4c + j] = u[8g + j, 16t + c] (low nibble) | u[8g + 4 + j, 16t + c] << 4; 8-bit b [tiles,
+// K_pad/4, 64] int8 with byte [t, g, 4c + j] = u[4g + j, 16t + c]. w[k, n] = scales[k / bs, n] (u - zw[k / bs, n]).
+//
+// IntMatMul: y[m, n] = a_scale[m] * sum_blk scales[blk, n] * I[m, n, blk] + bias[n] with the exact int32
+//   I = sum_{k in blk} (c - z)(u - zw) = sum c u - zw * sum_blk c - z * sum_blk (u - zw)
+// (c: activation codes padded with 0 to K_pad; padding rows of b hold zw, so they add nothing). Every path computes
+// I exactly and the same float epilogue in the same order, F = fmaf(scales, float(I), F) block by block, then
+// y = fmaf(a_scale, F, bias): the paths agree bit for bit.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "isa.h"
+
+namespace hadanorm {
+
+constexpr int64_t kTile = 16;  // output columns per 64-byte row of the packed layout
+
+// Largest block whose corrections zw * sum c and z * sum (u - zw) fit int16 pairs (one vpmaddwd per block).
+constexpr int64_t kSmallBlock = 128;
+// Largest block whose int32 sums cannot overflow (255 * 255 * block < 2^31).
+constexpr int64_t kMaxBlock = 32768;
+
+// Per-weight data, derived once from (b, scales, zero_points); columns padded to n_pad = tiles * 16 with zeros.
+struct WeightInfo {
+  int bits = 4;              // container: 4 (uint8 nibbles 0..15) or 8 (int8)
+  int64_t n = 0, n_pad = 0, tiles = 0;
+  int64_t block = 0, k_blocks = 0, k_pad = 0;
+  int64_t groups = 0;        // 64-byte rows per tile: k_pad / 8 (4-bit) or k_pad / 4 (8-bit)
+  int64_t tile_stride = 0;   // bytes per tile: groups * 64
+  bool small_block = true;   // block <= kSmallBlock
+  std::vector<float> scales;   // [k_blocks, n_pad]
+  std::vector<int32_t> zw;     // [k_blocks, n_pad]
+  std::vector<int32_t> sv;     // [k_blocks, n_pad]: sum over the (padded) block of (u - zw)
+  std::vector<int32_t> pair;   // [k_blocks, n_pad]: int16 zw (low half) | int16 sv (high half), small blocks only
+};
+
+// The geometry of a weight from N, block size and bits (no data).
+WeightInfo weight_geometry(int bits, int64_t n, int64_t k_blocks, int64_t block);
+// Fill scales / zero points / sums of `info` (geometry set) from the packed codes b, float scales [k_blocks, n] and
+// zero points [k_blocks, n] (uint8 for 4-bit, int8 for 8-bit).
+void fill_weight_info(WeightInfo& info, const uint8_t* b, const float* scales, const void* zero_points);
+
+// Per-run activation data of rows [r0, r1): sums of codes per block and the correction pairs.
+struct ActInfo {
+  const uint8_t* a = nullptr;  // rows of k_pad codes, zero padded (the input itself when K == K_pad)
+  int64_t lda = 0;
+  std::vector<uint8_t> padded;   // storage when K != K_pad
+  std::vector<int32_t> sc;       // [rows, k_blocks]
+  std::vector<int32_t> pair;     // [rows, k_blocks]: int16 -sc (low) | int16 -z (high), small blocks only
+  std::vector<int32_t> z;        // [rows]
+  std::vector<float> scale;      // [rows]
+};
+// Size the buffers of `act` for `rows` rows (and point act.a at codes or at the padded copy).
+void act_init(ActInfo& act, const uint8_t* codes, int64_t rows, int64_t k, const WeightInfo& w);
+// Rows [r0, r1): pad, sum, and read z (uint8) and the float scale.
+void act_prepare_rows(ActInfo& act, const uint8_t* codes, const uint8_t* zero_points, const float* scales,
+                      int64_t k, const WeightInfo& w, int64_t r0, int64_t r1);
+
+struct GemmArgs {
+  const ActInfo* act;
+  const uint8_t* b;
+  const WeightInfo* w;
+  const float* bias;       // row for output row m: bias + (m / rows_per_bias) * bias_stride
+  int64_t bias_stride = 0, rows_per_bias = 1;
+  void* y;                 // [rows, n] float or IEEE half
+  bool y_half = false;
+  int64_t n = 0;
+};
+// Output rows [m0, m1), column tiles [t0, t1).
+using IntGemmFn = void (*)(const GemmArgs&, int64_t m0, int64_t m1, int64_t t0, int64_t t1);
+
+struct FloatGemmArgs {
+  const float* x;          // rows of k_pad floats, zero padded
+  int64_t ldx = 0;
+  const uint8_t* b;
+  const WeightInfo* w;
+  void* y;
+  bool y_half = false;
+  int64_t n = 0;
+};
+// y = x @ w: per column and block acc = sum_k fmaf(x_k, float(u) - float(zw), acc) in k order, then
+// y = fmaf(scales, acc, y) block by block (bit-identical on every path).
+using FloatGemmFn = void (*)(const FloatGemmArgs&, int64_t m0, int64_t m1, int64_t t0, int64_t t1);
+
+// One token: qmax = 2^bits - 1; hi = max(max y, 0); lo = min(min y, 0); scale = max((hi - lo) / qmax, FLT_MIN)
+// (rounded to half when half_scale); zp = clamp(nearbyint(-(lo / scale)), 0, qmax);
+// codes = clamp(nearbyint(y / scale) + zp, 0, qmax). IEEE divisions, round half to even.
+using QuantizeRowFn = void (*)(const float* y, int64_t d, float qmax, bool half_scale, uint8_t* codes, float* scale,
+                               uint8_t* zero_point);
+
+struct IsaKernels {
+  Isa isa;
+  QuantizeRowFn quantize_row;
+  IntGemmFn int_gemm4, int_gemm8;
+  FloatGemmFn float_gemm4, float_gemm8;
+  int64_t rows_per_task, tiles_per_task;  // work split that suits the micro-kernels
+};
+
+// The kernels of a path (isa_supported(isa) must hold).
+const IsaKernels& isa_kernels(Isa isa);
+
+// Per-path tables (null when the path is not compiled for this target).
+const IsaKernels* scalar_kernels();
+const IsaKernels* avx2_kernels();
+const IsaKernels* avxvnni_kernels();
+const IsaKernels* avx512vnni_kernels();
+const IsaKernels* neondot_kernels();
+
+// Store helpers shared by the scalar paths: y[i] = value as float or half.
+void store_output(void* y, bool y_half, int64_t index, float value);
+
+}  // namespace hadanorm

@@ -1,0 +1,258 @@
+// onnxruntime kernels of IntMatMul4 / IntMatMul8 (quantized activation codes x packed weight) and FloatMatMul4 /
+// FloatMatMul8 (float activation x packed weight), attribute block_size, for float32 and float16 T.
+//
+//   IntMatMul:   codes uint8 [..., M, K], a_scale T [..., M, 1], a_zero_point uint8 [..., M, 1], b, scales T
+//                [k_blocks, N], zero_points [k_blocks, N], bias T [N] or [..., 1, N]  ->  y T [..., M, N]
+//   FloatMatMul: x T [..., M, K], b, scales, zero_points  ->  y T [..., M, N]
+//
+// b: uint8 [ceil(N/16), K_pad/8, 64] (4-bit, zero points uint8) or int8 [ceil(N/16), K_pad/4, 64] (8-bit, zero
+// points int8), K_pad = k_blocks * block_size, k_blocks = ceil(K / block_size) (graph_passes/int_packing.py). The
+// maths is in int_kernels.h. When b, scales and zero_points are constant initializers, the per-weight sums are
+// computed once when the kernel is created; otherwise on every run.
+
+#include <memory>
+
+#include "int_kernels.h"
+#include "ort_util.h"
+
+namespace hadanorm {
+
+namespace {
+
+template <int Bits, bool IntInput>
+constexpr const char* matmul_name() {
+  if constexpr (IntInput) return Bits == 4 ? "IntMatMul4" : "IntMatMul8";
+  return Bits == 4 ? "FloatMatMul4" : "FloatMatMul8";
+}
+
+template <int Bits, bool IntInput, bool Half>
+struct MatMulKernel {
+  static constexpr const char* kName = matmul_name<Bits, IntInput>();
+  static constexpr size_t kWeight = IntInput ? 3 : 1;  // index of b; scales and zero_points follow
+  static constexpr size_t kInputs = IntInput ? 7 : 4;
+  static constexpr int64_t kGranule = Bits == 4 ? 8 : 4;  // k rows per 64-byte row
+  using T = std::conditional_t<Half, uint16_t, float>;
+
+  int64_t block = 0;
+  const IsaKernels* kernels = nullptr;
+  std::unique_ptr<WeightInfo> constant_weight;
+
+  explicit MatMulKernel(const Ort::ConstKernelInfo& info) {
+    block = info.GetAttribute<int64_t>("block_size");
+    if (block <= 0 || block % kGranule || block > kMaxBlock)
+      fail("attribute block_size=", block, " must be a positive multiple of ", kGranule, " up to ", kMaxBlock,
+           " for the ", Bits, "-bit packed layout; re-quantize with hn-export");
+    kernels = &isa_kernels(select_isa());
+    int constant[3] = {0, 0, 0};
+    Ort::ConstValue values[3] = {Ort::ConstValue{nullptr}, Ort::ConstValue{nullptr}, Ort::ConstValue{nullptr}};
+    for (size_t i = 0; i < 3; ++i) values[i] = info.GetTensorConstantInput(kWeight + i, &constant[i]);
+    if (constant[0] && constant[1] && constant[2]) {
+      const std::vector<int64_t> scales_shape = shape_of(values[1]);
+      if (scales_shape.size() != 2) return;  // reported with the run's shapes
+      WeightInfo w = weight_geometry(Bits, scales_shape[1], scales_shape[0], block);
+      if (!weight_matches(w, shape_of(values[0]), shape_of(values[2]))) return;
+      std::vector<float> storage;
+      fill_weight_info(w, static_cast<const uint8_t*>(values[0].GetTensorRawData()),
+                       float_data(values[1], Half, storage), values[2].GetTensorRawData());
+      constant_weight = std::make_unique<WeightInfo>(std::move(w));
+    }
+  }
+
+  static std::vector<int64_t> b_shape_for(const WeightInfo& w) { return {w.tiles, w.k_pad / kGranule, 64}; }
+
+  static bool weight_matches(const WeightInfo& w, const std::vector<int64_t>& b_shape,
+                             const std::vector<int64_t>& zp_shape) {
+    return b_shape == b_shape_for(w) && zp_shape == std::vector<int64_t>{w.k_blocks, w.n};
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return status_of(kName, [&] { Compute(context); });
+  }
+
+  // The weight of this run: the one cached at creation, or built into `storage` after checking the shapes.
+  const WeightInfo& weight(const Ort::KernelContext& ctx, int64_t k, WeightInfo& storage) const {
+    Ort::ConstValue b = ctx.GetInput(kWeight), scales = ctx.GetInput(kWeight + 1), zps = ctx.GetInput(kWeight + 2);
+    const std::vector<int64_t> scales_shape = shape_of(scales);
+    if (scales_shape.size() != 2)
+      fail("scales must have shape [k_blocks, N], got ", shape_string(scales_shape), "; re-quantize with hn-export");
+    const int64_t k_blocks = scales_shape[0], n = scales_shape[1];
+    if (k_blocks != ceil_div(k, block))
+      fail("scales has shape ", shape_string(scales_shape), " but K=", k, ", block_size=", block, " need ",
+           ceil_div(k, block), " blocks; re-quantize with hn-export");
+    WeightInfo geometry = weight_geometry(Bits, n, k_blocks, block);
+    const std::vector<int64_t> b_shape = shape_of(b);
+    if (b_shape != b_shape_for(geometry))
+      fail("b has shape ", shape_string(b_shape), " but N=", n, ", K=", k, ", block_size=", block, " need ",
+           shape_string(b_shape_for(geometry)), "; re-quantize with hn-export");
+    const std::vector<int64_t> zp_shape = shape_of(zps);
+    if (zp_shape != std::vector<int64_t>{k_blocks, n})
+      fail("zero_points has shape ", shape_string(zp_shape), " but scales has ", shape_string(scales_shape),
+           "; re-quantize with hn-export");
+    if (constant_weight && constant_weight->n == n && constant_weight->k_blocks == k_blocks)
+      return *constant_weight;
+    storage = std::move(geometry);
+    std::vector<float> scale_storage;
+    fill_weight_info(storage, static_cast<const uint8_t*>(b.GetTensorRawData()),
+                     float_data(scales, Half, scale_storage), zps.GetTensorRawData());
+    return storage;
+  }
+
+  void Compute(OrtKernelContext* context) {
+    log_call(kName, isa_name(kernels->isa));
+    Ort::KernelContext ctx(context);
+    Ort::ConstValue a_value = ctx.GetInput(0);
+    const std::vector<int64_t> a_shape = shape_of(a_value);
+    const int64_t rank = static_cast<int64_t>(a_shape.size());
+    if (rank < 2)
+      fail(IntInput ? "codes" : "x", " must have shape [..., M, K] (rank >= 2), got ", shape_string(a_shape));
+    const int64_t k = a_shape[rank - 1];
+    const int64_t rows = element_count(a_shape) / std::max<int64_t>(k, 1);
+    WeightInfo storage;
+    const WeightInfo& w = weight(ctx, k, storage);
+    std::vector<int64_t> y_shape = a_shape;
+    y_shape[rank - 1] = w.n;
+    void* y = ctx.GetOutput(0, y_shape).GetTensorMutableRawData();
+    if (rows == 0 || w.n == 0) return;
+    const uint8_t* b = static_cast<const uint8_t*>(ctx.GetInput(kWeight).GetTensorRawData());
+    if constexpr (IntInput)
+      int_matmul(ctx, a_value, a_shape, rows, k, b, w, y);
+    else
+      float_matmul(ctx, a_value, rows, k, b, w, y);
+  }
+
+  void int_matmul(const Ort::KernelContext& ctx, const Ort::ConstValue& codes_value,
+                  const std::vector<int64_t>& a_shape, int64_t rows, int64_t k, const uint8_t* b,
+                  const WeightInfo& w, void* y) const {
+    const int64_t rank = static_cast<int64_t>(a_shape.size());
+    std::vector<int64_t> row_shape = a_shape;
+    row_shape[rank - 1] = 1;
+    Ort::ConstValue scale_value = ctx.GetInput(1), zp_value = ctx.GetInput(2), bias_value = ctx.GetInput(6);
+    for (auto [name, value] : {std::pair<const char*, const Ort::ConstValue*>{"a_scale", &scale_value},
+                               std::pair<const char*, const Ort::ConstValue*>{"a_zero_point", &zp_value}})
+      if (shape_of(*value) != row_shape)
+        fail(name, " must have shape ", shape_string(row_shape), " (codes ", shape_string(a_shape),
+             " with the last axis 1), got ", shape_string(shape_of(*value)));
+    // bias [N] (every row) or [..., 1, N] (one row per leading index of codes)
+    const std::vector<int64_t> bias_shape = shape_of(bias_value);
+    std::vector<int64_t> per_batch = a_shape;
+    per_batch[rank - 2] = 1;
+    per_batch[rank - 1] = w.n;
+    GemmArgs args;
+    if (bias_shape == std::vector<int64_t>{w.n} || (element_count(bias_shape) == w.n && bias_shape.back() == w.n &&
+                                                    bias_shape.size() <= a_shape.size())) {
+      args.bias_stride = 0;
+    } else if (bias_shape == per_batch) {
+      args.bias_stride = w.n;
+    } else {
+      fail("bias must have shape [", w.n, "] or ", shape_string(per_batch), ", got ", shape_string(bias_shape));
+    }
+    args.rows_per_bias = std::max<int64_t>(a_shape[rank - 2], 1);
+    std::vector<float> bias_storage, scale_storage;
+    args.bias = float_data(bias_value, Half, bias_storage);
+    const float* a_scale = float_data(scale_value, Half, scale_storage);
+    const uint8_t* codes = codes_value.GetTensorData<uint8_t>();
+    const uint8_t* a_zp = zp_value.GetTensorData<uint8_t>();
+
+    ActInfo act;
+    act_init(act, codes, rows, k, w);
+    const int64_t prep_rows = std::max<int64_t>(1, 262144 / std::max<int64_t>(w.k_pad, 1));
+    parallel_for(ctx, static_cast<size_t>(ceil_div(rows, prep_rows)), [&](size_t chunk) {
+      const int64_t r0 = static_cast<int64_t>(chunk) * prep_rows;
+      act_prepare_rows(act, codes, a_zp, a_scale, k, w, r0, std::min(rows, r0 + prep_rows));
+    });
+
+    args.act = &act;
+    args.b = b;
+    args.w = &w;
+    args.y = y;
+    args.y_half = Half;
+    args.n = w.n;
+    const IntGemmFn gemm = Bits == 4 ? kernels->int_gemm4 : kernels->int_gemm8;
+    run_tasks(ctx, rows, w.tiles, [&](int64_t m0, int64_t m1, int64_t t0, int64_t t1) { gemm(args, m0, m1, t0, t1); });
+  }
+
+  void float_matmul(const Ort::KernelContext& ctx, const Ort::ConstValue& x_value, int64_t rows, int64_t k,
+                    const uint8_t* b, const WeightInfo& w, void* y) const {
+    std::vector<float> x(static_cast<size_t>(rows * w.k_pad), 0.0f);
+    for (int64_t r = 0; r < rows; ++r) {
+      if constexpr (Half)
+        halves_to_floats(static_cast<const uint16_t*>(x_value.GetTensorRawData()) + r * k, x.data() + r * w.k_pad, k);
+      else
+        std::copy_n(x_value.GetTensorData<float>() + r * k, k, x.data() + r * w.k_pad);
+    }
+    FloatGemmArgs args;
+    args.x = x.data();
+    args.ldx = w.k_pad;
+    args.b = b;
+    args.w = &w;
+    args.y = y;
+    args.y_half = Half;
+    args.n = w.n;
+    const FloatGemmFn gemm = Bits == 4 ? kernels->float_gemm4 : kernels->float_gemm8;
+    run_tasks(ctx, rows, w.tiles, [&](int64_t m0, int64_t m1, int64_t t0, int64_t t1) { gemm(args, m0, m1, t0, t1); });
+  }
+
+  // Splits rows x column tiles into tasks of the path's preferred size, consecutive tasks on the same column tiles.
+  template <typename Fn>
+  void run_tasks(const Ort::KernelContext& ctx, int64_t rows, int64_t tiles, Fn&& fn) const {
+    const int64_t rb = kernels->rows_per_task, tb = kernels->tiles_per_task;
+    const int64_t row_tasks = ceil_div(rows, rb), tile_tasks = ceil_div(tiles, tb);
+    parallel_for(ctx, static_cast<size_t>(row_tasks * tile_tasks), [&](size_t task) {
+      const int64_t i = static_cast<int64_t>(task) % row_tasks, j = static_cast<int64_t>(task) / row_tasks;
+      fn(i * rb, std::min(rows, (i + 1) * rb), j * tb, std::min(tiles, (j + 1) * tb));
+    });
+  }
+};
+
+template <int Bits, bool IntInput, bool Half>
+struct MatMulOp : Ort::CustomOpBase<MatMulOp<Bits, IntInput, Half>, MatMulKernel<Bits, IntInput, Half>, true> {
+  using Kernel = MatMulKernel<Bits, IntInput, Half>;
+
+  OrtStatusPtr CreateKernelV2(const OrtApi& /*api*/, const OrtKernelInfo* info, void** kernel) const {
+    return status_of(Kernel::kName, [&] { *kernel = new Kernel(Ort::ConstKernelInfo(info)); });
+  }
+  const char* GetName() const { return Kernel::kName; }
+  size_t GetInputTypeCount() const { return Kernel::kInputs; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    const ONNXTensorElementDataType packed =
+        Bits == 4 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+    if (IntInput && (i == 0 || i == 2)) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;  // codes, a_zero_point
+    if (i == Kernel::kWeight || i == Kernel::kWeight + 2) return packed;           // b, zero_points
+    return float_type(Half);
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return float_type(Half); }
+
+  static Ort::Status InferOutputShape(Ort::ShapeInferContext& ctx) {
+    Ort::ShapeInferContext::Shape a = ctx.GetInputShape(0);
+    const Ort::ShapeInferContext::Shape& scales = ctx.GetInputShape(Kernel::kWeight + 1);
+    if (a.size() < 2 || scales.size() != 2) return Ort::Status(nullptr);
+    a.back() = scales[1];
+    ctx.SetOutputShape(0, a);
+    return Ort::Status(nullptr);
+  }
+};
+
+template <bool Half>
+struct MatMulOps {
+  MatMulOp<4, true, Half> int4;
+  MatMulOp<8, true, Half> int8;
+  MatMulOp<4, false, Half> float4;
+  MatMulOp<8, false, Half> float8;
+
+  void add_to(Ort::CustomOpDomain& domain) {
+    for (OrtCustomOp* op : std::initializer_list<OrtCustomOp*>{&int4, &int8, &float4, &float8}) domain.Add(op);
+  }
+};
+
+MatMulOps<false> g_float_ops;
+MatMulOps<true> g_half_ops;
+
+}  // namespace
+
+void add_matmul_ops(Ort::CustomOpDomain& domain) {
+  g_float_ops.add_to(domain);
+  g_half_ops.add_to(domain);
+}
+
+}  // namespace hadanorm

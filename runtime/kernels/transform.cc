@@ -1,0 +1,255 @@
+// The online transform of one token (see transform.h): contiguous float loops the compiler vectorises.
+
+#include "transform.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "half.h"
+#include "util.h"
+
+namespace hadanorm {
+
+// ---------------------------------------------------------------------------------------------------------------
+// The rotation plan: which fast paths h_left and h_right allow
+// ---------------------------------------------------------------------------------------------------------------
+
+
+bool is_identity(const float* h, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j)
+      if (h[i * n + j] != (i == j ? 1.0f : 0.0f)) return false;
+  return true;
+}
+
+// Exactly c * H_M with H_M = H_2 (x) ... (x) H_2, H_2 = [[1, 1], [1, -1]]: entry (i, j) is c * (-1)^popcount(i & j).
+bool sylvester_scale(const float* h, int64_t m, float* scale) {
+  if (m < 1 || (m & (m - 1)) != 0) return false;
+  const float c = h[0];
+  if (!(c != 0.0f) || !std::isfinite(c)) return false;
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < m; ++j) {
+      const float expected = (__builtin_popcountll(static_cast<uint64_t>(i & j)) & 1) ? -c : c;
+      if (h[i * m + j] != expected) return false;
+    }
+  *scale = c;
+  return true;
+}
+
+Rotation make_rotation(const float* h_left, const std::vector<int64_t>& left_shape, const float* h_right,
+                       const std::vector<int64_t>& right_shape, int64_t d) {
+  if (left_shape.size() != 2 || left_shape[0] != left_shape[1])
+    fail("h_left must be a square matrix [K, K], got ", shape_string(left_shape));
+  if (right_shape.size() != 2 || right_shape[0] != right_shape[1])
+    fail("h_right must be a square matrix [M, M], got ", shape_string(right_shape));
+  Rotation r;
+  r.K = left_shape[0];
+  r.M = right_shape[0];
+  if (r.K * r.M != d)
+    fail("h_left ", shape_string(left_shape), " and h_right ", shape_string(right_shape),
+         " do not factor the channel width ", d, " (K * M must equal d)");
+  r.left_identity = is_identity(h_left, r.K);
+  if (!r.left_identity) r.left.assign(h_left, h_left + r.K * r.K);
+  r.right_fwht = sylvester_scale(h_right, r.M, &r.right_scale);
+  if (!r.right_fwht) {
+    r.right_t.resize(static_cast<size_t>(r.M * r.M));
+    for (int64_t i = 0; i < r.M; ++i)
+      for (int64_t j = 0; j < r.M; ++j) r.right_t[j * r.M + i] = h_right[i * r.M + j];
+  }
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Row kernels (contiguous float loops the compiler vectorises)
+// ---------------------------------------------------------------------------------------------------------------
+
+// out = (x - mean) * mul (mean may be null)
+HN_HOT void center_scale_row(const float* x, const float* mean, const float* mul, float* out, int64_t d) {
+  if (mean) {
+    for (int64_t i = 0; i < d; ++i) out[i] = (x[i] - mean[i]) * mul[i];
+  } else {
+    for (int64_t i = 0; i < d; ++i) out[i] = x[i] * mul[i];
+  }
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#define HN_VECTOR_EXT 1
+#pragma GCC diagnostic ignored "-Wpsabi"  // v8 never crosses a non-inlined call
+// 8 floats as one GCC vector (portable vector extension: AVX in the x86-64-v3 clone, SSE pairs otherwise)
+typedef float v8 __attribute__((vector_size(32)));
+typedef int v8i __attribute__((vector_size(32)));
+HN_INLINE v8 load8(const float* p) {
+  v8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+HN_INLINE void store8(float* p, const v8& v) { std::memcpy(p, &v, sizeof v); }
+#endif
+
+// One butterfly stage of distance h >= 1 on a row of length m: (a, b) -> (a + b, a - b).
+HN_INLINE void butterfly_stage(float* row, int64_t m, int64_t h) {
+  for (int64_t i = 0; i < m; i += 2 * h) {
+    float* a = row + i;
+    float* b = row + i + h;
+    for (int64_t j = 0; j < h; ++j) {
+      const float u = a[j], w = b[j];
+      a[j] = u + w;
+      b[j] = u - w;
+    }
+  }
+}
+
+// Unnormalised in-place Walsh-Hadamard transform of each of the `rows` rows of length m (power of two), i.e.
+// row <- Sylvester(m) @ row. The stages of distance 1, 2, 4 (too short to vectorise as loops) run as one
+// 8-point transform in a vector register (shuffle + multiply-add per stage); the others as contiguous loops.
+HN_HOT void fwht_rows(float* v, int64_t rows, int64_t m) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = v + r * m;
+    int64_t h = 1;
+#ifdef HN_VECTOR_EXT
+    if (m >= 8) {
+      const v8i p1 = {1, 0, 3, 2, 5, 4, 7, 6}, p2 = {2, 3, 0, 1, 6, 7, 4, 5}, p4 = {4, 5, 6, 7, 0, 1, 2, 3};
+      const v8 s1 = {1, -1, 1, -1, 1, -1, 1, -1}, s2 = {1, 1, -1, -1, 1, 1, -1, -1};
+      const v8 s4 = {1, 1, 1, 1, -1, -1, -1, -1};
+      for (int64_t i = 0; i < m; i += 8) {
+        v8 x = load8(row + i);
+        x = __builtin_shuffle(x, p1) + s1 * x;  // out[i] = x[i ^ 1] +- x[i]: (a + b, a - b) per pair
+        x = __builtin_shuffle(x, p2) + s2 * x;
+        x = __builtin_shuffle(x, p4) + s4 * x;
+        store8(row + i, x);
+      }
+      h = 8;
+    }
+#endif
+    for (; h < m; h *= 2) butterfly_stage(row, m, h);
+  }
+}
+
+// out[k, :] = v[k, :] @ h_right^T for each of the K rows (tmp: M floats)
+HN_HOT void dense_right_rows(float* v, int64_t rows, int64_t m, const float* right_t, float* tmp) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = v + r * m;
+    std::fill(tmp, tmp + m, 0.0f);
+    for (int64_t j = 0; j < m; ++j) {
+      const float s = row[j];
+      const float* hrow = right_t + j * m;
+      for (int64_t i = 0; i < m; ++i) tmp[i] += s * hrow[i];
+    }
+    std::copy(tmp, tmp + m, row);
+  }
+}
+
+// out = h_left @ v for v, out [K, M] row-major: blocks of R output rows x C columns accumulated in registers.
+template <int R, int C>
+HN_INLINE void left_block(const float* __restrict v, const float* __restrict left, int64_t k, int64_t m,
+                          float* __restrict out, int64_t a0, int64_t c0) {
+#ifdef HN_VECTOR_EXT
+  if constexpr (C % 8 == 0) {
+    constexpr int V = C / 8;
+    v8 acc[R][V];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < V; ++c) acc[r][c] = v8{};
+    for (int64_t b = 0; b < k; ++b) {
+      v8 x[V];
+      for (int c = 0; c < V; ++c) x[c] = load8(v + b * m + c0 + 8 * c);
+      for (int r = 0; r < R; ++r) {
+        const float s = left[(a0 + r) * k + b];
+        for (int c = 0; c < V; ++c) acc[r][c] += s * x[c];
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < V; ++c) store8(out + (a0 + r) * m + c0 + 8 * c, acc[r][c]);
+    return;
+  }
+#endif
+  float acc[R][C] = {};
+  for (int64_t b = 0; b < k; ++b) {
+    const float* x = v + b * m + c0;
+    for (int r = 0; r < R; ++r) {
+      const float s = left[(a0 + r) * k + b];
+      for (int c = 0; c < C; ++c) acc[r][c] += s * x[c];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) out[(a0 + r) * m + c0 + c] = acc[r][c];
+}
+
+template <int C>
+HN_INLINE void left_columns(const float* v, const float* left, int64_t k, int64_t m, float* out) {
+  for (int64_t c0 = 0; c0 < m; c0 += C) {
+    int64_t a = 0;
+    for (; a + 4 <= k; a += 4) left_block<4, C>(v, left, k, m, out, a, c0);
+    for (; a < k; ++a) left_block<1, C>(v, left, k, m, out, a, c0);
+  }
+}
+
+HN_HOT void dense_left(const float* v, const float* left, int64_t k, int64_t m, float* out) {
+  // 4 rows x 16 columns: 8 vector accumulators + 2 loads fit the 16 AVX registers (measured best of 2..12 x 8..32)
+  if (m % 16 == 0)
+    left_columns<16>(v, left, k, m, out);
+  else if (m % 8 == 0)
+    left_columns<8>(v, left, k, m, out);
+  else if (m % 4 == 0)
+    left_columns<4>(v, left, k, m, out);
+  else if (m % 2 == 0)
+    left_columns<2>(v, left, k, m, out);
+  else
+    left_columns<1>(v, left, k, m, out);
+}
+
+Scratch::Scratch(const Rotation* rot, int64_t d) {
+  if (rot) {
+    if (!rot->left_identity) block.resize(static_cast<size_t>(d));
+    if (!rot->right_fwht) tmp.resize(static_cast<size_t>(rot->M));
+  }
+}
+
+// One token: out = rotate((x - mean) * mul) (rot may be null: no rotation). `mul_rot` is mul with the Sylvester
+// scale folded in (used when rotating with the fast transform).
+void transform_row(const float* x, const float* mean, const float* mul, const float* mul_rot, const Rotation* rot,
+                   float* out, Scratch& scratch, int64_t d) {
+  if (!rot) {
+    center_scale_row(x, mean, mul, out, d);
+    return;
+  }
+  float* v = rot->left_identity ? out : scratch.block.data();
+  center_scale_row(x, mean, rot->right_fwht ? mul_rot : mul, v, d);
+  if (rot->right_fwht)
+    fwht_rows(v, rot->K, rot->M);
+  else
+    dense_right_rows(v, rot->K, rot->M, rot->right_t.data(), scratch.tmp.data());
+  if (!rot->left_identity) dense_left(v, rot->left.data(), rot->K, rot->M, out);
+}
+
+// Column sums over tokens of one channel block, accumulated in double.
+HN_HOT void column_mean(const float* x, int64_t n, int64_t d, int64_t c0, int64_t c1, float* mean) {
+  constexpr int64_t kBlock = 256;
+  double acc[kBlock];
+  for (int64_t b0 = c0; b0 < c1; b0 += kBlock) {
+    const int64_t w = std::min(kBlock, c1 - b0);
+    std::fill(acc, acc + w, 0.0);
+    for (int64_t t = 0; t < n; ++t) {
+      const float* row = x + t * d + b0;
+      for (int64_t i = 0; i < w; ++i) acc[i] += static_cast<double>(row[i]);
+    }
+    for (int64_t i = 0; i < w; ++i) mean[b0 + i] = static_cast<float>(acc[i] / static_cast<double>(n));
+  }
+}
+
+
+HN_HOT void column_mean_half(const uint16_t* x, int64_t n, int64_t d, int64_t c0, int64_t c1, float* mean) {
+  constexpr int64_t kBlock = 256;
+  double acc[kBlock];
+  float row[kBlock];
+  for (int64_t b0 = c0; b0 < c1; b0 += kBlock) {
+    const int64_t w = std::min(kBlock, c1 - b0);
+    std::fill(acc, acc + w, 0.0);
+    for (int64_t t = 0; t < n; ++t) {
+      halves_to_floats(x + t * d + b0, row, w);
+      for (int64_t i = 0; i < w; ++i) acc[i] += static_cast<double>(row[i]);
+    }
+    for (int64_t i = 0; i < w; ++i) mean[b0 + i] = static_cast<float>(acc[i] / static_cast<double>(n));
+  }
+}
+}  // namespace hadanorm

@@ -1,0 +1,42 @@
+// The online transform of one token (centering, channel scale, Kronecker Hadamard rotation); no onnxruntime API.
+//
+// rotate(v) = h_left @ V @ h_right^T for v viewed row-major as V [K, M], K * M = d. h_right is applied as a fast
+// Walsh-Hadamard transform when it is exactly c * Sylvester(M) (checked on every kernel run: O(M^2) compares), else
+// as a dense matmul; h_left is skipped when it is exactly the identity, else applied as a dense K x K matmul.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace hadanorm {
+
+struct Rotation {
+  int64_t K = 1, M = 1;
+  bool left_identity = true;
+  std::vector<float> left;     // K x K row-major (when not the identity)
+  bool right_fwht = true;
+  float right_scale = 1.0f;    // h_right = right_scale * Sylvester(M) when right_fwht
+  std::vector<float> right_t;  // h_right^T, M x M row-major (dense fallback)
+};
+
+// Throws OpError when the shapes do not factor d.
+Rotation make_rotation(const float* h_left, const std::vector<int64_t>& left_shape, const float* h_right,
+                       const std::vector<int64_t>& right_shape, int64_t d);
+
+// Per-thread scratch: the [K, M] intermediate when h_left is dense, plus M floats for a dense h_right.
+struct Scratch {
+  std::vector<float> block, tmp;
+  Scratch(const Rotation* rot, int64_t d);
+};
+
+// One token: out = rotate((x - mean) * mul); mean may be null (no centering), rot may be null (no rotation).
+// `mul_rot` is mul with the Sylvester scale folded in (used when rotating with the fast transform).
+void transform_row(const float* x, const float* mean, const float* mul, const float* mul_rot, const Rotation* rot,
+                   float* out, Scratch& scratch, int64_t d);
+
+// mean[c] = mean over the n rows (stride d) of column c, for c in [c0, c1); accumulated in double.
+void column_mean(const float* x, int64_t n, int64_t d, int64_t c0, int64_t c1, float* mean);
+// The same for float16 input (raw IEEE half bits).
+void column_mean_half(const uint16_t* x, int64_t n, int64_t d, int64_t c0, int64_t c1, float* mean);
+
+}  // namespace hadanorm

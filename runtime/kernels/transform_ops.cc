@@ -1,0 +1,260 @@
+// onnxruntime kernels of the transform ops (Scale, ScaleRotate, CenterScale, CenterScaleRotate) and of the quantize
+// ops fused with them (Quantize, ScaleQuantize, ScaleRotateQuantize, CenterScaleQuantize,
+// CenterScaleRotateQuantize), for float32 and float16 tensors (computed in float32).
+//
+// For x [..., N, d] (tokens on axis -2, channels on the last axis), mul [d], h_left [K, K], h_right [M, M]:
+//   y = rotate((x - mean) * mul) (the parts the op names; see transform.h), mean_y = rotate(mean * mul)
+// The quantize ops do not write y: each token is quantized as it is transformed (int_kernels.h, QuantizeRowFn) to
+// codes uint8 [..., N, d], scale T [..., N, 1], zero_point uint8 [..., N, 1] (+ mean_y for the Center ops).
+// Tokens are split over onnxruntime's intra-op pool (or HADANORM_KERNELS_THREADS std::threads).
+
+#include <cmath>
+#include <string>
+
+#include "int_kernels.h"
+#include "ort_util.h"
+#include "transform.h"
+
+namespace hadanorm {
+
+namespace {
+
+template <bool Mul, bool Center, bool Rotate, bool Quant>
+constexpr const char* op_name() {
+  if constexpr (!Mul) return "Quantize";
+  if constexpr (Quant) {
+    if constexpr (Center) return Rotate ? "CenterScaleRotateQuantize" : "CenterScaleQuantize";
+    return Rotate ? "ScaleRotateQuantize" : "ScaleQuantize";
+  }
+  if constexpr (Center) return Rotate ? "CenterScaleRotate" : "CenterScale";
+  return Rotate ? "ScaleRotate" : "Scale";
+}
+
+template <bool Mul, bool Center, bool Rotate, bool Quant, bool Half>
+struct TransformKernel {
+  static constexpr const char* kName = op_name<Mul, Center, Rotate, Quant>();
+  static constexpr size_t kInputs = Rotate ? 4 : (Mul ? 2 : 1);
+  static constexpr size_t kOutputs = (Quant ? 3 : 1) + (Center ? 1 : 0);
+  using T = std::conditional_t<Half, uint16_t, float>;
+
+  float qmax = 0.0f;
+  const IsaKernels* kernels = nullptr;
+
+  explicit TransformKernel(const Ort::ConstKernelInfo& info) {
+    if constexpr (Quant) {
+      const int64_t bits = info.GetAttribute<int64_t>("bits");
+      if (bits < 2 || bits > 8) fail("attribute bits=", bits, " is outside 2..8; re-quantize with hn-export");
+      qmax = static_cast<float>((1 << bits) - 1);
+      kernels = &isa_kernels(select_isa());
+    }
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return status_of(kName, [&] { Compute(context); });
+  }
+
+  void Compute(OrtKernelContext* context) {
+    log_call(kName, Quant ? isa_name(kernels->isa) : nullptr);
+    Ort::KernelContext ctx(context);
+    Ort::ConstValue x_value = ctx.GetInput(0);
+    const std::vector<int64_t> x_shape = shape_of(x_value);
+    const int64_t rank = static_cast<int64_t>(x_shape.size());
+    if (rank < (Center ? 2 : 1))
+      fail("x must have shape [..., N, d] (rank >= ", (Center ? 2 : 1), "), got ", shape_string(x_shape));
+    const int64_t d = x_shape[rank - 1];
+    const T* x = static_cast<const T*>(x_value.GetTensorRawData());
+
+    std::vector<float> mul_storage, left_storage, right_storage;
+    const float* mul = nullptr;
+    if constexpr (Mul) {
+      Ort::ConstValue mul_value = ctx.GetInput(1);
+      const std::vector<int64_t> mul_shape = shape_of(mul_value);
+      if (mul_shape.size() != 1 || mul_shape[0] != d)
+        fail("mul must have shape [", d, "] (the channel width of x ", shape_string(x_shape), "), got ",
+             shape_string(mul_shape));
+      mul = float_data(mul_value, Half, mul_storage);
+    }
+    Rotation rotation;
+    const Rotation* rot = nullptr;
+    std::vector<float> mul_rot;
+    if constexpr (Rotate) {
+      Ort::ConstValue hl = ctx.GetInput(2);
+      Ort::ConstValue hr = ctx.GetInput(3);
+      rotation = make_rotation(float_data(hl, Half, left_storage), shape_of(hl), float_data(hr, Half, right_storage),
+                               shape_of(hr), d);
+      rot = &rotation;
+      if (rotation.right_fwht) {
+        mul_rot.resize(static_cast<size_t>(d));
+        for (int64_t i = 0; i < d; ++i) mul_rot[i] = mul[i] * rotation.right_scale;
+      }
+    }
+
+    const int64_t total = element_count(x_shape);
+    const int64_t rows = d > 0 ? total / d : 0;
+    Outputs out;
+    if constexpr (Quant) {
+      std::vector<int64_t> row_shape = x_shape;
+      row_shape[rank - 1] = 1;
+      out.codes = ctx.GetOutput(0, x_shape).GetTensorMutableData<uint8_t>();
+      out.scale = static_cast<T*>(ctx.GetOutput(1, row_shape).GetTensorMutableRawData());
+      out.zero_point = ctx.GetOutput(2, row_shape).GetTensorMutableData<uint8_t>();
+    } else {
+      out.y = static_cast<T*>(ctx.GetOutput(0, x_shape).GetTensorMutableRawData());
+    }
+
+    const int64_t n = Center ? x_shape[rank - 2] : 1;
+    std::vector<float> mean;
+    T* mean_y = nullptr;
+    if constexpr (Center) {
+      std::vector<int64_t> mean_shape = x_shape;
+      mean_shape[rank - 2] = 1;
+      mean_y = static_cast<T*>(ctx.GetOutput(kOutputs - 1, mean_shape).GetTensorMutableRawData());
+      int64_t mean_groups = 1;
+      for (int64_t i = 0; i < rank - 2; ++i) mean_groups *= x_shape[i];
+      mean.assign(static_cast<size_t>(mean_groups * d), 0.0f);
+      if (n == 0) std::fill(mean.begin(), mean.end(), std::nanf(""));  // as ReduceMean over no tokens
+      compute_means(ctx, x, n > 0 ? rows / n : 0, n, d, mean.data());
+    }
+    if (rows > 0 && d > 0) transform_rows(ctx, x, mean.data(), mul, mul_rot.data(), rot, out, d, n, rows);
+
+    if constexpr (Center) {
+      Scratch scratch(rot, d);
+      std::vector<float> row(static_cast<size_t>(d));
+      const int64_t mean_groups = d > 0 ? static_cast<int64_t>(mean.size()) / d : 0;
+      for (int64_t g = 0; g < mean_groups; ++g) {
+        float* dst = Half ? row.data() : reinterpret_cast<float*>(mean_y + g * d);
+        transform_row(mean.data() + g * d, nullptr, mul, mul_rot.data(), rot, dst, scratch, d);
+        if constexpr (Half) floats_to_halves(row.data(), mean_y + g * d, d);
+      }
+    }
+  }
+
+  struct Outputs {
+    T* y = nullptr;
+    uint8_t* codes = nullptr;
+    T* scale = nullptr;
+    uint8_t* zero_point = nullptr;
+  };
+
+  void transform_rows(const Ort::KernelContext& ctx, const T* x, const float* mean, const float* mul,
+                      const float* mul_rot, const Rotation* rot, const Outputs& out, int64_t d, int64_t n,
+                      int64_t rows) const {
+    const int64_t per_chunk = rows_per_chunk(d);
+    parallel_for(ctx, static_cast<size_t>(ceil_div(rows, per_chunk)), [&](size_t chunk) {
+      Scratch scratch(rot, d);
+      std::vector<float> xbuf(Half ? d : 0), ybuf((Half || Quant) ? d : 0);
+      const int64_t r0 = static_cast<int64_t>(chunk) * per_chunk;
+      const int64_t r1 = std::min(rows, r0 + per_chunk);
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* xr;
+        if constexpr (Half) {
+          halves_to_floats(x + r * d, xbuf.data(), d);
+          xr = xbuf.data();
+        } else {
+          xr = x + r * d;
+        }
+        const float* yr;
+        if constexpr (Mul) {
+          float* dst = (Half || Quant) ? ybuf.data() : reinterpret_cast<float*>(out.y + r * d);
+          transform_row(xr, Center ? mean + (r / n) * d : nullptr, mul, mul_rot, rot, dst, scratch, d);
+          yr = dst;
+        } else {
+          yr = xr;  // Quantize: y = x
+        }
+        if constexpr (Quant) {
+          float scale;
+          kernels->quantize_row(yr, d, qmax, Half, out.codes + r * d, &scale, out.zero_point + r);
+          if constexpr (Half)
+            out.scale[r] = float_to_half(scale);
+          else
+            out.scale[r] = scale;
+        } else if constexpr (Half) {
+          floats_to_halves(yr, out.y + r * d, d);
+        }
+      }
+    });
+  }
+
+  static void compute_means(const Ort::KernelContext& ctx, const T* x, int64_t groups, int64_t n, int64_t d,
+                            float* mean) {
+    if (groups == 0 || n == 0 || d == 0) return;
+    const int64_t width = 256;
+    const int64_t blocks = ceil_div(d, width);
+    parallel_for(ctx, static_cast<size_t>(groups * blocks), [&](size_t chunk) {
+      const int64_t g = static_cast<int64_t>(chunk) / blocks;
+      const int64_t c0 = (static_cast<int64_t>(chunk) % blocks) * width;
+      if constexpr (Half)
+        column_mean_half(x + g * n * d, n, d, c0, std::min(d, c0 + width), mean + g * d);
+      else
+        column_mean(x + g * n * d, n, d, c0, std::min(d, c0 + width), mean + g * d);
+    });
+  }
+};
+
+template <bool Mul, bool Center, bool Rotate, bool Quant, bool Half>
+struct TransformOp : Ort::CustomOpBase<TransformOp<Mul, Center, Rotate, Quant, Half>,
+                                       TransformKernel<Mul, Center, Rotate, Quant, Half>, true> {
+  using Kernel = TransformKernel<Mul, Center, Rotate, Quant, Half>;
+
+  OrtStatusPtr CreateKernelV2(const OrtApi& /*api*/, const OrtKernelInfo* info, void** kernel) const {
+    return status_of(Kernel::kName, [&] { *kernel = new Kernel(Ort::ConstKernelInfo(info)); });
+  }
+  const char* GetName() const { return Kernel::kName; }
+  size_t GetInputTypeCount() const { return Kernel::kInputs; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return float_type(Half); }
+  size_t GetOutputTypeCount() const { return Kernel::kOutputs; }
+  ONNXTensorElementDataType GetOutputType(size_t i) const {
+    if (Quant && (i == 0 || i == 2)) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+    return float_type(Half);
+  }
+
+  static Ort::Status InferOutputShape(Ort::ShapeInferContext& ctx) {
+    const Ort::ShapeInferContext::Shape& x = ctx.GetInputShape(0);
+    if (x.size() < 2) return Ort::Status(nullptr);  // unknown rank: leave the outputs unknown
+    ctx.SetOutputShape(0, x);
+    if (Quant) {
+      Ort::ShapeInferContext::Shape row = x;
+      row.back() = Ort::ShapeInferContext::SymbolicInteger(int64_t{1});
+      ctx.SetOutputShape(1, row);
+      ctx.SetOutputShape(2, row);
+    }
+    if (Center) {
+      Ort::ShapeInferContext::Shape mean = x;
+      mean[mean.size() - 2] = Ort::ShapeInferContext::SymbolicInteger(int64_t{1});
+      ctx.SetOutputShape(Kernel::kOutputs - 1, mean);
+    }
+    return Ort::Status(nullptr);
+  }
+};
+
+template <bool Half>
+struct TransformOps {
+  TransformOp<true, false, false, false, Half> scale;
+  TransformOp<true, false, true, false, Half> scale_rotate;
+  TransformOp<true, true, false, false, Half> center_scale;
+  TransformOp<true, true, true, false, Half> center_scale_rotate;
+  TransformOp<false, false, false, true, Half> quantize;
+  TransformOp<true, false, false, true, Half> scale_quantize;
+  TransformOp<true, false, true, true, Half> scale_rotate_quantize;
+  TransformOp<true, true, false, true, Half> center_scale_quantize;
+  TransformOp<true, true, true, true, Half> center_scale_rotate_quantize;
+
+  void add_to(Ort::CustomOpDomain& domain) {
+    for (OrtCustomOp* op : std::initializer_list<OrtCustomOp*>{
+             &scale, &scale_rotate, &center_scale, &center_scale_rotate, &quantize, &scale_quantize,
+             &scale_rotate_quantize, &center_scale_quantize, &center_scale_rotate_quantize})
+      domain.Add(op);
+  }
+};
+
+TransformOps<false> g_float_ops;
+TransformOps<true> g_half_ops;
+
+}  // namespace
+
+void add_transform_ops(Ort::CustomOpDomain& domain) {
+  g_float_ops.add_to(domain);
+  g_half_ops.add_to(domain);
+}
+
+}  // namespace hadanorm

@@ -1,0 +1,464 @@
+"""The integer kernels of the hadanorm library (quantize ops, IntMatMul4/8, FloatMatMul4/8, float16 everywhere)
+against numpy references written from the definitions, on every instruction-set path this CPU has.
+
+Every vector path must equal the scalar path bit for bit (the kernels compute the same integers and the same float
+epilogue in the same order), and the scalar path must match numpy: quantize codes bit-exact, matmuls within
+relative L2 1e-6 of float64 (float32 outputs).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graph_passes.hadamard import HadamardMode, hadamard_factors
+from graph_passes.int_packing import PackedWeight, quantize_and_pack, unpack_codes
+from runtime.kernels import register_kernels
+from tests.graphs import dit_like_input
+
+ALL_ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni", "neondot")
+F32, F16 = np.float32, np.float16
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Library, paths, sessions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def library() -> Path:
+    from runtime.kernels.build import BuildError, build
+
+    try:
+        return build()
+    except BuildError as exc:
+        pytest.skip(f"hadanorm kernel library cannot be built: {' '.join(str(exc).split())[:300]}")
+
+
+def library_isa(library: Path) -> str:
+    function = ctypes.CDLL(str(library)).HadanormKernelsIsa
+    function.restype = ctypes.c_char_p
+    return function().decode()
+
+
+@pytest.fixture(scope="module")
+def isas(library) -> list[str]:
+    """The paths this CPU (and this build) supports, scalar first."""
+    found = []
+    saved = os.environ.get("HADANORM_KERNELS_ISA")
+    try:
+        for name in ALL_ISAS:
+            os.environ["HADANORM_KERNELS_ISA"] = name
+            if library_isa(library) == name:
+                found.append(name)
+    finally:
+        if saved is None:
+            os.environ.pop("HADANORM_KERNELS_ISA", None)
+        else:
+            os.environ["HADANORM_KERNELS_ISA"] = saved
+    assert found[0] == "scalar"
+    return found
+
+
+def onnx_type(dtype) -> int:
+    return {np.dtype(F32): TensorProto.FLOAT, np.dtype(F16): TensorProto.FLOAT16,
+            np.dtype(np.uint8): TensorProto.UINT8, np.dtype(np.int8): TensorProto.INT8}[np.dtype(dtype)]
+
+
+def one_node_model(op_type: str, inputs: dict[str, np.ndarray], initializers: dict[str, np.ndarray],
+                   outputs: list[str], **attrs) -> bytes:
+    """One hadanorm node; `inputs` become graph inputs (dynamic shapes), `initializers` constants."""
+    names = [*inputs, *initializers]
+    order = attrs.pop("order", names)
+    node = helper.make_node(op_type, order, outputs, domain="hadanorm", **attrs)
+    graph = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info(k, onnx_type(v.dtype), [f"d{k}{i}" for i in range(v.ndim)])
+         for k, v in inputs.items()],
+        [helper.make_empty_tensor_value_info(k) for k in outputs],
+        [numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in initializers.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("hadanorm", 1)],
+                              ir_version=10)
+    return model.SerializeToString()
+
+
+def run_on(library: Path, model: bytes, feeds: dict[str, np.ndarray], isa: str | None = None) -> list[np.ndarray]:
+    saved = os.environ.get("HADANORM_KERNELS_ISA")
+    if isa is not None:
+        os.environ["HADANORM_KERNELS_ISA"] = isa
+    try:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 2
+        register_kernels(options, library)
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    finally:
+        if saved is None:
+            os.environ.pop("HADANORM_KERNELS_ISA", None)
+        else:
+            os.environ["HADANORM_KERNELS_ISA"] = saved
+    return session.run(None, feeds)
+
+
+def run_every_path(library: Path, isas: list[str], model: bytes, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The scalar path's outputs, after checking every other path gives the same bits."""
+    reference = run_on(library, model, feeds, "scalar")
+    for isa in isas[1:]:
+        got = run_on(library, model, feeds, isa)
+        for r, g in zip(reference, got):
+            assert r.dtype == g.dtype and r.shape == g.shape, isa
+            np.testing.assert_array_equal(g, r, err_msg=f"{isa} differs from scalar")
+    return reference
+
+
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quantize ops
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def quantize_reference(y: np.ndarray, bits: int, half_scale: bool):
+    """The definition, in float32 (IEEE divisions, round half to even)."""
+    y = y.astype(F32)
+    qmax = F32(2**bits - 1)
+    hi = np.maximum(y.max(axis=-1, keepdims=True), F32(0))
+    lo = np.minimum(y.min(axis=-1, keepdims=True), F32(0))
+    scale = np.maximum((hi - lo) / qmax, np.finfo(F32).tiny)
+    if half_scale:
+        scale = scale.astype(F16).astype(F32)
+    zp = np.clip(np.rint(-(lo / scale)), F32(0), qmax)
+    codes = np.clip(np.rint(y / scale) + zp, F32(0), qmax)
+    return codes.astype(np.uint8), scale, zp.astype(np.uint8)
+
+
+QUANTIZE_OPS = {  # op -> (transform op giving y, centers, rotates)
+    "Quantize": (None, False, False),
+    "ScaleQuantize": ("Scale", False, False),
+    "ScaleRotateQuantize": ("ScaleRotate", False, True),
+    "CenterScaleQuantize": ("CenterScale", True, False),
+    "CenterScaleRotateQuantize": ("CenterScaleRotate", True, True),
+}
+
+
+def transform_consts(width: int, rotate: bool, mode: HadamardMode, dtype) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(width)
+    mul = np.exp(rng.standard_normal(width) * 0.5)
+    consts = {"mul": mul}
+    if rotate:
+        h = hadamard_factors(width, mode, block_size=8 if width == 72 else 128, seed=3)
+        consts = {"mul": mul * h.signs, "h_left": h.left, "h_right": h.right}
+    return {k: v.astype(dtype) for k, v in consts.items()}
+
+
+QUANTIZE_CASES = [  # (op, width, bits, dtype, Hadamard mode, batch, tokens)
+    ("Quantize", 72, 4, F32, HadamardMode.FULL, 1, 7),
+    ("Quantize", 4608, 8, F16, HadamardMode.FULL, 3, 5),
+    ("ScaleQuantize", 1152, 3, F32, HadamardMode.FULL, 3, 17),
+    ("ScaleQuantize", 72, 6, F16, HadamardMode.FULL, 1, 4),
+    ("CenterScaleQuantize", 1152, 4, F32, HadamardMode.FULL, 3, 33),
+    ("CenterScaleQuantize", 4608, 6, F16, HadamardMode.FULL, 1, 9),
+    ("ScaleRotateQuantize", 1152, 4, F32, HadamardMode.FULL, 1, 16),
+    ("ScaleRotateQuantize", 4608, 8, F32, HadamardMode.BLOCK, 3, 6),
+    ("ScaleRotateQuantize", 72, 3, F16, HadamardMode.BLOCK, 3, 6),
+    ("CenterScaleRotateQuantize", 1152, 4, F32, HadamardMode.BLOCK, 3, 20),
+    ("CenterScaleRotateQuantize", 4608, 4, F32, HadamardMode.FULL, 1, 8),
+    ("CenterScaleRotateQuantize", 1152, 6, F16, HadamardMode.FULL, 3, 7),
+]
+
+
+@pytest.mark.parametrize("op,width,bits,dtype,mode,batch,tokens", QUANTIZE_CASES,
+                         ids=[f"{c[0]}-{c[1]}-a{c[2]}-{np.dtype(c[3]).name}-{c[4].value}" for c in QUANTIZE_CASES])
+def test_quantize_ops_bit_exact(library, isas, op, width, bits, dtype, mode, batch, tokens):
+    """codes / scale / zero point equal numpy's quantizer applied to y, where y is computed in float32 from the
+    same (float16-exact) values: by numpy for Quantize / ScaleQuantize, by the library's float32 transform kernel for
+    the others (the same code path). mean_y equals the transform kernel's second output (rounded to float16)."""
+    transform, center, rotate = QUANTIZE_OPS[op]
+    x = dit_like_input(width, batch=batch, tokens=tokens, seed=bits).astype(dtype)
+    consts = transform_consts(width, rotate, mode, dtype) if transform else {}
+    got = run_every_path(library, isas, one_node_model(op, {"x": x}, consts,
+                                                       ["codes", "scale", "zero_point", "mean_y"][:3 + center],
+                                                       bits=bits), {"x": x})
+    x32 = x.astype(F32)
+    consts32 = {k: v.astype(F32) for k, v in consts.items()}
+    if transform is None:
+        y, mean_y = x32, None
+    elif transform == "Scale":
+        y, mean_y = x32 * consts32["mul"], None
+    else:  # the float32 transform kernel on the same values
+        outs = run_on(library, one_node_model(transform, {"x": x32}, consts32, ["y", "mean_y"][:1 + center]),
+                      {"x": x32})
+        y, mean_y = outs[0], (outs[1] if center else None)
+    codes, scale, zp = quantize_reference(y, bits, half_scale=dtype == F16)
+    assert got[0].dtype == np.uint8 and got[1].dtype == dtype and got[2].dtype == np.uint8
+    np.testing.assert_array_equal(got[0], codes)
+    np.testing.assert_array_equal(got[1].astype(F32), scale)
+    np.testing.assert_array_equal(got[2], zp)
+    if center:
+        assert got[3].dtype == dtype and got[3].shape == (batch, 1, width)
+        np.testing.assert_array_equal(got[3], mean_y.astype(dtype))
+
+
+def test_quantize_edge_rows(library, isas):
+    """All-zero, all-positive, all-negative, constant and tiny rows; ties on .5 (round half to even)."""
+    rows = np.array([np.zeros(72), np.linspace(0.5, 3.0, 72), -np.linspace(0.5, 3.0, 72), np.full(72, -2.5),
+                     np.full(72, 1e-30), np.arange(72) * 0.5 - 10.0], dtype=F32)[None]
+    for bits in (2, 5, 8):
+        got = run_every_path(library, isas, one_node_model("Quantize", {"x": rows}, {},
+                                                           ["codes", "scale", "zero_point"], bits=bits), {"x": rows})
+        for g, e in zip(got, quantize_reference(rows, bits, half_scale=False)):
+            np.testing.assert_array_equal(g, e)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# IntMatMul / FloatMatMul
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MatMulCase:
+    k: int
+    n: int
+    wbits: int
+    abits: int
+    symmetric: bool
+    batch: int
+    m: int
+    bias: str  # "N" or "B1N"
+    dtype: type = F32
+    block: int = 128
+
+    @property
+    def container(self) -> int:
+        return 4 if self.wbits <= 4 else 8
+
+    @property
+    def id(self) -> str:
+        return (f"K{self.k}-N{self.n}-w{self.wbits}a{self.abits}-{'sym' if self.symmetric else 'asym'}-"
+                f"B{self.batch}M{self.m}-bias{self.bias}-{np.dtype(self.dtype).name}")
+
+
+MATMUL_CASES = [
+    MatMulCase(72, 72, 4, 4, True, 1, 7, "N"),
+    MatMulCase(1152, 4608, 3, 3, False, 3, 3, "B1N"),
+    MatMulCase(4608, 1152, 4, 8, True, 1, 9, "N"),
+    MatMulCase(200, 100, 4, 6, False, 3, 4, "B1N"),  # K not a multiple of the block, N not of 16
+    MatMulCase(1152, 72, 4, 4, True, 3, 33, "N", F16),
+    MatMulCase(72, 1152, 3, 8, False, 1, 20, "B1N", F16),
+    MatMulCase(72, 72, 8, 8, True, 3, 7, "B1N"),
+    MatMulCase(1152, 4608, 6, 6, False, 1, 3, "N"),
+    MatMulCase(4608, 1152, 8, 4, False, 3, 3, "B1N"),
+    MatMulCase(200, 100, 6, 3, True, 1, 13, "N"),
+    MatMulCase(1152, 72, 8, 8, False, 3, 9, "N", F16),
+    MatMulCase(72, 1152, 6, 4, True, 1, 5, "B1N", F16),
+    MatMulCase(512, 48, 4, 8, False, 1, 19, "N", F32, 256),  # a block over 128 (int32 corrections)
+    MatMulCase(300, 40, 8, 8, True, 3, 6, "B1N", F32, 300),  # one block (per-channel), not a multiple of 8
+]
+
+
+def packed_weight(case: MatMulCase, seed: int = 0) -> PackedWeight:
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((case.k, case.n)) / np.sqrt(case.k)
+    w[:, : max(1, case.n // 10)] *= 5.0  # a few large columns
+    return quantize_and_pack(w, case.wbits, case.block, case.symmetric, np.dtype(case.dtype))
+
+
+def weight_inits(p: PackedWeight) -> dict[str, np.ndarray]:
+    return {"b": p.b, "scales": p.scales, "zero_points": p.zero_points}
+
+
+def activations(case: MatMulCase, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    qmax = 2**case.abits - 1
+    lead = (case.batch, case.m)
+    codes = rng.integers(0, qmax + 1, size=(*lead, case.k), dtype=np.uint8)
+    zp = rng.integers(0, qmax + 1, size=(*lead, 1), dtype=np.uint8)
+    scale = (rng.uniform(0.5, 2.0, size=(*lead, 1)) / qmax).astype(case.dtype)
+    bias_shape = (case.n,) if case.bias == "N" else (case.batch, 1, case.n)
+    bias = rng.standard_normal(bias_shape).astype(case.dtype)
+    return codes, scale, zp, bias
+
+
+def int_matmul_reference(codes, scale, zp, p: PackedWeight, bias) -> np.ndarray:
+    """float64 of a_scale * sum_blk scales[blk] * I[blk] + bias, with I the exact integer block sums."""
+    u = unpack_codes(p).astype(np.float64)  # [K, N]
+    k = u.shape[0]
+    zw = np.repeat(p.zero_points.astype(np.float64), p.block_size, axis=0)[:k]
+    c = codes.astype(np.float64) - zp.astype(np.float64)  # [..., M, K]
+    acc = 0.0
+    for blk in range(p.scales.shape[0]):
+        sl = slice(blk * p.block_size, min(k, (blk + 1) * p.block_size))
+        acc = acc + (c[..., sl] @ (u[sl] - zw[sl])) * p.scales[blk].astype(np.float64)  # integers exact in f64
+    return scale.astype(np.float64) * acc + bias.astype(np.float64)
+
+
+def int_matmul_model(case: MatMulCase, p: PackedWeight, constant_weight: bool = True) -> bytes:
+    feeds_spec = {"codes": np.zeros((1, 1, case.k), np.uint8), "a_scale": np.zeros((1, 1, 1), case.dtype),
+                  "a_zero_point": np.zeros((1, 1, 1), np.uint8),
+                  "bias": np.zeros((case.n,) if case.bias == "N" else (1, 1, case.n), case.dtype)}
+    inits = weight_inits(p)
+    if not constant_weight:
+        feeds_spec.update(inits)
+        inits = {}
+    order = ["codes", "a_scale", "a_zero_point", "b", "scales", "zero_points", "bias"]
+    return one_node_model(f"IntMatMul{case.container}", feeds_spec, inits, ["y"], block_size=p.block_size,
+                          order=order)
+
+
+@pytest.mark.parametrize("case", MATMUL_CASES, ids=[c.id for c in MATMUL_CASES])
+def test_int_matmul(library, isas, case):
+    p = packed_weight(case)
+    codes, scale, zp, bias = activations(case)
+    feeds = {"codes": codes, "a_scale": scale, "a_zero_point": zp, "bias": bias}
+    (y,) = run_every_path(library, isas, int_matmul_model(case, p), feeds)
+    assert y.dtype == case.dtype and y.shape == (case.batch, case.m, case.n)
+    expected = int_matmul_reference(codes, scale, zp, p, bias)
+    if case.dtype == F32:
+        assert rel_l2(y, expected) <= 1e-6
+    else:  # the float32 result rounded once to float16
+        np.testing.assert_allclose(y.astype(np.float64), expected, rtol=2**-10, atol=2**-24 * 4)
+
+
+def test_int_matmul_weight_as_input(library, isas):
+    """b / scales / zero_points fed at run time (sums computed per run) give the same bits as constants."""
+    case = MatMulCase(200, 100, 4, 4, False, 3, 5, "B1N")
+    p = packed_weight(case)
+    codes, scale, zp, bias = activations(case)
+    feeds = {"codes": codes, "a_scale": scale, "a_zero_point": zp, "bias": bias}
+    (constant,) = run_on(library, int_matmul_model(case, p), feeds)
+    (fed,) = run_every_path(library, isas, int_matmul_model(case, p, constant_weight=False),
+                            {**feeds, **weight_inits(p)})
+    np.testing.assert_array_equal(fed, constant)
+
+
+def test_int_matmul_extreme_codes(library, isas):
+    """All codes 255 against weights at the container's extremes: int32 sums stay exact."""
+    for wbits in (4, 8):
+        case = MatMulCase(4608, 32, wbits, 8, False, 1, 2, "N")
+        rng = np.random.default_rng(wbits)
+        w = np.where(rng.random((case.k, case.n)) < 0.5, -1.0, 1.0) * rng.uniform(0.9, 1.0, (case.k, case.n))
+        w[:, 0] = 1.0  # zero point 0, codes all at the top
+        p = quantize_and_pack(w, wbits, 128, False, np.dtype(F32))
+        codes = np.full((1, 2, case.k), 255, np.uint8)
+        codes[0, 1, ::2] = 0
+        zp = np.array([[[0]], [[255]]], np.uint8).reshape(1, 2, 1)
+        scale = np.ones((1, 2, 1), F32)
+        bias = np.zeros(case.n, F32)
+        (y,) = run_every_path(library, isas, int_matmul_model(case, p),
+                              {"codes": codes, "a_scale": scale, "a_zero_point": zp, "bias": bias})
+        assert rel_l2(y, int_matmul_reference(codes, scale, zp, p, bias)) <= 1e-6
+
+
+FLOAT_CASES = [
+    MatMulCase(72, 72, 4, 8, True, 1, 1, "N"),
+    MatMulCase(1152, 4608, 4, 8, False, 3, 1, "N"),
+    MatMulCase(4608, 1152, 3, 8, True, 2, 3, "N", F16),
+    MatMulCase(200, 100, 8, 8, False, 3, 1, "N"),
+    MatMulCase(1152, 1152, 6, 8, True, 1, 2, "N", F16),
+    MatMulCase(4608, 72, 8, 8, True, 1, 1, "N", F32, 4608),  # the exact mode's per-channel copy: one block
+]
+
+
+@pytest.mark.parametrize("case", FLOAT_CASES, ids=[c.id for c in FLOAT_CASES])
+def test_float_matmul(library, isas, case):
+    p = packed_weight(case)
+    x = dit_like_input(case.k, batch=case.batch, tokens=case.m, seed=case.k).astype(case.dtype)
+    model = one_node_model(f"FloatMatMul{case.container}", {"x": x}, weight_inits(p), ["y"], block_size=p.block_size)
+    (y,) = run_every_path(library, isas, model, {"x": x})
+    assert y.dtype == case.dtype and y.shape == (case.batch, case.m, case.n)
+    u = unpack_codes(p).astype(np.float64)
+    zw = np.repeat(p.zero_points.astype(np.float64), p.block_size, axis=0)[: case.k]
+    scales = np.repeat(p.scales.astype(np.float64), p.block_size, axis=0)[: case.k]
+    expected = x.astype(np.float64) @ ((u - zw) * scales)
+    if case.dtype == F32:
+        assert rel_l2(y, expected) <= 1e-6
+    else:
+        np.testing.assert_allclose(y.astype(np.float64), expected, rtol=2**-10, atol=1e-3 * np.abs(expected).max())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# float16 transform ops, errors, path selection
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["Scale", "ScaleRotate", "CenterScale", "CenterScaleRotate"])
+def test_transform_ops_float16(library, op):
+    """float16 graphs run the kernels: the float32 kernel's result on the same values, rounded to float16."""
+    center, rotate = op.startswith("Center"), op.endswith("Rotate")
+    consts = transform_consts(1152, rotate, HadamardMode.FULL, F16)
+    x = dit_like_input(1152, batch=3, tokens=9).astype(F16)
+    outputs = ["y", "mean_y"][:1 + center]
+    got = run_on(library, one_node_model(op, {"x": x}, consts, outputs), {"x": x})
+    want = run_on(library, one_node_model(op, {"x": x.astype(F32)}, {k: v.astype(F32) for k, v in consts.items()},
+                                          outputs), {"x": x.astype(F32)})
+    for g, w in zip(got, want):
+        assert g.dtype == F16
+        np.testing.assert_array_equal(g, w.astype(F16))
+
+
+def test_bad_packed_weight_shape_message(library):
+    case = MatMulCase(256, 64, 4, 4, True, 1, 3, "N")
+    p = packed_weight(case)
+    codes, scale, zp, bias = activations(dataclasses.replace(case, k=128 + 64))  # K=192 with 2 blocks of 128...
+    bad = dataclasses.replace(p, b=p.b[:, :20])  # ... but b cut short
+    with pytest.raises(Exception) as info:
+        run_on(library, int_matmul_model(case, bad), {"codes": codes, "a_scale": scale, "a_zero_point": zp,
+                                                      "bias": bias})
+    message = str(info.value)
+    assert ("hadanorm::IntMatMul4: b has shape [4, 20, 64] but N=64, K=192, block_size=128 need [4, 32, 64]; "
+            "re-quantize with hn-export") in message
+
+
+def test_bad_block_size_message(library):
+    case = MatMulCase(72, 16, 4, 4, True, 1, 1, "N")
+    p = packed_weight(case)
+    model = one_node_model("FloatMatMul4", {"x": np.zeros((1, 1, 72), F32)}, weight_inits(p), ["y"], block_size=12)
+    with pytest.raises(Exception, match=r"hadanorm::FloatMatMul4: attribute block_size=12 must be a positive "
+                                        r"multiple of 8"):
+        run_on(library, model, {"x": np.zeros((1, 1, 72), F32)})
+
+
+def test_isa_selection(library, isas, monkeypatch, tmp_path):
+    """HadanormKernelsIsa() names the best path, honours the override, refuses unknown or missing paths; the call
+    log (with HADANORM_KERNELS_CALL_LOG_ISA=1) shows the path that ran."""
+    monkeypatch.delenv("HADANORM_KERNELS_ISA", raising=False)
+    assert library_isa(library) == isas[-1]  # the best path (ALL_ISAS is in order of preference per CPU family)
+    missing = [name for name in ALL_ISAS if name not in isas]
+    monkeypatch.setenv("HADANORM_KERNELS_ISA", "sse9")
+    assert library_isa(library).startswith("error: HADANORM_KERNELS_ISA=sse9 is not a kernel path")
+    case = MatMulCase(72, 16, 4, 4, True, 1, 2, "N")
+    p = packed_weight(case)
+    model = one_node_model("FloatMatMul4", {"x": np.zeros((1, 2, 72), F32)}, weight_inits(p), ["y"],
+                           block_size=p.block_size)
+    with pytest.raises(Exception, match="HADANORM_KERNELS_ISA=sse9 is not a kernel path"):
+        run_on(library, model, {"x": np.zeros((1, 2, 72), F32)}, isa="sse9")
+    if missing:
+        with pytest.raises(Exception, match=f"HADANORM_KERNELS_ISA={missing[0]} but this CPU"):
+            run_on(library, model, {"x": np.zeros((1, 2, 72), F32)}, isa=missing[0])
+    monkeypatch.delenv("HADANORM_KERNELS_ISA")
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("HADANORM_KERNELS_CALL_LOG", str(log))
+    monkeypatch.setenv("HADANORM_KERNELS_CALL_LOG_ISA", "1")
+    for isa in isas:
+        run_on(library, model, {"x": np.zeros((1, 2, 72), F32)}, isa=isa)
+    assert log.read_text().splitlines() == [f"FloatMatMul4 {isa}" for isa in isas]
+
+
+def test_own_threads_same_bits(library, monkeypatch):
+    case = MatMulCase(1152, 1152, 4, 4, False, 3, 20, "B1N")
+    p = packed_weight(case)
+    codes, scale, zp, bias = activations(case)
+    feeds = {"codes": codes, "a_scale": scale, "a_zero_point": zp, "bias": bias}
+    (pool,) = run_on(library, int_matmul_model(case, p), feeds)
+    monkeypatch.setenv("HADANORM_KERNELS_THREADS", "3")
+    (own,) = run_on(library, int_matmul_model(case, p), feeds)
+    np.testing.assert_array_equal(own, pool)
