@@ -71,6 +71,7 @@ class Denoiser:
         threads: int | None = None,
         kernel_library: str | os.PathLike | None | bool = True,
         profile_prefix: str | None = None,
+        spinning: bool = True,
     ):
         """`kernel_library`: True = the built library if any, False/None = function bodies only, or a path."""
         self.path = Path(path)
@@ -80,7 +81,8 @@ class Denoiser:
         self.providers = choose_providers(provider)
         try:
             self.session = create_session(self.path, mode, self.providers, threads,
-                                          kernel_library=self.kernel_library, profile_prefix=profile_prefix)
+                                          kernel_library=self.kernel_library, profile_prefix=profile_prefix,
+                                          spinning=spinning)
         except KernelLibraryError as exc:
             raise RuntimeInputError(f"{exc} (or run without kernels)") from None
         except Exception as exc:  # onnxruntime raises several pybind types

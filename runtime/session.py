@@ -50,13 +50,18 @@ _SESSION_CONFIG: dict[NumericsMode, dict[str, str]] = {
 }
 
 
-def session_options(mode: NumericsMode = NumericsMode.AS_WRITTEN, threads: int | None = None) -> ort.SessionOptions:
+def session_options(mode: NumericsMode = NumericsMode.AS_WRITTEN, threads: int | None = None,
+                    spinning: bool = True) -> ort.SessionOptions:
+    """`spinning=False`: onnxruntime's intra-op threads sleep after a run instead of spinning (several sessions
+    timed in turn in one process would otherwise steal each other's cores)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     for key, value in mode.session_config.items():
         options.add_session_config_entry(key, value)
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -77,6 +82,7 @@ def create_session(
     external_data_folder: str | os.PathLike | None = None,
     optimized_model_path: str | os.PathLike | None = None,
     profile_prefix: str | None = None,
+    spinning: bool = True,
 ) -> ort.InferenceSession:
     """A session for a model file or serialized bytes.
 
@@ -85,7 +91,7 @@ def create_session(
     `external_data_folder`: where the weights of a model passed as bytes live. `optimized_model_path`: write
     onnxruntime's optimized graph there (what it holds in memory). `profile_prefix`: enable onnxruntime's profiler.
     """
-    options = session_options(mode, threads)
+    options = session_options(mode, threads, spinning)
     library = resolve_library(kernel_library)
     if library is not None:
         register_kernels(options, library)

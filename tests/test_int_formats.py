@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -25,7 +23,6 @@ from graph_passes.lower_nbits import LowerToNBitsPass
 from graph_passes.methods import BiasCorrection, Method, TransformOptions
 from graph_passes.pipeline import quantize_model
 from graph_passes.quantization import OutputFormat, QuantConfig
-from runtime import kernels
 from runtime.session import create_session
 from tests.graphs import dit_like_input, linear_model, serialize
 from tests.test_passes import ALL, calibration_stats, rel_l2
@@ -34,25 +31,7 @@ OUT = 200  # output channels of the site linear: 12.5 column tiles of 16 (a part
 CONFIGS = [(m, b) for m in Method for b in (BiasCorrection if m.recipe.center else [BiasCorrection.FLOAT_TOKEN])]
 
 
-def _has_int_kernels() -> bool:
-    path = kernels.library_path()
-    if path is None:
-        return False
-    import ctypes
-
-    try:
-        ctypes.CDLL(os.fspath(path)).HadanormKernelsIsa  # noqa: B018 - the integer ops came with this symbol
-    except (OSError, AttributeError):
-        return False
-    return True
-
-
-IMPLEMENTATIONS = [
-    pytest.param(False, id="function-bodies"),
-    pytest.param(True, id="kernels", marks=pytest.mark.skipif(
-        not _has_int_kernels(), reason="hadanorm kernel library with integer ops not built "
-                                       "(python -m runtime.kernels.build)")),
-]
+IMPLEMENTATIONS = [pytest.param(False, id="function-bodies"), pytest.param(True, id="kernels")]
 
 
 def _quantized(width: int, method: Method, bias: BiasCorrection, bits: int) -> tuple[ir.Model, np.ndarray]:
@@ -75,7 +54,9 @@ def _lowered(model: ir.Model, lowering) -> ir.Model:
 @pytest.mark.parametrize("use_kernels", IMPLEMENTATIONS)
 @pytest.mark.parametrize("width", [72, 1152, 4608])
 @pytest.mark.parametrize("method,bias", CONFIGS, ids=[f"{m.value}-{b.value}" for m, b in CONFIGS])
-def test_fused_equals_qdq(use_kernels, width, method, bias):
+def test_fused_equals_qdq(use_kernels, width, method, bias, request):
+    if use_kernels:
+        request.getfixturevalue("kernel_library")  # built once, or the test is skipped with the reason
     for bits in (3, 4, 6, 8):
         qdq, x = _quantized(width, method, bias, bits)
         fused = _lowered(qdq, LowerToFusedPass())
@@ -107,11 +88,12 @@ def _float_bytes(model: onnx.ModelProto) -> int:
     return sum(int(np.prod(t.dims)) * floats[t.data_type] for t in model.graph.initializer if t.data_type in floats)
 
 
-@pytest.mark.parametrize("fmt", [OutputFormat.QDQ, OutputFormat.NBITS, pytest.param(
-    OutputFormat.FUSED, marks=pytest.mark.skipif(not _has_int_kernels(), reason="kernel library not built"))])
-def test_optimized_model_keeps_weights_4bit(tiny_onnx, hn_cli, tmp_path, fmt):
+@pytest.mark.parametrize("fmt", list(OutputFormat))
+def test_optimized_model_keeps_weights_4bit(tiny_onnx, hn_cli, tmp_path, fmt, request):
     """onnxruntime's optimized model adds no float copy of a site weight to the float tensors the file carries
     (nbits, fused); as written it adds one per site weight (qdq: every weight DequantizeLinear folded to float32)."""
+    if fmt is OutputFormat.FUSED:
+        request.getfixturevalue("kernel_library")  # the kernels keep the weights packed (bodies fold them)
     out = tmp_path / f"tiny.{fmt.value}.onnx"
     result = hn_cli(tiny_onnx, "--w4a4", "--format", fmt.value, "--calib-samples", "1", "--calib-steps", "2",
                     "-o", out, "--no-progress")

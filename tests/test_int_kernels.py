@@ -33,13 +33,8 @@ F32, F16 = np.float32, np.float16
 
 
 @pytest.fixture(scope="module")
-def library() -> Path:
-    from runtime.kernels.build import BuildError, build
-
-    try:
-        return build()
-    except BuildError as exc:
-        pytest.skip(f"hadanorm kernel library cannot be built: {' '.join(str(exc).split())[:300]}")
+def library(kernel_library) -> Path:
+    return kernel_library  # tests/conftest.py: built once, or skipped with the reason
 
 
 def library_isa(library: Path) -> str:

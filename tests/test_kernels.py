@@ -24,13 +24,6 @@ SHAPES = [(b, n) for b in (1, 3) for n in (1, 7, 256)]
 OPS = {spec.op_type: spec for spec in ALL_OPS}
 
 
-@pytest.fixture(scope="session")
-def kernel_library() -> Path:
-    from runtime.kernels.build import build
-
-    return build()
-
-
 @pytest.fixture
 def call_log(tmp_path, monkeypatch) -> Path:
     """A file the kernels append one line per run to (HADANORM_KERNELS_CALL_LOG)."""

@@ -127,7 +127,7 @@ def _single_op_model(model: onnx.ModelProto, node: onnx.NodeProto) -> bytes:
     return single.SerializeToString()
 
 
-def test_kernels_active_and_equal_to_function_bodies(quantized, tmp_path, monkeypatch):
+def test_kernels_active_and_equal_to_function_bodies(quantized, tmp_path, monkeypatch, kernel_library):
     """Per op, on the activations the W4A4 graph really feeds each hadanorm op: kernel and function body agree.
 
     The two whole W4A4 graphs cannot be compared end to end at a tight bound: kernel and function body round
@@ -140,10 +140,9 @@ def test_kernels_active_and_equal_to_function_bodies(quantized, tmp_path, monkey
     graph's). End to end, the transform-only graph (hadanorm ops, no quantizers, so no rounding boundary to cross)
     is compared in the next test."""
     from runtime.domain import HADANORM_DOMAIN
-    from runtime.kernels.build import build
     from tests.test_kernels import calls, rel_l2, sessions
 
-    library = build()
+    library = kernel_library
     assert Denoiser(quantized, kernel_library=library).hadanorm_path == "kernels"
     model = onnx.load(quantized)
     ops = [node for node in model.graph.node if node.domain == HADANORM_DOMAIN]
@@ -168,18 +167,17 @@ def test_kernels_active_and_equal_to_function_bodies(quantized, tmp_path, monkey
             assert rel_l2(g, e) <= 72 * 2.0**-24, (name, rel_l2(g, e))
 
 
-def test_kernels_equal_function_bodies_end_to_end_without_quantizers(tiny_onnx, tmp_path):
+def test_kernels_equal_function_bodies_end_to_end_without_quantizers(tiny_onnx, tmp_path, kernel_library):
     """The transform-only graph: 14 hadanorm ops, no rounding to a grid, so the per-op float32 differences (~3.6e-7)
     stay of that order through the network. Measured: relative L2 2.9e-7 (hadanorm, tiny model); bound 1e-5."""
     from hn_export.cli import main
-    from runtime.kernels.build import build
 
     out = tmp_path / "transformed.onnx"
     with pytest.raises(SystemExit) as info:
         main([str(tiny_onnx), "--transform-only", "-o", str(out), "--calib-samples", "1", "--calib-steps", "2",
               "--no-progress"])
     assert info.value.code == 0
-    with_kernels = Denoiser(out, kernel_library=build())
+    with_kernels = Denoiser(out, kernel_library=kernel_library)
     assert with_kernels.hadanorm_path == "kernels"
     a, b = with_kernels(feeds()), Denoiser(out, kernel_library=False)(feeds())
     assert np.linalg.norm(a - b) / np.linalg.norm(b) <= 1e-5

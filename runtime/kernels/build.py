@@ -25,6 +25,7 @@ import contextlib
 import fcntl
 import glob
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -32,6 +33,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 SOURCES = sorted(HERE.glob("*.cc"))  # every source of the library (arch-specific ones compile to nothing elsewhere)
@@ -180,7 +183,7 @@ def _run(cmd: list[str], cwd: Path | None = None) -> None:
         raise BuildError(f"`{' '.join(cmd[:2])} ...` failed (exit {proc.returncode}): {' | '.join(tail)}")
 
 
-def fetch_headers(dest: Path = HEADER_CACHE, log=print) -> Path:
+def fetch_headers(dest: Path = HEADER_CACHE, log=None) -> Path:
     """Download Debian trixie's libonnxruntime-dev with apt-get (temporary config), unpack its headers into dest."""
     for tool in ("apt-get", "dpkg"):
         if shutil.which(tool) is None:
@@ -196,7 +199,8 @@ def fetch_headers(dest: Path = HEADER_CACHE, log=print) -> Path:
                "-o", f"Dir::State::Lists={tmp / 'lists'}", "-o", f"Dir::Cache={tmp / 'cache'}"]
         if os.geteuid() == 0:
             apt += ["-o", "APT::Sandbox::User=root"]  # the temporary folders are not readable by _apt
-        log(f"fetching onnxruntime headers: apt-get update + download {HEADER_PACKAGE} ({HEADER_SUITE})")
+        (log or logger.info)(f"fetching onnxruntime headers: apt-get update + download {HEADER_PACKAGE} "
+                             f"({HEADER_SUITE})")
         _run(apt + ["update"])
         _run(apt + ["download", HEADER_PACKAGE], cwd=tmp / "download")
         debs = sorted((tmp / "download").glob(f"{HEADER_PACKAGE}_*.deb"))
@@ -215,7 +219,7 @@ def fetch_headers(dest: Path = HEADER_CACHE, log=print) -> Path:
     return dest
 
 
-def ensure_headers(log=print) -> Path:
+def ensure_headers(log=None) -> Path:
     found = find_headers()
     if found is None:
         fetch_headers(HEADER_CACHE, log)
@@ -261,7 +265,7 @@ def _locked(folder: Path):
 
 def build(output_dir: str | os.PathLike | None = None, force: bool = False, log=None) -> Path:
     """Build (or reuse) the kernel library; returns the path of ``libhadanorm_kernels.so``."""
-    log = log or (lambda message: print(message, file=sys.stderr))
+    log = log or logger.info
     out_dir = Path(output_dir) if output_dir is not None else DEFAULT_OUTPUT_DIR
     library = out_dir / LIBRARY_NAME
     stamp_file = out_dir / (LIBRARY_NAME + ".stamp")
@@ -306,11 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even if the library is up to date")
     parser.add_argument("--output-dir", type=Path, default=None, help=f"default: {DEFAULT_OUTPUT_DIR}")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)  # progress: fetch, compile
     try:
         print(build(args.output_dir, force=args.force))
     except BuildError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     return 0
 
 
