@@ -2,7 +2,7 @@
 
 Measures wall time and peak RSS of each step (separate processes under /usr/bin/time -v), the same for
 `onnxruntime.quantization.quantize_static` (QDQ, MinMax, same FP graph and the same calibration inputs), and the file
-sizes with bits per weight. Writes benchmarks/full_pipeline_256.md.
+sizes with bits per weight. Writes benchmarks/full_pipeline_256_<layers>blocks.md.
 
     python benchmarks/bench_full_pipeline.py [--layers 28] [--calib-samples 2] [--calib-steps 10]
 """
