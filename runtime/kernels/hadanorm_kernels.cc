@@ -27,8 +27,6 @@
 
 #include "isa.h"
 
-#define HN_STR_(x) #x
-#define HN_STR(x) HN_STR_(x)
 
 namespace hadanorm {
 void add_transform_ops(Ort::CustomOpDomain& domain);
@@ -52,10 +50,6 @@ uint32_t requested_api_version() {
 }  // namespace
 
 extern "C" {
-
-__attribute__((visibility("default"))) const char* HadanormKernelsApiVersion() {
-  return "hadanorm kernels, onnxruntime API " HN_STR(ORT_API_VERSION);
-}
 
 // The integer-kernel path a kernel created now would run (HADANORM_KERNELS_ISA honoured), e.g. "avx512vnni", or
 // "error: <why>" when the override names a path this CPU lacks.
