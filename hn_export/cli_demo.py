@@ -1,13 +1,16 @@
 """`hn-export demo`: the whole toolchain on the built-in PixArt-Sigma, no files or network needed.
 
 Builds the real PixArt-Sigma XL-2 architecture (256 px, full 1152 width) at reduced depth with `dit-stats` weights,
-exports FP32 and FP16 graphs, quantizes W4A4 with all six methods (calibration shared), runs each against the FP16
-graph (one denoiser call and a denoising run) and prints the comparison table.
+exports FP32 and FP16 graphs, quantizes W4A4 with all six methods (calibration shared) and HadaNorm also in the
+deployment formats (`nbits`, `fused`), runs each against the FP16 graph (one denoiser call and a denoising run),
+prints the comparison table, then times one denoiser call of FP32 and of HadaNorm W4A4 in each format. The kernel
+library is built first when it can be (otherwise `fused` runs its function bodies, and the demo says so).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -15,9 +18,11 @@ from pathlib import Path
 import click
 
 from graph_passes.methods import BiasCorrection, Method
-from graph_passes.quantization import QuantConfig
+from graph_passes.quantization import OutputFormat, QuantConfig
 from hn_export.compare import CompareConfig, grid, run_compare, table_markdown, write_results
 from hn_export.denoise import DenoiseConfig
+from hn_export.latency import median_call_ms
+from hn_export.model_files import write_atomic
 
 DEMO_PRESET = "pixart-sigma-256"
 
@@ -39,26 +44,40 @@ def demo_command(out_dir: Path | None, layers: int, steps: int, seed: int, no_pr
         folder.mkdir(parents=True, exist_ok=True)
         fp32, fp16 = folder / "pixart-sigma-256.onnx", folder / "pixart-sigma-256.fp16.onnx"
         source = ModelSource(preset=DEMO_PRESET, layers=layers, seed=seed, init=InitKind.DIT_STATS)
-        click.echo(f"1/3 building {DEMO_PRESET} ({layers} blocks, dit-stats, seed {seed}) and exporting FP32 + FP16")
+        _build_kernels()
+        click.echo(f"1/4 building {DEMO_PRESET} ({layers} blocks, dit-stats, seed {seed}) and exporting FP32 + FP16")
         model = build_transformer(source)
         export_transformer(model, fp32, progress=not no_progress)
         export_transformer(model, fp16, fp16=True, progress=not no_progress)
         del model
-        click.echo("2/3 calibrating once, then quantizing W4A4 with every method")
+        click.echo("2/4 calibrating once, then quantizing W4A4 with every method (HadaNorm also as nbits and fused)")
         config = CompareConfig(
             evaluation=DenoiseConfig(steps=steps, samples=1, seed=seed + 1000),
             calibration=DenoiseConfig(steps=steps, samples=1, seed=seed),
-            keep_models=folder if out_dir else None,
+            keep_models=folder,
             progress=not no_progress,
         )
-        points = grid(list(Method), [QuantConfig(4, 4)], [BiasCorrection.FLOAT_TOKEN])
+        deploy = [QuantConfig(4, 4, format=f) for f in (OutputFormat.NBITS, OutputFormat.FUSED)]
+        points = (grid(list(Method), [QuantConfig(4, 4)], [BiasCorrection.FLOAT_TOKEN])
+                  + grid([Method.HADANORM], deploy, [BiasCorrection.FLOAT_TOKEN]))
         results = run_compare(fp32, points, fp16, config)
-        click.echo(f"3/3 compared against {fp16.name} (single call and {steps}-step denoising)\n")
+        click.echo(f"3/4 compared against {fp16.name} (single call and {steps}-step denoising)\n")
         click.echo(table_markdown(results))
+        click.echo("4/4 one denoiser call (batch 2), median of 3 interleaved runs\n")
+        graphs = {"FP32": fp32, **{f"HadaNorm {p.bits.upper()}": folder / f"{fp32.name.removesuffix('.onnx')}."
+                                   f"{p.file_stem}.onnx" for p in points if p.method is Method.HADANORM}}
+        timings = median_call_ms(graphs)
+        base = timings["FP32"][0]
+        click.echo("| graph | ms | speed-up vs FP32 | runs as |\n|---|---:|---:|---|")
+        for name, (ms, implementation) in timings.items():
+            click.echo(f"| {name} | {ms:.0f} | {base / ms:.2f}x | {implementation} |")
+        click.echo("")
         meta = {"preset": DEMO_PRESET, "layers": layers, "steps": steps, "seed": seed, "reference": fp16.name,
                 "calibration": dataclasses.asdict(config.calibration)}
         files = write_results(results, folder, meta, f"{DEMO_PRESET}, {layers} blocks: W4A4 SQNR vs FP16")
         if out_dir:
+            meta_timings = {name: {"ms": round(ms, 1), "implementation": impl} for name, (ms, impl) in timings.items()}
+            write_atomic(folder / "latency.json", json.dumps(meta_timings, indent=2) + "\n")
             for path in sorted(folder.iterdir()):
                 if path.is_file():
                     click.echo(f"wrote {path}")
@@ -66,3 +85,13 @@ def demo_command(out_dir: Path | None, layers: int, steps: int, seed: int, no_pr
             click.echo(f"(files were in a temporary folder, now deleted: {', '.join(p.name for p in files)} and "
                        "the ONNX graphs; pass --out DIR to keep them)")
     click.echo(f"done in {time.perf_counter() - start:.0f} s")
+
+
+def _build_kernels() -> None:
+    from runtime.kernels.build import BuildError, build
+
+    try:
+        build()
+    except BuildError as exc:
+        click.echo(f"note: hadanorm kernel library not built ({' '.join(str(exc).split())[:200]}); "
+                   "fused graphs run their function bodies (slow)")
