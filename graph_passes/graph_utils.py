@@ -65,3 +65,20 @@ def make_node(op_type: str, inputs: list[ir.Value | None], name: str, *, domain:
     for i, out in enumerate(node.outputs):
         out.name = f"{name}_out{i}" if num_outputs > 1 else f"{name}_out"
     return node
+
+
+class NodeSequence:
+    """Graph nodes built in order with `make_node`: unique names ``<prefix>.<i>_<Op>`` and shared metadata. The
+    caller inserts `nodes` (``graph.insert_before`` or ``graph.extend``). Function bodies use
+    `graph_passes.hadanorm_ops.FunctionBody` instead (their values live in a function, not in the graph)."""
+
+    def __init__(self, prefix: str, metadata: dict[str, str] | None = None):
+        self.prefix = prefix
+        self.metadata = dict(metadata or {})
+        self.nodes: list[ir.Node] = []
+
+    def op(self, op_type: str, inputs: list[ir.Value | None], **attrs) -> ir.Value:
+        node = make_node(op_type, inputs, f"{self.prefix}.{len(self.nodes)}_{op_type}", metadata=self.metadata,
+                         **attrs)
+        self.nodes.append(node)
+        return node.outputs[0]

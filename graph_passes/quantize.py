@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes import tags
-from graph_passes.graph_utils import add_initializer, make_node, shared_constant
+from graph_passes.graph_utils import NodeSequence, add_initializer, make_node, shared_constant
 from graph_passes.methods import BiasCorrection
 from graph_passes.quantization import (
     QuantConfig,
@@ -115,12 +115,8 @@ def activation_qdq(graph: ir.Graph, before: ir.Node, x: ir.Value, bits: int) -> 
     zero = shared_constant(graph, f"hadanorm.zero_{dtype}", np.array(0, dtype=dtype))
     qmax = shared_constant(graph, f"hadanorm.qmax{bits}_{dtype}", np.array(2**bits - 1, dtype=dtype))
     tiny = shared_constant(graph, f"hadanorm.tiny_{dtype}", np.array(np.finfo(dtype).tiny, dtype=dtype))
-    nodes: list[ir.Node] = []
-
-    def op(op_type: str, inputs: list[ir.Value], **attrs) -> ir.Value:
-        node = make_node(op_type, inputs, f"{name}.{len(nodes)}_{op_type}", metadata={tags.ACT_QUANT: site}, **attrs)
-        nodes.append(node)
-        return node.outputs[0]
+    seq = NodeSequence(name, metadata={tags.ACT_QUANT: site})
+    op = seq.op
 
     hi = op("Max", [op("ReduceMax", [x, axes], keepdims=1), zero])
     lo = op("Min", [op("ReduceMin", [x, axes], keepdims=1), zero])
@@ -134,7 +130,7 @@ def activation_qdq(graph: ir.Graph, before: ir.Node, x: ir.Value, bits: int) -> 
         source = op("Max", [op("Min", [x, high]), low])  # Clip takes scalar bounds only
     q = op("QuantizeLinear", [source, scale, zp], axis=-1, block_size=width)
     dq = op("DequantizeLinear", [q, scale, zp], axis=-1, block_size=width)
-    nodes[-1].metadata_props[tags.ACT_BITS] = str(bits)
+    seq.nodes[-1].metadata_props[tags.ACT_BITS] = str(bits)
     dq.type, dq.shape = x.type, x.shape
-    graph.insert_before(before, nodes)
+    graph.insert_before(before, seq.nodes)
     return dq

@@ -33,6 +33,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
+from graph_passes.graph_utils import NodeSequence, add_initializer
 from graph_passes.linears import SiteSelection, find_activation_sites
 from graph_passes.site_transforms import SiteStats
 from hn_export.denoise import DenoiseConfig, ModelSignature, load_input_file, trajectory
@@ -108,29 +109,27 @@ def _add_stat_outputs(model: ir.Model) -> tuple[dict[str, str], list[ir.Node], l
     graph = model.graph
     activations = {site.activation.name: site.activation for site in find_activation_sites(model, ALL_LINEARS)}
     owners: dict[str, str] = {}
-    tape = ir.tape.Tape(graph)
-    first = tape.initializer(ir.tensor(np.array([0], dtype=np.int64), name="hn_calib.axis0"))
-    tokens = tape.initializer(ir.tensor(np.array([-2], dtype=np.int64), name="hn_calib.axis_tokens"))
+    seq = NodeSequence("hn_calib")
+    first = add_initializer(graph, "hn_calib.axis0", np.array([0], dtype=np.int64))
+    tokens = add_initializer(graph, "hn_calib.axis_tokens", np.array([-2], dtype=np.int64))
 
     def channel_absmax(value: ir.Value) -> ir.Value:
         """max |value| over every axis but the last: flatten to [tokens, d], reduce axis 0."""
-        flat = tape.op("Flatten", [tape.op("Abs", [value])], {"axis": -1})
-        return tape.op("ReduceMax", [flat, first], {"keepdims": 0})
+        flat = seq.op("Flatten", [seq.op("Abs", [value])], axis=-1)
+        return seq.op("ReduceMax", [flat, first], keepdims=0)
 
     for i, (name, x) in enumerate(activations.items()):
         # [..., N, d] -> [1, ..., N, d]: rank >= 2 for every input, the same token axis -2 and leading indices
-        xf = tape.op("Unsqueeze", [tape.op("Cast", [x], {"to": ir.DataType.FLOAT}), first])
-        mean_tok = tape.op("ReduceMean", [xf, tokens], {"keepdims": 1})
-        values = (channel_absmax(xf), channel_absmax(tape.op("Sub", [xf, mean_tok])))
+        xf = seq.op("Unsqueeze", [seq.op("Cast", [x], to=ir.DataType.FLOAT), first])
+        mean_tok = seq.op("ReduceMean", [xf, tokens], keepdims=1)
+        values = (channel_absmax(xf), channel_absmax(seq.op("Sub", [xf, mean_tok])))
         for value, stat in zip(values, _STATS):
             value.name = f"hn_calib.{i}.{stat}"
             value.type = ir.TensorType(ir.DataType.FLOAT)
             graph.outputs.append(value)
         owners[f"hn_calib.{i}"] = name
-    graph.extend(tape.nodes)
-    for init in tape.initializers:
-        graph.register_initializer(init)
-    return owners, list(tape.nodes), list(tape.initializers)
+    graph.extend(seq.nodes)
+    return owners, seq.nodes, [first, tokens]
 
 
 def _remove_stat_outputs(model: ir.Model, outputs: int, nodes: list[ir.Node], initializers: list[ir.Value]) -> None:
