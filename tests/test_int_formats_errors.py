@@ -103,3 +103,13 @@ def test_fp16_graph_runs_with_the_library(tiny_onnx, hn_cli, tmp_path, kernel_li
         got = with_kernels(half).astype(np.float32)
         want = Denoiser(out, kernel_library=False)(half).astype(np.float32)
         assert np.all(np.isfinite(got)) and sqnr_db(want, got) > 25.0, fmt
+
+
+def test_median_call_ms_names_every_graph_and_what_ran_it(formats, tiny_onnx):
+    """The demo's timing table: one entry per graph, a positive median, the implementation of each."""
+    from hn_export.latency import median_call_ms
+
+    timings = median_call_ms({"FP32": tiny_onnx, "nbits": formats["nbits"], "fused": formats["fused"]}, runs=2)
+    assert list(timings) == ["FP32", "nbits", "fused"]
+    assert all(ms > 0 for ms, _ in timings.values())
+    assert [impl.split(":")[0] for _, impl in timings.values()] == ["float", "nbits", "fused"]
