@@ -96,6 +96,9 @@ def quantize_command(model: Path, preset, wbits, abits, output, method, alpha, h
     click.echo(f"calibration: {report.calibration}")
     for path in report.files:
         click.echo(f"wrote {path}")
+    if quant and quant.format is OutputFormat.QDQ:
+        click.echo("note: --format qdq simulates the integer maths with float MatMuls (portable, slower than FP32 in "
+                   "onnxruntime); to deploy, use --format fused (hadanorm kernels) or --format nbits (stock onnxruntime)")
 
 
 def _check_format_block(fmt: OutputFormat, block: int, weight_bits: int) -> None:
