@@ -8,6 +8,7 @@ with ``axis=-1`` and ``block_size = width`` (one block per token). The maths is 
 Bias-correction MatMuls (``hadanorm.role = bias-correction``) keep their float mean token: in ``float-token`` mode
 they read the same dequantized weight as the site MatMul, in ``exact`` mode an int8 per-output-channel copy.
 
+This is the ``qdq`` format; `graph_passes.lower_nbits` and `graph_passes.lower_fused` lower it to the others.
 Note: onnxruntime's default graph optimizations fuse ``DequantizeLinear + MatMul`` into ``MatMulNBits`` whose
 default accuracy level quantizes the activations to int8; `runtime.session` sets the session options that keep the
 numbers of this graph.
@@ -27,8 +28,6 @@ from graph_passes.quantization import (
     quantize_weight,
     quantize_weight_per_channel_int8,
 )
-
-WEIGHT_ROLE = tags.WEIGHT_ROLE
 
 
 def _float_dtype(value: ir.Value) -> np.dtype:
@@ -79,7 +78,7 @@ class QuantizePass(ir.passes.InPlacePass):
             inputs.append(add_initializer(graph, f"{name}.zero_point", qw.zero_point))
         block = min(self.config.weight_block, original.shape[0])
         node = make_node("DequantizeLinear", inputs, f"{name}.dq", axis=0, block_size=block,
-                         metadata={WEIGHT_ROLE: tags.ROLE_MAIN})
+                         metadata={tags.WEIGHT_ROLE: tags.ROLE_MAIN})
         node.outputs[0].type, node.outputs[0].shape = weight.type, weight.shape
         graph.insert_before(before, node)
         return node.outputs[0]
@@ -90,7 +89,7 @@ class QuantizePass(ir.passes.InPlacePass):
         q_init = add_initializer(graph, f"{weight.name}.q8", q)
         name = q_init.name
         inputs = [q_init, add_initializer(graph, f"{name}.scale", scale)]
-        node = make_node("DequantizeLinear", inputs, f"{name}.dq", axis=1, metadata={WEIGHT_ROLE: tags.ROLE_BIAS_CORRECTION})
+        node = make_node("DequantizeLinear", inputs, f"{name}.dq", axis=1, metadata={tags.WEIGHT_ROLE: tags.ROLE_BIAS_CORRECTION})
         node.outputs[0].type, node.outputs[0].shape = weight.type, weight.shape
         graph.insert_before(before, node)
         return node.outputs[0]
