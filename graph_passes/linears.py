@@ -5,10 +5,11 @@ initializer (stored pre-transposed) and an optional ``Add(., b)`` with a constan
 ``Gemm(x, W, b, transB=1)``. The dynamo exporter gives weights generated names; the module path comes from the
 node's ``namespace`` metadata (``.../transformer.transformer_blocks.0.attn1.to_q: torch.nn.modules.linear.Linear/...``).
 
-An *activation site* is one activation tensor together with the linears of one module group that consume it:
-q/k/v of self-attention share one site, k/v of cross-attention another. PixArt has 7 per block. Linears of
-different blocks that read the same tensor (every block's cross-attention k/v reads the projected caption) form
-separate sites, so each gets its own transform.
+An *activation site* is one activation tensor together with the linears of one module group that consume it
+(q/k/v of self-attention share one site, k/v of cross-attention another). The groups and their roles come from the
+model family's `graph_passes.site_roles.RoleTable` in the `SiteSelection`; this module only reads the graph. Linears
+of different blocks that read the same tensor (every PixArt block's cross-attention k/v reads the projected caption)
+form separate sites, so each gets its own transform.
 """
 
 from __future__ import annotations
@@ -21,24 +22,9 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes.errors import GraphInputError
+from graph_passes.site_roles import GENERIC_ROLE, RoleTable
 
 _LINEAR_CLASS = "torch.nn.modules.linear.Linear"
-_BLOCK_RE = re.compile(r"transformer_blocks\.(\d+)\.")
-
-# Module-path suffix -> (group name, role) for PixArt's BasicTransformerBlock.
-_PIXART_ROLES: tuple[tuple[str, str, str], ...] = (
-    ("attn1.to_q", "attn1.qkv", "self-attn in"),
-    ("attn1.to_k", "attn1.qkv", "self-attn in"),
-    ("attn1.to_v", "attn1.qkv", "self-attn in"),
-    ("attn1.to_out.0", "attn1.out", "self-attn out"),
-    ("attn2.to_q", "attn2.q", "cross-attn query in"),
-    ("attn2.to_k", "attn2.kv", "text in"),
-    ("attn2.to_v", "attn2.kv", "text in"),
-    ("attn2.to_out.0", "attn2.out", "cross-attn out"),
-    ("ff.net.0.proj", "ff.in", "ffn in"),
-    ("ff.net.2", "ff.out", "ffn out"),
-)
-ROLES: tuple[str, ...] = tuple(dict.fromkeys(role for _, _, role in _PIXART_ROLES))
 
 
 @dataclasses.dataclass
@@ -69,7 +55,7 @@ class ActivationSite:
     """An activation tensor and the linears (of one module group) that consume it."""
 
     name: str  # e.g. "transformer_blocks.3.attn1.qkv"
-    role: str  # e.g. "self-attn in"; "linear" for graphs without PixArt module paths
+    role: str  # e.g. "self-attn in"; "linear" where the role table names no role
     block: int | None
     activation: ir.Value
     linears: list[LinearLayer]
@@ -81,10 +67,12 @@ class ActivationSite:
 
 @dataclasses.dataclass(frozen=True)
 class SiteSelection:
-    """Which linears become activation sites: module-path regexes (searched, not anchored)."""
+    """Which linears become activation sites: module-path regexes (searched, not anchored), and the role table of
+    the model's family that names the sites (None: every site has the generic role ``linear``)."""
 
     include: tuple[str, ...] = (r"transformer_blocks\.",)
     exclude: tuple[str, ...] = ()
+    roles: RoleTable | None = None
 
     def selects(self, module_path: str) -> bool:
         return any(re.search(p, module_path) for p in self.include) and not any(
@@ -149,14 +137,13 @@ def find_linears(model: ir.Model) -> list[LinearLayer]:
     return linears
 
 
-def _group_and_role(module_path: str) -> tuple[str | None, str, int | None]:
-    """PixArt block linears get their module group; other linears group by activation alone (group None)."""
-    block_match = _BLOCK_RE.search(module_path)
-    block = int(block_match.group(1)) if block_match else None
-    for suffix, group, role in _PIXART_ROLES:
-        if module_path.endswith(suffix) and block_match is not None:
-            return f"transformer_blocks.{block}.{group}", role, block
-    return None, "linear", block
+def _group_and_role(module_path: str, roles: RoleTable | None) -> tuple[str | None, str, int | None]:
+    """Block linears named by the role table get their site group; others group by activation alone (group None)."""
+    named = roles.site_of(module_path) if roles is not None else None
+    if named is not None:
+        return named.group, named.role, named.block
+    located = roles.block_of(module_path) if roles is not None else None
+    return None, GENERIC_ROLE, located[1] if located else None
 
 
 def find_activation_sites(model: ir.Model, selection: SiteSelection = SiteSelection()) -> list[ActivationSite]:
@@ -174,7 +161,7 @@ def find_activation_sites(model: ir.Model, selection: SiteSelection = SiteSelect
     for linear in linears:
         if not linear.is_matmul or not selection.selects(linear.module_path):
             continue
-        group, role, block = _group_and_role(linear.module_path)
+        group, role, block = _group_and_role(linear.module_path, selection.roles)
         key = (linear.activation.name or "", group or "")
         if key not in sites:
             sites[key] = ActivationSite(group or linear.module_path, role, block, linear.activation, [])

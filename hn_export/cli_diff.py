@@ -10,10 +10,10 @@ from pathlib import Path
 
 import click
 
-from hn_export.denoise import DenoiseConfig, load_input_file, model_inputs, sample_conditions
+from hn_export.denoise import DenoiseConfig, first_call_feeds, load_input_file
 from hn_export import diff as diff_lib
 from hn_export.diff import compare_outputs
-from hn_export.evaluate import SINGLE_CALL_TIMESTEP, GraphRunner
+from hn_export.evaluate import GraphRunner
 from hn_export.model_files import write_atomic
 
 
@@ -50,8 +50,7 @@ def _diff(candidate: Path, reference: Path, steps: int, samples: int, seed: int,
         click.echo(f"candidate {candidate.name} ({implementations['candidate']}, {cand.denoiser.providers[0]}) vs "
                    f"reference {reference.name} ({implementations['reference']})")
         if feeds is None:
-            first = sample_conditions(ref.signature, config, 0)
-            layer_feeds = model_inputs(ref.signature, first["latents"], SINGLE_CALL_TIMESTEP, first["captions"])
+            layer_feeds = first_call_feeds(ref.signature, config, 0)
         else:
             layer_feeds = feeds
     click.echo(f"{'output':<28} {'SQNR (dB)':>10} {'cosine':>10} {'max abs':>11} {'rel L2':>10}")

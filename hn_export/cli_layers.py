@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from graph_passes.linears import SiteSelection, find_activation_sites, find_linears
+from hn_export.families import selection_for
 from hn_export.model_files import load_model
 
 
@@ -22,7 +23,7 @@ def layers_command(model: Path, include, exclude, as_json: bool) -> None:
     ir_model = load_model(model)
     linears = find_linears(ir_model)
     selection = SiteSelection(include=tuple(include) or SiteSelection().include, exclude=tuple(exclude))
-    sites = find_activation_sites(ir_model, selection)
+    sites = find_activation_sites(ir_model, selection_for(ir_model, selection))
     if as_json:
         click.echo(json.dumps({
             "linears": [{"module": lin.module_path, "op": lin.node.op_type, "weight": lin.weight.name,

@@ -1,9 +1,13 @@
-"""Denoising trajectories of an ONNX PixArt transformer: the calibration inputs and the end-to-end metric.
+"""Denoising trajectories of an exported transformer: the calibration inputs and the end-to-end metric.
 
-A trajectory is diffusers' `DPMSolverMultistepScheduler` with PixArt-Sigma's scheduler settings, a classifier-free
-guidance batch of 2 (unconditional, conditional caption embeddings) per sample, seeded Gaussian latents and seeded
-random caption embeddings (no text encoder is needed). The model's learned-sigma half of the output is dropped as
-the diffusers pipeline does.
+The loop is the same for every family; what differs lives in the family (`models.families`): the scheduler and its
+settings, seeded starting latents and conditioning (random caption embeddings or class labels: no text encoder is
+needed), the feeds of one classifier-free-guidance call (batch 2: unconditional, conditional) and how its output
+becomes the scheduler's model output (a learned-sigma half is dropped, as the diffusers pipelines do). For PixArt:
+DPM-Solver++ 2M with the released scheduler settings, guidance 4.5, random T5-sized caption embeddings.
+
+The family of a graph is its ``hn_export.family`` metadata (written by `hn-export export`), else the family whose
+inputs the graph has (graphs from other exporters).
 """
 
 from __future__ import annotations
@@ -15,86 +19,77 @@ import numpy as np
 import onnx_ir as ir
 
 from hn_export.errors import UserError
+from models.errors import ModelInputError
+from models.families import FAMILIES, ModelFamily, Signature, family_of_inputs, supported
+from models.families.base import DenoiseSettings
 
 RunFn = Callable[[dict[str, np.ndarray]], np.ndarray]
+FAMILY_KEY = "hn_export.family"  # the same key hn_export.export writes
 
-# PixArt-Sigma's scheduler_config.json (DPM-Solver++ 2M, linear betas).
-PIXART_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.0001,
-    beta_end=0.02,
-    beta_schedule="linear",
-    prediction_type="epsilon",
-    solver_order=2,
-    algorithm_type="dpmsolver++",
-    lower_order_final=True,
-)
+DenoiseConfig = DenoiseSettings  # steps, samples, guidance_scale (None: the family's), seed, caption_length
+
+
+def graph_family(model: ir.Model) -> ModelFamily | None:
+    """The family named in the graph's metadata, else the one whose inputs the graph has, else None."""
+    name = model.metadata_props.get(FAMILY_KEY)
+    if name in FAMILIES:
+        return FAMILIES[name]
+    return family_of_inputs({v.name for v in model.graph.inputs if v.name})
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelSignature:
-    """What a denoiser call needs, read from the ONNX graph inputs."""
+class ModelSignature(Signature):
+    """What a denoiser call needs, read from the ONNX graph inputs (see `models.families.Signature`)."""
 
-    latent_shape: tuple[int, int, int]  # C, H, W
-    caption_channels: int
-    dtype: np.dtype
-    has_mask: bool
-    fixed_batch: int | None
-    fixed_caption_length: int | None
+    @property
+    def family_object(self) -> ModelFamily:
+        return FAMILIES[self.family]
 
     @classmethod
     def of(cls, model: ir.Model) -> ModelSignature:
         inputs = {v.name: v for v in model.graph.inputs}
-        missing = {"hidden_states", "timestep", "encoder_hidden_states"} - inputs.keys()
-        if missing:
+        family = graph_family(model)
+        if family is None:
             raise UserError(
-                f"the model has no input(s) {sorted(missing)} (inputs: {sorted(inputs)}); it is not a PixArt "
-                "transformer export",
-                "export one with `hn-export export`",
+                f"the model's inputs {sorted(inputs)} match no supported model family ({supported()})",
+                "export it with `hn-export export`, or add its family (one module in models/families/)",
             )
-        hidden, text = inputs["hidden_states"], inputs["encoder_hidden_states"]
-        dims = [d if isinstance(d, int) else None for d in hidden.shape]
-        if len(dims) != 4 or None in dims[1:]:
-            raise UserError(f"hidden_states has shape {hidden.shape}; expected [B, C, H, W] with static C, H, W",
-                            "re-export with `hn-export export`")
-        text_dims = [d if isinstance(d, int) else None for d in text.shape]
-        return cls(
-            latent_shape=tuple(dims[1:]),
-            caption_channels=int(text_dims[2]),
-            dtype=np.dtype(hidden.dtype.numpy()),
-            has_mask="encoder_attention_mask" in inputs,
-            fixed_batch=dims[0],
-            fixed_caption_length=text_dims[1],
-        )
+        hidden = inputs.get("hidden_states")
+        if hidden is None or hidden.shape is None or any(not isinstance(d, int) for d in hidden.shape[1:]):
+            raise UserError(f"hidden_states has shape {None if hidden is None else hidden.shape}; expected a batch "
+                            "axis and static latent dimensions", "re-export with `hn-export export`")
+        shapes = {name: tuple(d if isinstance(d, int) else None for d in (v.shape or ())) for name, v in inputs.items()}
+        dtypes = {name: np.dtype(v.dtype.numpy()) for name, v in inputs.items() if v.dtype is not None}
+        return cls(family=family.name, shapes=shapes, dtypes=dtypes)
 
 
-@dataclasses.dataclass(frozen=True)
-class DenoiseConfig:
-    steps: int = 20
-    samples: int = 1
-    guidance_scale: float = 4.5
-    seed: int = 0
-    caption_length: int = 64
+def guidance_scale_of(sig: Signature, config: DenoiseConfig) -> float:
+    """The guidance scale of a run: the config's, else the family's default."""
+    return config.guidance_scale if config.guidance_scale is not None else FAMILIES[sig.family].guidance_scale
 
 
-def sample_conditions(sig: ModelSignature, config: DenoiseConfig, index: int) -> dict[str, np.ndarray]:
-    """Seeded starting latents and (unconditional, conditional) caption embeddings for one sample."""
-    rng = np.random.default_rng([config.seed, index])
-    length = sig.fixed_caption_length or config.caption_length
-    latents = rng.standard_normal((1, *sig.latent_shape))
-    captions = rng.standard_normal((2, length, sig.caption_channels)) * 0.2  # T5 outputs are small
-    return {"latents": latents.astype(np.float32), "captions": captions.astype(np.float32)}
+def sample_conditions(sig: Signature, config: DenoiseConfig, index: int) -> dict[str, np.ndarray]:
+    """Seeded starting ``latents`` and the conditioning of one sample."""
+    return FAMILIES[sig.family].conditions(sig, config, index)
 
 
-def load_input_file(path, sig: ModelSignature, what: str) -> dict[str, np.ndarray]:
+def first_call_feeds(sig: Signature, config: DenoiseConfig, index: int, timestep: float | None = None) -> dict:
+    """Feeds of one guidance-pair call at the family's one-call timestep (or `timestep`), from sample `index`."""
+    family = FAMILIES[sig.family]
+    cond = family.conditions(sig, config, index)
+    t = family.single_call_timestep if timestep is None else timestep
+    return family.feeds(sig, cond["latents"], t, cond)
+
+
+def load_input_file(path, sig: Signature, what: str) -> dict[str, np.ndarray]:
     """Graph inputs from a user .npz (arrays named like the graph inputs, first axis = samples), checked: readable,
     complete, this resolution, finite."""
+    needed = FAMILIES[sig.family].input_file_arrays(sig)
     try:
         data = dict(np.load(path))
     except Exception:
         raise UserError(f"{what} {path} is not a readable .npz",
-                        "save it with numpy.savez(hidden_states=..., timestep=..., encoder_hidden_states=...)") from None
-    needed = ["hidden_states", "timestep", "encoder_hidden_states"] + (["encoder_attention_mask"] if sig.has_mask else [])
+                        f"save it with numpy.savez({', '.join(n + '=...' for n in needed)})") from None
     missing = [k for k in needed if k not in data]
     if missing:
         raise UserError(f"{what} {path} lacks arrays {missing}", f"it must hold {needed}")
@@ -107,45 +102,30 @@ def load_input_file(path, sig: ModelSignature, what: str) -> dict[str, np.ndarra
     return {k: data[k] for k in needed}
 
 
-def model_inputs(sig: ModelSignature, latents: np.ndarray, timestep: float, captions: np.ndarray) -> dict[str, np.ndarray]:
-    batch = captions.shape[0]
-    feeds = {
-        "hidden_states": np.repeat(latents, batch, axis=0).astype(sig.dtype),
-        "timestep": np.full((batch,), timestep, dtype=sig.dtype),
-        "encoder_hidden_states": captions.astype(sig.dtype),
-    }
-    if sig.has_mask:
-        feeds["encoder_attention_mask"] = np.ones(captions.shape[:2], dtype=sig.dtype)
-    return feeds
+def make_scheduler(sig: Signature, steps: int):
+    return FAMILIES[sig.family].scheduler(steps, sig)
 
 
-def make_scheduler(steps: int):
-    import torch  # noqa: F401  (diffusers schedulers work on torch tensors)
-    from diffusers import DPMSolverMultistepScheduler
-
-    scheduler = DPMSolverMultistepScheduler(**PIXART_SCHEDULER)
-    scheduler.set_timesteps(steps)
-    return scheduler
-
-
-def trajectory(run: RunFn, sig: ModelSignature, config: DenoiseConfig, index: int) -> Iterator[np.ndarray]:
+def trajectory(run: RunFn, sig: Signature, config: DenoiseConfig, index: int) -> Iterator[np.ndarray]:
     """Run one sample's denoising loop; yields the latents after every step (the last one is the result)."""
     import torch
 
-    cond = sample_conditions(sig, config, index)
-    scheduler = make_scheduler(config.steps)
+    family = FAMILIES[sig.family]
+    scale = guidance_scale_of(sig, config)
+    cond = family.conditions(sig, config, index)
+    try:
+        scheduler = family.scheduler(config.steps, sig)
+    except ModelInputError as exc:
+        raise UserError(exc.problem, exc.fix) from None
     latents = torch.from_numpy(cond["latents"]).double()
-    channels = sig.latent_shape[0]
     for t in scheduler.timesteps:
-        out = run(model_inputs(sig, latents.float().numpy(), float(t), cond["captions"]))
-        out = np.asarray(out, dtype=np.float64)[:, :channels]
-        uncond, text = out[0:1], out[1:2]
-        noise = uncond + config.guidance_scale * (text - uncond)
+        out = run(family.feeds(sig, latents.float().numpy(), float(t), cond))
+        noise = family.guide(np.asarray(out, dtype=np.float64), scale, sig)
         latents = scheduler.step(torch.from_numpy(noise), t, latents).prev_sample
         yield latents.numpy()
 
 
-def denoise(run: RunFn, sig: ModelSignature, config: DenoiseConfig, index: int) -> np.ndarray:
+def denoise(run: RunFn, sig: Signature, config: DenoiseConfig, index: int) -> np.ndarray:
     result = None
     for result in trajectory(run, sig, config, index):
         pass

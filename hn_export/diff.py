@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes.linears import find_activation_sites
+from hn_export.families import selection_for
 from hn_export.denoise import DenoiseConfig
 from hn_export.errors import UserError
 from hn_export.evaluate import GraphRunner, final_latents, single_call_outputs
@@ -65,7 +66,7 @@ def per_layer(candidate: Path, reference: Path, feeds: dict[str, np.ndarray]) ->
     ref_model, cand_model = load_model(reference, "reference"), load_model(candidate, "candidate")
     cand_values = {v.name for node in cand_model.graph for v in node.outputs}
     plan: list[tuple[str, str, int | None, list[str]]] = []
-    for site in find_activation_sites(ref_model):
+    for site in find_activation_sites(ref_model, selection_for(ref_model)):
         names = [(lin.bias_add or lin.node).outputs[0].name for lin in site.linears]
         if all(n in cand_values for n in names):
             plan.append((site.name, site.role, site.block, names))

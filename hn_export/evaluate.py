@@ -13,12 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from hn_export.denoise import DenoiseConfig, ModelSignature, denoise, model_inputs, sample_conditions
+from hn_export.denoise import DenoiseConfig, ModelSignature, denoise, first_call_feeds
 from hn_export.metrics import Comparison
 from hn_export.model_files import load_model
 from runtime.denoiser import Denoiser
 
-SINGLE_CALL_TIMESTEP = 500.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +50,7 @@ class GraphRunner:
 def single_call_outputs(runner: GraphRunner, sig: ModelSignature, config: DenoiseConfig) -> np.ndarray:
     outs = []
     for index in range(config.samples):
-        cond = sample_conditions(sig, config, index)
-        outs.append(runner(model_inputs(sig, cond["latents"], SINGLE_CALL_TIMESTEP, cond["captions"])))
+        outs.append(runner(first_call_feeds(sig, config, index)))
     return np.concatenate(outs)
 
 

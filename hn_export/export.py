@@ -1,4 +1,5 @@
-"""Export a diffusers PixArt transformer to ONNX (opset 21, IR 10) that onnxruntime loads and that matches torch.
+"""Export a diffusers transformer of any supported family to ONNX (opset 21, IR 10) that onnxruntime loads and that
+matches torch.
 
 Steps (shown as a tqdm bar when ``progress=True``):
 
@@ -11,13 +12,15 @@ Steps (shown as a tqdm bar when ``progress=True``):
    1.31 reads at most 13, onnx 1.23 would write 14).
 4. save: `hn_export.model_files.save_model`, atomic; weights go to ``<name>.onnx.data`` above ~1.8 GB.
 
-Graph interface (names of the diffusers forward arguments):
+Graph interface: the inputs of the model's family (`models.families`, `ModelFamily.input_specs`), named as the
+diffusers forward arguments; for PixArt:
 
 - ``hidden_states`` [B, in_channels, H, W] float, ``timestep`` [B] float, ``encoder_hidden_states`` [B, L, caption
   channels] float, and with ``with_mask=True`` ``encoder_attention_mask`` [B, L] float (1 keep, 0 drop).
 - output ``sample`` [B, out_channels, H, W].
 - B and L are dynamic (`torch.export.Dim`); H and W are fixed by the model's ``sample_size`` (the positional
   embedding is computed at export time: one file per resolution).
+- the family's name is stored in the model metadata (``hn_export.family``).
 - With ``with_mask=True`` every shape is static (B=2, L=`MASK_CAPTION_LENGTH`): torch.export with the attention mask
   and dynamic shapes fails (torch 2.13), a static export works.
 - ``fp16=True`` exports the model in float16 (a float16 reference graph; inputs and output are float16). A model that
@@ -41,13 +44,14 @@ from torch import nn
 
 from graph_passes.fix_noop_squeeze import FixNoopSqueezePass
 from hn_export.model_files import check_output_path, save_model
+from models.build import family_of_model
+from models.families import InputSpec, ModelFamily
 
 logger = logging.getLogger(__name__)
 
 OPSET_VERSION = 21
 IR_VERSION = 10
-INPUT_NAMES = ("hidden_states", "timestep", "encoder_hidden_states")
-MASK_INPUT_NAME = "encoder_attention_mask"
+FAMILY_KEY = "hn_export.family"
 OUTPUT_NAME = "sample"
 EXAMPLE_BATCH = 2  # not 0 or 1: torch.export specialises those sizes
 EXAMPLE_CAPTION_LENGTH = 9  # an odd size that no other dimension of the model has
@@ -55,42 +59,39 @@ MASK_CAPTION_LENGTH = 120  # static caption length of the masked export (PixArt-
 
 
 class TransformerForExport(nn.Module):
-    """Calls the diffusers transformer with keyword arguments and returns the sample tensor."""
+    """Calls the diffusers transformer with the graph inputs (positional, in `names` order); returns the sample."""
 
-    def __init__(self, transformer: nn.Module):
+    def __init__(self, transformer: nn.Module, family: ModelFamily, names: list[str]):
         super().__init__()
         self.transformer = transformer
+        self._family = family
+        self._names = names
 
-    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask=None):
-        return self.transformer(
-            hidden_states=hidden_states,
-            timestep=timestep,
-            encoder_hidden_states=encoder_hidden_states,
-            encoder_attention_mask=encoder_attention_mask,
-            return_dict=False,
-        )[0]
+    def forward(self, *args):
+        return self._family.forward(self.transformer, dict(zip(self._names, args)))
 
 
-def example_inputs(model: nn.Module, dtype: torch.dtype, with_mask: bool) -> tuple[torch.Tensor, ...]:
-    """Example inputs for tracing, in the order of `TransformerForExport.forward`."""
-    from models.build import make_inputs
-
+def example_inputs(model: nn.Module, family: ModelFamily, dtype: torch.dtype, with_mask: bool) -> dict[str, torch.Tensor]:
+    """Example inputs for tracing, named as the graph inputs."""
     length = MASK_CAPTION_LENGTH if with_mask else EXAMPLE_CAPTION_LENGTH
-    inputs = make_inputs(model, batch=EXAMPLE_BATCH, caption_length=length, seed=0, dtype=dtype, with_mask=with_mask)
-    names = (*INPUT_NAMES, MASK_INPUT_NAME) if with_mask else INPUT_NAMES
-    return tuple(inputs[n] for n in names)
+    return family.example_inputs(model, EXAMPLE_BATCH, length, 0, dtype, with_mask)
 
 
-def dynamic_shapes(with_mask: bool) -> dict | None:
-    if with_mask:
+def dynamic_shapes(specs: tuple[InputSpec, ...]) -> tuple | None:
+    """torch.export dynamic shapes (positional) for the family's inputs; None when every shape is static."""
+    if not any(spec.dynamic for spec in specs):
         return None
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    length = torch.export.Dim("caption_length", min=1, max=8192)
-    return {
-        "hidden_states": {0: batch},
-        "timestep": {0: batch},
-        "encoder_hidden_states": {0: batch, 1: length},
-    }
+    dims = {"batch": torch.export.Dim("batch", min=1, max=4096),
+            "caption_length": torch.export.Dim("caption_length", min=1, max=8192)}
+    out = []
+    for spec in specs:
+        axes = {}
+        for axis, symbol in spec.dynamic.items():
+            if symbol not in dims:
+                dims[symbol] = torch.export.Dim(symbol, min=1, max=1 << 16)
+            axes[axis] = dims[symbol]
+        out.append(axes or None)
+    return (tuple(out),)  # one entry: the wrapper's *args
 
 
 @contextlib.contextmanager
@@ -115,11 +116,11 @@ def _quiet():
             logger.debug("exporter output:\n%s", sink.getvalue())
 
 
-def _name_dynamic_dims(model: ir.Model) -> None:
-    """Rename the exporter's symbols (``s47``...) of the dynamic dimensions to ``batch`` and ``caption_length``."""
+def _name_dynamic_dims(model: ir.Model, specs: tuple[InputSpec, ...]) -> None:
+    """Rename the exporter's symbols (``s47``...) of the dynamic dimensions to the family's names (``batch``...)."""
     inputs = {v.name: v for v in model.graph.inputs}
     renames: dict[str, str] = {}
-    for input_name, axis, new in (("hidden_states", 0, "batch"), ("encoder_hidden_states", 1, "caption_length")):
+    for input_name, axis, new in ((s.name, a, sym) for s in specs for a, sym in s.dynamic.items()):
         value = inputs.get(input_name)
         if value is None or value.shape is None:
             continue
@@ -171,11 +172,14 @@ def _prepare(model: nn.Module, fp16: bool) -> nn.Module:
 def to_onnx(model: nn.Module, *, fp16: bool = False, with_mask: bool = False, progress=None) -> ir.Model:
     """Trace, translate and fix `model`; returns the onnx_ir Model (not written)."""
     model = _prepare(model, fp16)
+    family = family_of_model(model)
     dtype = torch.float16 if fp16 else torch.float32
-    wrapper = TransformerForExport(model).eval()
-    args = example_inputs(model, dtype, with_mask)
-    names = [*INPUT_NAMES, MASK_INPUT_NAME] if with_mask else list(INPUT_NAMES)
-    shapes = dynamic_shapes(with_mask)
+    specs = family.input_specs(model, with_mask)
+    names = [spec.name for spec in specs]
+    wrapper = TransformerForExport(model, family, names).eval()
+    inputs = example_inputs(model, family, dtype, with_mask)
+    args = tuple(inputs[name] for name in names)
+    shapes = dynamic_shapes(specs)
 
     def stage(name: str) -> None:
         if progress is not None:
@@ -202,8 +206,8 @@ def to_onnx(model: nn.Module, *, fp16: bool = False, with_mask: bool = False, pr
     stage("fix")
     onnx_model = program.model
     FixNoopSqueezePass()(onnx_model)
-    if not with_mask:
-        _name_dynamic_dims(onnx_model)
+    _name_dynamic_dims(onnx_model, specs)
+    onnx_model.metadata_props[FAMILY_KEY] = family.name
     onnx_model.ir_version = IR_VERSION
     if progress is not None:
         progress.update(1)
@@ -219,7 +223,7 @@ def export_transformer(
     progress: bool = True,
     metadata: dict[str, str] | None = None,
 ) -> list[Path]:
-    """Export a diffusers `PixArtTransformer2DModel` to `path`; returns the files written (.onnx [+ .onnx.data]).
+    """Export a diffusers transformer of a supported family to `path`; returns the files written (.onnx [+ .data]).
 
     `metadata` entries are stored in the model's ``metadata_props``.
     """

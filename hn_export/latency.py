@@ -6,7 +6,7 @@ import statistics
 import time
 from pathlib import Path
 
-from hn_export.denoise import DenoiseConfig, ModelSignature, model_inputs, sample_conditions
+from hn_export.denoise import DenoiseConfig, ModelSignature, first_call_feeds
 from hn_export.model_files import load_model
 from runtime.denoiser import Denoiser
 
@@ -18,8 +18,7 @@ def median_call_ms(graphs: dict[str, Path], runs: int = 3, threads: int | None =
     feeds = {}
     for name, path in graphs.items():
         sig = ModelSignature.of(load_model(path))
-        first = sample_conditions(sig, DenoiseConfig(seed=0), 0)
-        feeds[name] = model_inputs(sig, first["latents"], 500.0, first["captions"])
+        feeds[name] = first_call_feeds(sig, DenoiseConfig(seed=0), 0)
         dens[name](feeds[name])
     times: dict[str, list[float]] = {name: [] for name in dens}
     for _ in range(runs):

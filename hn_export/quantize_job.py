@@ -9,6 +9,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from graph_passes.linears import SiteSelection, find_activation_sites
+from hn_export.families import selection_for
 from graph_passes.methods import TransformOptions
 from graph_passes.pipeline import quantize_model
 from graph_passes.quantization import QuantConfig
@@ -80,7 +81,8 @@ def _weight_bytes(model: ir.Model) -> tuple[int, int]:
 def run_quantize(job: QuantizeJob) -> QuantizeReport:
     check_output_path(job.output, job.model_path)
     model = load_model(job.model_path)
-    sites = find_activation_sites(model, job.selection)  # fail fast on graphs with no linears
+    selection = selection_for(model, job.selection)
+    sites = find_activation_sites(model, selection)  # fail fast on graphs with no linears
     before = sum(lin.weight.const_value.nbytes for site in sites for lin in site.linears)
     stats = CalibrationStats(model_hash="", sites={}, calls=0, source="none (the method needs no statistics)")
     if job.transform.method.recipe.smooth:
@@ -92,7 +94,7 @@ def run_quantize(job: QuantizeJob) -> QuantizeReport:
             stats = calibrate(job.model_path, job.calibration, job.calib_inputs, progress=job.progress, model=model)
         if job.save_stats is not None:
             stats.save(job.save_stats)
-    quantize_model(model, stats.sites, job.transform, job.quant, job.selection, sites=sites)
+    quantize_model(model, stats.sites, job.transform, job.quant, selection, sites=sites)
     main, extra = _weight_bytes(model)
     ops = sorted({n.op_type for n in model.graph if n.domain == HADANORM_DOMAIN})
     model.metadata_props[TRANSFORM_OPS_KEY] = ",".join(ops)

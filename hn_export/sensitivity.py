@@ -21,9 +21,9 @@ import numpy as np
 from tqdm import tqdm
 
 from graph_passes.gated_activation_quant import MASK_INPUT
-from graph_passes.linears import ROLES
 from graph_passes.methods import Method, TransformOptions
 from graph_passes.pipeline import quantize_model
+from hn_export.families import selection_for
 from hn_export.calibration import CalibrationStats, calibrate
 from hn_export.compare import EvaluationInputs
 from hn_export.denoise import DenoiseConfig
@@ -68,7 +68,8 @@ def run_sensitivity(model_path: Path, methods: list[Method], act_bits: int, conf
         for method in methods:
             model = load_model(model_path)
             options = dataclasses.replace(transform, method=method)
-            plan = quantize_model(model, stats.sites if stats else {}, options, None, gated_act_bits=act_bits)
+            plan = quantize_model(model, stats.sites if stats else {}, options, None, selection_for(model),
+                                  gated_act_bits=act_bits)
             path = Path(tmp) / f"{method.value}.gated.onnx"
             save_model(model, path)
             del model
@@ -109,7 +110,7 @@ def plot(results: list[SiteSensitivity], title: str) -> bytes:
 
     agg = aggregate(results)
     methods = list(agg["by_role"])
-    roles = [r for r in ROLES if any(r in agg["by_role"][m] for m in methods)]
+    roles = list(dict.fromkeys(r.role for r in results))  # the order of the sites in the graph
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), dpi=120, gridspec_kw={"width_ratios": [3, 2]})
     width = 0.8 / max(len(methods), 1)
     x = np.arange(len(roles))

@@ -1,16 +1,18 @@
-"""Build a PixArt-Sigma transformer: a preset or config.json with seeded random weights, or a local checkpoint.
+"""Build a diffusion transformer of any supported family: a preset or config.json with seeded random weights, or a
+local checkpoint.
 
-`build_transformer(ModelSource(...))` returns a diffusers `PixArtTransformer2DModel` in eval mode, float32.
+`build_transformer(ModelSource(...))` returns the diffusers model (e.g. `PixArtTransformer2DModel`) in eval mode,
+float32. The family (`models.families`) comes from the preset name or from the config's ``_class_name``.
 
 - ``preset``: an architecture from `models.presets.PRESETS`, seeded random weights.
-- ``config``: a diffusers ``config.json`` of a `PixArtTransformer2DModel`, seeded random weights.
+- ``config``: a diffusers ``config.json`` of a supported model class, seeded random weights.
 - ``checkpoint``: a local diffusers folder, either the transformer folder itself (``config.json`` + weights) or a
   pipeline folder with a ``transformer/`` subfolder. Loaded with ``local_files_only=True``: nothing is downloaded.
 
 Random weights are the diffusers initialisation drawn under ``torch.manual_seed(seed)`` inside
 `torch.random.fork_rng` (the caller's global RNG is untouched; the same seed gives identical weights). With
 ``init=InitKind.DIT_STATS`` (the default for presets and configs) `models.dit_stats.plant_dit_stats` then plants
-DiT-like activation statistics; ``InitKind.PLAIN`` keeps the plain initialisation. ``init`` does not apply to
+DiT-like activation statistics (the family's recipe); ``InitKind.PLAIN`` keeps the plain initialisation. ``init`` does not apply to
 checkpoints (their weights are real).
 
 ``layers`` keeps the first N blocks (any source); ``sample_size`` changes the latent size (the positional embedding is
@@ -29,12 +31,10 @@ from typing import Any
 import torch
 
 from models.errors import ModelInputError as UserError
-from models.presets import PRESETS, PixArtPreset
+from models.families import ModelFamily, all_presets, family_of_class
 
 logger = logging.getLogger(__name__)
 
-PIXART_CLASS_NAME = "PixArtTransformer2DModel"
-MAX_SAMPLE_SIZE = 256  # latent 256x256 = 2048 px, the largest PixArt-Sigma resolution
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -92,11 +92,11 @@ def _check_source(source: ModelSource) -> None:
         ) from None
 
 
-def _check_sample_size(sample_size: int, patch_size: int) -> None:
-    if not (patch_size <= sample_size <= MAX_SAMPLE_SIZE) or sample_size % patch_size:
+def _check_sample_size(sample_size: int, patch_size: int, maximum: int) -> None:
+    if not (patch_size <= sample_size <= maximum) or sample_size % patch_size:
         raise UserError(
             f"unsupported sample size {sample_size}",
-            f"use a multiple of the patch size {patch_size} between {patch_size} and {MAX_SAMPLE_SIZE} "
+            f"use a multiple of the patch size {patch_size} between {patch_size} and {maximum} "
             f"(latent size = pixels / 8: 32, 64, 128 are 256, 512, 1024 px)",
         )
 
@@ -122,56 +122,42 @@ def _read_config_json(path: Path, what: str) -> dict[str, Any]:
         raise UserError(f"cannot read {what} {path}: {exc.strerror}", "check the path and permissions") from None
     if not isinstance(cfg, dict):
         raise UserError(f"{what} {path} is not a JSON object", "pass a diffusers config.json")
-    class_name = cfg.get("_class_name")
-    if class_name != PIXART_CLASS_NAME:
-        found = f"a {class_name}" if class_name else "not a diffusers model config (no _class_name)"
-        raise UserError(
-            f"{what} {path} is {found}, not a {PIXART_CLASS_NAME}",
-            "pass the transformer of a PixArt-Sigma / PixArt-Alpha pipeline",
-        )
-    return cfg
+    try:
+        family = family_of_class(cfg.get("_class_name"), cfg)
+    except UserError as exc:
+        raise UserError(f"{what} {path}: {exc.problem}", exc.fix) from None
+    return cfg, family
 
 
-def _config_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The keyword arguments of PixArtTransformer2DModel found in a config dict."""
-    import inspect
-
-    from diffusers import PixArtTransformer2DModel
-
-    params = set(inspect.signature(PixArtTransformer2DModel.__init__).parameters) - {"self"}
-    return {k: v for k, v in cfg.items() if k in params}
-
-
-def _seeded_model(kwargs: dict[str, Any], source: ModelSource, what: str):
-    from diffusers import PixArtTransformer2DModel
-
+def _seeded_model(family: ModelFamily, kwargs: dict[str, Any], source: ModelSource, what: str):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(source.seed)
         try:
-            model = PixArtTransformer2DModel(**kwargs)
+            model = family.model_class()(**kwargs)
         except (TypeError, ValueError, NotImplementedError, AssertionError, RuntimeError) as exc:
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise UserError(f"cannot build a PixArt transformer from {what}: {msg}", "fix the config") from None
+            raise UserError(f"cannot build a {family.class_name} from {what}: {msg}", "fix the config") from None
     if InitKind(source.init) in (InitKind.DIT_STATS, InitKind.OUTLIERS):
-        from models.dit_stats import plant_dit_stats
-
-        plant_dit_stats(model, source.seed, offsets=InitKind(source.init) == InitKind.DIT_STATS)
+        family.plant_stats(model, source.seed, offsets=InitKind(source.init) == InitKind.DIT_STATS)
     return model
 
 
-def _from_preset(source: ModelSource):
-    if source.preset not in PRESETS:
-        raise UserError(f"unknown preset {source.preset!r}", f"use one of: {', '.join(PRESETS)}")
-    preset: PixArtPreset = PRESETS[source.preset]
-    changes: dict[str, Any] = {}
+def _apply_changes(family: ModelFamily, kwargs: dict[str, Any], source: ModelSource) -> dict[str, Any]:
     if source.layers is not None:
-        changes["num_layers"] = source.layers
+        family.set_layers(kwargs, source.layers)
     if source.sample_size is not None:
-        _check_sample_size(source.sample_size, preset.patch_size)
-        changes["sample_size"] = source.sample_size
-    if changes:
-        preset = preset.replace(**changes)
-    return _seeded_model(preset.config(), source, f"preset {source.preset}")
+        _check_sample_size(source.sample_size, family.patch_size(kwargs), family.max_sample_size)
+        family.set_sample_size(kwargs, source.sample_size)
+    return family.prepare_config(kwargs)
+
+
+def _from_preset(source: ModelSource):
+    presets = all_presets()
+    if source.preset not in presets:
+        raise UserError(f"unknown preset {source.preset!r}", f"use one of: {', '.join(presets)}")
+    family, preset = presets[source.preset]
+    kwargs = _apply_changes(family, preset.kwargs(), source)
+    return _seeded_model(family, kwargs, source, f"preset {source.preset}")
 
 
 def _from_config(source: ModelSource):
@@ -180,20 +166,11 @@ def _from_config(source: ModelSource):
         path = path / "config.json"
     if not path.exists():
         raise UserError(f"config file {path} does not exist", "check the path")
-    cfg = _read_config_json(path, "config")
-    kwargs = _config_kwargs(cfg)
-    num_layers = int(kwargs.get("num_layers", 28))
-    _check_layers_against(source, num_layers, f"config {path}")
-    if source.layers is not None:
-        kwargs["num_layers"] = source.layers
-    if source.sample_size is not None:
-        _check_sample_size(source.sample_size, int(kwargs.get("patch_size", 2)))
-        kwargs["sample_size"] = source.sample_size
-    if kwargs.get("use_additional_conditions") is None:
-        # diffusers would switch it on for sample_size 128; PixArt-Sigma does not use it and the export
-        # has no resolution/aspect-ratio inputs.
-        kwargs["use_additional_conditions"] = False
-    return _seeded_model(kwargs, source, f"config {path}")
+    cfg, family = _read_config_json(path, "config")
+    kwargs = family.config_kwargs(cfg)
+    _check_layers_against(source, family.num_layers(kwargs), f"config {path}")
+    kwargs = _apply_changes(family, kwargs, source)
+    return _seeded_model(family, kwargs, source, f"config {path}")
 
 
 def resolve_checkpoint(folder: Path) -> Path:
@@ -217,30 +194,25 @@ def resolve_checkpoint(folder: Path) -> Path:
 
 
 def _from_checkpoint(source: ModelSource):
-    from diffusers import PixArtTransformer2DModel
-
     folder = resolve_checkpoint(Path(source.checkpoint))
-    cfg = _read_config_json(folder / "config.json", "checkpoint config")
+    cfg, family = _read_config_json(folder / "config.json", "checkpoint config")
     weights = [p for p in folder.iterdir() if p.name.endswith(WEIGHT_SUFFIXES) or p.name.endswith(".index.json")]
     if not weights:
         raise UserError(
             f"checkpoint folder {folder} has no weights (*.safetensors or *.bin)",
             "copy the diffusion_pytorch_model.* files beside config.json",
         )
-    num_layers = int(cfg.get("num_layers", 28))
-    _check_layers_against(source, num_layers, f"checkpoint {folder}")
-    overrides: dict[str, Any] = {}
-    if cfg.get("use_additional_conditions") is None and cfg.get("sample_size") == 128:
-        overrides["use_additional_conditions"] = False
+    _check_layers_against(source, family.num_layers(cfg), f"checkpoint {folder}")
+    overrides: dict[str, Any] = family.checkpoint_overrides(cfg)
     if source.sample_size is not None:
-        _check_sample_size(source.sample_size, int(cfg.get("patch_size", 2)))
-        overrides["sample_size"] = source.sample_size
+        _check_sample_size(source.sample_size, family.patch_size(cfg), family.max_sample_size)
+        family.set_sample_size(overrides, source.sample_size)
     import diffusers
 
     level = diffusers.logging.get_verbosity()
     diffusers.logging.set_verbosity_error()
     try:
-        model = PixArtTransformer2DModel.from_pretrained(
+        model = family.model_class().from_pretrained(
             folder, local_files_only=True, torch_dtype=torch.float32, low_cpu_mem_usage=False, **overrides
         )
     except Exception as exc:  # safetensors / torch / diffusers raise many types for bad files
@@ -253,9 +225,8 @@ def _from_checkpoint(source: ModelSource):
         ) from None
     finally:
         diffusers.logging.set_verbosity(level)
-    if source.layers is not None and source.layers < len(model.transformer_blocks):
-        model.transformer_blocks = torch.nn.ModuleList(list(model.transformer_blocks)[: source.layers])
-        model.register_to_config(num_layers=source.layers)
+    if source.layers is not None:
+        family.truncate(model, source.layers)
     return model
 
 
@@ -268,30 +239,26 @@ def build_transformer(source: ModelSource):
         model = _from_config(source)
     else:
         model = _from_checkpoint(source)
-    if getattr(model, "use_additional_conditions", False):
-        raise UserError(
-            "the model uses additional conditions (resolution / aspect ratio embeddings), which the export does not "
-            "support",
-            "set use_additional_conditions to false in config.json (PixArt-Sigma does not use them)",
-        )
+    family = family_of_model(model)
+    family.check_model(model)
     if any(p.dtype != torch.float32 for p in model.parameters()):
         model = model.float()
     model = model.eval()
     model.requires_grad_(False)
-    logger.info("built %s: %d blocks, %d parameters", source.describe(), len(model.transformer_blocks),
+    blocks = sum(len(getattr(model, name, ())) for name in family.block_lists)
+    logger.info("built %s (%s): %d blocks, %d parameters", source.describe(), family.name, blocks,
                 sum(p.numel() for p in model.parameters()))
     return model
 
 
+def family_of_model(model) -> ModelFamily:
+    """The family of a built diffusers model (its class, and its config where two families share a class)."""
+    return family_of_class(type(model).__name__, dict(model.config))
+
+
 def latent_size(model) -> int:
     """The latent height and width the model is exported at."""
-    return int(model.config.sample_size)
-
-
-def caption_width(model) -> int:
-    """Width of `encoder_hidden_states` (the T5 feature width when the model projects captions)."""
-    cfg = model.config
-    return int(cfg.caption_channels if cfg.caption_channels is not None else cfg.cross_attention_dim)
+    return family_of_model(model).latent_size(model)
 
 
 def make_inputs(
@@ -302,19 +269,10 @@ def make_inputs(
     dtype: torch.dtype = torch.float32,
     with_mask: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Random forward inputs (keyword names of the diffusers forward) for `model`."""
-    cfg = model.config
-    gen = torch.Generator().manual_seed(seed)
-    s = latent_size(model)
-    inputs = {
-        "hidden_states": torch.randn(batch, cfg.in_channels, s, s, generator=gen).to(dtype),
-        "timestep": (torch.rand(batch, generator=gen) * 999.0).round().to(dtype),
-        "encoder_hidden_states": torch.randn(batch, caption_length, caption_width(model), generator=gen).to(dtype),
-    }
-    if with_mask:
-        mask = torch.ones(batch, caption_length, dtype=dtype)
-        for b in range(batch):  # keep a prefix of varying length (at least one token), like padded T5 captions
-            keep = max(1, caption_length * (b + 1) // (batch + 1))
-            mask[b, keep:] = 0
-        inputs["encoder_attention_mask"] = mask
-    return inputs
+    """Seeded random forward inputs for `model`, named as the graph inputs of its family's export."""
+    return family_of_model(model).example_inputs(model, batch, caption_length, seed, dtype, with_mask)
+
+
+def forward(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The sample `model` computes for graph-named `inputs` (the family knows the diffusers keyword layout)."""
+    return family_of_model(model).forward(model, inputs)

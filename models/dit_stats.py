@@ -1,5 +1,11 @@
 """`--init dit-stats`: plant DiT-like activation statistics into seeded random PixArt weights, and measure them.
 
+The pieces of the recipe (residual offsets, projection outliers, attention sharpening, adaLN rows, FFN up-projection)
+are shared by the other families' recipes in `models/families/*.py`. The tables below name roles as they were
+measured (self_qkv = self-attn in, self_out = self-attn out, cross_q = cross-attn query in, cross_kv = text in,
+cross_out = cross-attn out, ffn_up = ffn in, ffn_down = ffn out); `measure_activation_stats` now reports the family's
+role names.
+
 Why: with the plain diffusers initialisation the adaLN gates (``scale_shift_table`` gate rows + the ``adaln_single``
 linear output) are small (mean |gate| 0.04 at 1152 wide, 0.11 in tiny; dit-stats: 1.0), so blocks barely change the
 residual stream (bypassing one block of the 1152-wide model changes the output by ~5 %), every linear sees
@@ -82,19 +88,6 @@ from typing import Any
 import torch
 from torch import nn
 
-# Linear modules inside a block, by the role of their input. q/k/v (and cross k/v) share one input.
-ROLE_OF_SUFFIX = {
-    "attn1.to_q": "self_qkv",
-    "attn1.to_k": "self_qkv",
-    "attn1.to_v": "self_qkv",
-    "attn1.to_out.0": "self_out",
-    "attn2.to_q": "cross_q",
-    "attn2.to_k": "cross_kv",
-    "attn2.to_v": "cross_kv",
-    "attn2.to_out.0": "cross_out",
-    "ff.net.0.proj": "ffn_up",
-    "ff.net.2": "ffn_down",
-}
 STAT_NAMES = ("mean_spread", "kurtosis", "outlier_ratio")
 
 # Rows of a block's scale_shift_table [6, D]: shift, scale, gate of the attention, then of the FFN.
@@ -123,6 +116,71 @@ def _pick(gen: torch.Generator, width: int, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def plant_residual_offsets(gen: torch.Generator, bias: torch.Tensor, keep: float) -> None:
+    """Per-channel offsets +-lognormal(0.3, 0.8) with n massive channels at +-U(6, 10), into a patch-embedding bias."""
+    d = bias.numel()
+    n_out = _n_outliers(d, 0.01, 2)
+    values = _signs(gen, d) * _lognormal(gen, d, 0.3, 0.8)
+    massive = _pick(gen, d, n_out)
+    values[massive] = _signs(gen, n_out) * (6.0 + 4.0 * torch.rand(n_out, generator=gen))
+    bias.copy_((keep * values).to(bias.dtype))
+
+
+@torch.no_grad()
+def plant_projection_outliers(gen: torch.Generator, linear: nn.Linear, keep: float) -> None:
+    """A projection's bias +-lognormal(0.1, 1.0) and n of its output rows x 8 (e.g. the caption projection)."""
+    width = linear.out_features
+    linear.bias.copy_((keep * _signs(gen, width) * _lognormal(gen, width, 0.1, 1.0)).to(linear.bias.dtype))
+    linear.weight[_pick(gen, width, _n_outliers(width, 0.01, 2))] *= 8.0
+
+
+@torch.no_grad()
+def sharpen_attention(linears: list[nn.Linear], factor: float) -> None:
+    """Scale query/key projections (weights and biases) so attention logits have a std of order 1-3."""
+    for linear in linears:
+        linear.weight.mul_(factor)
+        if linear.bias is not None:
+            linear.bias.mul_(factor)
+
+
+def modulation_rows(gen: torch.Generator, d: int, keep: float, pairs: int = 2) -> list[torch.Tensor]:
+    """adaLN rows: `pairs` x (shift, scale) then `pairs` gates. Shift +-lognormal(0.25, 1.0); scale such that
+    1 + scale ~ 1 + N(0, 0.15) with n outlier channels at +-U(6, 12); gate 1 + N(0, 0.25)."""
+    n_out = _n_outliers(d, 0.01, 2)
+    rows: list[torch.Tensor] = []
+    for _ in range(pairs):
+        shift = keep * _signs(gen, d) * _lognormal(gen, d, 0.25, 1.0)
+        scale = 0.15 * torch.randn(d, generator=gen)
+        idx = _pick(gen, d, n_out)
+        scale[idx] = (6.0 + 6.0 * torch.rand(n_out, generator=gen)) * _signs(gen, n_out) - 1.0
+        rows += [shift, scale]
+    gates = [1.0 + 0.25 * torch.randn(d, generator=gen) for _ in range(pairs)]
+    return rows + gates
+
+
+@torch.no_grad()
+def plant_ffn_up(gen: torch.Generator, up: nn.Linear, keep: float) -> None:
+    """FFN up-projection: bias N(0, 1) * lognormal(0.5, 0.7) and max(2, round(0.005 * width)) rows x 8."""
+    hidden = up.out_features
+    up_bias = torch.randn(hidden, generator=gen) * _lognormal(gen, hidden, 0.5, 0.7)
+    if up.bias is not None:
+        up.bias.copy_((keep * up_bias).to(up.bias.dtype))
+    up.weight[_pick(gen, hidden, _n_outliers(hidden, 0.005, 2))] *= 8.0
+
+
+@torch.no_grad()
+def plant_adaln_linear(linear: nn.Linear, rows: list[torch.Tensor], weight_scale: float = 0.1) -> None:
+    """Set the bias of an adaLN modulation linear (output = rows concatenated, diffusers chunk order) to the planted
+    rows and shrink its weight, so the planted operating point dominates and the conditioning still varies it."""
+    linear.bias.copy_(torch.cat(rows).to(linear.bias.dtype))
+    linear.weight.mul_(weight_scale)
+
+
+def planting_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(10_000_019 + int(seed))
+
+
+@torch.no_grad()
 def plant_dit_stats(model: nn.Module, seed: int, offsets: bool = True) -> None:
     """Plant DiT-like activation statistics into a randomly initialised PixArt transformer, in place.
 
@@ -131,70 +189,34 @@ def plant_dit_stats(model: nn.Module, seed: int, offsets: bool = True) -> None:
     every planted per-channel mean offset is zero (patch-embedding bias and its massive channels, caption-projection
     bias, the shift rows, the FFN up-projection bias); outlier channels (scale rows, weight rows x 8), attention
     sharpness and gates of order 1 stay. Centering (DynCenter, HadaNorm) removes exactly the offsets dit-stats
-    plants, so this recipe shows the methods on statistics that do not favour it.
+    plants, so this recipe shows the methods on statistics that do not favour it. The other families' recipes
+    (models/families/*.py) use the same pieces.
     """
-    gen = torch.Generator().manual_seed(10_000_019 + int(seed))
+    gen = planting_generator(seed)
     keep = 1.0 if offsets else 0.0  # multiplies every planted offset (draws unchanged, so outliers are the same)
     d = model.config.num_attention_heads * model.config.attention_head_dim
-    n_out = _n_outliers(d, 0.01, 2)
 
-    # Residual stream: per-channel offsets of varied size and a few massive channels, through the patch embedding
-    # bias (added once; it persists along the residual stream, as massive activations do in real DiTs).
-    proj = model.pos_embed.proj
-    bias = _signs(gen, d) * _lognormal(gen, d, 0.3, 0.8)
-    massive = _pick(gen, d, n_out)
-    bias[massive] = _signs(gen, n_out) * (6.0 + 4.0 * torch.rand(n_out, generator=gen))
-    proj.bias.copy_((keep * bias).to(proj.bias.dtype))
-
+    # Residual stream: offsets through the patch embedding bias (added once; it persists along the residual stream,
+    # as massive activations do in real DiTs).
+    plant_residual_offsets(gen, model.pos_embed.proj.bias, keep)
     # Caption projection (input of the cross-attention k/v): per-channel offsets and a few large output channels.
     cap = getattr(model, "caption_projection", None)
     if cap is not None:
-        out_lin = cap.linear_2
-        width = out_lin.out_features
-        out_lin.bias.copy_((keep * _signs(gen, width) * _lognormal(gen, width, 0.1, 1.0)).to(out_lin.bias.dtype))
-        out_lin.weight[_pick(gen, width, _n_outliers(width, 0.01, 2))] *= 8.0
+        plant_projection_outliers(gen, cap.linear_2, keep)
 
     for block in model.transformer_blocks:
-        # Attention logits: random init gives near-uniform attention (logit std ~0.3 self, ~0.1 cross), whose output
-        # is almost the same for every token. Scale q and k so the logits have a std of order 1-3.
-        for attn, factor in ((block.attn1, 3.0), (block.attn2, 4.0)):
-            for lin_qk in (attn.to_q, attn.to_k):
-                lin_qk.weight.mul_(factor)
-                if lin_qk.bias is not None:
-                    lin_qk.bias.mul_(factor)
-
-        table = torch.empty(6, d)
-        for shift_row, scale_row in ((SHIFT_MSA, SCALE_MSA), (SHIFT_MLP, SCALE_MLP)):
-            # mean offsets of varied size: log-normal magnitudes
-            table[shift_row] = keep * _signs(gen, d) * _lognormal(gen, d, 0.25, 1.0)
-            # modulation scale 1 + s: mostly near 1, a few outlier channels amplified 6-12x
-            scale = 0.15 * torch.randn(d, generator=gen)
-            idx = _pick(gen, d, n_out)
-            scale[idx] = (6.0 + 6.0 * torch.rand(n_out, generator=gen)) * _signs(gen, n_out) - 1.0
-            table[scale_row] = scale
-        for gate_row in (GATE_MSA, GATE_MLP):
-            # gates of order 1 so that every block changes the residual stream
-            table[gate_row] = 1.0 + 0.25 * torch.randn(d, generator=gen)
+        # Random init gives near-uniform attention (logit std ~0.3 self, ~0.1 cross): sharpen it.
+        sharpen_attention([block.attn1.to_q, block.attn1.to_k], 3.0)
+        sharpen_attention([block.attn2.to_q, block.attn2.to_k], 4.0)
+        # scale_shift_table rows: shift, scale, gate of the attention, then of the FFN
+        shift_msa, scale_msa, shift_mlp, scale_mlp, gate_msa, gate_mlp = modulation_rows(gen, d, keep)
+        table = torch.stack([shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp])
         block.scale_shift_table.copy_(table.to(block.scale_shift_table.dtype))
-
-        # FFN up-projection: biases of varied size (channel means after GELU differ) and a few hidden channels
-        # with large weights (heavy tails / outliers in the FFN down-projection input).
-        up = block.ff.net[0].proj
-        hidden = up.out_features
-        up_bias = torch.randn(hidden, generator=gen) * _lognormal(gen, hidden, 0.5, 0.7)
-        up.bias.copy_((keep * up_bias).to(up.bias.dtype))
-        k = _n_outliers(hidden, 0.005, 2)
-        rows = _pick(gen, hidden, k)
-        up.weight[rows] *= 8.0
+        plant_ffn_up(gen, block.ff.net[0].proj, keep)
 
     # Output modulation (global table [2, D]: shift, scale).
-    table = torch.empty(2, d)
-    table[0] = keep * _signs(gen, d) * _lognormal(gen, d, 0.25, 1.0)
-    scale = 0.15 * torch.randn(d, generator=gen)
-    idx = _pick(gen, d, n_out)
-    scale[idx] = (6.0 + 6.0 * torch.rand(n_out, generator=gen)) * _signs(gen, n_out) - 1.0
-    table[1] = scale
-    model.scale_shift_table.copy_(table.to(model.scale_shift_table.dtype))
+    shift, scale, _gate = modulation_rows(gen, d, keep, pairs=1)
+    model.scale_shift_table.copy_(torch.stack([shift, scale]).to(model.scale_shift_table.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,14 +245,22 @@ def tensor_stats(x: torch.Tensor) -> dict[str, float]:
 
 
 def _block_linears(model: nn.Module):
-    for name, module in model.transformer_blocks.named_modules():
-        if isinstance(module, nn.Linear):
-            suffix = name.split(".", 1)[1] if "." in name else name
-            yield f"transformer_blocks.{name}", ROLE_OF_SUFFIX.get(suffix, "other"), module
+    from models.build import family_of_model
+
+    for name, role, module in family_of_model(model).block_linear_roles(model):
+        yield name, role or "other", module
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    from models.build import family_of_model
+
+    return [b for name in family_of_model(model).block_lists for b in getattr(model, name, [])]
 
 
 def _forward(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(**inputs, return_dict=False)[0]
+    from models.build import forward
+
+    return forward(model, inputs)
 
 
 @torch.no_grad()
@@ -238,8 +268,9 @@ def measure_activation_stats(model: nn.Module, inputs: dict[str, torch.Tensor]) 
     """Input statistics of every nn.Linear inside `transformer_blocks`, via forward hooks, for one forward pass.
 
     Returns ``{"modules": {name: stats}, "roles": {role: stats}, "overall": stats}``; role and overall values are
-    means over the modules (stats as in `tensor_stats`, plus ``count``). Roles: self_qkv, self_out, cross_q,
-    cross_kv, cross_out, ffn_up, ffn_down.
+    means over the modules (stats as in `tensor_stats`, plus ``count``). Roles are the family's site roles
+    (`ModelFamily.role_rules`; PixArt: self-attn in, self-attn out, cross-attn query in, text in, cross-attn out,
+    ffn in, ffn out).
     """
     per_module: dict[str, dict[str, float]] = {}
     roles: dict[str, str] = {}
@@ -287,7 +318,7 @@ def block_contributions(model: nn.Module, inputs: dict[str, torch.Tensor]) -> li
     reference = _forward(model, inputs).to(torch.float64)
     norm = reference.norm().clamp_min(1e-30)
     out = []
-    for block in model.transformer_blocks:
+    for block in _blocks(model):
         handle = block.register_forward_hook(_bypass, with_kwargs=True)
         try:
             bypassed = _forward(model, inputs).to(torch.float64)

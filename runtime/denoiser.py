@@ -1,4 +1,4 @@
-"""One PixArt denoiser call on the device: load a graph, pick a provider, check inputs, run.
+"""One denoiser call on the device (any model family): load a graph, pick a provider, check inputs, run.
 
 `Denoiser` wraps an onnxruntime session:
 * loads the graph (external data included: onnxruntime resolves ``model.onnx.data`` beside the file);
@@ -8,7 +8,9 @@
   domain and name (verified in tests/test_kernels.py with a call log); the kernels are float32 and CPU-only;
 * picks the execution provider: the one asked for, else the first available of CUDA, QNN, CoreML, CPU;
 * sets the session options of `runtime.session` so DequantizeLinear+MatMul fusions do not change the numbers;
-* checks feeds (names, ranks, static dims, dtypes, equal batch, caption length) before onnxruntime sees them.
+* checks feeds (names, ranks, static dims, dtypes, equal batch, caption length) before onnxruntime sees them. The
+  batched inputs are those whose first axis has the same symbolic name as ``hidden_states``' (or the first input's);
+  inputs with a static first axis (e.g. Flux's position ids) are checked against their static shape only.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ PROVIDER_PREFERENCE: tuple[str, ...] = (
     "CoreMLExecutionProvider",
     "CPUExecutionProvider",
 )
-BATCHED_INPUTS = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask")
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -91,6 +92,7 @@ class Denoiser:
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self.transform_ops = [op for op in self.metadata.get(TRANSFORM_OPS_KEY, "").split(",") if op]
         self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.batched_inputs = batched_inputs(self.inputs)
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     @property
@@ -139,7 +141,7 @@ class Denoiser:
                 if isinstance(dim, int) and got != dim:
                     raise RuntimeInputError(f"input {name} has shape {list(array.shape)}; dimension {axis} must be "
                                             f"{dim} (model shape {spec.shape}; one file per resolution)")
-            if name not in BATCHED_INPUTS or not array.ndim:
+            if name not in self.batched_inputs or not array.ndim:
                 pass
             elif batch is None:
                 batch = array.shape[0]
@@ -162,6 +164,16 @@ class Denoiser:
             if message is None:
                 raise
             raise RuntimeInputError(message) from None
+
+
+def batched_inputs(inputs: Mapping) -> set[str]:
+    """Inputs whose axis 0 is the batch: the same symbolic first dimension as ``hidden_states`` (else the first
+    input); for a static graph, every input of rank >= 1 whose first dimension equals that input's."""
+    if not inputs:
+        return set()
+    anchor = inputs.get("hidden_states") or next(iter(inputs.values()))
+    first = anchor.shape[0] if anchor.shape else None
+    return {name for name, spec in inputs.items() if spec.shape and first is not None and spec.shape[0] == first}
 
 
 _PACKED_OPS = ("IntMatMul4", "IntMatMul8", "FloatMatMul4", "FloatMatMul8")

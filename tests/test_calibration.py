@@ -13,7 +13,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graph_passes.linears import find_activation_sites
-from hn_export.calibration import ALL_LINEARS, CalibrationStats, _add_stat_outputs, calibrate
+from hn_export.calibration import (
+    ALL_LINEARS,
+    CalibrationStats,
+    _add_stat_outputs,
+    calibrate,
+)
 from hn_export.denoise import DenoiseConfig
 from hn_export.errors import UserError
 

@@ -53,7 +53,7 @@ def test_roles_cover_every_block_linear(tiny_stats):
     _, dit = tiny_stats
     assert dit["overall"]["count"] == 20  # 10 linears x 2 blocks
     assert {r: v["count"] for r, v in dit["roles"].items()} == {
-        "self_qkv": 6, "self_out": 2, "cross_q": 2, "cross_kv": 4, "cross_out": 2, "ffn_up": 2, "ffn_down": 2,
+        "self-attn in": 6, "self-attn out": 2, "cross-attn query in": 2, "text in": 4, "cross-attn out": 2, "ffn in": 2, "ffn out": 2,
     }
 
 
@@ -62,10 +62,10 @@ def test_mean_spread_planted(tiny_stats):
     # measured: overall 1.29 -> 2.83; self_qkv 0.76 -> 2.95, ffn_up 0.77 -> 3.04, ffn_down 0.74 -> 3.98, cross_q 0.72
     # -> 2.45, cross_kv 0.56 -> 1.60
     assert dit["overall"]["mean_spread"] > 1.8 * plain["overall"]["mean_spread"]
-    for role in ("self_qkv", "ffn_up", "ffn_down", "cross_q"):
+    for role in ("self-attn in", "ffn in", "ffn out", "cross-attn query in"):
         assert dit["roles"][role]["mean_spread"] > 2.0, role
         assert dit["roles"][role]["mean_spread"] > 2.5 * plain["roles"][role]["mean_spread"], role
-    assert dit["roles"]["cross_kv"]["mean_spread"] > 2.0 * plain["roles"]["cross_kv"]["mean_spread"]
+    assert dit["roles"]["text in"]["mean_spread"] > 2.0 * plain["roles"]["text in"]["mean_spread"]
 
 
 def test_heavy_tails_and_outliers_planted(tiny_stats):
@@ -73,12 +73,12 @@ def test_heavy_tails_and_outliers_planted(tiny_stats):
     # measured kurtosis overall 3.39 -> 13.5 (ffn_down 6.3 -> 37.7); outlier ratio 2.05 -> 8.0 (ffn_down 2.6 -> 21.0)
     assert plain["overall"]["kurtosis"] < 4.0
     assert dit["overall"]["kurtosis"] > 9.0
-    for role in ("self_qkv", "ffn_up", "ffn_down", "cross_q", "cross_kv"):
+    for role in ("self-attn in", "ffn in", "ffn out", "cross-attn query in", "text in"):
         assert dit["roles"][role]["kurtosis"] > 3.0 * plain["roles"][role]["kurtosis"], role
     assert plain["overall"]["outlier_ratio"] < 2.6
     assert dit["overall"]["outlier_ratio"] > 6.0
-    assert dit["roles"]["ffn_down"]["outlier_ratio"] > 15.0
-    assert dit["roles"]["self_qkv"]["outlier_ratio"] > 3.0 * plain["roles"]["self_qkv"]["outlier_ratio"]
+    assert dit["roles"]["ffn out"]["outlier_ratio"] > 15.0
+    assert dit["roles"]["self-attn in"]["outlier_ratio"] > 3.0 * plain["roles"]["self-attn in"]["outlier_ratio"]
 
 
 def _gates(model, timesteps: torch.Tensor) -> torch.Tensor:
@@ -118,7 +118,7 @@ def test_full_width_two_layers():
     assert dit.transformer_blocks[0].attn1.to_q.in_features == 1152
     assert block_contribution(dit, inputs) > 0.25
     assert stats["overall"]["kurtosis"] > 12.0  # measured 20.4 (plain 3.2)
-    assert stats["roles"]["ffn_down"]["outlier_ratio"] > 15.0  # measured 33.5 (plain 3.6)
+    assert stats["roles"]["ffn out"]["outlier_ratio"] > 15.0  # measured 33.5 (plain 3.6)
     plain = build_transformer(ModelSource(**src, init=InitKind.PLAIN))
     assert block_contribution(plain, inputs) < 0.1
 

@@ -25,6 +25,7 @@ from graph_passes.pipeline import quantize_model
 from graph_passes.quantization import OutputFormat, QuantConfig
 from runtime.session import create_session
 from tests.graphs import dit_like_input, linear_model, serialize
+from tests.roles import PIXART_BLOCKS
 from tests.test_passes import ALL, calibration_stats, rel_l2
 
 OUT = 200  # output channels of the site linear: 12.5 column tiles of 16 (a partial tile)
@@ -98,7 +99,7 @@ def test_optimized_model_keeps_weights_4bit(tiny_onnx, hn_cli, tmp_path, fmt, re
     result = hn_cli(tiny_onnx, "--w4a4", "--format", fmt.value, "--calib-samples", "1", "--calib-steps", "2",
                     "-o", out, "--no-progress")
     assert result.exit_code == 0, result.err
-    sites = find_activation_sites(ir.load(tiny_onnx))
+    sites = find_activation_sites(ir.load(tiny_onnx), PIXART_BLOCKS)
     site_bytes = sum(lin.weight.const_value.nbytes for site in sites for lin in site.linears)
     file_bytes = _float_bytes(onnx.load(out))  # non-site weights, transform parameters, scales
     optimized = tmp_path / "optimized.onnx"

@@ -15,7 +15,12 @@ import pytest
 from graph_passes.hadamard import HadamardMode, hadamard_factors
 from graph_passes.hadanorm_ops import ALL_OPS, TransformOp, ensure_function
 from runtime.domain import HADANORM_DOMAIN
-from runtime.kernels import KERNEL_DOMAIN, KernelLibraryError, load_error_message, register_kernels
+from runtime.kernels import (
+    KERNEL_DOMAIN,
+    KernelLibraryError,
+    load_error_message,
+    register_kernels,
+)
 from tests.graphs import dit_like_input
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from graph_passes.linears import ROLES, find_activation_sites, find_linears
+from graph_passes.linears import find_activation_sites, find_linears
 from hn_export.model_files import load_model
+from tests.roles import PIXART_BLOCKS, PIXART_ROLES
 
 EXPECTED_GROUPS = {
     "self-attn in": ["attn1.to_q", "attn1.to_k", "attn1.to_v"],
@@ -36,7 +37,7 @@ def wide_onnx(tmp_path_factory):
 
 def check_sites(path, blocks: int, width: int) -> None:
     model = load_model(path)
-    sites = find_activation_sites(model)
+    sites = find_activation_sites(model, PIXART_BLOCKS)
     assert len(sites) == 7 * blocks
     per_block = collections.Counter(s.block for s in sites)
     assert per_block == {b: 7 for b in range(blocks)}
@@ -47,7 +48,7 @@ def check_sites(path, blocks: int, width: int) -> None:
         assert site.width == (4 * width if site.role == "ffn out" else width)
         # q/k/v read one tensor; the cross-attention k/v read the projected caption, shared by every block.
         assert len({lin.activation.name for lin in site.linears}) == 1
-    assert {s.role for s in sites} == set(ROLES)
+    assert {s.role for s in sites} == set(PIXART_ROLES.roles)
     text_inputs = {s.activation.name for s in sites if s.role == "text in"}
     assert len(text_inputs) == 1
 

@@ -16,8 +16,9 @@ from graph_passes.site_transforms import SiteStats
 from runtime.domain import HADANORM_DOMAIN
 from runtime.session import create_session
 from tests.graphs import dit_like_input, mlp_model, serialize
+from tests.roles import ALL_PIXART
 
-ALL = SiteSelection(include=("",))
+ALL = ALL_PIXART
 WIDTHS = [(72, 288), (1152, 4608), (4608, 1152)]
 
 

@@ -47,8 +47,9 @@ from tests.random_graphs import (
     site_stats,
     transformed_tokens,
 )
+from tests.roles import ALL_PIXART
 
-ALL = SiteSelection(include=("",))
+ALL = ALL_PIXART
 TRANSFORM_TOL = 1e-5
 QUANT_TOL = 1e-3
 

@@ -17,8 +17,9 @@ from graph_passes.site_transforms import SiteStats
 from runtime.session import create_session
 from tests.graphs import dit_like_input, linear_model, serialize
 from tests.random_graphs import ref_int8_per_channel, ref_tokens
+from tests.roles import ALL_PIXART
 
-ALL = SiteSelection(include=("",))
+ALL = ALL_PIXART
 
 
 def ref_weight(wt: np.ndarray, bits: int, block: int) -> np.ndarray:

@@ -15,9 +15,10 @@ from graph_passes.pipeline import quantize_model
 from runtime.session import create_session
 from tests.cli_runner import run_cli
 from tests.graphs import dit_like_input, mlp_model, serialize
+from tests.roles import ALL_PIXART
 from tests.test_passes import calibration_stats
 
-ALL = SiteSelection(include=("",))
+ALL = ALL_PIXART
 
 
 @pytest.mark.parametrize("method", [Method.NONE, Method.HADANORM])

@@ -1,0 +1,54 @@
+"""The bridge between model families (`models.families`) and the model-agnostic graph passes.
+
+`selection_for(model, selection)` fills the `SiteSelection`'s role table from the graph's family: the family named
+in the graph's metadata or matched by its inputs; for graphs that match no family by inputs, the family whose role
+rules name the most of the graph's linears. Where no rule names any block linear (module paths that cannot be
+recovered, or an unknown model), every selected linear is still a site, with the generic role ``linear``, and a
+warning says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import onnx_ir as ir
+
+from graph_passes.linears import SiteSelection, find_linears
+from graph_passes.site_roles import RoleRule, RoleTable
+from hn_export.denoise import graph_family
+from models.families import FAMILIES, ModelFamily
+
+logger = logging.getLogger(__name__)
+
+
+def role_table(family: ModelFamily) -> RoleTable:
+    """The graph-side role table of a family (its role rules as plain data)."""
+    return RoleTable(family.name, family.block_lists, tuple(RoleRule(*rule) for rule in family.role_rules))
+
+
+def _named(table: RoleTable, paths: list[str]) -> int:
+    return sum(table.site_of(p) is not None for p in paths)
+
+
+def roles_for(model: ir.Model) -> RoleTable | None:
+    """The role table that names this graph's block linears, or None (generic roles, with a warning)."""
+    paths = [linear.module_path for linear in find_linears(model)]
+    family = graph_family(model)
+    candidates = [family] if family is not None else list(FAMILIES.values())
+    scored = [(_named(role_table(f), paths), role_table(f)) for f in candidates]
+    best_count, best = max(scored, key=lambda item: item[0]) if scored else (0, None)
+    if best_count:
+        return best
+    what = f"the {family.name} family's" if family is not None else "any supported family's"
+    logger.warning("no linear of this graph has a module path %s role rules name (module paths lost by its "
+                   "exporter?): every selected linear is quantized as its own site with the generic role 'linear'",
+                   what)
+    return None
+
+
+def selection_for(model: ir.Model, selection: SiteSelection = SiteSelection()) -> SiteSelection:
+    """`selection` with the role table of the graph's family filled in (kept when one is already set)."""
+    if selection.roles is not None:
+        return selection
+    return dataclasses.replace(selection, roles=roles_for(model))

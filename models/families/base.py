@@ -1,0 +1,225 @@
+"""What hn-export needs to know about one model family, in one object.
+
+A `ModelFamily` describes a diffusers transformer class end to end:
+
+- building: the diffusers class, presets (`Preset`: constructor keyword arguments at the real architecture), how
+  ``--layers N`` and ``--sample-size S`` change a config, the ``--init dit-stats`` recipe (`plant_stats`);
+- export: the graph inputs (`InputSpec`: name, dynamic axes), seeded example inputs, and how the forward is called
+  with them (`forward`); the output is always ``sample``;
+- sites: the block lists and the role rules (`role_rules`) that name the activation sites of the linears inside a
+  block (plain tuples: `graph_passes.site_roles.RoleTable` is built from them by `hn_export`);
+- denoising (numpy in, numpy out, on the ONNX graph): the scheduler and its settings, seeded starting latents and
+  conditioning (`conditions`), the feeds of one classifier-free-guidance call (`feeds`), and how the two halves of
+  the output become the scheduler's model output (`guide`).
+
+A family module (``models/families/<name>.py``) subclasses `ModelFamily`; `models.families.FAMILIES` is the registry.
+Everything else in hn-export is family-agnostic. This module imports torch and diffusers lazily.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from models.errors import ModelInputError
+
+# Names of dynamic axes (the same symbol in every input that has that axis).
+BATCH = "batch"
+CAPTION_LENGTH = "caption_length"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Constructor keyword arguments of one architecture (seeded random weights)."""
+
+    config: Mapping[str, Any]
+    description: str
+
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.config)
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """One graph input: its name (the diffusers forward argument) and its dynamic axes {axis: symbol}."""
+
+    name: str
+    dynamic: Mapping[int, str] = dataclasses.field(default_factory=dict)
+    batched: bool = True  # axis 0 is the batch (a classifier-free-guidance pair has batch 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    """The inputs of an exported graph: name -> (shape with None for dynamic dims), and the float dtype."""
+
+    family: str
+    shapes: Mapping[str, tuple[int | None, ...]]
+    dtypes: Mapping[str, np.dtype]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.dtypes["hidden_states"]
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's ``hidden_states`` (without the batch axis)."""
+        return tuple(int(d) for d in self.shapes["hidden_states"][1:])  # type: ignore[arg-type]
+
+    @property
+    def fixed_batch(self) -> int | None:
+        return self.shapes["hidden_states"][0]
+
+    @property
+    def has_mask(self) -> bool:
+        return "encoder_attention_mask" in self.shapes
+
+    @property
+    def caption_channels(self) -> int | None:
+        shape = self.shapes.get("encoder_hidden_states")
+        return None if shape is None else shape[-1]
+
+    @property
+    def fixed_caption_length(self) -> int | None:
+        shape = self.shapes.get("encoder_hidden_states")
+        return None if shape is None else shape[1]
+
+    def dim(self, name: str, axis: int) -> int | None:
+        return self.shapes[name][axis]
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoiseSettings:
+    """What one denoising run uses; `guidance_scale` None means the family's default."""
+
+    steps: int = 20
+    samples: int = 1
+    guidance_scale: float | None = None
+    seed: int = 0
+    caption_length: int = 64
+
+
+class ModelFamily:
+    """Base class; see the module docstring. Subclasses set the class attributes and override what differs."""
+
+    name: str = ""
+    class_name: str = ""  # the diffusers model class, e.g. "PixArtTransformer2DModel"
+    pipeline_class: str = ""  # the diffusers pipeline it drops into, e.g. "PixArtSigmaPipeline"
+    description: str = ""
+    demo_preset: str = ""  # what `hn-export demo --family NAME` builds (at reduced depth)
+    presets: Mapping[str, Preset] = {}
+    block_lists: tuple[str, ...] = ("transformer_blocks",)
+    # (path inside a block, site group, role[, block list]); linears of one group that read one tensor are one site
+    role_rules: tuple[tuple[str, ...], ...] = ()
+    hadamard_widths: tuple[int, ...] = ()  # input widths of its sites at the real architecture (documentation/tests)
+    layers_key: str = "num_layers"
+    max_sample_size: int = 256
+    guidance_scale: float = 4.5
+    single_call_timestep: float = 500.0  # the timestep of one-call comparisons (`diff`, latency)
+    output_name: str = "sample"
+
+    # ---------------------------------------------------------------- building
+    def model_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.class_name)
+
+    def config_kwargs(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """The constructor keyword arguments found in a config dict."""
+        params = set(inspect.signature(self.model_class().__init__).parameters) - {"self"}
+        return {k: v for k, v in cfg.items() if k in params}
+
+    def prepare_config(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Fill in or fix config values before building (e.g. explicit defaults)."""
+        return kwargs
+
+    def checkpoint_overrides(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """Keyword overrides for `from_pretrained` of a checkpoint with config `cfg`."""
+        return {}
+
+    def num_layers(self, cfg: Mapping[str, Any]) -> int:
+        return int(cfg.get(self.layers_key, 1))
+
+    def set_layers(self, kwargs: dict[str, Any], layers: int) -> None:
+        kwargs[self.layers_key] = layers
+
+    def truncate(self, model, layers: int) -> None:
+        """Keep the first `layers` blocks of a loaded model (checkpoints)."""
+        import torch
+
+        blocks = getattr(model, self.block_lists[0])
+        if layers < len(blocks):
+            setattr(model, self.block_lists[0], torch.nn.ModuleList(list(blocks)[:layers]))
+            model.register_to_config(**{self.layers_key: layers})
+
+    def patch_size(self, cfg: Mapping[str, Any]) -> int:
+        return int(cfg.get("patch_size", 2) or 1)
+
+    def set_sample_size(self, kwargs: dict[str, Any], sample_size: int) -> None:
+        kwargs["sample_size"] = sample_size
+
+    def latent_size(self, model) -> int:
+        """The latent height and width the model is exported at."""
+        return int(model.config.sample_size)
+
+    def check_model(self, model) -> None:
+        """Raise `ModelInputError` for a built model the export cannot handle."""
+
+    def plant_stats(self, model, seed: int, offsets: bool) -> None:
+        """``--init dit-stats`` (offsets=True) / ``outliers`` (False): plant DiT-like activation statistics."""
+        raise ModelInputError(f"--init dit-stats is not available for {self.name}", "pass --init plain")
+
+    def block_linear_roles(self, model):
+        """(module path, role, nn.Linear) of every linear inside the blocks; role None where no rule names it."""
+        from torch import nn
+
+        rules = {(r[0], r[3] if len(r) > 3 else None): r[2] for r in self.role_rules}
+        for list_name in self.block_lists:
+            for index, block in enumerate(getattr(model, list_name, [])):
+                for inner, module in block.named_modules():
+                    if isinstance(module, nn.Linear):
+                        role = rules.get((inner, list_name), rules.get((inner, None)))
+                        yield f"{list_name}.{index}.{inner}", role, module
+
+    # ---------------------------------------------------------------- export
+    def input_specs(self, model, with_mask: bool) -> tuple[InputSpec, ...]:
+        raise NotImplementedError
+
+    def example_inputs(self, model, batch: int, caption_length: int, seed: int, dtype, with_mask: bool) -> dict:
+        """Seeded random forward inputs (torch tensors) named as `input_specs`."""
+        raise NotImplementedError
+
+    def forward(self, model, inputs: Mapping[str, Any]):
+        """Call the diffusers model with graph-named inputs; returns the sample tensor."""
+        return model(**inputs, return_dict=False)[0]
+
+    def matches_inputs(self, names: set[str]) -> bool:
+        """Whether an ONNX graph with these input names is a model of this family (graphs without metadata)."""
+        return False
+
+    # ---------------------------------------------------------------- denoising (numpy)
+    def scheduler(self, steps: int, sig: Signature):
+        """A diffusers scheduler with `set_timesteps(steps)` done."""
+        raise NotImplementedError
+
+    def conditions(self, sig: Signature, settings: DenoiseSettings, index: int) -> dict[str, np.ndarray]:
+        """Seeded starting ``latents`` [1, ...] and the conditioning of one sample (unconditional + conditional)."""
+        raise NotImplementedError
+
+    def feeds(self, sig: Signature, latents: np.ndarray, timestep: float, cond: Mapping[str, np.ndarray]) -> dict:
+        """Graph feeds of one call: the classifier-free-guidance pair (unconditional first)."""
+        raise NotImplementedError
+
+    def guide(self, out: np.ndarray, scale: float, sig: Signature) -> np.ndarray:
+        """The scheduler's model output [1, ...] from the graph output of the pair (float64)."""
+        channels = sig.latent_shape[0]
+        out = out[:, :channels]  # a learned-sigma half is dropped, as the diffusers pipelines do
+        uncond, text = out[0:1], out[1:2]
+        return uncond + scale * (text - uncond)
+
+    def input_file_arrays(self, sig: Signature) -> list[str]:
+        """Arrays a ``--calib`` / ``--inputs`` .npz must hold: every graph input."""
+        return list(sig.shapes)
