@@ -36,7 +36,7 @@ from tqdm import tqdm
 from graph_passes.graph_utils import NodeSequence, add_initializer
 from graph_passes.linears import SiteSelection, find_activation_sites
 from graph_passes.site_transforms import SiteStats
-from hn_export.denoise import DenoiseConfig, ModelSignature, load_input_file, trajectory
+from hn_export.denoise import DenoiseConfig, ModelSignature, batched_names, load_input_file, trajectory
 from hn_export.errors import UserError
 from hn_export.ort_models import open_session
 
@@ -144,9 +144,10 @@ def _remove_stat_outputs(model: ir.Model, outputs: int, nodes: list[ir.Node], in
 def npz_batches(path: Path, sig: ModelSignature, batch: int = 2) -> Iterator[dict[str, np.ndarray]]:
     """Calls from a user file, `batch` samples at a time."""
     data = load_input_file(path, sig, "calibration input file")
-    count = data["hidden_states"].shape[0]
+    batched = batched_names(sig)
+    count = max(data[k].shape[0] for k in data if k in batched)
     for start in range(0, count, batch):
-        yield {k: v[start:start + batch].astype(sig.dtype if k != "encoder_attention_mask" else v.dtype)
+        yield {k: (v[start:start + batch] if k in batched else v).astype(sig.dtypes.get(k, v.dtype))
                for k, v in data.items()}
 
 
@@ -189,12 +190,13 @@ def calibrate(
     model = model if model is not None else load_model(model_path)
     sig = ModelSignature.of(model)
     outputs = len(model.graph.outputs)
+    output = model.graph.outputs[0].name
     owners, added_nodes, added_inits = _add_stat_outputs(model)
     acc = _Accumulator(owners)
     names = [f"{prefix}.{stat}" for prefix in owners for stat in _STATS]
     with open_session(model, threads=threads) as session:
         def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
-            results = session.run(["sample", *names], feeds)
+            results = session.run([output, *names], feeds)
             acc.add(dict(zip(names, results[1:])))
             return results[0]
 

@@ -14,7 +14,7 @@ from typing import TypeVar
 import click
 
 from graph_passes.quantization import QuantConfig
-from hn_export.denoise import ModelSignature, load_input_file
+from hn_export.denoise import ModelSignature, batched_names, load_input_file
 from hn_export.errors import UserError
 from hn_export.model_files import load_model
 
@@ -79,19 +79,20 @@ def check_model_and_inputs(model: Path, calib_inputs: Path | None, inputs_path: 
         raise UserError("--samples and --inputs both given",
                         "drop --samples: the file's (unconditional, conditional) pairs are the samples")
     feeds = load_input_file(inputs_path, sig, "inputs file")
-    rows = {name: int(value.shape[0]) if value.ndim else 0 for name, value in feeds.items()}
+    batched = batched_names(sig)
+    rows = {name: int(value.shape[0]) if value.ndim else 0 for name, value in feeds.items() if name in batched}
     if len(set(rows.values())) != 1:
         raise UserError(f"inputs file {inputs_path}: arrays have different sample counts {rows}",
                         "give every array the same first axis")
-    count = rows["hidden_states"]
+    count = next(iter(rows.values()))
     if count == 0 or count % 2:
         raise UserError(f"inputs file {inputs_path} holds {count} rows; they are taken in (unconditional, "
                         "conditional) pairs", "pass an even, nonzero number of rows")
-    captions = feeds["encoder_hidden_states"]
-    if captions.ndim != 3 or captions.shape[2] != sig.caption_channels:
-        raise UserError(f"encoder_hidden_states in {inputs_path} has shape {captions.shape}; the model takes "
-                        f"[N, L, {sig.caption_channels}]", "pass caption embeddings of this model's width")
-    if sig.fixed_caption_length is not None and captions.shape[1] != sig.fixed_caption_length:
-        raise UserError(f"encoder_hidden_states in {inputs_path} has {captions.shape[1]} tokens; the model takes "
-                        f"{sig.fixed_caption_length}", "pad or cut the captions to that length")
+    for name, array in feeds.items():
+        want = sig.shapes[name][1:] if name in batched else sig.shapes[name]
+        got = array.shape[1:] if name in batched else array.shape
+        if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)):
+            shape = ", ".join("?" if w is None else str(w) for w in want)
+            raise UserError(f"{name} in {inputs_path} has shape {array.shape}; the model takes "
+                            f"[{'N, ' if name in batched else ''}{shape}]", "pass arrays of this model's shapes")
     return sig, feeds

@@ -103,7 +103,8 @@ class EvaluationInputs:
 
     @property
     def samples(self) -> int:
-        return self.config.samples if self.feeds is None else self.feeds["hidden_states"].shape[0] // 2
+        first = None if self.feeds is None else self.feeds.get("hidden_states", next(iter(self.feeds.values())))
+        return self.config.samples if first is None else first.shape[0] // 2
 
     def _pair(self, index: int) -> dict[str, np.ndarray]:
         assert self.feeds is not None
@@ -122,7 +123,8 @@ class EvaluationInputs:
         out = []
         for index in range(self.samples):
             pair = self._pair(index)
-            conditions = {k: pair[k] for k in ("encoder_hidden_states", "encoder_attention_mask") if k in pair}
+            # the file's conditioning (captions, pooled text, class labels, ...): every input but latents and time
+            conditions = {k: v for k, v in pair.items() if k not in ("hidden_states", "timestep")}
 
             def run(feeds: dict[str, np.ndarray], conditions=conditions) -> np.ndarray:
                 return runner({**feeds, **conditions})  # the seeded trajectory, the file's captions

@@ -41,41 +41,55 @@ def graph_family(model: ir.Model) -> ModelFamily | None:
 class ModelSignature(Signature):
     """What a denoiser call needs, read from the ONNX graph inputs (see `models.families.Signature`)."""
 
-    @property
-    def family_object(self) -> ModelFamily:
-        return FAMILIES[self.family]
-
     @classmethod
     def of(cls, model: ir.Model) -> ModelSignature:
+        """The graph's inputs and family. A graph of no known family gets family "" (it can still be quantized
+        with ``--calib FILE.npz`` or a method without statistics; denoising runs need a family)."""
         inputs = {v.name: v for v in model.graph.inputs}
         family = graph_family(model)
+        shapes = {name: tuple(d if isinstance(d, int) else None for d in (v.shape or ())) for name, v in inputs.items()}
+        dtypes = {name: np.dtype(v.dtype.numpy()) for name, v in inputs.items() if v.dtype is not None}
         if family is None:
-            raise UserError(
-                f"the model's inputs {sorted(inputs)} match no supported model family ({supported()})",
-                "export it with `hn-export export`, or add its family (one module in models/families/)",
-            )
+            return cls(family="", shapes=shapes, dtypes=dtypes)
         hidden = inputs.get("hidden_states")
         if hidden is None or hidden.shape is None or any(not isinstance(d, int) for d in hidden.shape[1:]):
             raise UserError(f"hidden_states has shape {None if hidden is None else hidden.shape}; expected a batch "
                             "axis and static latent dimensions", "re-export with `hn-export export`")
-        shapes = {name: tuple(d if isinstance(d, int) else None for d in (v.shape or ())) for name, v in inputs.items()}
-        dtypes = {name: np.dtype(v.dtype.numpy()) for name, v in inputs.items() if v.dtype is not None}
         return cls(family=family.name, shapes=shapes, dtypes=dtypes)
+
+
+def batched_names(sig: Signature) -> set[str]:
+    """Inputs whose axis 0 is the batch: the same first dimension as ``hidden_states`` (the runtime's rule)."""
+    anchor = sig.shapes.get("hidden_states") or next(iter(sig.shapes.values()), ())
+    first = anchor[0] if anchor else "none"
+    return {name for name, shape in sig.shapes.items() if shape and shape[0] == first}
+
+
+def family_of(sig: Signature) -> ModelFamily:
+    """The family of a signature; a one-line error for graphs of no supported family."""
+    if sig.family not in FAMILIES:
+        raise UserError(
+            f"the model's inputs {sorted(sig.shapes)} match no supported model family ({supported()}), so "
+            "hn-export cannot make denoising inputs for it",
+            "pass --calib FILE.npz (and --inputs FILE.npz) with the graph's inputs, export it with `hn-export "
+            "export`, or add its family (one module in models/families/)",
+        )
+    return FAMILIES[sig.family]
 
 
 def guidance_scale_of(sig: Signature, config: DenoiseConfig) -> float:
     """The guidance scale of a run: the config's, else the family's default."""
-    return config.guidance_scale if config.guidance_scale is not None else FAMILIES[sig.family].guidance_scale
+    return config.guidance_scale if config.guidance_scale is not None else family_of(sig).guidance_scale
 
 
 def sample_conditions(sig: Signature, config: DenoiseConfig, index: int) -> dict[str, np.ndarray]:
     """Seeded starting ``latents`` and the conditioning of one sample."""
-    return FAMILIES[sig.family].conditions(sig, config, index)
+    return family_of(sig).conditions(sig, config, index)
 
 
 def first_call_feeds(sig: Signature, config: DenoiseConfig, index: int, timestep: float | None = None) -> dict:
     """Feeds of one guidance-pair call at the family's one-call timestep (or `timestep`), from sample `index`."""
-    family = FAMILIES[sig.family]
+    family = family_of(sig)
     cond = family.conditions(sig, config, index)
     t = family.single_call_timestep if timestep is None else timestep
     return family.feeds(sig, cond["latents"], t, cond)
@@ -84,7 +98,7 @@ def first_call_feeds(sig: Signature, config: DenoiseConfig, index: int, timestep
 def load_input_file(path, sig: Signature, what: str) -> dict[str, np.ndarray]:
     """Graph inputs from a user .npz (arrays named like the graph inputs, first axis = samples), checked: readable,
     complete, this resolution, finite."""
-    needed = FAMILIES[sig.family].input_file_arrays(sig)
+    needed = family_of(sig).input_file_arrays(sig) if sig.family else list(sig.shapes)
     try:
         data = dict(np.load(path))
     except Exception:
@@ -93,7 +107,7 @@ def load_input_file(path, sig: Signature, what: str) -> dict[str, np.ndarray]:
     missing = [k for k in needed if k not in data]
     if missing:
         raise UserError(f"{what} {path} lacks arrays {missing}", f"it must hold {needed}")
-    if data["hidden_states"].shape[1:] != sig.latent_shape:
+    if "hidden_states" in sig.shapes and data["hidden_states"].shape[1:] != sig.latent_shape:
         raise UserError(f"hidden_states in {path} has shape {data['hidden_states'].shape}; the model takes "
                         f"[N, {', '.join(map(str, sig.latent_shape))}]", "pass inputs for this resolution")
     for name in needed:
@@ -103,14 +117,14 @@ def load_input_file(path, sig: Signature, what: str) -> dict[str, np.ndarray]:
 
 
 def make_scheduler(sig: Signature, steps: int):
-    return FAMILIES[sig.family].scheduler(steps, sig)
+    return family_of(sig).scheduler(steps, sig)
 
 
 def trajectory(run: RunFn, sig: Signature, config: DenoiseConfig, index: int) -> Iterator[np.ndarray]:
     """Run one sample's denoising loop; yields the latents after every step (the last one is the result)."""
     import torch
 
-    family = FAMILIES[sig.family]
+    family = family_of(sig)
     scale = guidance_scale_of(sig, config)
     cond = family.conditions(sig, config, index)
     try:

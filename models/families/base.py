@@ -62,7 +62,9 @@ class Signature:
 
     @property
     def dtype(self) -> np.dtype:
-        return self.dtypes["hidden_states"]
+        if "hidden_states" in self.dtypes:
+            return self.dtypes["hidden_states"]
+        return next((d for d in self.dtypes.values() if np.issubdtype(d, np.floating)), np.dtype(np.float32))
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
