@@ -34,7 +34,8 @@ class DefaultCommandGroup(click.Group):
 @click.version_option(package_name="hn-export")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def cli(verbose: int) -> None:
-    """Export PixArt-Sigma to ONNX and quantize it to W4A4 with the HadaNorm transform.
+    """Export diffusion transformers (PixArt-Sigma/Alpha, SD3, DiT, Flux) to ONNX and quantize them to W4A4 with
+    the HadaNorm transform.
 
     \b
     hn-export export --preset pixart-sigma-256 -o model.onnx

@@ -1,6 +1,7 @@
-"""`hn-export demo`: the whole toolchain on the built-in PixArt-Sigma, no files or network needed.
+"""`hn-export demo`: the whole toolchain on a built-in model, no files or network needed.
 
-Builds the real PixArt-Sigma XL-2 architecture (256 px, full 1152 width) at reduced depth with `dit-stats` weights,
+Builds the family's demo preset (``--family``; default PixArt-Sigma: the real XL-2 architecture, 256 px, full 1152
+width) at reduced depth with `dit-stats` weights,
 exports FP32 and FP16 graphs, quantizes W4A4 with all six methods (calibration shared) and HadaNorm also in the
 deployment formats (`nbits`, `fused`), runs each against the FP16 graph (one denoiser call and a denoising run),
 prints the comparison table, then times one denoiser call of FP32 and of HadaNorm W4A4 in each format. The kernel
@@ -23,29 +24,34 @@ from hn_export.compare import CompareConfig, grid, run_compare, table_markdown, 
 from hn_export.denoise import DenoiseConfig
 from hn_export.latency import median_call_ms
 from hn_export.model_files import write_atomic
+from models.families import DEFAULT_FAMILY, FAMILIES, family
 
-DEMO_PRESET = "pixart-sigma-256"
+DEMO_PRESET = "pixart-sigma-256"  # the default family's demo preset
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Keep every file in this folder.")
+@click.option("--family", "family_name", default=DEFAULT_FAMILY, show_default=True, metavar="NAME",
+              help=f"Model family: {', '.join(FAMILIES)} (its demo preset at reduced depth).")
 @click.option("--layers", type=click.IntRange(1, 28), default=2, show_default=True, help="Transformer blocks.")
 @click.option("--steps", type=click.IntRange(1), default=10, show_default=True, help="Denoising steps.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-progress", is_flag=True)
-def demo_command(out_dir: Path | None, layers: int, steps: int, seed: int, no_progress: bool) -> None:
-    """Export, quantize with all six methods and compare against FP16 on the built-in PixArt-Sigma."""
+def demo_command(out_dir: Path | None, family_name: str, layers: int, steps: int, seed: int,
+                 no_progress: bool) -> None:
+    """Export, quantize with all six methods and compare against FP16 on a built-in model (PixArt-Sigma default)."""
     from hn_export.export import export_transformer
     from models.build import InitKind, ModelSource, build_transformer
 
+    preset = family(family_name).demo_preset  # an unknown name: one line naming the families
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="hn-export-demo-") as tmp:
         folder = out_dir or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        fp32, fp16 = folder / "pixart-sigma-256.onnx", folder / "pixart-sigma-256.fp16.onnx"
-        source = ModelSource(preset=DEMO_PRESET, layers=layers, seed=seed, init=InitKind.DIT_STATS)
+        fp32, fp16 = folder / f"{preset}.onnx", folder / f"{preset}.fp16.onnx"
+        source = ModelSource(preset=preset, layers=layers, seed=seed, init=InitKind.DIT_STATS)
         _build_kernels()
-        click.echo(f"1/4 building {DEMO_PRESET} ({layers} blocks, dit-stats, seed {seed}) and exporting FP32 + FP16")
+        click.echo(f"1/4 building {preset} ({layers} blocks, dit-stats, seed {seed}) and exporting FP32 + FP16")
         model = build_transformer(source)
         export_transformer(model, fp32, progress=not no_progress)
         export_transformer(model, fp16, fp16=True, progress=not no_progress)
@@ -72,9 +78,9 @@ def demo_command(out_dir: Path | None, layers: int, steps: int, seed: int, no_pr
         for name, (ms, implementation) in timings.items():
             click.echo(f"| {name} | {ms:.0f} | {base / ms:.2f}x | {implementation} |")
         click.echo("")
-        meta = {"preset": DEMO_PRESET, "layers": layers, "steps": steps, "seed": seed, "reference": fp16.name,
+        meta = {"preset": preset, "layers": layers, "steps": steps, "seed": seed, "reference": fp16.name,
                 "calibration": dataclasses.asdict(config.calibration)}
-        files = write_results(results, folder, meta, f"{DEMO_PRESET}, {layers} blocks: W4A4 SQNR vs FP16")
+        files = write_results(results, folder, meta, f"{preset}, {layers} blocks: W4A4 SQNR vs FP16")
         if out_dir:
             meta_timings = {name: {"ms": round(ms, 1), "implementation": impl} for name, (ms, impl) in timings.items()}
             write_atomic(folder / "latency.json", json.dumps(meta_timings, indent=2) + "\n")

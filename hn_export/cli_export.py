@@ -1,6 +1,7 @@
-"""`hn-export export`: build or load a PixArt-Sigma transformer and write it as ONNX (opset 21, IR 10).
+"""`hn-export export`: build or load a transformer of a supported family and write it as ONNX (opset 21, IR 10).
 
     hn-export export --preset pixart-sigma-512 -o pixart512.onnx
+    hn-export export --preset sd3-medium-256 --layers 2 -o sd3.onnx
     hn-export export --preset tiny --layers 1 --init plain -o tiny.onnx
     hn-export export --checkpoint ./PixArt-Sigma-XL-2-512-MS -o pixart512.onnx     # local diffusers folder
     hn-export export --config transformer/config.json --layers 2 -o small.onnx
@@ -19,6 +20,7 @@ import click
 from hn_export.errors import UserError
 from hn_export.model_files import check_output_path
 from models.build import InitKind, ModelSource
+from models.families import family_of_preset
 from models.presets import PRESETS
 
 logger = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ def _size(nbytes: int) -> str:
 @click.option("--checkpoint", metavar="DIR", type=click.Path(path_type=Path),
               help="Local diffusers folder: the transformer folder or a pipeline folder with transformer/.")
 @click.option("--config", "config_path", metavar="FILE", type=click.Path(path_type=Path),
-              help="A PixArtTransformer2DModel config.json; seeded random weights.")
+              help="A diffusers config.json of a supported model class; seeded random weights.")
 @click.option("--layers", type=int, help="Keep only the first N transformer blocks.")
 @click.option("--sample-size", type=int, help="Latent size (pixels / 8), e.g. 32, 64, 128. One file per size.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
@@ -46,7 +48,8 @@ def _size(nbytes: int) -> str:
               "without planted channel-mean offsets (outliers), or plain diffusers init (presets and configs only).")
 @click.option("--fp16", is_flag=True, help="Export a float16 graph (inputs and output float16).")
 @click.option("--with-mask", is_flag=True,
-              help="Add the encoder_attention_mask input [B, L]; the export then has static shapes (B=2, L=120).")
+              help="Add the encoder_attention_mask input [B, L] (PixArt); the export then has static shapes "
+              "(B=2, L=120).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output .onnx file.")
 def export_command(preset, checkpoint, config_path, layers, sample_size, seed, init_kind, fp16, with_mask, output):
     """Export a PixArt-Sigma transformer to ONNX (one of --preset, --checkpoint, --config)."""
@@ -61,6 +64,9 @@ def export_command(preset, checkpoint, config_path, layers, sample_size, seed, i
         raise UserError(f"--layers must be at least 1, got {layers}", "pass --layers 1 or more, or leave it out")
     if preset is not None and preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}", f"use one of: {', '.join(PRESETS)}")
+    if with_mask and preset is not None and not family_of_preset(preset).supports_mask:
+        raise UserError(f"--with-mask: the {family_of_preset(preset).name} family's export has no "
+                        "encoder_attention_mask input", "leave out --with-mask")
     check_output_path(output)
     if checkpoint is not None and init_kind != InitKind.DIT_STATS.value:
         logger.warning("--init applies to random weights only; the checkpoint's weights are used as they are")
@@ -86,8 +92,7 @@ def export_command(preset, checkpoint, config_path, layers, sample_size, seed, i
         finally:
             diffusers.logging.set_verbosity(level)
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("%d blocks, %d parameters, %s", len(model.transformer_blocks), n_params,
-                "float16" if fp16 else "float32")
+    logger.info("%d parameters, %s", n_params, "float16" if fp16 else "float32")
     metadata = {"hn_export.version": __version__, "hn_export.source": source.describe(),
                 "hn_export.dtype": "float16" if fp16 else "float32", "hn_export.torch": torch.__version__}
     files = export_transformer(model, output, fp16=fp16, with_mask=with_mask, progress=True, metadata=metadata)

@@ -23,9 +23,12 @@ def layers_command(model: Path, include, exclude, as_json: bool) -> None:
     ir_model = load_model(model)
     linears = find_linears(ir_model)
     selection = SiteSelection(include=tuple(include) or SiteSelection().include, exclude=tuple(exclude))
-    sites = find_activation_sites(ir_model, selection_for(ir_model, selection))
+    selection = selection_for(ir_model, selection)
+    sites = find_activation_sites(ir_model, selection)
+    family = selection.roles.family if selection.roles is not None else None
     if as_json:
         click.echo(json.dumps({
+            "family": family,
             "linears": [{"module": lin.module_path, "op": lin.node.op_type, "weight": lin.weight.name,
                          "bias": lin.bias.name if lin.bias is not None else None,
                          "in_features": lin.in_features, "out_features": lin.out_features,
@@ -34,6 +37,8 @@ def layers_command(model: Path, include, exclude, as_json: bool) -> None:
                        "width": s.width, "linears": [lin.module_path for lin in s.linears]} for s in sites],
         }, indent=2))
         return
+    click.echo(f"family: {family} (site roles from its module paths)" if family else
+               "family: none recognised (every site has the generic role 'linear')")
     click.echo(f"{len(linears)} linear layers")
     click.echo(f"{'module':<52} {'in':>6} {'out':>6}  {'weight':<28} bias")
     for lin in linears:

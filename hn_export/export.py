@@ -45,6 +45,7 @@ from torch import nn
 from graph_passes.fix_noop_squeeze import FixNoopSqueezePass
 from hn_export.model_files import check_output_path, save_model
 from models.build import family_of_model
+from models.errors import ModelInputError
 from models.families import InputSpec, ModelFamily
 
 logger = logging.getLogger(__name__)
@@ -171,8 +172,11 @@ def _prepare(model: nn.Module, fp16: bool) -> nn.Module:
 
 def to_onnx(model: nn.Module, *, fp16: bool = False, with_mask: bool = False, progress=None) -> ir.Model:
     """Trace, translate and fix `model`; returns the onnx_ir Model (not written)."""
-    model = _prepare(model, fp16)
     family = family_of_model(model)
+    if with_mask and not family.supports_mask:
+        raise ModelInputError(f"--with-mask: the {family.name} family's export has no encoder_attention_mask input",
+                              "leave out --with-mask")
+    model = _prepare(model, fp16)
     dtype = torch.float16 if fp16 else torch.float32
     specs = family.input_specs(model, with_mask)
     names = [spec.name for spec in specs]

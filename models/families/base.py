@@ -122,6 +122,7 @@ class ModelFamily:
     guidance_scale: float = 4.5
     single_call_timestep: float = 500.0  # the timestep of one-call comparisons (`diff`, latency)
     output_name: str = "sample"
+    supports_mask: bool = False  # whether `--with-mask` (an encoder_attention_mask input) is offered
 
     # ---------------------------------------------------------------- building
     def model_class(self):

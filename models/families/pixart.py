@@ -79,6 +79,7 @@ class PixArtFamily(ModelFamily):
     role_rules = ROLE_RULES
     hadamard_widths = (1152, 4608)
     guidance_scale = 4.5
+    supports_mask = True
 
     def __init__(self, name: str, description: str, presets: Mapping[str, Preset], pipeline_class: str,
                  demo_preset: str):
