@@ -36,7 +36,14 @@ from tqdm import tqdm
 from graph_passes.graph_utils import NodeSequence, add_initializer
 from graph_passes.linears import SiteSelection, find_activation_sites
 from graph_passes.site_transforms import SiteStats
-from hn_export.denoise import DenoiseConfig, ModelSignature, batched_names, load_input_file, trajectory
+from hn_export.denoise import (
+    DenoiseConfig,
+    ModelSignature,
+    batched_names,
+    family_of,
+    load_input_file,
+    trajectory,
+)
 from hn_export.errors import UserError
 from hn_export.ort_models import open_session
 
@@ -189,6 +196,8 @@ def calibrate(
 
     model = model if model is not None else load_model(model_path)
     sig = ModelSignature.of(model)
+    if inputs is None:
+        family_of(sig)  # trajectories need the model's family: fail before any work
     outputs = len(model.graph.outputs)
     output = model.graph.outputs[0].name
     owners, added_nodes, added_inits = _add_stat_outputs(model)

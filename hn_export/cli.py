@@ -51,11 +51,13 @@ def _register_commands() -> None:
     from hn_export.cli_diff import diff_command
     from hn_export.cli_sensitivity import sensitivity_command
     from hn_export.cli_export import export_command
+    from hn_export.cli_families import families_command
     from hn_export.cli_layers import layers_command
     from hn_export.cli_quantize import quantize_command
 
     cli.add_command(export_command, "export")
     cli.add_command(layers_command, "layers")
+    cli.add_command(families_command, "families")
     cli.add_command(compare_command, "compare")
     cli.add_command(demo_command, "demo")
     cli.add_command(diff_command, "diff")
