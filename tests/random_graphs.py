@@ -23,6 +23,7 @@ import dataclasses
 import math
 
 import numpy as np
+from models.families.pixart import ROLE_RULES as PIXART_ROLE_RULES
 import onnx_ir as ir
 from onnx import helper, numpy_helper
 
@@ -204,13 +205,9 @@ class GraphSpec:
         return "\n".join(lines)
 
 
-# PixArt module-path suffix -> module group (the table in graph_passes/linears.py's docstring, restated): q/k/v of
+# PixArt module-path suffix -> module group, from the family's one role table (models/families/pixart.py): q/k/v of
 # self-attention share a site, k/v of cross-attention another; each block has its own sites.
-PIXART_GROUPS = {
-    "attn1.to_q": "attn1.qkv", "attn1.to_k": "attn1.qkv", "attn1.to_v": "attn1.qkv", "attn1.to_out.0": "attn1.out",
-    "attn2.to_q": "attn2.q", "attn2.to_k": "attn2.kv", "attn2.to_v": "attn2.kv", "attn2.to_out.0": "attn2.out",
-    "ff.net.0.proj": "ff.in", "ff.net.2": "ff.out",
-}
+PIXART_GROUPS = {suffix: group for suffix, group, _role in PIXART_ROLE_RULES}
 
 
 def pixart_group(module_path: str) -> str:
