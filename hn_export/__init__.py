@@ -1,3 +1,3 @@
-"""hn-export: PixArt-Sigma -> ONNX -> W4A4 with the HadaNorm transform."""
+"""hn-export: diffusion transformers (PixArt, SD3, DiT, Flux) -> ONNX -> W4A4 with the HadaNorm transform."""
 
 __version__ = "0.1.0"
