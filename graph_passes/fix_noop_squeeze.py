@@ -11,7 +11,17 @@ with ``N`` tokens. In torch, squeezing a dimension that is not 1 does nothing; b
 graph (``ShapeInferenceError ... Dimension of input 1 must be 1 instead of 16``). Replacing it by Identity restores the
 torch meaning and lets the exported graph load and match torch.
 
-The pass walks subgraphs and model-local functions too. It needs the static shapes the exporter records on values.
+The TorchScript exporter (``dynamo=False``) writes ``squeeze(1)`` as torch's rule spelled out: ``If(Shape(x)[1] ==
+1)`` with ``Squeeze(x, [1])`` in the then-branch and ``Identity(x)`` in the else-branch. onnxruntime infers the shapes
+of both branches when it loads the graph, so the then-branch fails the same way although it never runs. The pass
+fixes the Squeeze inside the branch (its input, a value of the outer graph, is usually without a recorded shape
+there: the pass then asks onnx's shape inference, weights left out, for the shapes of just the Squeeze inputs it
+needs), and an ``If`` whose two branches then return the same outer values unchanged becomes ``Identity`` (the
+condition's now unused ``Shape``/``Gather``/``Equal`` nodes go with it).
+
+The pass walks subgraphs (any depth) and model-local functions. Shapes come from the values (the dynamo exporter
+records them) or from onnx shape inference of the main graph and its subgraphs; inside functions only recorded
+shapes count.
 """
 
 from __future__ import annotations
@@ -19,9 +29,14 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
+from graph_passes.onnx_proto import weights_left_out
+
 logger = logging.getLogger(__name__)
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 def _squeeze_axes(node: ir.Node) -> list[int] | None:
@@ -47,29 +62,65 @@ def _static_dim(shape: ir.Shape | None, axis: int) -> int | None:
     return dim if isinstance(dim, int) else None
 
 
+def _is_squeeze(node: ir.Node) -> bool:
+    return node.op_type == "Squeeze" and node.domain in _DEFAULT_DOMAINS
+
+
+def _needs_shape(node: ir.Node) -> bool:
+    """A Squeeze with constant axes whose input has no static size recorded at one of them."""
+    axes = _squeeze_axes(node)
+    data = node.inputs[0] if node.inputs else None
+    return bool(axes) and data is not None and any(_static_dim(data.shape, a) is None for a in axes)
+
+
+def _inferred_shapes(model: ir.Model, names: set[str]) -> dict[str, ir.Shape]:
+    """Shapes of the values `names` (main graph and subgraphs) from onnx shape inference, weights left out.
+
+    Non-strict: the failing Squeeze itself only loses its own output shape. Returns what inference found."""
+    with weights_left_out(model):
+        proto = ir.serde.serialize_model(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    except Exception as exc:  # an unknown op or a malformed graph: decide from recorded shapes only
+        logger.debug("shape inference failed (%s): no-op Squeezes are found from recorded shapes only", exc)
+        return {}
+    found: dict[str, ir.Shape] = {}
+    for graph in ir.serde.deserialize_model(inferred).graphs():
+        values = [*graph.inputs, *(v for node in graph for v in node.outputs)]
+        for value in values:
+            if value.name in names and value.shape is not None:
+                found[value.name] = value.shape
+    return found
+
+
 class FixNoopSqueezePass(ir.passes.InPlacePass):
-    """Turn Squeezes of static non-1 dimensions (torch's no-op ``squeeze(dim)``) into Identity."""
+    """Turn Squeezes of static non-1 dimensions (torch's no-op ``squeeze(dim)``) into Identity, in every graph and
+    subgraph, and fold the ``If`` the TorchScript exporter wraps such a Squeeze in."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        count = 0
         graphs: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
-        for graph_like in graphs:
-            for node in list(ir.traversal.RecursiveGraphIterator(graph_like)):
-                if node.op_type != "Squeeze" or node.domain not in ("", "ai.onnx"):
-                    continue
-                if self._fix(node):
-                    count += 1
+        squeezes = [node for graph_like in graphs for node in ir.traversal.RecursiveGraphIterator(graph_like)
+                    if _is_squeeze(node)]
+        unknown = {node.inputs[0].name for node in squeezes if _needs_shape(node) and node.inputs[0].name}
+        shapes = _inferred_shapes(model, unknown) if unknown else {}
+        count = sum(self._fix(node, shapes) for node in squeezes)
+        folded = _fold_passthrough_ifs(model)
         if count:
             logger.info("replaced %d no-op Squeeze node(s)", count)
-        return ir.passes.PassResult(model, modified=count > 0)
+        if folded:
+            logger.info("folded %d If node(s) whose branches return their input unchanged", folded)
+        return ir.passes.PassResult(model, modified=bool(count or folded))
 
     @staticmethod
-    def _fix(node: ir.Node) -> bool:
+    def _fix(node: ir.Node, shapes: dict[str, ir.Shape]) -> bool:
         axes = _squeeze_axes(node)
         data = node.inputs[0] if node.inputs else None
         if not axes or data is None:
             return False
-        dims = [_static_dim(data.shape, a) for a in axes]
+        shape = data.shape
+        if any(_static_dim(shape, a) is None for a in axes):
+            shape = shapes.get(data.name or "")
+        dims = [_static_dim(shape, a) for a in axes]
         if any(d is None for d in dims):
             return False  # symbolic or unknown: cannot tell whether it is a no-op
         noop = [a for a, d in zip(axes, dims) if d != 1]
@@ -97,8 +148,8 @@ class FixNoopSqueezePass(ir.passes.InPlacePass):
         identity = ir.node("Identity", inputs=[data], name=node.name, metadata_props=dict(node.metadata_props))
         old = node.outputs[0]
         new = identity.outputs[0]
-        new.type = old.type
-        new.shape = old.shape
+        new.type = data.type if data.type is not None else old.type
+        new.shape = shape  # Identity keeps its input's shape (the exporter may have recorded the squeezed one)
         name = old.name
         old.name = None  # free the name for the replacement
         graph.insert_after(node, identity)
@@ -106,7 +157,84 @@ class FixNoopSqueezePass(ir.passes.InPlacePass):
         graph.remove(node, safe=True)
         new.name = name
         _drop_if_unused(graph, old_axes)
+        _drop_dead(graph, old_axes)
         return True
+
+
+def _passthrough_source(branch: ir.Graph, value: ir.Value) -> ir.Value | None:
+    """The outer-scope value a branch output is (through Identity nodes), or None when the branch computes it."""
+    while True:
+        producer = value.producer()
+        if producer is None:
+            is_own = value in branch.inputs or branch.initializers.get(value.name or "") is value
+            return None if is_own else value
+        if producer.graph is not branch:
+            return value
+        if producer.op_type != "Identity" or producer.domain not in _DEFAULT_DOMAINS or not producer.inputs:
+            return None
+        source = producer.inputs[0]
+        if source is None:
+            return None
+        value = source
+
+
+def _fold_passthrough_ifs(model: ir.Model) -> int:
+    """Replace every ``If`` whose branches return the same outer values unchanged by Identity nodes; innermost
+    first, so that folding a nested If can make its parent foldable."""
+    folded = 0
+    ifs = [node for node in ir.traversal.RecursiveGraphIterator(model.graph)
+           if node.op_type == "If" and node.domain in _DEFAULT_DOMAINS]
+    for node in reversed(ifs):
+        then_attr, else_attr = node.attributes.get("then_branch"), node.attributes.get("else_branch")
+        graph = node.graph
+        if then_attr is None or else_attr is None or graph is None:
+            continue
+        then_g, else_g = then_attr.as_graph(), else_attr.as_graph()
+        if not len(then_g.outputs) == len(else_g.outputs) == len(node.outputs):
+            continue
+        sources = []
+        for then_out, else_out in zip(then_g.outputs, else_g.outputs):
+            source = _passthrough_source(then_g, then_out)
+            if source is None or _passthrough_source(else_g, else_out) is not source:
+                break
+            sources.append(source)
+        else:
+            cond = node.inputs[0] if node.inputs else None
+            for i, (old, source) in enumerate(zip(node.outputs, sources)):
+                suffix = f"_{i}" if len(sources) > 1 else ""
+                identity = ir.node("Identity", inputs=[source], name=f"{node.name}{suffix}" if node.name else None,
+                                   metadata_props=dict(node.metadata_props))
+                new = identity.outputs[0]
+                new.type = old.type if old.type is not None else source.type
+                new.shape = source.shape if source.shape is not None else old.shape
+                name = old.name
+                old.name = None
+                graph.insert_before(node, identity)
+                ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+                new.name = name
+            graph.remove(node, safe=True)
+            _drop_dead(graph, cond)
+            folded += 1
+    return folded
+
+
+def _drop_dead(graph: ir.Graph | ir.Function, value: ir.Value | None) -> None:
+    """Remove the nodes of `graph` that computed only `value` once nothing uses it (the folded If's condition)."""
+    pending = [value]
+    while pending:
+        value = pending.pop()
+        if value is None:
+            continue
+        producer = value.producer()
+        if producer is None or producer.graph is not graph:
+            continue
+        if any(out.uses() or out.is_graph_output() for out in producer.outputs):
+            continue
+        inputs = list(producer.inputs)
+        graph.remove(producer, safe=True)
+        pending.extend(inputs)
+        for inp in inputs:
+            _drop_if_unused(graph, inp)
 
 
 def _drop_if_unused(graph: ir.Graph | ir.Function, value: ir.Value | None) -> None:

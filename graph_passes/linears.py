@@ -2,8 +2,15 @@
 
 A linear ``y = x W^T + b`` appears in a torch export as ``MatMul(x, Wt)`` with ``Wt`` a constant ``[in, out]``
 initializer (stored pre-transposed) and an optional ``Add(., b)`` with a constant ``[out]`` bias, or as
-``Gemm(x, W, b, transB=1)``. The dynamo exporter gives weights generated names; the module path comes from the
-node's ``namespace`` metadata (``.../transformer.transformer_blocks.0.attn1.to_q: torch.nn.modules.linear.Linear/...``).
+``Gemm(x, W, b, transB=1)``. The module path of a linear (`module_path_of`) comes from, in this order:
+
+- the node's ``namespace`` metadata (the dynamo exporter, whose weights have generated names:
+  ``.../transformer.transformer_blocks.0.attn1.to_q: torch.nn.modules.linear.Linear/...``);
+- the node's scoped name (torch's TorchScript exporter, ``dynamo=False``, as optimum uses it; no metadata, weights
+  named ``onnx::MatMul_123``): ``/transformer/transformer_blocks.0/attn1/to_q/MatMul`` is the op ``MatMul`` of module
+  ``transformer.transformer_blocks.0.attn1.to_q``;
+- the weight's name when it is a parameter name (``transformer.adaln_single.linear.weight``);
+- else the node name as it is (then no role rule names the linear: it gets the generic role).
 
 An *activation site* is one activation tensor together with the linears of one module group that consume it
 (q/k/v of self-attention share one site, k/v of cross-attention another). The groups and their roles come from the
@@ -80,15 +87,35 @@ class SiteSelection:
         )
 
 
-def module_path_of(node: ir.Node) -> str:
-    """The module path of a linear from the exporter's namespace metadata, or the node name."""
-    namespace = node.metadata_props.get("namespace", "")
+def _namespace_path(node: ir.Node) -> str:
+    """The innermost ``torch.nn.Linear`` module named in the dynamo exporter's ``namespace`` metadata."""
     path = ""
-    for part in namespace.split("/"):
+    for part in node.metadata_props.get("namespace", "").split("/"):
         name, _, cls = part.partition(": ")
         if cls.strip() == _LINEAR_CLASS:
             path = name.strip()
-    return path or (node.name or "")
+    return path
+
+
+def _scope_path(name: str) -> str:
+    """``/transformer/transformer_blocks.0/attn1/to_q/MatMul`` -> ``transformer.transformer_blocks.0.attn1.to_q``:
+    the TorchScript exporter's node name is the module scope, then the op's own name."""
+    if not name.startswith("/"):
+        return ""
+    scope = [part for part in name[1:].split("/")[:-1] if part]
+    return ".".join(scope)
+
+
+def _weight_path(node: ir.Node) -> str:
+    """``transformer.adaln_single.linear.weight`` -> ``transformer.adaln_single.linear`` (parameter-named weights)."""
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    name = (weight.name or "") if weight is not None else ""
+    return name.removesuffix(".weight") if name.endswith(".weight") and not name.startswith("onnx::") else ""
+
+
+def module_path_of(node: ir.Node) -> str:
+    """The module path of a linear: namespace metadata, scoped node name, parameter-named weight, or the node name."""
+    return _namespace_path(node) or _scope_path(node.name or "") or _weight_path(node) or (node.name or "")
 
 
 def _constant(value: ir.Value | None) -> np.ndarray | None:

@@ -192,9 +192,9 @@ def calibrate(
 ) -> CalibrationStats:
     """Statistics of every linear input of the FP graph at `model_path`. `model`: that graph already loaded (the
     quantize job's); the reductions are added for the run and taken out again, so it comes back unchanged."""
-    from hn_export.model_files import load_model
+    from hn_export.graph_import import load_graph
 
-    model = model if model is not None else load_model(model_path)
+    model = model if model is not None else load_graph(model_path)
     sig = ModelSignature.of(model)
     if inputs is None:
         family_of(sig)  # trajectories need the model's family: fail before any work

@@ -10,7 +10,7 @@ import click
 
 from graph_passes.linears import SiteSelection, find_activation_sites, find_linears
 from hn_export.families import selection_for
-from hn_export.model_files import load_model
+from hn_export.graph_import import load_graph
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,7 +20,7 @@ from hn_export.model_files import load_model
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def layers_command(model: Path, include, exclude, as_json: bool) -> None:
     """List MODEL's linear layers (module path, weight, bias, in/out features) and activation sites."""
-    ir_model = load_model(model)
+    ir_model = load_graph(model)  # any exporter: opset converted, exporter fixes, Gemm linears as MatMul
     linears = find_linears(ir_model)
     selection = SiteSelection(include=tuple(include) or SiteSelection().include, exclude=tuple(exclude))
     selection = selection_for(ir_model, selection)
@@ -44,7 +44,7 @@ def layers_command(model: Path, include, exclude, as_json: bool) -> None:
     for lin in linears:
         bias = lin.bias.name if lin.bias is not None else "-"
         click.echo(f"{lin.module_path:<52} {lin.in_features:>6} {lin.out_features:>6}  {lin.weight.name:<28} {bias}")
-    blocks = {s.block for s in sites if s.block is not None}
+    blocks = {(s.name.split(".")[0], s.block) for s in sites if s.block is not None}  # (block list, index)
     click.echo(f"\n{len(sites)} activation sites" + (f" in {len(blocks)} blocks" if blocks else ""))
     click.echo(f"{'site':<40} {'role':<20} {'width':>6}  linears")
     for s in sites:

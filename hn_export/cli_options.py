@@ -70,7 +70,7 @@ def check_model_and_inputs(model: Path, calib_inputs: Path | None, inputs_path: 
     """Load MODEL's signature and check both input files against it, before any work.
 
     Returns the signature and the checked ``--inputs`` arrays (None without the option)."""
-    sig = ModelSignature.of(load_model(model))  # lazy: weights stay on disk
+    sig = ModelSignature.of(load_model(model, any_opset=True))  # lazy: weights stay on disk
     if calib_inputs is not None:
         load_input_file(calib_inputs, sig, "calibration input file")
     if inputs_path is None:

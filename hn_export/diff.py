@@ -21,6 +21,7 @@ from hn_export.denoise import DenoiseConfig
 from hn_export.errors import UserError
 from hn_export.evaluate import GraphRunner, final_latents, single_call_outputs
 from hn_export.metrics import Comparison
+from hn_export.graph_import import load_graph
 from hn_export.model_files import load_model, save_model
 from runtime.denoiser import Denoiser
 
@@ -63,7 +64,8 @@ def _with_outputs(model: ir.Model, names: list[str]) -> None:
 
 
 def per_layer(candidate: Path, reference: Path, feeds: dict[str, np.ndarray]) -> list[LayerComparison]:
-    ref_model, cand_model = load_model(reference, "reference"), load_model(candidate, "candidate")
+    # the reference as the quantizer saw it (exporter fixes, Gemm linears as MatMul: output names are kept)
+    ref_model, cand_model = load_graph(reference, "reference"), load_model(candidate, "candidate")
     cand_values = {v.name for node in cand_model.graph for v in node.outputs}
     plan: list[tuple[str, str, int | None, list[str]]] = []
     for site in find_activation_sites(ref_model, selection_for(ref_model)):

@@ -14,6 +14,7 @@ ignore the pipeline's mask: padded caption tokens then take part in cross-attent
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -37,17 +38,21 @@ class OnnxTransformer(torch.nn.Module):
         self.signature = ModelSignature.of(load_model(path))
         self.denoiser = Denoiser(path, provider=provider, kernel_library=kernels)
         latent = self.signature.latent_shape
-        out_channels = self.denoiser.session.get_outputs()[0].shape[1]
-        derived = {"in_channels": latent[0],
-                   "out_channels": out_channels if isinstance(out_channels, int) else 2 * latent[0]}
-        if len(latent) == 3:
-            derived["sample_size"] = latent[1]
+        derived: dict[str, Any] = {}
+        if len(latent) == 3:  # [C, H, W]; a packed latent [N, C] (Flux) leaves these to `config`
+            out_channels = self.denoiser.session.get_outputs()[0].shape[1]
+            derived = {"in_channels": latent[0], "sample_size": latent[1],
+                       "out_channels": out_channels if isinstance(out_channels, int) else 2 * latent[0]}
         if self.signature.caption_channels is not None:
             derived["caption_channels"] = self.signature.caption_channels
         self.config = FrozenDict({**derived, **dict(config or {})})
         self._np_dtype = self.signature.dtype
         self._warned_mask = False
         self.register_buffer("_device_anchor", torch.zeros(0), persistent=False)
+
+    def cache_context(self, name: str):
+        """Pipelines that cache attention (FluxPipeline) enter this context around each call; nothing to cache."""
+        return contextlib.nullcontext()
 
     @property
     def dtype(self) -> torch.dtype:

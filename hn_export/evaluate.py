@@ -1,7 +1,8 @@
 """Compare a candidate graph with a reference graph on identical inputs.
 
 * single call: one denoiser call per sample (CFG batch of 2, a mid-schedule timestep), outputs concatenated;
-* end of denoising: the final latents of an N-step DPM-Solver run of each graph from the same seeds.
+* end of denoising: the final latents of an N-step run of the family's denoising loop (PixArt: DPM-Solver++) of each
+  graph from the same seeds.
 
 SQNR is taken over all samples together.
 """
@@ -9,14 +10,20 @@ SQNR is taken over all samples together.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from hn_export.denoise import DenoiseConfig, ModelSignature, denoise, first_call_feeds
+from hn_export.errors import UserError
 from hn_export.metrics import Comparison
-from hn_export.model_files import load_model
+from hn_export.model_files import load_model, save_model
 from runtime.denoiser import Denoiser
+from runtime.errors import RuntimeInputError
+
+logger = logging.getLogger(__name__)
 
 
 
@@ -30,8 +37,31 @@ class GraphRunner:
     """A graph file run through `runtime.Denoiser`, callable with feeds -> `sample` (float32)."""
 
     def __init__(self, path: Path, provider: str | None = None, kernels: bool = True):
-        self.signature = ModelSignature.of(load_model(path))  # lazy: weights stay on disk
-        self.denoiser = Denoiser(path, provider=provider, kernel_library=kernels)
+        self.signature = ModelSignature.of(load_model(path, any_opset=True))  # lazy: weights stay on disk
+        self._imported: tempfile.TemporaryDirectory | None = None
+        try:
+            self.denoiser = Denoiser(path, provider=provider, kernel_library=kernels)
+        except RuntimeInputError:
+            # A graph from another exporter that onnxruntime refuses as written (another opset, the no-op Squeeze
+            # inside an If): run its imported copy, the graph hn-export quantizes.
+            imported = self._import(path)
+            if imported is None:
+                raise
+            self.denoiser = Denoiser(imported, provider=provider, kernel_library=kernels)
+
+    def _import(self, path: Path) -> Path | None:
+        from hn_export.graph_import import load_graph
+
+        try:
+            model = load_graph(path)
+        except UserError:
+            return None
+        self._imported = tempfile.TemporaryDirectory(prefix="hn-export-imported-")
+        copy = Path(self._imported.name) / path.name
+        save_model(model, copy)
+        logger.warning("%s does not load in onnxruntime as written; running its imported copy (opset 21, exporter "
+                       "fixes applied)", path)
+        return copy
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         cast = {k: v.astype(self.signature.dtype) if v.dtype.kind == "f" else v for k, v in feeds.items()}
@@ -39,6 +69,9 @@ class GraphRunner:
 
     def close(self) -> None:
         self.denoiser = None
+        if self._imported is not None:
+            self._imported.cleanup()
+            self._imported = None
 
     def __enter__(self) -> GraphRunner:
         return self

@@ -42,8 +42,8 @@ def roles_for(model: ir.Model) -> RoleTable | None:
         return best
     what = f"the {family.name} family's" if family is not None else "any supported family's"
     logger.warning("no linear of this graph has a module path %s role rules name (module paths lost by its "
-                   "exporter?): every selected linear is quantized as its own site with the generic role 'linear'",
-                   what)
+                   "exporter?): every selected linear (all of them unless --include is given) is quantized as its "
+                   "own site with the generic role 'linear'", what)
     return None
 
 
@@ -51,4 +51,8 @@ def selection_for(model: ir.Model, selection: SiteSelection = SiteSelection()) -
     """`selection` with the role table of the graph's family filled in (kept when one is already set)."""
     if selection.roles is not None:
         return selection
-    return dataclasses.replace(selection, roles=roles_for(model))
+    roles = roles_for(model)
+    if roles is None and selection.include == SiteSelection().include:
+        # module paths lost: the default (the linears inside transformer blocks) cannot be recognised either
+        return dataclasses.replace(selection, include=("",))
+    return dataclasses.replace(selection, roles=roles)

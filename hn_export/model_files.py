@@ -31,8 +31,9 @@ def external_data_name(path: Path) -> str:
     return path.name + ".data"
 
 
-def load_model(path: str | os.PathLike, what: str = "model") -> ir.Model:
-    """Load an ONNX model, checking that it exists, parses, and that its external data files are present."""
+def load_model(path: str | os.PathLike, what: str = "model", any_opset: bool = False) -> ir.Model:
+    """Load an ONNX model, checking that it exists, parses, and that its external data files are present.
+    `any_opset`: skip the opset check (`hn_export.graph_import` converts other opsets)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{what} file {path} does not exist", "check the path")
@@ -48,7 +49,7 @@ def load_model(path: str | os.PathLike, what: str = "model") -> ir.Model:
             "pass an .onnx file written by `hn-export export` or torch.onnx.export",
         ) from None
     _check_external_data(model, path)
-    _check_versions(model, path)
+    _check_versions(model, path, check_opset=not any_opset)
     _inline_small_external_tensors(model)
     return model
 
@@ -62,9 +63,9 @@ def _inline_small_external_tensors(model: ir.Model) -> None:
             value.const_value = ir.tensor(tensor.numpy(), name=value.name)
 
 
-def _check_versions(model: ir.Model, path: Path) -> None:
+def _check_versions(model: ir.Model, path: Path, check_opset: bool = True) -> None:
     opset = model.opset_imports.get("", model.graph.opset_imports.get(""))
-    if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
+    if check_opset and opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
         raise UserError(
             f"{path} uses ONNX opset {opset}; hn-export reads and writes opset {MIN_OPSET}",
             "re-export with `hn-export export` (opset 21) or convert it with onnx.version_converter",

@@ -16,7 +16,8 @@ from graph_passes.quantization import QuantConfig
 from graph_passes import tags
 from hn_export.calibration import CalibrationStats, calibrate, model_hash
 from hn_export.denoise import DenoiseConfig
-from hn_export.model_files import check_output_path, load_model, save_model
+from hn_export.graph_import import load_graph
+from hn_export.model_files import check_output_path, save_model
 from runtime.domain import FORMAT_KEY, HADANORM_DOMAIN, TRANSFORM_OPS_KEY
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def _weight_bytes(model: ir.Model) -> tuple[int, int]:
 
 def run_quantize(job: QuantizeJob) -> QuantizeReport:
     check_output_path(job.output, job.model_path)
-    model = load_model(job.model_path)
+    model = load_graph(job.model_path)  # any exporter: opset converted, exporter fixes, Gemm linears as MatMul
     selection = selection_for(model, job.selection)
     sites = find_activation_sites(model, selection)  # fail fast on graphs with no linears
     before = sum(lin.weight.const_value.nbytes for site in sites for lin in site.linears)

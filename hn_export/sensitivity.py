@@ -29,7 +29,8 @@ from hn_export.compare import EvaluationInputs
 from hn_export.denoise import DenoiseConfig
 from hn_export.evaluate import GraphRunner
 from hn_export.metrics import sqnr_db
-from hn_export.model_files import load_model, save_model, write_atomic
+from hn_export.graph_import import load_graph
+from hn_export.model_files import save_model, write_atomic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +67,7 @@ def run_sensitivity(model_path: Path, methods: list[Method], act_bits: int, conf
     results: list[SiteSensitivity] = []
     with tempfile.TemporaryDirectory(prefix="hn-export-sensitivity-") as tmp:
         for method in methods:
-            model = load_model(model_path)
+            model = load_graph(model_path)
             options = dataclasses.replace(transform, method=method)
             plan = quantize_model(model, stats.sites if stats else {}, options, None, selection_for(model),
                                   gated_act_bits=act_bits)

@@ -307,9 +307,14 @@ def measure_activation_stats(model: nn.Module, inputs: dict[str, torch.Tensor]) 
     }
 
 
-def _bypass(_module, args, kwargs, _output):
-    """Forward hook: the block returns its input hidden states unchanged."""
-    return args[0] if args else kwargs["hidden_states"]
+def _bypass(_module, args, kwargs, output):
+    """Forward hook: the block returns its input hidden states unchanged (joint blocks of SD3 / Flux return
+    ``(encoder_hidden_states, hidden_states)``: both unchanged)."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    if isinstance(output, tuple):
+        context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+        return (context, hidden) if len(output) == 2 else output
+    return hidden
 
 
 @torch.no_grad()

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from models.errors import ModelInputError
 from models.families.base import DenoiseSettings, InputSpec, ModelFamily, Preset, Signature
+from models.families.dit import DIT
+from models.families.flux import FLUX
 from models.families.pixart import PIXART_ALPHA, PIXART_SIGMA
+from models.families.sd3 import SD3
 
 # Order matters where graphs are matched by their input names: the first family that accepts them wins.
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (PIXART_SIGMA, PIXART_ALPHA)}
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (PIXART_SIGMA, PIXART_ALPHA, FLUX, DIT, SD3)}
 DEFAULT_FAMILY = PIXART_SIGMA.name
 
 __all__ = ["FAMILIES", "DEFAULT_FAMILY", "DenoiseSettings", "InputSpec", "ModelFamily", "Preset", "Signature",
