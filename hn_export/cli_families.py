@@ -16,7 +16,9 @@ from models.families import FAMILIES
 def _describe(family) -> dict:
     roles: dict[str, list[str]] = {}
     for rule in family.role_rules:
-        roles.setdefault(rule[2], []).append(rule[0] if len(rule) < 4 or rule[3] is None else f"{rule[3]}: {rule[0]}")
+        block_list = rule[3] if len(rule) > 3 and rule[3] is not None else None
+        linears = roles.setdefault(rule[2], [])
+        linears.append(f"{block_list}.i.{rule[0]}" if block_list and len(family.block_lists) > 1 else rule[0])
     return {"name": family.name, "class": family.class_name, "pipeline": family.pipeline_class,
             "description": family.description, "block_lists": list(family.block_lists),
             "presets": {name: preset.description for name, preset in family.presets.items()},

@@ -107,6 +107,11 @@ def load_input_file(path, sig: Signature, what: str) -> dict[str, np.ndarray]:
     missing = [k for k in needed if k not in data]
     if missing:
         raise UserError(f"{what} {path} lacks arrays {missing}", f"it must hold {needed}")
+    if sig.family:
+        try:
+            family_of(sig).check_input_arrays(sig, data)
+        except ModelInputError as exc:
+            raise UserError(f"{what} {path}: {exc.problem}", exc.fix) from None
     if "hidden_states" in sig.shapes and data["hidden_states"].shape[1:] != sig.latent_shape:
         raise UserError(f"hidden_states in {path} has shape {data['hidden_states'].shape}; the model takes "
                         f"[N, {', '.join(map(str, sig.latent_shape))}]", "pass inputs for this resolution")

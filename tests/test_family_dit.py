@@ -16,7 +16,7 @@ from hn_export.denoise import DenoiseConfig, ModelSignature, first_call_feeds, t
 from hn_export.families import selection_for
 from hn_export.graph_import import load_graph
 from hn_export.metrics import sqnr_db
-from models.build import ModelSource, build_transformer, forward, make_inputs
+from models.build import InitKind, ModelSource, build_transformer, forward, make_inputs
 from models.errors import ModelInputError
 from models.families import FAMILIES, family_of_inputs
 from models.families.dit import DIT, NULL_CLASS, SCHEDULER
@@ -90,6 +90,22 @@ def test_every_block_linear_is_in_one_site(dit):
         prefix = f"transformer_blocks.{block}."
         listed = [(s.name.removeprefix(prefix), s.role) for s in sites if s.name.startswith(prefix)]
         assert listed == BLOCK_SITES
+
+
+def test_outliers_init_zeroes_every_planted_offset(dit):
+    stats_model, _ = dit
+    model = build_transformer(ModelSource(preset="dit-tiny", seed=0, init=InitKind.OUTLIERS))
+    d = 72
+    assert not model.pos_embed.proj.bias.any() and not model.proj_out_1.bias.view(2, d)[0].any()
+    for block, planted in zip(model.transformer_blocks, stats_model.transformer_blocks):
+        rows = block.norm1.linear.bias.view(6, d)  # shift, scale, gate of the attention, then of the FFN
+        assert not rows[0].any() and not rows[3].any() and not block.ff.net[0].proj.bias.any()
+        # the same draws otherwise: outlier scale channels (1 + scale up to +-12) and gates of order 1 stay
+        assert torch.equal(rows[[1, 2, 4, 5]], planted.norm1.linear.bias.view(6, d)[[1, 2, 4, 5]])
+        assert rows[1].abs().max() > 5.0 and abs(float(rows[2].mean()) - 1.0) < 0.2
+        # the released checkpoint's tied embedders
+        assert torch.equal(block.norm1.emb.timestep_embedder.linear_1.weight,
+                           model.transformer_blocks[0].norm1.emb.timestep_embedder.linear_1.weight)
 
 
 def test_onnx_matches_torch(dit):
@@ -212,3 +228,31 @@ def test_onnx_transformer_in_dit_pipeline(dit, ours_and_cond, monkeypatch):
     # measured max abs 9.9e-5 on latents up to 81.6 (relative 1.2e-6; seeds 0 / 1: 2.6e-6 / 9.5e-7); bound
     # relative 3e-5
     assert np.abs(onnx_latents - torch_latents).max() < 3e-5 * np.abs(torch_latents).max()
+
+
+def test_calibration_file_label_out_of_range_is_one_line(dit, hn_cli, tmp_path):
+    _, path = dit
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, hidden_states=np.zeros((2, 4, 8, 8), np.float32), timestep=np.array([999, 999]),
+             class_labels=np.array([NULL_CLASS + 1, 3]))
+    result = hn_cli(path, "--method", "smoothquant", "--calib", calib, "-o", tmp_path / "sq.onnx", "--no-progress")
+    lines = [ln for ln in result.err.splitlines() if ln.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.err
+    assert "class_labels holds 1001, outside 0..1000" in lines[0]
+    assert not (tmp_path / "sq.onnx").exists()
+
+
+def test_legacy_transformer2d_config_is_a_dit(hn_cli, tmp_path):
+    """The released facebook/DiT-XL-2-* configs name the legacy class Transformer2DModel."""
+    import json
+
+    from models.families.dit import TINY
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"_class_name": "Transformer2DModel", **TINY}))
+    out = tmp_path / "legacy.onnx"
+    result = hn_cli("export", "--config", config, "-o", out)
+    assert result.exit_code == 0, result.err
+    import onnx_ir as ir
+
+    assert ir.load(out).metadata_props["hn_export.family"] == "dit"

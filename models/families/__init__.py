@@ -51,6 +51,8 @@ def family_of_class(class_name: str | None, cfg: dict | None = None) -> ModelFam
     """The family of a diffusers config's ``_class_name``; PixArt-Alpha and -Sigma share a class (Alpha when the
     config uses the additional conditions)."""
     matches = [f for f in FAMILIES.values() if f.class_name == class_name]
+    if not matches:  # legacy class names of released configs (DiT's "Transformer2DModel")
+        matches = [f for f in FAMILIES.values() if f.accepts_config(class_name, cfg or {})]
     if not matches:
         found = f"a {class_name}" if class_name else "not a diffusers model config (no _class_name)"
         by_class: dict[str, list[str]] = {}

@@ -125,6 +125,10 @@ class ModelFamily:
     supports_mask: bool = False  # whether `--with-mask` (an encoder_attention_mask input) is offered
 
     # ---------------------------------------------------------------- building
+    def accepts_config(self, class_name: str | None, cfg: Mapping[str, Any]) -> bool:
+        """Whether a diffusers config (its ``_class_name`` and values) describes a model of this family."""
+        return class_name == self.class_name
+
     def model_class(self):
         import diffusers
 
@@ -222,6 +226,9 @@ class ModelFamily:
         out = out[:, :channels]  # a learned-sigma half is dropped, as the diffusers pipelines do
         uncond, text = out[0:1], out[1:2]
         return uncond + scale * (text - uncond)
+
+    def check_input_arrays(self, sig: Signature, arrays: Mapping[str, np.ndarray]) -> None:
+        """Check a ``--calib`` / ``--inputs`` file's values beyond shapes (raise `ModelInputError`); default: none."""
 
     def input_file_arrays(self, sig: Signature) -> list[str]:
         """Arrays a ``--calib`` / ``--inputs`` .npz must hold: every graph input."""
