@@ -29,7 +29,7 @@ def test_families_lists_every_registered_family(hn_cli):
 
 def test_demo_unknown_family(hn_cli, tmp_path):
     line = one_error_line(hn_cli("demo", "--family", "unet9000", "--out", tmp_path / "demo"))
-    assert line.startswith("error: unknown model family 'unet9000'; use one of: pixart-sigma, pixart-alpha")
+    assert line.startswith("error: unknown model family 'unet9000'; use one of: pixart-sigma, pixart-alpha, flux")
     assert "models/families/" in line
     assert not (tmp_path / "demo").exists()
 
@@ -68,3 +68,10 @@ def test_graph_of_no_family_gets_generic_roles_and_a_warning(hn_cli, tmp_path, c
     result = hn_cli(path, "--method", "hadanorm", "--include", "", "--calib", calib, "-o", tmp_path / "h.onnx",
                     "--no-progress")
     assert result.exit_code == 0, result.err
+
+
+def test_with_mask_on_a_family_without_mask(hn_cli, tmp_path):
+    line = one_error_line(hn_cli("export", "--preset", "dit-tiny", "--with-mask", "-o", tmp_path / "m.onnx"))
+    assert line == ("error: --with-mask: the dit family's export has no encoder_attention_mask input; "
+                    "leave out --with-mask")
+    assert not list(tmp_path.iterdir())

@@ -27,11 +27,10 @@
 
 ``--init dit-stats`` (`SD3Family.plant_stats`), measured with `models.dit_stats.summary` (model seed 0, inputs
 seed 1: batch 4, caption length 16; stats of the input of every linear in ``transformer_blocks``, averaged over a
-role) by ``python -m models.dit_stats --preset P [--layers N --sample-size S]``. That command needs
-`models.dit_stats._bypass` to understand blocks that return a tuple (SD3's return (encoder_hidden_states,
-hidden_states)): the numbers below were taken with a bypass that returns the block's (context, image) inputs.
+role) by ``python -m models.dit_stats --preset P [--layers N --sample-size S]``.
 
-sd3-medium-256 with 2 layers (1536 wide, 256 image tokens; 78 s on 2 cores), plain / dit-stats / outliers:
+sd3-medium-256 with 2 layers (1536 wide, 256 image tokens; the three inits in 78 s on 2 cores), plain / dit-stats /
+outliers:
 
 | role | mean spread | kurtosis | max/median absmax |
 |---|---|---|---|
@@ -68,7 +67,15 @@ from typing import Any
 import numpy as np
 
 from models.errors import ModelInputError
-from models.families.base import BATCH, CAPTION_LENGTH, DenoiseSettings, InputSpec, ModelFamily, Preset, Signature
+from models.families.base import (
+    BATCH,
+    CAPTION_LENGTH,
+    DenoiseSettings,
+    InputSpec,
+    ModelFamily,
+    Preset,
+    Signature,
+)
 
 # scheduler_config.json of stabilityai/stable-diffusion-3-medium-diffusers and stable-diffusion-3.5-medium
 SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
@@ -271,7 +278,7 @@ class SD3Family(ModelFamily):
     def feeds(self, sig: Signature, latents: np.ndarray, timestep: float, cond: Mapping[str, np.ndarray]) -> dict:
         captions = cond["captions"]
         batch = captions.shape[0]
-        dtype = lambda name: sig.dtypes.get(name, sig.dtype)  # noqa: E731
+        dtype = lambda name: sig.dtypes.get(name, sig.dtype)
         return {
             "hidden_states": np.repeat(latents, batch, axis=0).astype(dtype("hidden_states")),
             "timestep": np.full((batch,), timestep, dtype=dtype("timestep")),
