@@ -107,9 +107,12 @@ def _scope_path(name: str) -> str:
 
 
 def _weight_path(node: ir.Node) -> str:
-    """``transformer.adaln_single.linear.weight`` -> ``transformer.adaln_single.linear`` (parameter-named weights)."""
+    """``transformer.adaln_single.linear.weight`` -> ``transformer.adaln_single.linear`` (parameter-named weights).
+    A weight read by several nodes (tied weights) names none of them."""
     weight = node.inputs[1] if len(node.inputs) > 1 else None
-    name = (weight.name or "") if weight is not None else ""
+    if weight is None or len(list(weight.uses())) != 1:
+        return ""
+    name = weight.name or ""
     return name.removesuffix(".weight") if name.endswith(".weight") and not name.startswith("onnx::") else ""
 
 

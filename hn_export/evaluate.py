@@ -37,30 +37,32 @@ class GraphRunner:
     """A graph file run through `runtime.Denoiser`, callable with feeds -> `sample` (float32)."""
 
     def __init__(self, path: Path, provider: str | None = None, kernels: bool = True):
-        self.signature = ModelSignature.of(load_model(path, any_opset=True))  # lazy: weights stay on disk
         self._imported: tempfile.TemporaryDirectory | None = None
         try:
-            self.denoiser = Denoiser(path, provider=provider, kernel_library=kernels)
+            self.signature = ModelSignature.of(load_model(path))  # lazy: weights stay on disk
+            runs = path
+        except UserError:
+            # another opset (or another problem load_graph names in one line): run the imported copy
+            runs = self._import(path)
+            self.signature = ModelSignature.of(load_model(runs))
+        try:
+            self.denoiser = Denoiser(runs, provider=provider, kernel_library=kernels)
         except RuntimeInputError:
-            # A graph from another exporter that onnxruntime refuses as written (another opset, the no-op Squeeze
-            # inside an If): run its imported copy, the graph hn-export quantizes.
-            imported = self._import(path)
-            if imported is None:
+            if runs != path:
                 raise
-            self.denoiser = Denoiser(imported, provider=provider, kernel_library=kernels)
+            # a graph from another exporter that onnxruntime refuses as written (the no-op Squeeze inside an If):
+            # run its imported copy, the graph hn-export quantizes
+            self.denoiser = Denoiser(self._import(path), provider=provider, kernel_library=kernels)
 
-    def _import(self, path: Path) -> Path | None:
+    def _import(self, path: Path) -> Path:
+        """Write the imported graph (`hn_export.graph_import`) to a temporary folder; its errors are one line."""
         from hn_export.graph_import import load_graph
 
-        try:
-            model = load_graph(path)
-        except UserError:
-            return None
+        model = load_graph(path)
         self._imported = tempfile.TemporaryDirectory(prefix="hn-export-imported-")
         copy = Path(self._imported.name) / path.name
         save_model(model, copy)
-        logger.warning("%s does not load in onnxruntime as written; running its imported copy (opset 21, exporter "
-                       "fixes applied)", path)
+        logger.warning("%s is run from its imported copy (opset 21, exporter fixes applied)", path)
         return copy
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:

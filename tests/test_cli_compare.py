@@ -120,7 +120,7 @@ BAD = {
     "inputs missing array": (_no_captions, "lacks arrays ['encoder_hidden_states']", "it must hold"),
     "inputs odd rows": (lambda p: _inputs(p, rows=3), "holds 3 rows", "pass an even, nonzero number of rows"),
     "inputs caption width": (lambda p: _inputs(p, encoder_hidden_states=np.zeros((2, 7, 16), np.float32)),
-                             "has shape (2, 7, 16); the model takes [N, L, 32]", "of this model's width"),
+                             "has shape (2, 7, 16); the model takes [N, ?, 32]", "of this model's shapes"),
     "inputs row counts": (lambda p: _inputs(p, timestep=np.ones(4, np.float32)), "different sample counts",
                           "same first axis"),
     "inputs and samples": (lambda p: ["--samples", "1", *_inputs(p)], "--samples and --inputs both given",

@@ -13,11 +13,12 @@
   ``to_add_out`` or ``ff_context``, and its ``norm1_context`` is `AdaLayerNormContinuous` (scale, shift). SD3.5
   medium: blocks 0-12 also have ``attn2`` (a second, image-only self-attention; ``norm1`` is `SD35AdaLayerNormZeroX`
   with 9 modulation rows) and every attention has RMS q/k norms.
-- Sites per block (roles as `hn-export layers` prints them): adaLN in (``norm1.linear`` and ``norm1_context.linear``
-  read the same silu(temb) [B, 1536], one token per sample: one site; the exporter writes them as ``Gemm``), image
-  qkv in, context qkv in, image attn out, context attn out, image ffn in, image ffn out, context ffn in, context ffn
-  out (9 sites; the last block, ``context_pre_only``, has 6), and with dual attention image attn2 qkv in and image
-  attn2 out. Widths: 1536 (12 x 128) and 6144 (12 x 512).
+- Sites per block (roles as `hn-export layers` prints them): adaLN in twice (``norm1.linear`` and
+  ``norm1_context.linear`` read silu(temb) [B, 1536], one token per sample; two sites, because the dynamo exporter
+  computes that silu once and the TorchScript exporter twice in the last block, and each exporter must give the
+  same sites; both write them as ``Gemm``), image qkv in, context qkv in, image attn out, context attn out, image
+  ffn in, image ffn out, context ffn in, context ffn out (10 sites; the last block, ``context_pre_only``, has 7),
+  and with dual attention image attn2 qkv in and image attn2 out. Widths: 1536 (12 x 128) and 6144 (12 x 512).
 - Graph inputs: ``hidden_states`` [B, 16, S, S], ``timestep`` [B] (the scheduler's timestep, sigma x 1000, as the
   pipeline passes it), ``encoder_hidden_states`` [B, L, 4096], ``pooled_projections`` [B, 2048]; B and L dynamic.
 - Denoising (`StableDiffusion3Pipeline`): `FlowMatchEulerDiscreteScheduler` with the released scheduler_config.json
@@ -115,8 +116,8 @@ ROLE_RULES = (
     ("ff.net.2", "ff.out", "image ffn out"),
     ("ff_context.net.0.proj", "ff_context.in", "context ffn in"),
     ("ff_context.net.2", "ff_context.out", "context ffn out"),
-    ("norm1.linear", "adaln", "adaLN in"),
-    ("norm1_context.linear", "adaln", "adaLN in"),
+    ("norm1.linear", "norm1", "adaLN in"),
+    ("norm1_context.linear", "norm1_context", "adaLN in"),
 )
 INPUTS = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")
 CAPTION_SCALE = 0.2  # random caption features: T5 outputs are small (as the PixArt and Flux loops use)
