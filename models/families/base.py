@@ -122,6 +122,9 @@ class ModelFamily:
     guidance_scale: float = 4.5
     single_call_timestep: float = 500.0  # the timestep of one-call comparisons (`diff`, latency)
     output_name: str = "sample"
+    scheduler_class: str = ""  # a diffusers scheduler, built from `scheduler_settings` by the default `scheduler`
+    scheduler_settings: Mapping[str, Any] = {}
+    graph_inputs: frozenset[str] = frozenset()  # the default `matches_inputs`: exactly these input names
     supports_mask: bool = False  # whether `--with-mask` (an encoder_attention_mask input) is offered
 
     # ---------------------------------------------------------------- building
@@ -205,12 +208,17 @@ class ModelFamily:
 
     def matches_inputs(self, names: set[str]) -> bool:
         """Whether an ONNX graph with these input names is a model of this family (graphs without metadata)."""
-        return False
+        return bool(self.graph_inputs) and names == self.graph_inputs
 
     # ---------------------------------------------------------------- denoising (numpy)
     def scheduler(self, steps: int, sig: Signature):
-        """A diffusers scheduler with `set_timesteps(steps)` done."""
-        raise NotImplementedError
+        """A diffusers scheduler with `set_timesteps(steps)` done (default: `scheduler_class(**scheduler_settings)`)."""
+        import torch  # noqa: F401  (diffusers schedulers work on torch tensors)
+        import diffusers
+
+        scheduler = getattr(diffusers, self.scheduler_class)(**self.scheduler_settings)
+        scheduler.set_timesteps(steps)
+        return scheduler
 
     def conditions(self, sig: Signature, settings: DenoiseSettings, index: int) -> dict[str, np.ndarray]:
         """Seeded starting ``latents`` [1, ...] and the conditioning of one sample (unconditional + conditional)."""

@@ -158,6 +158,9 @@ class DiTFamily(ModelFamily):
     hadamard_widths = (256, 1152, 4608)
     max_sample_size = 128
     guidance_scale = 4.0  # DiTPipeline's default
+    scheduler_class = "DDIMScheduler"
+    scheduler_settings = SCHEDULER
+    graph_inputs = frozenset(INPUTS)
     legacy_class_names = (LEGACY_CLASS_NAME,)
 
     # ---------------------------------------------------------------- building
@@ -216,17 +219,7 @@ class DiTFamily(ModelFamily):
             "class_labels": torch.randint(0, NUM_CLASSES, (batch,), generator=gen, dtype=torch.int64),
         }
 
-    def matches_inputs(self, names: set[str]) -> bool:
-        return names == set(INPUTS)
-
     # ---------------------------------------------------------------- denoising
-    def scheduler(self, steps: int, sig: Signature):
-        from diffusers import DDIMScheduler
-
-        scheduler = DDIMScheduler(**SCHEDULER)
-        scheduler.set_timesteps(steps)
-        return scheduler
-
     def conditions(self, sig: Signature, settings: DenoiseSettings, index: int) -> dict[str, np.ndarray]:
         """Seeded latents and a seeded class in 0..999; the pair's labels are (null class, class)."""
         rng = np.random.default_rng([settings.seed, index])

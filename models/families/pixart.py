@@ -79,6 +79,8 @@ class PixArtFamily(ModelFamily):
     role_rules = ROLE_RULES
     hadamard_widths = (1152, 4608)
     guidance_scale = 4.5
+    scheduler_class = "DPMSolverMultistepScheduler"
+    scheduler_settings = SCHEDULER
     supports_mask = True
 
     def __init__(self, name: str, description: str, presets: Mapping[str, Preset], pipeline_class: str,
@@ -168,14 +170,6 @@ class PixArtFamily(ModelFamily):
         return base <= names and not extra
 
     # ---------------------------------------------------------------- denoising
-    def scheduler(self, steps: int, sig: Signature):
-        import torch  # noqa: F401  (diffusers schedulers work on torch tensors)
-        from diffusers import DPMSolverMultistepScheduler
-
-        scheduler = DPMSolverMultistepScheduler(**SCHEDULER)
-        scheduler.set_timesteps(steps)
-        return scheduler
-
     def conditions(self, sig: Signature, settings: DenoiseSettings, index: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([settings.seed, index])
         length = sig.fixed_caption_length or settings.caption_length

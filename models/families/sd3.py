@@ -149,6 +149,9 @@ class SD3Family(ModelFamily):
     role_rules = ROLE_RULES
     hadamard_widths = (1536, 6144)
     guidance_scale = 7.0  # StableDiffusion3Pipeline's default
+    scheduler_class = "FlowMatchEulerDiscreteScheduler"
+    scheduler_settings = SCHEDULER
+    graph_inputs = frozenset(INPUTS)
     max_sample_size = 768  # SD3.5: pos_embed_max_size 384 x patch 2 (check_model checks the model's own limit)
 
     # ---------------------------------------------------------------- building
@@ -255,17 +258,7 @@ class SD3Family(ModelFamily):
                                                               generator=gen)).to(dtype),
         }
 
-    def matches_inputs(self, names: set[str]) -> bool:
-        return names == set(INPUTS)
-
     # ---------------------------------------------------------------- denoising
-    def scheduler(self, steps: int, sig: Signature):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER)
-        scheduler.set_timesteps(steps)
-        return scheduler
-
     def conditions(self, sig: Signature, settings: DenoiseSettings, index: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([settings.seed, index])
         length = sig.fixed_caption_length or settings.caption_length
