@@ -51,14 +51,14 @@ def test_sigint_during_model_write_leaves_nothing(tmp_path):
     out = tmp_path / "big.onnx"
     proc = subprocess.Popen(
         [sys.executable, "-c", "from hn_export.cli import main; main()", "export", "--preset", "pixart-sigma-256",
-         "--layers", "3", "-o", str(out)],
+         "--layers", "8", "-o", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     deadline = time.monotonic() + 240
-    # The atomic writer creates a .hn-export-* folder beside the target; interrupt once it exists.
+    # The atomic writer creates a .hn-export-* folder beside the target; interrupt once it exists (8 blocks: about
+    # 1 GB to write, so the write is still under way; with 3 blocks an idle machine sometimes finished it first).
     while time.monotonic() < deadline and proc.poll() is None:
         if any(p.name.startswith(".hn-export-") for p in tmp_path.iterdir()):
-            time.sleep(0.2)
             proc.send_signal(signal.SIGINT)
             break
         time.sleep(0.01)
