@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from graph_passes.graph_utils import drop_dead
 from graph_passes.onnx_proto import weights_left_out
 
 logger = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ class FixNoopSqueezePass(ir.passes.InPlacePass):
                 )
                 graph.insert_before(node, const)
                 node.replace_input_with(1, const.outputs[0])
-                _drop_if_unused(graph, old_axes)
+                drop_dead(graph, old_axes)
             else:
                 node.attributes["axes"] = ir.AttrInt64s("axes", keep)
             return True
@@ -156,8 +157,7 @@ class FixNoopSqueezePass(ir.passes.InPlacePass):
         ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
         graph.remove(node, safe=True)
         new.name = name
-        _drop_if_unused(graph, old_axes)
-        _drop_dead(graph, old_axes)
+        drop_dead(graph, old_axes)
         return True
 
 
@@ -213,35 +213,6 @@ def _fold_passthrough_ifs(model: ir.Model) -> int:
                 ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
                 new.name = name
             graph.remove(node, safe=True)
-            _drop_dead(graph, cond)
+            drop_dead(graph, cond)
             folded += 1
     return folded
-
-
-def _drop_dead(graph: ir.Graph | ir.Function, value: ir.Value | None) -> None:
-    """Remove the nodes of `graph` that computed only `value` once nothing uses it (the folded If's condition)."""
-    pending = [value]
-    while pending:
-        value = pending.pop()
-        if value is None:
-            continue
-        producer = value.producer()
-        if producer is None or producer.graph is not graph:
-            continue
-        if any(out.uses() or out.is_graph_output() for out in producer.outputs):
-            continue
-        inputs = list(producer.inputs)
-        graph.remove(producer, safe=True)
-        pending.extend(inputs)
-        for inp in inputs:
-            _drop_if_unused(graph, inp)
-
-
-def _drop_if_unused(graph: ir.Graph | ir.Function, value: ir.Value | None) -> None:
-    """Remove the initializer `value` once nothing uses it any more."""
-    if value is None or not isinstance(graph, ir.Graph):
-        return
-    if value.uses() or value in graph.inputs or value.is_graph_output():
-        return
-    if value.name is not None and graph.initializers.get(value.name) is value:
-        del graph.initializers[value.name]

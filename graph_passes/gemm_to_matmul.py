@@ -31,6 +31,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
+from graph_passes.graph_utils import add_initializer, drop_dead
 from graph_passes.linears import module_path_of
 
 logger = logging.getLogger(__name__)
@@ -54,16 +55,6 @@ def _scaled(array: np.ndarray, factor: float) -> np.ndarray:
     if factor == 1.0:
         return array
     return (array.astype(np.float64) * factor).astype(array.dtype)
-
-
-def _new_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    name, i = base, 1
-    while name in graph.initializers:
-        name, i = f"{base}_{i}", i + 1
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(np.ascontiguousarray(array), name=name))
-    graph.register_initializer(value)
-    return value
 
 
 def _names(gemm: ir.Node) -> tuple[str | None, str | None]:
@@ -114,14 +105,15 @@ class GemmToMatMulPass(ir.passes.InPlacePass):
         assert w_value is not None
         if trans_b or alpha != 1.0:
             base = f"{w_value.name}.T" if trans_b else f"{w_value.name}.scaled"
-            wt = _new_initializer(graph, base, _scaled(weight.T if trans_b else weight, alpha))
+            wt = add_initializer(graph, base, np.ascontiguousarray(_scaled(weight.T if trans_b else weight, alpha)))
         else:
             wt = w_value
         b_value = c_value  # added as it is unless it becomes a [out] vector below
         if bias is not None and vector and (beta != 1.0 or bias.shape != (out_features,)
                                             or not c_value.is_initializer()):
             full = np.broadcast_to(bias.reshape(-1), (out_features,))
-            b_value = _new_initializer(graph, f"{c_value.name or w_value.name}.bias", _scaled(full, beta))
+            b_value = add_initializer(graph, f"{c_value.name or w_value.name}.bias",
+                                      np.ascontiguousarray(_scaled(full, beta)))
         matmul_name, add_name = _names(gemm)
         matmul = ir.node("MatMul", inputs=[x, wt], name=matmul_name, metadata_props=dict(gemm.metadata_props))
         nodes = [matmul]
@@ -142,6 +134,5 @@ class GemmToMatMulPass(ir.passes.InPlacePass):
         graph.remove(gemm, safe=True)
         result.name = name
         for value in (w_value, c_value):
-            if value is not None and value.is_initializer() and not value.uses() and not value.is_graph_output():
-                graph.initializers.pop(value.name or "", None)
+            drop_dead(graph, value)
         return True

@@ -51,6 +51,26 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
+def drop_dead(graph: ir.Graph | ir.Function, value: ir.Value | None) -> None:
+    """Once nothing uses `value`, remove it: an initializer is unregistered, a node that computed only it is removed,
+    and so on up through that node's inputs."""
+    pending = [value]
+    while pending:
+        value = pending.pop()
+        if value is None or value.uses() or value.is_graph_output() or value in graph.inputs:
+            continue
+        producer = value.producer()
+        if producer is None:
+            if isinstance(graph, ir.Graph) and value.name is not None and graph.initializers.get(value.name) is value:
+                del graph.initializers[value.name]
+            continue
+        if producer.graph is not graph or any(out.uses() or out.is_graph_output() for out in producer.outputs):
+            continue
+        inputs = list(producer.inputs)
+        graph.remove(producer, safe=True)
+        pending.extend(inputs)
+
+
 def shared_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """A small constant initializer shared by every node that asks for `name` (created once)."""
     if name in graph.initializers:

@@ -39,7 +39,6 @@ from graph_passes.site_transforms import SiteStats
 from hn_export.denoise import (
     DenoiseConfig,
     ModelSignature,
-    batched_names,
     family_of,
     load_input_file,
     trajectory,
@@ -151,7 +150,7 @@ def _remove_stat_outputs(model: ir.Model, outputs: int, nodes: list[ir.Node], in
 def npz_batches(path: Path, sig: ModelSignature, batch: int = 2) -> Iterator[dict[str, np.ndarray]]:
     """Calls from a user file, `batch` samples at a time."""
     data = load_input_file(path, sig, "calibration input file")
-    batched = batched_names(sig)
+    batched = sig.batched
     count = max(data[k].shape[0] for k in data if k in batched)
     for start in range(0, count, batch):
         yield {k: (v[start:start + batch] if k in batched else v).astype(sig.dtypes.get(k, v.dtype))

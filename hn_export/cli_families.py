@@ -22,7 +22,8 @@ def _describe(family) -> dict:
     return {"name": family.name, "class": family.class_name, "pipeline": family.pipeline_class,
             "description": family.description, "block_lists": list(family.block_lists),
             "presets": {name: preset.description for name, preset in family.presets.items()},
-            "roles": roles, "guidance_scale": family.guidance_scale, "demo_preset": family.demo_preset}
+            "roles": roles, "hadamard_widths": list(family.hadamard_widths), "guidance_scale": family.guidance_scale,
+            "demo_preset": family.demo_preset}
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,7 +37,8 @@ def families_command(as_json: bool) -> None:
     for fam in described:
         click.echo(f"{fam['name']}: {fam['description']}")
         click.echo(f"  diffusers {fam['class']} in {fam['pipeline']}; blocks: {', '.join(fam['block_lists'])}; "
-                   f"guidance {fam['guidance_scale']}; demo: hn-export demo --family {fam['name']}")
+                   f"guidance {fam['guidance_scale']}; site widths {fam['hadamard_widths']}; "
+                   f"demo: hn-export demo --family {fam['name']}")
         for name, what in fam["presets"].items():
             click.echo(f"  preset {name:<28} {what}")
         for role, linears in fam["roles"].items():

@@ -14,7 +14,7 @@ from typing import TypeVar
 import click
 
 from graph_passes.quantization import QuantConfig
-from hn_export.denoise import ModelSignature, batched_names, load_input_file
+from hn_export.denoise import ModelSignature, load_input_file
 from hn_export.errors import UserError
 from hn_export.model_files import load_model
 
@@ -79,7 +79,7 @@ def check_model_and_inputs(model: Path, calib_inputs: Path | None, inputs_path: 
         raise UserError("--samples and --inputs both given",
                         "drop --samples: the file's (unconditional, conditional) pairs are the samples")
     feeds = load_input_file(inputs_path, sig, "inputs file")
-    batched = batched_names(sig)
+    batched = sig.batched
     rows = {name: int(value.shape[0]) if value.ndim else 0 for name, value in feeds.items() if name in batched}
     if len(set(rows.values())) != 1:
         raise UserError(f"inputs file {inputs_path}: arrays have different sample counts {rows}",

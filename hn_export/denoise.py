@@ -22,9 +22,10 @@ from hn_export.errors import UserError
 from models.errors import ModelInputError
 from models.families import FAMILIES, ModelFamily, Signature, family_of_inputs, supported
 from models.families.base import DenoiseSettings
+from runtime.denoiser import batched_inputs
 
 RunFn = Callable[[dict[str, np.ndarray]], np.ndarray]
-FAMILY_KEY = "hn_export.family"  # the same key hn_export.export writes
+FAMILY_KEY = "hn_export.family"  # the metadata key hn_export.export writes
 
 DenoiseConfig = DenoiseSettings  # steps, samples, guidance_scale (None: the family's), seed, caption_length
 
@@ -49,20 +50,15 @@ class ModelSignature(Signature):
         family = graph_family(model)
         shapes = {name: tuple(d if isinstance(d, int) else None for d in (v.shape or ())) for name, v in inputs.items()}
         dtypes = {name: np.dtype(v.dtype.numpy()) for name, v in inputs.items() if v.dtype is not None}
+        symbols = {name: [d if isinstance(d, int) else d.value for d in (v.shape or ())] for name, v in inputs.items()}
+        batched = frozenset(batched_inputs(symbols))
         if family is None:
-            return cls(family="", shapes=shapes, dtypes=dtypes)
+            return cls(family="", shapes=shapes, dtypes=dtypes, batched=batched)
         hidden = inputs.get("hidden_states")
         if hidden is None or hidden.shape is None or any(not isinstance(d, int) for d in hidden.shape[1:]):
             raise UserError(f"hidden_states has shape {None if hidden is None else hidden.shape}; expected a batch "
                             "axis and static latent dimensions", "re-export with `hn-export export`")
-        return cls(family=family.name, shapes=shapes, dtypes=dtypes)
-
-
-def batched_names(sig: Signature) -> set[str]:
-    """Inputs whose axis 0 is the batch: the same first dimension as ``hidden_states`` (the runtime's rule)."""
-    anchor = sig.shapes.get("hidden_states") or next(iter(sig.shapes.values()), ())
-    first = anchor[0] if anchor else "none"
-    return {name for name, shape in sig.shapes.items() if shape and shape[0] == first}
+        return cls(family=family.name, shapes=shapes, dtypes=dtypes, batched=batched)
 
 
 def family_of(sig: Signature) -> ModelFamily:
@@ -98,7 +94,7 @@ def first_call_feeds(sig: Signature, config: DenoiseConfig, index: int, timestep
 def load_input_file(path, sig: Signature, what: str) -> dict[str, np.ndarray]:
     """Graph inputs from a user .npz (arrays named like the graph inputs, first axis = samples), checked: readable,
     complete, this resolution, finite."""
-    needed = family_of(sig).input_file_arrays(sig) if sig.family else list(sig.shapes)
+    needed = list(sig.shapes)  # every graph input
     try:
         data = dict(np.load(path))
     except Exception:
@@ -119,10 +115,6 @@ def load_input_file(path, sig: Signature, what: str) -> dict[str, np.ndarray]:
         if np.issubdtype(data[name].dtype, np.floating) and not np.all(np.isfinite(data[name])):
             raise UserError(f"{what} {path}: input {name} contains NaN or inf", "pass finite inputs")
     return {k: data[k] for k in needed}
-
-
-def make_scheduler(sig: Signature, steps: int):
-    return family_of(sig).scheduler(steps, sig)
 
 
 def trajectory(run: RunFn, sig: Signature, config: DenoiseConfig, index: int) -> Iterator[np.ndarray]:

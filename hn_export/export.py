@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from graph_passes.fix_noop_squeeze import FixNoopSqueezePass
+from hn_export.denoise import FAMILY_KEY
 from hn_export.model_files import check_output_path, save_model
 from models.build import family_of_model
 from models.errors import ModelInputError
@@ -52,7 +53,6 @@ logger = logging.getLogger(__name__)
 
 OPSET_VERSION = 21
 IR_VERSION = 10
-FAMILY_KEY = "hn_export.family"
 OUTPUT_NAME = "sample"
 EXAMPLE_BATCH = 2  # not 0 or 1: torch.export specialises those sizes
 EXAMPLE_CAPTION_LENGTH = 9  # an odd size that no other dimension of the model has

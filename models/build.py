@@ -256,11 +256,6 @@ def family_of_model(model) -> ModelFamily:
     return family_of_class(type(model).__name__, dict(model.config))
 
 
-def latent_size(model) -> int:
-    """The latent height and width the model is exported at."""
-    return family_of_model(model).latent_size(model)
-
-
 def make_inputs(
     model,
     batch: int = 2,

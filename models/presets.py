@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from models.families import all_presets
 from models.families.base import Preset
-from models.families.pixart import default_interpolation_scale
 
 PRESETS: dict[str, Preset] = {name: preset for name, (_family, preset) in all_presets().items()}
 
-__all__ = ["PRESETS", "Preset", "default_interpolation_scale"]
+__all__ = ["PRESETS", "Preset"]

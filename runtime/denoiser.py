@@ -92,7 +92,7 @@ class Denoiser:
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self.transform_ops = [op for op in self.metadata.get(TRANSFORM_OPS_KEY, "").split(",") if op]
         self.inputs = {i.name: i for i in self.session.get_inputs()}
-        self.batched_inputs = batched_inputs(self.inputs)
+        self.batched_inputs = batched_inputs({name: spec.shape for name, spec in self.inputs.items()})
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     @property
@@ -166,14 +166,15 @@ class Denoiser:
             raise RuntimeInputError(message) from None
 
 
-def batched_inputs(inputs: Mapping) -> set[str]:
-    """Inputs whose axis 0 is the batch: the same symbolic first dimension as ``hidden_states`` (else the first
-    input); for a static graph, every input of rank >= 1 whose first dimension equals that input's."""
-    if not inputs:
+def batched_inputs(shapes: Mapping[str, Sequence[int | str | None]]) -> set[str]:
+    """Inputs whose axis 0 is the batch, from input shapes (dims: int, a symbol's name, or None when unnamed): the
+    same first dimension as ``hidden_states`` (else the first input), a named symbol or, for a static graph, the
+    same size. An unnamed dynamic first dimension matches nothing."""
+    if not shapes:
         return set()
-    anchor = inputs.get("hidden_states") or next(iter(inputs.values()))
-    first = anchor.shape[0] if anchor.shape else None
-    return {name for name, spec in inputs.items() if spec.shape and first is not None and spec.shape[0] == first}
+    anchor = shapes.get("hidden_states") or next(iter(shapes.values()))
+    first = anchor[0] if anchor else None
+    return {name for name, shape in shapes.items() if shape and first is not None and shape[0] == first}
 
 
 _PACKED_OPS = ("IntMatMul4", "IntMatMul8", "FloatMatMul4", "FloatMatMul8")

@@ -27,6 +27,16 @@ def test_families_lists_every_registered_family(hn_cli):
         assert fam["presets"] and fam["roles"] and fam["class"] and fam["demo_preset"] in fam["presets"]
 
 
+def test_every_family_site_width_has_a_hadamard_construction():
+    """The widths a family's sites have at the real architecture (`hadamard_widths`) must all be rotatable."""
+    from graph_passes.hadamard import is_constructible
+
+    for fam in FAMILIES.values():
+        assert fam.hadamard_widths, fam.name
+        assert [w for w in fam.hadamard_widths if not is_constructible(w)] == [], fam.name
+    assert not is_constructible(92)  # the check can fail: 92 = 4 x 23 has no construction here
+
+
 def test_demo_unknown_family(hn_cli, tmp_path):
     line = one_error_line(hn_cli("demo", "--family", "unet9000", "--out", tmp_path / "demo"))
     assert line.startswith("error: unknown model family 'unet9000'; use one of: pixart-sigma, pixart-alpha, flux")

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from graph_passes.hadamard import HadamardMode
-from graph_passes.linears import SiteSelection, find_activation_sites
+from graph_passes.linears import find_activation_sites
 from graph_passes.lowering import activation_quantizer
 from graph_passes.methods import BiasCorrection, Method, TransformOptions
 from graph_passes.pipeline import QuantizeResult, quantize_model

@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from graph_passes.linears import SiteSelection
 from graph_passes.methods import BiasCorrection, Method, TransformOptions
 from graph_passes.pipeline import quantize_model
 from graph_passes.quantization import QuantConfig

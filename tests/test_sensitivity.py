@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from graph_passes.gated_activation_quant import MASK_INPUT
-from graph_passes.linears import SiteSelection
 from graph_passes.methods import Method, TransformOptions
 from graph_passes.pipeline import quantize_model
 from runtime.session import create_session

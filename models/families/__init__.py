@@ -48,11 +48,9 @@ def family_of_preset(preset: str) -> ModelFamily:
 
 
 def family_of_class(class_name: str | None, cfg: dict | None = None) -> ModelFamily:
-    """The family of a diffusers config's ``_class_name``; PixArt-Alpha and -Sigma share a class (Alpha when the
-    config uses the additional conditions)."""
-    matches = [f for f in FAMILIES.values() if f.class_name == class_name]
-    if not matches:  # legacy class names of released configs (DiT's "Transformer2DModel")
-        matches = [f for f in FAMILIES.values() if f.accepts_config(class_name, cfg or {})]
+    """The family that accepts a diffusers config (its ``_class_name`` and values: PixArt-Alpha and -Sigma share a
+    class, DiT's released configs name the legacy ``Transformer2DModel``); see `ModelFamily.accepts_config`."""
+    matches = [f for f in FAMILIES.values() if f.accepts_config(class_name, cfg or {})]
     if not matches:
         found = f"a {class_name}" if class_name else "not a diffusers model config (no _class_name)"
         by_class: dict[str, list[str]] = {}
@@ -62,10 +60,6 @@ def family_of_class(class_name: str | None, cfg: dict | None = None) -> ModelFam
         raise ModelInputError(f"the model is {found}, which no supported family describes",
                               f"supported: {classes}; a new family is one module in models/families/ plus a "
                               "registry line")
-    if len(matches) > 1 and cfg is not None:
-        for fam in matches:
-            if fam.name == "pixart-alpha" and cfg.get("use_additional_conditions"):
-                return fam
     return matches[0]
 
 

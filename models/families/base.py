@@ -45,11 +45,11 @@ class Preset:
 
 @dataclasses.dataclass(frozen=True)
 class InputSpec:
-    """One graph input: its name (the diffusers forward argument) and its dynamic axes {axis: symbol}."""
+    """One graph input: its name (the diffusers forward argument) and its dynamic axes {axis: symbol}. Inputs whose
+    axis 0 is the ``batch`` symbol are the batched ones (the runtime reads that from the graph)."""
 
     name: str
     dynamic: Mapping[int, str] = dataclasses.field(default_factory=dict)
-    batched: bool = True  # axis 0 is the batch (a classifier-free-guidance pair has batch 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +59,7 @@ class Signature:
     family: str
     shapes: Mapping[str, tuple[int | None, ...]]
     dtypes: Mapping[str, np.dtype]
+    batched: frozenset[str] = frozenset()  # inputs whose axis 0 is the batch (the runtime's rule)
 
     @property
     def dtype(self) -> np.dtype:
@@ -121,7 +122,6 @@ class ModelFamily:
     max_sample_size: int = 256
     guidance_scale: float = 4.5
     single_call_timestep: float = 500.0  # the timestep of one-call comparisons (`diff`, latency)
-    output_name: str = "sample"
     scheduler_class: str = ""  # a diffusers scheduler, built from `scheduler_settings` by the default `scheduler`
     scheduler_settings: Mapping[str, Any] = {}
     graph_inputs: frozenset[str] = frozenset()  # the default `matches_inputs`: exactly these input names
@@ -238,6 +238,3 @@ class ModelFamily:
     def check_input_arrays(self, sig: Signature, arrays: Mapping[str, np.ndarray]) -> None:
         """Check a ``--calib`` / ``--inputs`` file's values beyond shapes (raise `ModelInputError`); default: none."""
 
-    def input_file_arrays(self, sig: Signature) -> list[str]:
-        """Arrays a ``--calib`` / ``--inputs`` .npz must hold: every graph input."""
-        return list(sig.shapes)

@@ -246,8 +246,8 @@ class FluxFamily(ModelFamily):
             InputSpec("encoder_hidden_states", {0: BATCH, 1: CAPTION_LENGTH}),
             InputSpec("pooled_projections", {0: BATCH}),
             InputSpec("timestep", {0: BATCH}),
-            InputSpec("img_ids", {}, batched=False),
-            InputSpec("txt_ids", {0: CAPTION_LENGTH}, batched=False),
+            InputSpec("img_ids", {}),  # not batched: axis 0 is not the batch symbol
+            InputSpec("txt_ids", {0: CAPTION_LENGTH}),
         ]
         if model.config.guidance_embeds:
             specs.append(InputSpec(GUIDANCE, {0: BATCH}))

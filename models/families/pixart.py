@@ -92,6 +92,11 @@ class PixArtFamily(ModelFamily):
         self.demo_preset = demo_preset
 
     # ---------------------------------------------------------------- building
+    def accepts_config(self, class_name: str | None, cfg: Mapping[str, Any]) -> bool:
+        """The shared class; PixArt-Alpha is the one with the resolution / aspect-ratio conditions switched on."""
+        conditions = bool(cfg.get("use_additional_conditions"))
+        return class_name == self.class_name and conditions == (self.name == "pixart-alpha")
+
     def prepare_config(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         if kwargs.get("use_additional_conditions") is None:
             # diffusers switches it on for sample_size 128; PixArt-Sigma does not use it. PixArt-Alpha's 1024 px
