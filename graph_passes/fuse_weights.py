@@ -1,6 +1,7 @@
 """The weight half of pass (b): fuse the inverse transform into each consuming weight, in float64.
 
-ONNX stores ``W^T`` as ``[in, out]``; the pass replaces it by ``W~^T = H S W^T`` (computed in float64, cast to the
+ONNX stores ``W^T`` as ``[in, out]`` (a Conv: ``W`` [out, in, kh, kw], fused at every tap); the pass replaces it by
+``W~^T = H S W^T`` (``S W^T`` for single-Hadamard sites) (computed in float64, cast to the
 weight's dtype at the end), so that ``x~ W~^T = (x - mu) W^T``. A weight also read outside its site (tied weights)
 is copied first, so the other reader keeps the original.
 """
@@ -32,7 +33,8 @@ def fuse_site_weights(graph: ir.Graph, transforms: dict[str, SiteTransform]) -> 
                 continue
             done.add((site, id(weight)))
             original = weight.const_value.numpy()
-            fused = transform.fuse_weight(original).astype(original.dtype)
+            fuse = transform.fuse_conv_weight if matmul.op_type == "Conv" else transform.fuse_weight
+            fused = fuse(original).astype(original.dtype)
             outside = [n for n, _ in weight.uses() if tags.site_of(n) != site]
             if outside:
                 logger.info("weight %s of site %s is shared outside the site: fusing a copy", weight.name, site)

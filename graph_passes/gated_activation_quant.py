@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes import tags
-from graph_passes.graph_utils import make_node, shared_constant, tagged_matmuls
+from graph_passes.graph_utils import make_node, quantization_point, shared_constant, site_width, tagged_matmuls
 from graph_passes.quantize import activation_qdq
 
 MASK_INPUT = "hn_quant_mask"
@@ -31,8 +31,8 @@ class GatedActivationQuantPass(ir.passes.InPlacePass):
         index = {name: i for i, name in enumerate(self.site_order)}
         groups = tagged_matmuls(graph, tags.ROLE_MAIN)
         for site, matmuls in groups.items():
-            x = matmuls[0].inputs[0]
-            dq = activation_qdq(graph, matmuls[0], x, self.act_bits)
+            x, consumer, position = quantization_point(matmuls[0])
+            dq = activation_qdq(graph, consumer, x, self.act_bits, site_width(matmuls[0]), site)
             name = f"{site}.gate".replace("#", "_")
             position = shared_constant(graph, f"hadanorm.site_index_{index[site]}", np.array(index[site], np.int64))
             gate = make_node("Gather", [mask, position], f"{name}.m", axis=0)
@@ -40,7 +40,6 @@ class GatedActivationQuantPass(ir.passes.InPlacePass):
             scaled = make_node("Mul", [delta.outputs[0], gate.outputs[0]], f"{name}.scaled")
             gated = make_node("Add", [x, scaled.outputs[0]], f"{name}.out")
             gated.outputs[0].type, gated.outputs[0].shape = x.type, x.shape
-            graph.insert_before(matmuls[0], [gate, delta, scaled, gated])
-            for matmul in matmuls:
-                matmul.replace_input_with(0, gated.outputs[0])
+            graph.insert_before(consumer, [gate, delta, scaled, gated])
+            consumer.replace_input_with(position, gated.outputs[0])
         return ir.passes.PassResult(model, modified=bool(groups))

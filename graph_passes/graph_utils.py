@@ -11,13 +11,50 @@ from graph_passes import tags
 
 
 def tagged_matmuls(graph: ir.Graph, role: str) -> dict[str, list[ir.Node]]:
-    """MatMuls carrying a site tag with the given role, grouped by site, in graph order."""
+    """MatMuls (and Convs) carrying a site tag with the given role, grouped by site, in graph order."""
     out: dict[str, list[ir.Node]] = {}
     for node in graph:
         site = tags.site_of(node)
-        if node.op_type == "MatMul" and site is not None and tags.role_of(node) == role:
+        if node.op_type in ("MatMul", "Conv") and site is not None and tags.role_of(node) == role:
             out.setdefault(site, []).append(node)
     return out
+
+
+def site_input(node: ir.Node) -> tuple[ir.Node, int]:
+    """(consumer, input index) through which a site node reads its activation: the MatMul's input 0, or for a Conv
+    site the token view's Reshape (`graph_passes.conv_sites`) that the site's transform and quantizer feed."""
+    if node.op_type == "Conv":
+        back = node.inputs[0].producer()
+        view = back.inputs[0].producer() if back is not None else None
+        if view is None or tags.CONV_VIEW not in view.metadata_props:
+            raise ValueError(f"conv site {tags.site_of(node)} has no token view (run ConvSitesPass first)")
+        return view, 0
+    return node, 0
+
+
+def site_activation(node: ir.Node) -> ir.Value:
+    consumer, index = site_input(node)
+    return consumer.inputs[index]
+
+
+def quantization_point(node: ir.Node) -> tuple[ir.Value, ir.Node, int]:
+    """(value, consumer, input index) where a site's activation quantizer goes: the site input, or for a
+    single-Hadamard site the input of its back rotation (HQ-DM quantizes the rotated activation)."""
+    consumer, index = site_input(node)
+    value = consumer.inputs[index]
+    back = value.producer()
+    if back is not None and tags.ROTATE_BACK in back.metadata_props:
+        return back.inputs[0], back, 0
+    return value, consumer, index
+
+
+def site_width(node: ir.Node) -> int:
+    """The input channels of a site MatMul (``W^T`` [in, out]) or Conv (``W`` [out, in, kh, kw])."""
+    shape = node.inputs[1].shape
+    dim = shape[1] if node.op_type == "Conv" else shape[0]
+    if not isinstance(dim, int):
+        raise ValueError(f"cannot tell the input width of {node.name}")
+    return dim
 
 
 def redirect_uses(old: ir.Value, new: ir.Value, keep: Iterable[ir.Node] = ()) -> None:

@@ -12,6 +12,11 @@ initializer (stored pre-transposed) and an optional ``Add(., b)`` with a constan
 - the weight's name when it is a parameter name (``transformer.adaln_single.linear.weight``);
 - else the node name as it is (then no role rule names the linear: it gets the generic role).
 
+A 2-D convolution ``Conv(x, W[out, in, kh, kw], b)`` with a constant weight is listed too (``kind`` ``conv``): it is
+a linear on every pixel's channel vector, applied at each kernel tap, so the same channel transforms apply to it
+(`graph_passes.conv_sites`). Grouped (e.g. depthwise) convolutions mix no channels across groups the way a rotation
+needs: they are never sites (an ``--include`` that names one is an error).
+
 An *activation site* is one activation tensor together with the linears of one module group that consume it
 (q/k/v of self-attention share one site, k/v of cross-attention another). The groups and their roles come from the
 model family's `graph_passes.site_roles.RoleTable` in the `SiteSelection`; this module only reads the graph. Linears
@@ -22,6 +27,7 @@ form separate sites, so each gets its own transform.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Iterable
 
@@ -31,7 +37,9 @@ import onnx_ir as ir
 from graph_passes.errors import GraphInputError
 from graph_passes.site_roles import GENERIC_ROLE, RoleTable
 
-_LINEAR_CLASS = "torch.nn.modules.linear.Linear"
+logger = logging.getLogger(__name__)
+
+_LAYER_CLASSES = ("torch.nn.modules.linear.Linear", "torch.nn.modules.conv.Conv2d")
 
 
 @dataclasses.dataclass
@@ -45,6 +53,8 @@ class LinearLayer:
     bias_add: ir.Node | None  # the Add that applies the bias after a MatMul
     in_features: int
     out_features: int
+    kernel: tuple[int, ...] = ()  # convolutions: the kernel size (kh, kw)
+    group: int = 1  # convolutions: the ``group`` attribute
 
     @property
     def activation(self) -> ir.Value:
@@ -55,6 +65,28 @@ class LinearLayer:
     @property
     def is_matmul(self) -> bool:
         return self.node.op_type == "MatMul"
+
+    @property
+    def is_conv(self) -> bool:
+        return self.node.op_type == "Conv"
+
+    @property
+    def is_pointwise(self) -> bool:
+        """A 1x1 convolution with unit strides and no padding: exactly a linear on each pixel."""
+        if not self.is_conv:
+            return False
+        attrs = self.node.attributes
+        strides = attrs["strides"].as_ints() if "strides" in attrs else ()
+        pads = attrs["pads"].as_ints() if "pads" in attrs else ()
+        auto_pad = attrs["auto_pad"].as_string() if "auto_pad" in attrs else "NOTSET"
+        return (all(k == 1 for k in self.kernel) and all(s == 1 for s in strides) and not any(pads)
+                and auto_pad in ("NOTSET", "VALID") and self.group == 1)
+
+    @property
+    def kind(self) -> str:
+        """``linear`` or ``conv KxK`` (``layers`` prints it)."""
+        return f"conv {'x'.join(map(str, self.kernel))}" + (f" group {self.group}" if self.group != 1 else "") \
+            if self.is_conv else "linear"
 
 
 @dataclasses.dataclass
@@ -71,6 +103,18 @@ class ActivationSite:
     def width(self) -> int:
         return self.linears[0].in_features
 
+    @property
+    def is_conv(self) -> bool:
+        """The site's layers are convolutions reading ``[B, C, H, W]`` (channels on axis 1, pixels as tokens)."""
+        return self.linears[0].is_conv
+
+    @property
+    def can_center(self) -> bool:
+        """Centering ``x - mu`` is exact: linears and 1x1 convs (``W mu`` is then the same for every pixel). A k x k
+        conv with zero padding sees ``mu`` at interior pixels but zeros at the border: not centered (its site keeps
+        the method's scale and rotation only)."""
+        return all(linear.is_matmul or linear.is_pointwise for linear in self.linears)
+
 
 @dataclasses.dataclass(frozen=True)
 class SiteSelection:
@@ -80,6 +124,7 @@ class SiteSelection:
     include: tuple[str, ...] = (r"transformer_blocks\.",)
     exclude: tuple[str, ...] = ()
     roles: RoleTable | None = None
+    explicit: bool = False  # `include` came from the user: a grouped conv it matches is an error, not skipped
 
     def selects(self, module_path: str) -> bool:
         return any(re.search(p, module_path) for p in self.include) and not any(
@@ -92,7 +137,7 @@ def _namespace_path(node: ir.Node) -> str:
     path = ""
     for part in node.metadata_props.get("namespace", "").split("/"):
         name, _, cls = part.partition(": ")
-        if cls.strip() == _LINEAR_CLASS:
+        if cls.strip() in _LAYER_CLASSES:
             path = name.strip()
     return path
 
@@ -164,6 +209,16 @@ def find_linears(model: ir.Model) -> list[LinearLayer]:
             bias = node.inputs[2] if len(node.inputs) > 2 else None
             path = module_path_of(node) or node.inputs[1].name or ""
             linears.append(LinearLayer(path, node, node.inputs[1], bias, None, in_f, out_f))
+        elif node.op_type == "Conv" and node.domain == "":
+            tensor = _constant(node.inputs[1])
+            if tensor is None or len(tensor.shape) != 4:  # 2-D convolutions only
+                continue
+            group = node.attributes.get_int("group", 1)
+            out_f, in_per_group = int(tensor.shape[0]), int(tensor.shape[1])
+            bias = node.inputs[2] if len(node.inputs) > 2 else None
+            path = module_path_of(node) or node.inputs[1].name or ""
+            linears.append(LinearLayer(path, node, node.inputs[1], bias, None, in_per_group * group, out_f,
+                                       tuple(int(k) for k in tensor.shape[2:]), group))
     return linears
 
 
@@ -177,9 +232,10 @@ def _group_and_role(module_path: str, roles: RoleTable | None) -> tuple[str | No
 
 
 def find_activation_sites(model: ir.Model, selection: SiteSelection = SiteSelection()) -> list[ActivationSite]:
-    """Group the selected MatMul linears by (activation tensor, module group).
+    """Group the selected MatMul linears and ungrouped convolutions by (activation tensor, module group).
 
-    Raises GraphInputError when the graph has no linear layer or the selection matches none.
+    Raises GraphInputError when the graph has no linear layer, the selection matches none, or an explicit
+    ``--include`` names a grouped convolution.
     """
     linears = find_linears(model)
     if not linears:
@@ -187,12 +243,20 @@ def find_activation_sites(model: ir.Model, selection: SiteSelection = SiteSelect
             "the model has no linear layers (MatMul or Gemm with a constant 2-D weight); "
             "pass a transformer exported with `hn-export export`"
         )
-    sites: dict[tuple[str, str], ActivationSite] = {}
+    sites: dict[tuple[str, str, bool], ActivationSite] = {}
     for linear in linears:
-        if not linear.is_matmul or not selection.selects(linear.module_path):
+        if not (linear.is_matmul or linear.is_conv) or not selection.selects(linear.module_path):
+            continue
+        if linear.group != 1:
+            if selection.explicit:
+                raise GraphInputError(
+                    f"{linear.module_path} is a grouped convolution (group {linear.group}): a channel scale or "
+                    "rotation does not commute with it, so it cannot be an activation site; leave it out with "
+                    f"--exclude '{re.escape(linear.module_path.rsplit('.', 1)[-1])}$'")
+            logger.info("%s: grouped convolution (group %d), not a site", linear.module_path, linear.group)
             continue
         group, role, block = _group_and_role(linear.module_path, selection.roles)
-        key = (linear.activation.name or "", group or "")
+        key = (linear.activation.name or "", group or "", linear.is_conv)
         if key not in sites:
             sites[key] = ActivationSite(group or linear.module_path, role, block, linear.activation, [])
         sites[key].linears.append(linear)

@@ -14,6 +14,10 @@ Per site MatMul ``MatMul(DQ_act, DQ_w)``:
   int8 copy packed as one block) added to it: ``bias' = mean~ W~ + bias`` is ``[B, 1, N]``.
 * ``quantized-token`` sites keep their Concat / Slice / Add around the IntMatMul (the mean token is a quantized row).
 
+Single-Hadamard (HQ-DM) sites: ``MatMul(RotateBack(DQ_act(Q_act(x~))), DQ_w)`` becomes the sum of one
+``IntMatMul8`` per int8 part of the rotated integer weight (`graph_passes.single_hadamard_weights`), reading the
+codes of ``x~`` (``ScaleRotateQuantize``): the integer form ``Q(x H^T) (H_raw W_int^T) s_x s_w / sqrt(n)``.
+
 Node names end in their op type (onnxruntime's run-time errors name the node, also inside an inlined function body,
 so `runtime.denoiser` can say which packed weight is broken). Maths unchanged: ``y = (codes - zp) scale @ w + bias`` is what the qdq graph computes; only the summation order of
 the float epilogue differs (the integer sums are exact).
@@ -28,16 +32,18 @@ from graph_passes import tags
 from graph_passes.graph_utils import add_initializer, make_node, redirect_uses, shared_constant
 from graph_passes.hadanorm_ops import TransformOp
 from graph_passes.int_ops import MatMulOp, QuantizeOp, ensure_function
-from graph_passes.int_packing import PackedWeight
+from graph_passes.int_packing import PackedWeight, pack
 from graph_passes.lowering import (
     ActivationQuantizer,
     activation_quantizer,
     constant_bias,
     repack,
     single_use,
+    weight_codes,
     weight_dq,
 )
 from graph_passes.domain import HADANORM_DOMAIN
+from graph_passes.single_hadamard_weights import int8_parts, rotated_integer_weight
 
 _TRANSFORMS = {TransformOp(c, r).op_type: TransformOp(c, r) for c in (False, True) for r in (False, True)}
 
@@ -55,15 +61,17 @@ class LowerToFusedPass(ir.passes.InPlacePass):
         for node in list(graph):
             if node.op_type != "MatMul" or tags.role_of(node) != tags.ROLE_MAIN:
                 continue
-            act = activation_quantizer(node.inputs[0])
+            back = node.inputs[0].producer()
+            rotated = back is not None and tags.ROTATE_BACK in back.metadata_props
+            act = activation_quantizer(back.inputs[0] if rotated else node.inputs[0])
             w_dq = weight_dq(node.inputs[1])
             if act is None or w_dq is None:
                 continue
             if id(act.dq) not in quantized:
                 quantized[id(act.dq)] = self._quantize(model, act, node)
             codes, scale, zero_point = quantized[id(act.dq)][:3]
-            weights = self._packed(model, w_dq, packed)
-            self._int_matmul(model, node, codes, scale, zero_point, weights, packed)
+            parts = self._rotated_parts(model, w_dq, back, packed) if rotated else [self._packed(model, w_dq, packed)]
+            self._int_matmul(model, node, codes, scale, zero_point, parts, packed)
             modified = True
         return ir.passes.PassResult(model, modified=modified)
 
@@ -113,12 +121,43 @@ class LowerToFusedPass(ir.passes.InPlacePass):
         cache[id(dq)] = entry
         return entry
 
+    def _rotated_parts(self, model: ir.Model, dq: ir.Node, back: ir.Node, cache: dict) -> list[dict[str, ir.Value]]:
+        """The int8 parts of ``R_raw W_int^T`` (HQ-DM's integer form), packed for IntMatMul8."""
+        key = (id(dq), id(back.inputs[2].const_value), id(back.inputs[3].const_value))
+        if key in cache:
+            return cache[key]
+        q, scale, zp, block, _ = weight_codes(dq)
+        rows = q.shape[0]
+        w_int = q - (0 if zp is None else np.repeat(zp, block, axis=0)[:rows])
+        left = back.inputs[2].const_value.numpy().T  # the back rotation holds the transposed factors
+        right = back.inputs[3].const_value.numpy().T
+        m, c = rotated_integer_weight(w_int, left, right, block)
+        if block >= rows:
+            block = rows + (-rows) % 4  # one block per output channel, padded for the 8-bit layout
+        graph = model.graph
+        name = _safe(dq.inputs[0].name or "w")
+        dtype = scale.dtype
+        entries = []
+        for p, part in enumerate(int8_parts(m)):
+            scales = (scale.astype(np.float64) * c * 128.0**p).astype(dtype)
+            weight = pack(part.astype(np.int64), scales, np.zeros(scale.shape, np.int64), 8, block)
+            entries.append({
+                "b": add_initializer(graph, f"{name}.hqdm_part{p}", weight.b),
+                "scales": add_initializer(graph, f"{name}.hqdm_part{p}.scales", weight.scales),
+                "zero_points": add_initializer(graph, f"{name}.hqdm_part{p}.zero_points", weight.zero_points),
+                "bits": 8, "block_size": weight.block_size, "n": weight.n,
+            })
+        cache[key] = entries
+        return entries
+
     # -- the matmul and its epilogue ----------------------------------------------------------------------------
 
     def _int_matmul(self, model: ir.Model, matmul: ir.Node, codes: ir.Value, scale: ir.Value, zero_point: ir.Value,
-                    weights: dict, packed: dict) -> None:
+                    parts: list[dict], packed: dict) -> None:
+        """One IntMatMul per weight part (one, or HQ-DM's int8 parts), the bias folded into the first."""
         graph = model.graph
         out = matmul.outputs[0]
+        weights = parts[0]
         n = weights["n"]
         dtype = scale.dtype
         extra: list[ir.Node] = []
@@ -157,13 +196,26 @@ class LowerToFusedPass(ir.passes.InPlacePass):
             add.outputs[0].type = out.type
             extra.append(add)
             bias = add.outputs[0]
-        spec = MatMulOp(weights["bits"], integer_input=True)
-        node = make_node(spec.op_type, [codes, scale, zero_point, weights["b"], weights["scales"],
-                                        weights["zero_points"], bias],
-                         f"{_safe(matmul.name)}.{spec.op_type}", domain=HADANORM_DOMAIN,
-                         metadata={tags.SITE: tags.site_of(matmul) or "", tags.ROLE: tags.ROLE_MAIN},
-                         block_size=weights["block_size"])
-        ensure_function(model, spec)
-        extra.append(node)
+        np_dtype = dtype.numpy() if dtype is not None else np.float32
+        zeros = shared_constant(graph, f"hadanorm.zeros{n}_{np_dtype}", np.zeros(n, dtype=np_dtype))
+        result = None
+        for p, part in enumerate(parts):
+            spec = MatMulOp(part["bits"], integer_input=True)
+            suffix = f".part{p}" if len(parts) > 1 else ""
+            node = make_node(spec.op_type, [codes, scale, zero_point, part["b"], part["scales"],
+                                            part["zero_points"], bias if p == 0 else zeros],
+                             f"{_safe(matmul.name)}{suffix}.{spec.op_type}", domain=HADANORM_DOMAIN,
+                             metadata={tags.SITE: tags.site_of(matmul) or "", tags.ROLE: tags.ROLE_MAIN},
+                             block_size=part["block_size"])
+            node.outputs[0].type = out.type
+            ensure_function(model, spec)
+            extra.append(node)
+            if result is None:
+                result = node.outputs[0]
+            else:
+                add = make_node("Add", [result, node.outputs[0]], f"{_safe(matmul.name)}{suffix}.sum")
+                add.outputs[0].type = out.type
+                extra.append(add)
+                result = add.outputs[0]
         graph.insert_before(matmul, extra)
-        redirect_uses(last, node.outputs[0], keep=extra)
+        redirect_uses(last, result, keep=extra)

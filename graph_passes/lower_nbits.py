@@ -10,7 +10,9 @@ unsigned with zero point 8 (4 bits) or 128 (8 bits) unless ``zero_points`` is gi
 Centered sites in ``float-token`` mode: the float mean token ``mean~`` is appended to the activation rows of the
 same MatMulNBits (one packed weight in memory, not two) and its output row is added to every token:
 ``y = Y[..., :N, :] + Y[..., N:, :]``; inside MatMulNBits the mean row is quantized to int8 per block (not to A
-bits). ``exact`` mode keeps its int8 DequantizeLinear + MatMul. The activation quantizers stay Q/DQ.
+bits). ``exact`` mode keeps its int8 DequantizeLinear + MatMul. The activation quantizers stay Q/DQ, whatever
+they are (per-token dynamic, static per-timestep, or followed by an HQ-DM back rotation: MatMulNBits reads the
+float result and the unrotated int4 weight). Conv sites stay Q/DQ around a float Conv.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import onnx_ir as ir
 
 from graph_passes import tags
 from graph_passes.graph_utils import add_initializer, make_node, redirect_uses, shared_constant
-from graph_passes.lowering import activation_quantizer, single_use, weight_codes, weight_dq
+from graph_passes.lowering import single_use, weight_codes, weight_dq
 from graph_passes.methods import BiasCorrection
 
 MS_DOMAIN = "com.microsoft"
@@ -83,7 +85,7 @@ class LowerToNBitsPass(ir.passes.InPlacePass):
             if node.op_type != "MatMul" or tags.role_of(node) != tags.ROLE_MAIN:
                 continue
             w_dq = weight_dq(node.inputs[1])
-            if activation_quantizer(node.inputs[0]) is None or w_dq is None:
+            if w_dq is None:  # not quantized
                 continue
             self._lower(model, node, w_dq, concats)
             modified = True

@@ -1,17 +1,24 @@
-"""The six methods as subsets of three parts, and the other transform options.
+"""The seven methods as recipes of one mechanism, and the other transform options.
 
 Every method is one recipe of the same mechanism ``x~ = H S^-1 (x - mu)``:
 
-=============  ======  =====  ========
-method         center  scale  rotate
-=============  ======  =====  ========
+=============  ======  =====  ========  ===================================================================
+method         center  scale  rotate    where the rotation goes
+=============  ======  =====  ========  ===================================================================
 none           .       .      .
 smoothquant    .       S      .
-quarot         .       .      H
-sdcb           .       S      H
+quarot         .       .      H         both: ``(x H^T)(W H^T)^T``, the rotated weight is quantized
+sdcb           .       S      H         both
 dyncenter      mu      .      .
-hadanorm       mu      S      H
-=============  ======  =====  ========
+hadanorm       mu      S      H         both
+hqdm           .       .      H_b       single: ``Q(x H^T) H (W)^T``, the weight is quantized unrotated
+=============  ======  =====  ========  ===================================================================
+
+HQ-DM (Mao et al., arXiv 2512.05746, public code msz12345/HQ-DM) rotates only the quantized activation: the
+activation is rotated by a block-diagonal Sylvester Hadamard (blocks of 32, no random signs), quantized, and rotated
+back; the weight is quantized in its own domain ("prevents the amplification of weight outliers"). In integer form
+``y = Q(x H_n^T) (H_raw W_int^T) s_x s_w / sqrt(32)`` with ``H_raw W_int^T`` exact integers (the ``fused`` format,
+`graph_passes.lower_fused`). Its default Hadamard is ``block`` of 32 (`Method.default_hadamard`).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ class Recipe:
     center: bool
     smooth: bool
     rotate: bool
+    single: bool = False  # rotate the quantized activation only, and back (HQ-DM); the weight is not rotated
 
 
 class Method(enum.Enum):
@@ -36,10 +44,16 @@ class Method(enum.Enum):
     SDCB = "sdcb"
     DYNCENTER = "dyncenter"
     HADANORM = "hadanorm"
+    HQDM = "hqdm"
 
     @property
     def recipe(self) -> Recipe:
         return _RECIPES[self]
+
+    @property
+    def default_hadamard(self) -> tuple[HadamardMode, int]:
+        """(mode, block) when the user chooses none: HQ-DM's Sylvester blocks of 32, else the full Hadamard."""
+        return (HadamardMode.BLOCK, 32) if self is Method.HQDM else (HadamardMode.FULL, 128)
 
 
 _RECIPES: dict[Method, Recipe] = {
@@ -49,6 +63,7 @@ _RECIPES: dict[Method, Recipe] = {
     Method.SDCB: Recipe(center=False, smooth=True, rotate=True),
     Method.DYNCENTER: Recipe(center=True, smooth=False, rotate=False),
     Method.HADANORM: Recipe(center=True, smooth=True, rotate=True),
+    Method.HQDM: Recipe(center=False, smooth=False, rotate=True, single=True),
 }
 
 
@@ -64,7 +79,15 @@ class BiasCorrection(enum.Enum):
 class TransformOptions:
     method: Method = Method.HADANORM
     alpha: float = 0.5
-    hadamard: HadamardMode = HadamardMode.FULL
-    hadamard_block: int = 128
+    hadamard: HadamardMode | None = None  # None: the method's default (`Method.default_hadamard`)
+    hadamard_block: int | None = None  # None: the method's default
     bias_correction: BiasCorrection = BiasCorrection.FLOAT_TOKEN
-    seed: int | None = 0  # Hadamard random signs; None = no signs
+    seed: int | None = 0  # Hadamard random signs; None = no signs (single-Hadamard recipes never take signs)
+
+    @property
+    def hadamard_mode(self) -> HadamardMode:
+        return self.hadamard if self.hadamard is not None else self.method.default_hadamard[0]
+
+    @property
+    def block(self) -> int:
+        return self.hadamard_block if self.hadamard_block is not None else self.method.default_hadamard[1]

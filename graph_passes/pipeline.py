@@ -1,4 +1,5 @@
-"""The W-A quantization pipeline: site tagging -> transform + weight fusion -> bias correction -> quantize -> clean-up.
+"""The W-A quantization pipeline: site tagging -> conv token views -> transform + weight fusion -> bias correction ->
+quantize -> clean-up.
 
 `build_pipeline` returns an onnx-ir `PassManager` ending in onnx-ir's common clean-up passes and a full
 `onnx.checker` check. `quantize_model` plans each site's transform from calibration statistics and runs it.
@@ -19,7 +20,9 @@ from onnx_ir.passes.common import (
     TopologicalSortPass,
 )
 
+from graph_passes.activation_probe import ActivationProbePass
 from graph_passes.bias_correction import BiasCorrectionPass
+from graph_passes.conv_sites import ConvSitesPass
 from graph_passes.gated_activation_quant import GatedActivationQuantPass
 from graph_passes.insert_transforms import InsertTransformsPass
 from graph_passes.linears import ActivationSite, SiteSelection, find_activation_sites
@@ -29,6 +32,7 @@ from graph_passes.methods import TransformOptions
 from graph_passes.quantization import OutputFormat, QuantConfig
 from graph_passes.quantize import QuantizePass
 from graph_passes.site_transforms import SiteStats, SiteTransform, plan_site_transform
+from graph_passes.static_act_quant import ActScaleTable
 from graph_passes.tag_sites import TagSitesPass
 
 logger = logging.getLogger(__name__)
@@ -50,18 +54,24 @@ def build_pipeline(
     quant: QuantConfig | None,
     selection: SiteSelection,
     gated_act_bits: int | None = None,
+    act_scales: ActScaleTable | None = None,
+    probe: bool = False,
 ) -> ir.passes.PassManager:
     """`gated_act_bits`: instead of quantizing, put every activation quantizer behind a runtime switch (the
-    sensitivity study); weights stay in float."""
+    sensitivity study); weights stay in float. `act_scales`: static per-timestep activation quantizers instead of
+    per-token dynamic ones. `probe`: no quantization; one output per site with max |x~| (calibrating `act_scales`)."""
     passes: list[ir.passes.PassBase] = [
         TagSitesPass(selection),
+        ConvSitesPass(),
         InsertTransformsPass(transforms),
         BiasCorrectionPass(options.bias_correction),
     ]
-    if gated_act_bits is not None:
+    if probe:
+        passes.append(ActivationProbePass(list(transforms)))
+    elif gated_act_bits is not None:
         passes.append(GatedActivationQuantPass(gated_act_bits, list(transforms)))
     elif quant is not None:
-        passes.append(QuantizePass(quant))
+        passes.append(QuantizePass(quant, act_scales))
         if quant.format is OutputFormat.NBITS:
             passes.append(LowerToNBitsPass())
         elif quant.format is OutputFormat.FUSED:
@@ -90,11 +100,13 @@ def quantize_model(
     selection: SiteSelection = SiteSelection(),
     gated_act_bits: int | None = None,
     sites: list[ActivationSite] | None = None,
+    act_scales: ActScaleTable | None = None,
+    probe: bool = False,
 ) -> QuantizeResult:
     """Rewrite `model` in place. ``quant=None`` inserts and fuses the transforms only (the exactness check).
     `sites`: the activation sites of `selection`, when the caller found them already."""
     sites = sites if sites is not None else find_activation_sites(model, selection)
     transforms = plan_transforms(sites, stats, options)
-    build_pipeline(transforms, options, quant, selection, gated_act_bits)(model)
+    build_pipeline(transforms, options, quant, selection, gated_act_bits, act_scales, probe)(model)
     logger.info("%s: %d sites, %s", options.method.value, len(sites), quant.label if quant else "transform only")
     return QuantizeResult(sites, transforms)

@@ -8,6 +8,14 @@ with ``axis=-1`` and ``block_size = width`` (one block per token). The maths is 
 Bias-correction MatMuls (``hadanorm.role = bias-correction``) keep their float mean token: in ``float-token`` mode
 they read the same dequantized weight as the site MatMul, in ``exact`` mode an int8 per-output-channel copy.
 
+Conv sites (`graph_passes.conv_sites`): the quantizer goes on the site's tokens (per pixel), and the weight
+``W`` [out, in, kh, kw] is quantized as the matrix ``[in * kh * kw, out]`` (rows: input channel, then tap) in blocks
+of ``B * kh * kw`` rows, i.e. blocks of ``B`` input channels with all their taps (``B >= in``: per output channel);
+``DequantizeLinear`` of that matrix is transposed and reshaped back to the kernel. Single-Hadamard sites (HQ-DM)
+get their quantizer before the back rotation (`graph_passes.graph_utils.quantization_point`). With an
+`ActScaleTable` the activation quantizers are static per-tensor ones with a scale per timestep
+(`graph_passes.static_act_quant`) instead of per-token dynamic ones.
+
 This is the ``qdq`` format; `graph_passes.lower_nbits` and `graph_passes.lower_fused` lower it to the others.
 Note: onnxruntime's default graph optimizations fuse ``DequantizeLinear + MatMul`` into ``MatMulNBits`` whose
 default accuracy level quantizes the activations to int8; `runtime.session` sets the session options that keep the
@@ -19,9 +27,19 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+import dataclasses
+
 from graph_passes import tags
-from graph_passes.graph_utils import NodeSequence, add_initializer, make_node, shared_constant
+from graph_passes.graph_utils import (
+    NodeSequence,
+    add_initializer,
+    make_node,
+    quantization_point,
+    shared_constant,
+    site_width,
+)
 from graph_passes.methods import BiasCorrection
+from graph_passes.static_act_quant import ActScaleTable, _TimestepIndex, static_qdq
 from graph_passes.quantization import (
     QuantConfig,
     container,
@@ -35,23 +53,30 @@ def _float_dtype(value: ir.Value) -> np.dtype:
 
 
 class QuantizePass(ir.passes.InPlacePass):
-    def __init__(self, config: QuantConfig):
+    def __init__(self, config: QuantConfig, act_scales: ActScaleTable | None = None):
         super().__init__()
         self.config = config
+        self.act_scales = act_scales
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         act_cache: dict[int, ir.Value] = {}
         weight_cache: dict[int, ir.Value] = {}
         int8_cache: dict[int, ir.Value] = {}
-        matmuls = [n for n in graph if n.op_type == "MatMul" and tags.site_of(n) is not None]
+        self._index = _TimestepIndex(graph, self.act_scales) if self.act_scales is not None else None
+        matmuls = [n for n in graph if n.op_type in ("MatMul", "Conv") and tags.site_of(n) is not None]
         mains = [n for n in matmuls if tags.role_of(n) == tags.ROLE_MAIN]
         corrections = [n for n in matmuls if tags.role_of(n) == tags.ROLE_BIAS_CORRECTION]
+        quantized_inputs: set[tuple[int, int]] = set()  # (consumer, index): a site's shared view/back rotation
         for node in mains:
-            activation, weight = node.inputs[0], node.inputs[1]
-            if id(activation) not in act_cache:
-                act_cache[id(activation)] = self._activation_qdq(graph, node, activation)
-            node.replace_input_with(0, act_cache[id(activation)])
+            activation, consumer, index = quantization_point(node)
+            weight = node.inputs[1]
+            if (id(consumer), index) not in quantized_inputs:
+                quantized_inputs.add((id(consumer), index))
+                if id(activation) not in act_cache:
+                    act_cache[id(activation)] = self._activation_qdq(graph, consumer, activation, site_width(node),
+                                                                   tags.site_of(node))
+                consumer.replace_input_with(index, act_cache[id(activation)])
             if id(weight) not in weight_cache:
                 weight_cache[id(weight)] = self._weight_dq(graph, node, weight)
             node.replace_input_with(1, weight_cache[id(weight)])
@@ -65,10 +90,14 @@ class QuantizePass(ir.passes.InPlacePass):
                 node.replace_input_with(1, weight_cache[id(weight)])
         return ir.passes.PassResult(model, modified=bool(mains))
 
-    def _activation_qdq(self, graph: ir.Graph, before: ir.Node, x: ir.Value) -> ir.Value:
-        return activation_qdq(graph, before, x, self.config.act_bits)
+    def _activation_qdq(self, graph: ir.Graph, before: ir.Node, x: ir.Value, width: int, site: str) -> ir.Value:
+        if self.act_scales is not None:
+            return static_qdq(graph, before, x, self.config.act_bits, site, self.act_scales, self._index)
+        return activation_qdq(graph, before, x, self.config.act_bits, width, site)
 
     def _weight_dq(self, graph: ir.Graph, before: ir.Node, weight: ir.Value) -> ir.Value:
+        if before.op_type == "Conv":
+            return self._conv_weight_dq(graph, before, weight)
         original = weight.const_value.numpy()
         qw = quantize_weight(original, self.config, original.dtype)
         q_init = add_initializer(graph, f"{weight.name}.q{self.config.weight_bits}", qw.q)
@@ -83,6 +112,28 @@ class QuantizePass(ir.passes.InPlacePass):
         graph.insert_before(before, node)
         return node.outputs[0]
 
+    def _conv_weight_dq(self, graph: ir.Graph, before: ir.Node, weight: ir.Value) -> ir.Value:
+        """``W`` [out, in, kh, kw] as ``[in * kh * kw, out]`` in blocks of ``B * kh * kw`` rows, dequantized and
+        turned back into the kernel."""
+        original = weight.const_value.numpy()
+        out, cin = original.shape[:2]
+        taps = int(np.prod(original.shape[2:]))
+        rows = original.reshape(out, cin * taps).T
+        block = min(self.config.weight_block, cin) * taps
+        qw = quantize_weight(rows, dataclasses.replace(self.config, weight_block=block), original.dtype)
+        name = f"{weight.name}.q{self.config.weight_bits}"
+        seq = NodeSequence(name, metadata={tags.WEIGHT_ROLE: tags.ROLE_MAIN})
+        q_init = add_initializer(graph, name, qw.q)
+        inputs = [q_init, add_initializer(graph, f"{q_init.name}.scale", qw.scale)]
+        if qw.zero_point is not None:
+            inputs.append(add_initializer(graph, f"{q_init.name}.zero_point", qw.zero_point))
+        matrix = seq.op("DequantizeLinear", inputs, axis=0, block_size=block)
+        shape = add_initializer(graph, f"{q_init.name}.kernel_shape", np.array(original.shape, np.int64))
+        kernel = seq.op("Reshape", [seq.op("Transpose", [matrix], perm=[1, 0]), shape])
+        kernel.type, kernel.shape = weight.type, weight.shape
+        graph.insert_before(before, seq.nodes)
+        return kernel
+
     def _weight_int8_dq(self, graph: ir.Graph, before: ir.Node, weight: ir.Value) -> ir.Value:
         original = weight.const_value.numpy()
         q, scale = quantize_weight_per_channel_int8(original, original.dtype)
@@ -95,8 +146,9 @@ class QuantizePass(ir.passes.InPlacePass):
         return node.outputs[0]
 
 
-def activation_qdq(graph: ir.Graph, before: ir.Node, x: ir.Value, bits: int) -> ir.Value:
-    """Insert a per-token dynamic asymmetric QDQ of `x` before the site MatMul `before`; returns the DQ output.
+def activation_qdq(graph: ir.Graph, before: ir.Node, x: ir.Value, bits: int, width: int, site: str) -> ir.Value:
+    """Insert a per-token dynamic asymmetric QDQ of `x` (`width` channels, of site `site`) before `before`; returns
+    the DQ output.
 
     Every node of the quantizer carries ``tags.ACT_QUANT`` (the lowering passes find it by that tag). When `bits`
     is narrower than its container (UINT4 holds 2-3 bits, UINT8 5-7), `x` is first clipped to
@@ -105,10 +157,6 @@ def activation_qdq(graph: ir.Graph, before: ir.Node, x: ir.Value, bits: int) -> 
     """
     dtype = _float_dtype(x)
     zp_type, _ = container(bits, signed=False)
-    width = before.inputs[1].shape[0] if before.inputs[1].shape is not None else None
-    if not isinstance(width, int):
-        raise ValueError(f"cannot tell the width of the activation {x.name}")
-    site = tags.site_of(before)
     name = f"{site}.act_q".replace("#", "_")
     axes = shared_constant(graph, "hadanorm.last_axis", np.array([-1], dtype=np.int64))
     zero = shared_constant(graph, f"hadanorm.zero_{dtype}", np.array(0, dtype=dtype))

@@ -35,7 +35,7 @@ class SiteName:
 
     group: str  # e.g. "transformer_blocks.3.attn1.qkv"
     role: str
-    block: int
+    block: int | None  # None in a block list that is one module (a UNet's mid_block)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,22 +45,25 @@ class RoleTable:
     family: str
     block_lists: tuple[str, ...]
     rules: tuple[RoleRule, ...]
+    default_exclude: tuple[str, ...] = ()  # patterns left in float unless the user's --include names them
 
     def __post_init__(self) -> None:
         lists = "|".join(re.escape(b) for b in sorted(self.block_lists, key=len, reverse=True))
-        object.__setattr__(self, "_pattern", re.compile(rf"(?:^|[./])({lists})[./](\d+)[./](.+)$"))
+        object.__setattr__(self, "_pattern", re.compile(rf"(?:^|[./])({lists})(?:[./](\d+))?[./](.+)$"))
 
     @property
     def roles(self) -> tuple[str, ...]:
         """Role names in table order, each once."""
         return tuple(dict.fromkeys(rule.role for rule in self.rules))
 
-    def block_of(self, module_path: str) -> tuple[str, int, str] | None:
-        """(block list, block index, path inside the block) of a module path, or None outside the blocks."""
+    def block_of(self, module_path: str) -> tuple[str, int | None, str] | None:
+        """(block list, block index, path inside the block) of a module path, or None outside the blocks. A block
+        list that is a single module (a UNet's ``mid_block``) has index None."""
         match = self._pattern.search(module_path)  # type: ignore[attr-defined]
         if match is None:
             return None
-        return match.group(1), int(match.group(2)), match.group(3).replace("/", ".")
+        index = int(match.group(2)) if match.group(2) is not None else None
+        return match.group(1), index, match.group(3).replace("/", ".")
 
     def site_of(self, module_path: str) -> SiteName | None:
         """The site group and role of a block linear, or None when no rule names it."""
@@ -70,9 +73,10 @@ class RoleTable:
         block_list, index, inner = located
         for rule in self.rules:
             if rule.suffix == inner and rule.block_list in (None, block_list):
-                return SiteName(f"{block_list}.{index}.{rule.group}", rule.role, index)
+                prefix = block_list if index is None else f"{block_list}.{index}"
+                return SiteName(f"{prefix}.{rule.group}", rule.role, index)
         return None
 
     def default_include(self) -> tuple[str, ...]:
         """Module-path patterns of the linears inside the blocks (the default site selection)."""
-        return tuple(rf"(^|[./]){re.escape(b)}[./]\d+[./]" for b in self.block_lists)
+        return tuple(rf"(^|[./]){re.escape(b)}[./]" for b in self.block_lists)

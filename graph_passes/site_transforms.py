@@ -7,6 +7,10 @@ For a site with linears ``W_1..W_k`` (stacked ``W`` with rows = output channels)
     W~^T  = H S W^T                                             (offline, float64; ONNX stores W^T as [in, out])
 
 so that ``W~ x~ = W (x - mu)`` exactly. Scales are clipped to [1e-5, 1e5] and channels with zero statistics get 1.
+
+Single-Hadamard recipes (HQ-DM) rotate the activation, quantize it and rotate it back, ``x^ = Q(x~) H``: the weight
+takes ``S`` only, ``W~^T = S W^T``. A convolution weight ``W[out, in, kh, kw]`` is fused tap by tap (its input
+channels are the rows: `fuse_conv_weight`). Sites where centering is not exact (padded k x k convs) are not centered.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class SiteTransform:
     center: bool
     inv_scale: np.ndarray  # float64 [d]: 1 / s (ones without SmoothQuant)
     hadamard: KroneckerHadamard | None
+    rotate_back: bool = False  # single Hadamard (HQ-DM): the quantized activation is rotated back, W not rotated
 
     @property
     def op(self) -> TransformOp | None:
@@ -49,11 +54,18 @@ class SiteTransform:
         return self.inv_scale
 
     def fuse_weight(self, weight_t: np.ndarray) -> np.ndarray:
-        """``W~^T = H S W^T`` for an ONNX weight ``W^T`` of shape [in, out], in float64."""
+        """``W~^T = H S W^T`` (``S W^T`` for a single Hadamard) for an ONNX weight ``W^T`` [in, out], in float64."""
         fused = np.asarray(weight_t, dtype=np.float64) / self.inv_scale[:, None]
-        if self.hadamard is not None:
+        if self.hadamard is not None and not self.rotate_back:
             fused = self.hadamard.rotate_weight_rows(fused)
         return fused
+
+    def fuse_conv_weight(self, weight: np.ndarray) -> np.ndarray:
+        """The same at every tap of a convolution weight ``W`` [out, in, kh, kw], in float64."""
+        w = np.asarray(weight, dtype=np.float64)
+        rows = np.moveaxis(w, 1, 0).reshape(w.shape[1], -1)  # [in, out * kh * kw]
+        fused = self.fuse_weight(rows).reshape(w.shape[1], w.shape[0], *w.shape[2:])
+        return np.moveaxis(fused, 0, 1)
 
 
 def smoothing_inv_scale(act_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: float) -> np.ndarray:
@@ -67,8 +79,11 @@ def smoothing_inv_scale(act_absmax: np.ndarray, weight_absmax: np.ndarray, alpha
 
 
 def weight_input_absmax(site: ActivationSite) -> np.ndarray:
-    """max_i |W_ij| over every output row of every linear of the site, per input channel j."""
-    rows = [np.abs(np.asarray(lin.weight.const_value.numpy(), dtype=np.float64)).max(axis=1) for lin in site.linears]
+    """max_i |W_ij| over every output row (and kernel tap) of every layer of the site, per input channel j."""
+    rows = []
+    for lin in site.linears:
+        w = np.abs(np.asarray(lin.weight.const_value.numpy(), dtype=np.float64))
+        rows.append(np.moveaxis(w, 1, 0).reshape(w.shape[1], -1).max(axis=1) if lin.is_conv else w.max(axis=1))
     return np.max(np.stack(rows), axis=0)
 
 
@@ -77,14 +92,15 @@ def plan_site_transform(
 ) -> SiteTransform:
     recipe = options.method.recipe
     width = site.width
+    center = recipe.center and site.can_center
     inv_scale = np.ones(width, dtype=np.float64)
     if recipe.smooth:
         if stats is None:
             raise ValueError(f"site {site.name} needs calibration statistics for SmoothQuant scales")
-        act = stats.centered_absmax if recipe.center else stats.absmax
+        act = stats.centered_absmax if center else stats.absmax
         inv_scale = smoothing_inv_scale(act, weight_input_absmax(site), options.alpha)
     hadamard = None
     if recipe.rotate:
-        seed = None if options.seed is None else options.seed + site_index
-        hadamard = hadamard_factors(width, options.hadamard, block_size=options.hadamard_block, seed=seed)
-    return SiteTransform(center=recipe.center, inv_scale=inv_scale, hadamard=hadamard)
+        seed = None if options.seed is None or recipe.single else options.seed + site_index
+        hadamard = hadamard_factors(width, options.hadamard_mode, block_size=options.block, seed=seed)
+    return SiteTransform(center=center, inv_scale=inv_scale, hadamard=hadamard, rotate_back=recipe.single)

@@ -8,6 +8,9 @@ BIAS_CORRECTION = "hadanorm.bias_correction"  # on MatMuls of centered sites: th
 WEIGHT_ROLE = "hadanorm.weight"  # on weight DequantizeLinear nodes: ROLE_MAIN or ROLE_BIAS_CORRECTION
 ACT_QUANT = "hadanorm.act_quant"  # on every node of a per-token activation quantizer: the site name
 ACT_BITS = "hadanorm.act_bits"  # on the activation quantizer's DequantizeLinear: its bit width
+ACT_STATIC = "hadanorm.act_static"  # on a static per-tensor quantizer's DequantizeLinear: its bit width
+CONV_VIEW = "hadanorm.conv_view"  # on the Reshape that turns a conv site's tokens back into [B, H, W, C]: the site
+ROTATE_BACK = "hadanorm.rotate_back"  # on the single-Hadamard (HQ-DM) back rotation after the quantizer: the site
 
 
 def site_of(node) -> str | None:

@@ -9,7 +9,8 @@ statistics do the same: for ``X`` of shape ``[..., N, d]`` with leading index ``
 
 A rank-3 input ``[B, N, d]`` is centered per batch element; a rank-2 input ``[T, d]`` (e.g. a MatMul on ``[B, d]``)
 has its tokens on axis 0 and is centered over them; a rank-1 input ``[d]`` is one token (centered statistic 0).
-In the graph the input is viewed as ``[1, ..., N, d]`` (one Unsqueeze, so no rank is special-cased) and flattened
+A convolution's input ``[B, C, H, W]`` is first viewed as its tokens ``[B, H*W, C]`` (the pixels, as the conv sites
+are transformed: `graph_passes.conv_sites`). In the graph the input is viewed as ``[1, ..., N, d]`` (one Unsqueeze, so no rank is special-cased) and flattened
 to ``[tokens, d]`` for the max. The reductions run inside onnxruntime, so only ``d``-sized vectors leave the
 session per call (the full model has 196 sites; activations are never held); the host takes the max over calls.
 
@@ -113,18 +114,24 @@ def _add_stat_outputs(model: ir.Model) -> tuple[dict[str, str], list[ir.Node], l
     """Append the reductions of every linear input; returns output prefix -> activation name, and the nodes and
     initializers added (to take them out again)."""
     graph = model.graph
-    activations = {site.activation.name: site.activation for site in find_activation_sites(model, ALL_LINEARS)}
+    activations = {site.activation.name: (site.activation, site.is_conv, site.width)
+                   for site in find_activation_sites(model, ALL_LINEARS)}
     owners: dict[str, str] = {}
     seq = NodeSequence("hn_calib")
     first = add_initializer(graph, "hn_calib.axis0", np.array([0], dtype=np.int64))
     tokens = add_initializer(graph, "hn_calib.axis_tokens", np.array([-2], dtype=np.int64))
+    added = [first, tokens]
 
     def channel_absmax(value: ir.Value) -> ir.Value:
         """max |value| over every axis but the last: flatten to [tokens, d], reduce axis 0."""
         flat = seq.op("Flatten", [seq.op("Abs", [value])], axis=-1)
         return seq.op("ReduceMax", [flat, first], keepdims=0)
 
-    for i, (name, x) in enumerate(activations.items()):
+    for i, (name, (x, is_conv, width)) in enumerate(activations.items()):
+        if is_conv:  # [B, C, H, W] -> [B, H*W, C]
+            pixels = add_initializer(graph, f"hn_calib.{i}.pixels", np.array([0, -1, width], dtype=np.int64))
+            added.append(pixels)
+            x = seq.op("Reshape", [seq.op("Transpose", [x], perm=[0, 2, 3, 1]), pixels])
         # [..., N, d] -> [1, ..., N, d]: rank >= 2 for every input, the same token axis -2 and leading indices
         xf = seq.op("Unsqueeze", [seq.op("Cast", [x], to=ir.DataType.FLOAT), first])
         mean_tok = seq.op("ReduceMean", [xf, tokens], keepdims=1)
@@ -135,7 +142,7 @@ def _add_stat_outputs(model: ir.Model) -> tuple[dict[str, str], list[ir.Node], l
             graph.outputs.append(value)
         owners[f"hn_calib.{i}"] = name
     graph.extend(seq.nodes)
-    return owners, seq.nodes, [first, tokens]
+    return owners, seq.nodes, added
 
 
 def _remove_stat_outputs(model: ir.Model, outputs: int, nodes: list[ir.Node], initializers: list[ir.Value]) -> None:

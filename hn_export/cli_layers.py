@@ -19,31 +19,35 @@ from hn_export.graph_import import load_graph
 @click.option("--exclude", multiple=True, help="Module-path regex of linears to leave out.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def layers_command(model: Path, include, exclude, as_json: bool) -> None:
-    """List MODEL's linear layers (module path, weight, bias, in/out features) and activation sites."""
+    """List MODEL's linear and conv layers (module path, kind, weight, bias, in/out features) and activation sites."""
     ir_model = load_graph(model)  # any exporter: opset converted, exporter fixes, Gemm linears as MatMul
     linears = find_linears(ir_model)
-    selection = SiteSelection(include=tuple(include) or SiteSelection().include, exclude=tuple(exclude))
+    selection = SiteSelection(include=tuple(include) or SiteSelection().include, exclude=tuple(exclude),
+                              explicit=bool(include))
     selection = selection_for(ir_model, selection)
     sites = find_activation_sites(ir_model, selection)
     family = selection.roles.family if selection.roles is not None else None
     if as_json:
         click.echo(json.dumps({
             "family": family,
-            "linears": [{"module": lin.module_path, "op": lin.node.op_type, "weight": lin.weight.name,
+            "linears": [{"module": lin.module_path, "op": lin.node.op_type, "kind": lin.kind, "weight": lin.weight.name,
                          "bias": lin.bias.name if lin.bias is not None else None,
                          "in_features": lin.in_features, "out_features": lin.out_features,
                          "activation": lin.activation.name} for lin in linears],
             "sites": [{"name": s.name, "role": s.role, "block": s.block, "activation": s.activation.name,
-                       "width": s.width, "linears": [lin.module_path for lin in s.linears]} for s in sites],
+                       "width": s.width, "centered": s.can_center,
+                       "linears": [lin.module_path for lin in s.linears]} for s in sites],
         }, indent=2))
         return
     click.echo(f"family: {family} (site roles from its module paths)" if family else
                "family: none recognised (every site has the generic role 'linear')")
-    click.echo(f"{len(linears)} linear layers")
-    click.echo(f"{'module':<52} {'in':>6} {'out':>6}  {'weight':<28} bias")
+    convs = sum(lin.is_conv for lin in linears)
+    click.echo(f"{len(linears) - convs} linear layers" + (f", {convs} convolutions" if convs else ""))
+    click.echo(f"{'module':<52} {'kind':<10} {'in':>6} {'out':>6}  {'weight':<28} bias")
     for lin in linears:
         bias = lin.bias.name if lin.bias is not None else "-"
-        click.echo(f"{lin.module_path:<52} {lin.in_features:>6} {lin.out_features:>6}  {lin.weight.name:<28} {bias}")
+        click.echo(f"{lin.module_path:<52} {lin.kind:<10} {lin.in_features:>6} {lin.out_features:>6}  "
+                   f"{lin.weight.name:<28} {bias}")
     blocks = {(s.name.split(".")[0], s.block) for s in sites if s.block is not None}  # (block list, index)
     click.echo(f"\n{len(sites)} activation sites" + (f" in {len(blocks)} blocks" if blocks else ""))
     click.echo(f"{'site':<40} {'role':<20} {'width':>6}  linears")

@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 def role_table(family: ModelFamily) -> RoleTable:
     """The graph-side role table of a family (its role rules as plain data)."""
-    return RoleTable(family.name, family.block_lists, tuple(RoleRule(*rule) for rule in family.role_rules))
+    return RoleTable(family.name, family.block_lists, tuple(RoleRule(*rule) for rule in family.role_rules),
+                     family.default_exclude)
 
 
 def _named(table: RoleTable, paths: list[str]) -> int:
@@ -48,11 +49,16 @@ def roles_for(model: ir.Model) -> RoleTable | None:
 
 
 def selection_for(model: ir.Model, selection: SiteSelection = SiteSelection()) -> SiteSelection:
-    """`selection` with the role table of the graph's family filled in (kept when one is already set)."""
+    """`selection` with the role table of the graph's family filled in (kept when one is already set). Without
+    ``--include`` the sites are the layers inside the family's blocks, less its `default_exclude` patterns."""
     if selection.roles is not None:
         return selection
     roles = roles_for(model)
-    if roles is None and selection.include == SiteSelection().include:
+    default = selection.include == SiteSelection().include
+    if roles is None and default:
         # module paths lost: the default (the linears inside transformer blocks) cannot be recognised either
         return dataclasses.replace(selection, include=("",))
+    if roles is not None and default:
+        return dataclasses.replace(selection, roles=roles, include=roles.default_include(),
+                                   exclude=tuple(selection.exclude) + roles.default_exclude)
     return dataclasses.replace(selection, roles=roles)

@@ -13,7 +13,9 @@ from hn_export.families import selection_for
 from graph_passes.methods import TransformOptions
 from graph_passes.pipeline import quantize_model
 from graph_passes.quantization import QuantConfig
+from graph_passes.static_act_quant import ActGranularity
 from graph_passes import tags
+from hn_export.act_scales import calibrate_act_scales, load_act_scales, save_act_scales
 from hn_export.calibration import CalibrationStats, calibrate, model_hash
 from hn_export.denoise import DenoiseConfig
 from hn_export.graph_import import load_graph
@@ -36,6 +38,9 @@ class QuantizeJob:
     save_stats: Path | None = None
     stats: CalibrationStats | None = None  # statistics already in memory (compare computes them once)
     progress: bool = True
+    act_granularity: ActGranularity = ActGranularity.TOKEN
+    act_scales_path: Path | None = None  # a per-timestep activation scale table to use (else calibrated)
+    save_act_scales: Path | None = None
 
 
 @dataclasses.dataclass
@@ -95,12 +100,28 @@ def run_quantize(job: QuantizeJob) -> QuantizeReport:
             stats = calibrate(job.model_path, job.calibration, job.calib_inputs, progress=job.progress, model=model)
         if job.save_stats is not None:
             stats.save(job.save_stats)
-    quantize_model(model, stats.sites, job.transform, job.quant, selection, sites=sites)
+    act_scales = None
+    calibration = stats.source
+    if job.quant is not None and job.act_granularity is ActGranularity.TIMESTEP:
+        if job.act_scales_path is not None:
+            act_scales = load_act_scales(job.act_scales_path, model, sites, job.calibration.steps)
+            calibration += f"; activation scales from {job.act_scales_path.name}"
+        else:
+            act_scales = calibrate_act_scales(model, sites, stats.sites, job.transform, selection, job.calibration,
+                                              job.calib_inputs, job.progress)
+            source = f"file:{job.calib_inputs.name}" if job.calib_inputs else \
+                f"trajectories(samples={job.calibration.samples}, steps={job.calibration.steps})"
+            calibration += f"; activation scales: {len(act_scales.timesteps)} timesteps from {source}"
+        if job.save_act_scales is not None:
+            save_act_scales(act_scales, job.save_act_scales)
+    quantize_model(model, stats.sites, job.transform, job.quant, selection, sites=sites, act_scales=act_scales)
     main, extra = _weight_bytes(model)
     ops = sorted({n.op_type for n in model.graph if n.domain == HADANORM_DOMAIN})
     model.metadata_props[TRANSFORM_OPS_KEY] = ",".join(ops)
     model.metadata_props["hn_export.method"] = job.transform.method.value
     model.metadata_props["hn_export.bits"] = job.quant.label if job.quant else "float"
+    if job.quant is not None:
+        model.metadata_props["hn_export.act_granularity"] = job.act_granularity.value
     model.metadata_props["hn_export.bias_correction"] = job.transform.bias_correction.value
     model.metadata_props[FORMAT_KEY] = job.quant.format.value if job.quant else "float"
     model.metadata_props["hn_export.onnxruntime_session_config"] = (
@@ -108,4 +129,4 @@ def run_quantize(job: QuantizeJob) -> QuantizeReport:
     )
     files = save_model(model, job.output)
     return QuantizeReport(job.output, files, len(sites), sum(len(s.linears) for s in sites), before, main, extra,
-                          stats.source)
+                          calibration)

@@ -39,8 +39,8 @@ def _quantized(width: int, method: Method, bias: BiasCorrection, bits: int) -> t
     model, _, _ = linear_model(width, OUT)
     x = dit_like_input(width, batch=3, tokens=16)
     stats = calibration_stats(model, x)
-    quantize_model(model, stats, TransformOptions(method=method, bias_correction=bias),
-                   QuantConfig(weight_bits=bits, act_bits=bits), ALL)
+    options = TransformOptions(method=method, bias_correction=bias, hadamard_block=8 if width == 72 else None)
+    quantize_model(model, stats, options, QuantConfig(weight_bits=bits, act_bits=bits), ALL)
     return model, x
 
 

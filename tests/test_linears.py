@@ -74,5 +74,7 @@ def test_layers_command_json(hn_cli, tiny_onnx):
     assert result.exit_code == 0, result.err
     data = json.loads(result.out)
     assert len(data["sites"]) == 14
-    assert len(data["linears"]) == 26  # 10 per block + 3 timestep + 2 caption projection + proj_out
+    assert len(data["linears"]) == 27  # 10 per block + 3 timestep + 2 caption projection + proj_out + patch conv
+    convs = [lin for lin in data["linears"] if lin["op"] == "Conv"]
+    assert [(c["module"], c["kind"]) for c in convs] == [("transformer.pos_embed.proj", "conv 2x2")]
     assert data["sites"][0]["linears"] == [f"transformer.transformer_blocks.0.{s}" for s in EXPECTED_GROUPS["self-attn in"]]

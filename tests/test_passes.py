@@ -59,7 +59,8 @@ def test_transform_only_equals_original(width, hidden, method):
     stats = calibration_stats(model, x)
     for bias in BiasCorrection:
         transformed = ir.serde.deserialize_model(ir.serde.serialize_model(model))
-        quantize_model(transformed, stats, TransformOptions(method=method, bias_correction=bias), None, ALL)
+        options = TransformOptions(method=method, bias_correction=bias, hadamard_block=8 if width == 72 else None)
+        quantize_model(transformed, stats, options, None, ALL)
         assert rel_l2(run(transformed, x), expected) <= 1e-5, (method, bias)
 
 
@@ -80,6 +81,7 @@ EXPECTED_TRANSFORM_OPS = {
     Method.SDCB: {"ScaleRotate": 2},
     Method.DYNCENTER: {"CenterScale": 2},
     Method.HADANORM: {"CenterScaleRotate": 2},
+    Method.HQDM: {"ScaleRotate": 4},  # the rotation and the back rotation at each site
 }
 
 
@@ -90,7 +92,8 @@ def test_structure(method, bias):
     # Concat: one per centered site (2); Slice: 2 per centered MatMul (3).
     model = mlp_model(72, 288)
     x = dit_like_input(72)
-    quantize_model(model, calibration_stats(model, x), TransformOptions(method=method, bias_correction=bias), None, ALL)
+    options = TransformOptions(method=method, bias_correction=bias, hadamard_block=8)
+    quantize_model(model, calibration_stats(model, x), options, None, ALL)
     counts = collections.Counter(n.op_type for n in model.graph if n.domain == HADANORM_DOMAIN)
     assert dict(counts) == EXPECTED_TRANSFORM_OPS[method]
     ops = collections.Counter(n.op_type for n in model.graph)

@@ -1,6 +1,6 @@
 """The quantized graph in onnxruntime agrees with an independent dense numpy model of each method's linear.
 
-The reference builds H as a dense matrix, fuses W S H^T with plain matrix products, quantizes weights per block and
+The reference builds H as a dense matrix (HQ-DM: rotates the quantized tokens back and quantizes W unrotated), fuses W S H^T with plain matrix products, quantizes weights per block and
 activations per token with its own few lines, and adds the bias correction as the chosen mode describes.
 """
 
@@ -41,6 +41,10 @@ def reference(x, wt, b, transform, bias_mode: BiasCorrection, config: QuantConfi
     mu = x64.mean(axis=1, keepdims=True) if transform.center else np.zeros_like(x64[:, :1])
     xt = ((x64 - mu) / s) @ h.T
     mt = (mu / s) @ h.T
+    if transform.rotate_back:  # HQ-DM: Q(x H^T) H W^T with W quantized unrotated
+        wq = ref_weight((np.diag(s) @ wt.astype(np.float64)).astype(np.float32).astype(np.float64),
+                        config.weight_bits, config.weight_block)
+        return ref_tokens(xt, config.act_bits) @ h @ wq + b
     w_fused = h @ np.diag(s) @ wt.astype(np.float64)
     wq = ref_weight(w_fused.astype(np.float32).astype(np.float64), config.weight_bits, config.weight_block)
     if not transform.center:
@@ -64,7 +68,8 @@ def test_onnxruntime_matches_numpy_reference(width, method, config):
     bias_modes = list(BiasCorrection) if method.recipe.center else [BiasCorrection.FLOAT_TOKEN]
     for bias_mode in bias_modes:
         model, wt, b = linear_model(width, 144)
-        result = quantize_model(model, stats, TransformOptions(method=method, bias_correction=bias_mode), config, ALL)
+        options = TransformOptions(method=method, bias_correction=bias_mode, hadamard_block=8 if width == 72 else None)
+        result = quantize_model(model, stats, options, config, ALL)
         got = create_session(serialize(model)).run(None, {"x": x})[0].astype(np.float64)
         expected = reference(x, wt, b, result.transforms["linear"], bias_mode, config)
         rel = np.linalg.norm(got - expected) / np.linalg.norm(expected)

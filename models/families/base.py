@@ -126,6 +126,9 @@ class ModelFamily:
     scheduler_settings: Mapping[str, Any] = {}
     graph_inputs: frozenset[str] = frozenset()  # the default `matches_inputs`: exactly these input names
     supports_mask: bool = False  # whether `--with-mask` (an encoder_attention_mask input) is offered
+    # module-path patterns inside the blocks that stay in float unless --include names them (e.g. 1x1 skip convs)
+    default_exclude: tuple[str, ...] = ()
+    timestep_input: str = "timestep"  # the graph input that carries the timestep (per-timestep activation scales)
 
     # ---------------------------------------------------------------- building
     def accepts_config(self, class_name: str | None, cfg: Mapping[str, Any]) -> bool:
@@ -182,17 +185,25 @@ class ModelFamily:
         """``--init dit-stats`` (offsets=True) / ``outliers`` (False): plant DiT-like activation statistics."""
         raise ModelInputError(f"--init dit-stats is not available for {self.name}", "pass --init plain")
 
-    def block_linear_roles(self, model):
-        """(module path, role, nn.Linear) of every linear inside the blocks; role None where no rule names it."""
+    def block_linear_roles(self, model, convs: bool = False):
+        """(module path, role, module) of every nn.Linear inside the blocks (with `convs`, also every ungrouped
+        nn.Conv2d); role None where no rule names it. A block list that is one module (a UNet's ``mid_block``) has
+        no index in its paths."""
         from torch import nn
 
+        kinds = (nn.Linear, nn.Conv2d) if convs else (nn.Linear,)
         rules = {(r[0], r[3] if len(r) > 3 else None): r[2] for r in self.role_rules}
         for list_name in self.block_lists:
-            for index, block in enumerate(getattr(model, list_name, [])):
+            container = getattr(model, list_name, None)
+            if container is None:
+                continue
+            indexed = isinstance(container, nn.ModuleList)
+            for index, block in enumerate(container if indexed else [container]):
+                prefix = f"{list_name}.{index}" if indexed else list_name
                 for inner, module in block.named_modules():
-                    if isinstance(module, nn.Linear):
+                    if isinstance(module, kinds) and getattr(module, "groups", 1) == 1:
                         role = rules.get((inner, list_name), rules.get((inner, None)))
-                        yield f"{list_name}.{index}.{inner}", role, module
+                        yield f"{prefix}.{inner}", role, module
 
     # ---------------------------------------------------------------- export
     def input_specs(self, model, with_mask: bool) -> tuple[InputSpec, ...]:
