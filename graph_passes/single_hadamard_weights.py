@@ -10,7 +10,7 @@ channel), the scales factor out of the sum:
     (R W^T)[k, n] = c s[k // B, n] M[k, n],     M = R_raw (q - z)       (exact integers)
 
 ``|M| <= n_H * max|q - z|`` (480 for HQ-DM's 32 and 4-bit asymmetric weights), too wide for int8, so
-``M = sum_p 128^p m_p`` with ``m_p`` in -64..63 (two parts, ``low + 128 * high``, up to ``|M| <= 8191``), and
+``M = sum_p 128^p m_p`` with ``m_p`` in -64..63 (two parts, ``low + 128 * high``, for ``|M| <= 8127``), and
 
     y = sum_p IntMatMul8(codes, m_p, scales = 128^p c s)
 
