@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from graph_passes.methods import BiasCorrection, Method, TransformOptions
-from graph_passes.quantization import OutputFormat
+from graph_passes.quantization import OutputFormat, WeightRange
+from graph_passes.static_act_quant import ActGranularity
 from hn_export.cli_options import check_model_and_inputs, input_file_options, parse_bits, parse_list, samples_option
 from hn_export.compare import CompareConfig, EvaluationInputs, grid, run_compare, table_markdown, write_results
 from hn_export.denoise import DenoiseConfig
@@ -31,19 +32,28 @@ from hn_export.model_files import load_model
 @input_file_options
 @click.option("--calib-samples", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--calib-steps", type=click.IntRange(1), default=20, show_default=True)
-@click.option("--hadamard", type=click.Choice(["full", "block"]), default="full", show_default=True)
+@click.option("--hadamard", type=click.Choice(["full", "block"]),
+              help="Hadamard of every rotating method (default: full; block of 32 for hqdm).")
+@click.option("--hadamard-block", type=int, help="Block size of --hadamard block (default 128; hqdm 32).")
+@click.option("--act-granularities", default="token", show_default=True,
+              help="Comma list of activation granularities (token, timestep), or all.")
+@click.option("--weight-ranges", default="minmax", show_default=True,
+              help="Comma list of weight ranges (minmax, mse), or all.")
 @click.option("--keep-models", type=click.Path(path_type=Path), help="Keep the quantized graphs in this folder.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-progress", is_flag=True)
 def compare_command(model, methods, bits, formats, bias_corrections, steps, samples, reference, out_dir, calib_inputs,
-                    inputs_path, calib_samples, calib_steps, hadamard, keep_models, seed, no_progress) -> None:
+                    inputs_path, calib_samples, calib_steps, hadamard, hadamard_block, act_granularities, weight_ranges,
+                    keep_models, seed, no_progress) -> None:
     """Quantize MODEL with each method and bit width; SQNR against the reference graph."""
     from graph_passes.hadamard import HadamardMode
 
-    quants = [dataclasses.replace(q, format=f) for q in parse_bits(bits)
+    quants = [dataclasses.replace(q, format=f, weight_range=r) for q in parse_bits(bits)
+              for r in parse_list(weight_ranges, WeightRange, "--weight-ranges")
               for f in parse_list(formats, OutputFormat, "--formats")]
     points = grid(parse_list(methods, Method, "--methods"), quants,
-                  parse_list(bias_corrections, BiasCorrection, "--bias-corrections"))
+                  parse_list(bias_corrections, BiasCorrection, "--bias-corrections"),
+                  parse_list(act_granularities, ActGranularity, "--act-granularities"))
     # fail fast with a clear message, before any work: the model, both input files, the reference
     _, feeds = check_model_and_inputs(model, calib_inputs, inputs_path, samples)
     if reference is not None:
@@ -53,7 +63,8 @@ def compare_command(model, methods, bits, formats, bias_corrections, steps, samp
     config = CompareConfig(
         evaluation=evaluation,
         calibration=DenoiseConfig(steps=calib_steps, samples=calib_samples, seed=seed),
-        transform=TransformOptions(hadamard=HadamardMode(hadamard), seed=seed),
+        transform=TransformOptions(hadamard=HadamardMode(hadamard) if hadamard else None,
+                                   hadamard_block=hadamard_block, seed=seed),
         keep_models=keep_models,
         progress=not no_progress,
         calib_inputs=calib_inputs,
@@ -65,7 +76,8 @@ def compare_command(model, methods, bits, formats, bias_corrections, steps, samp
     calibration = ({"file": calib_inputs.name} if calib_inputs is not None
                    else dataclasses.asdict(config.calibration))
     meta = {"model": model.name, "reference": (reference or model).name, "steps": steps, "samples": inputs.samples,
-            "inputs": inputs.source, "calibration": calibration, "seed": seed, "hadamard": hadamard}
+            "inputs": inputs.source, "calibration": calibration, "seed": seed,
+            "hadamard": hadamard or "method default", "hadamard_block": hadamard_block}
     files = write_results(results, out_dir, meta, f"{model.name}: SQNR after {steps} denoising steps")
     click.echo(table_markdown(results))
     for path in files:

@@ -9,7 +9,8 @@ import click
 from graph_passes.hadamard import HadamardMode
 from graph_passes.linears import SiteSelection
 from graph_passes.methods import BiasCorrection, Method, TransformOptions
-from graph_passes.quantization import OutputFormat, QuantConfig
+from graph_passes.quantization import OutputFormat, QuantConfig, WeightRange
+from graph_passes.static_act_quant import ActGranularity
 from hn_export.denoise import DenoiseConfig
 from hn_export.errors import UserError
 from hn_export.quantize_job import QuantizeJob, default_output, run_quantize
@@ -32,9 +33,10 @@ def _enum_choice(enum_type) -> click.Choice:
 @click.option("--method", type=_enum_choice(Method), default=Method.HADANORM.value, show_default=True)
 @click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
               help="SmoothQuant migration strength.")
-@click.option("--hadamard", type=_enum_choice(HadamardMode), default=HadamardMode.FULL.value, show_default=True,
-              help="full: H_K (x) H_2^n; block: block-diagonal Hadamard.")
-@click.option("--hadamard-block", type=int, default=128, show_default=True, help="Block size of --hadamard block.")
+@click.option("--hadamard", type=_enum_choice(HadamardMode),
+              help="full: H_K (x) H_2^n; block: block-diagonal Hadamard. Default: full, block for --method hqdm.")
+@click.option("--hadamard-block", type=int,
+              help="Block size of --hadamard block (default 128; 32 for --method hqdm, as HQ-DM).")
 @click.option("--bias-correction", type=_enum_choice(BiasCorrection), default=BiasCorrection.FLOAT_TOKEN.value,
               show_default=True, help="How centered sites add W mu back.")
 @click.option("--weight-block", type=int, default=128, show_default=True, help="Weight quantization block size.")
@@ -53,13 +55,25 @@ def _enum_choice(enum_type) -> click.Choice:
 @click.option("--save-stats", type=click.Path(path_type=Path), help="Save the calibration statistics here.")
 @click.option("--include", multiple=True, help="Module-path regex of linears to quantize (repeatable).")
 @click.option("--exclude", multiple=True, help="Module-path regex of linears to leave in float (repeatable).")
+@click.option("--act-granularity", type=_enum_choice(ActGranularity), default=ActGranularity.TOKEN.value,
+              show_default=True,
+              help="token: per-token dynamic asymmetric activations; timestep: static per-tensor symmetric, one scale "
+                   "per sampling timestep chosen in the graph from the timestep input (HQ-DM).")
+@click.option("--act-scales", "act_scales_path", type=click.Path(path_type=Path),
+              help="Per-timestep activation scale table (JSON, one value per --calib-steps step and site) instead of "
+                   "calibrating it; implies --act-granularity timestep.")
+@click.option("--save-act-scales", type=click.Path(path_type=Path), help="Save the per-timestep scale table here.")
+@click.option("--weight-range", type=_enum_choice(WeightRange), default=WeightRange.MINMAX.value, show_default=True,
+              help="Weight range per block: min/max, or the clipping that minimises the squared error (MSE search).")
 @click.option("--transform-only", is_flag=True, help="Insert and fuse the transforms, no quantization.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of Hadamard signs and calibration.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def quantize_command(model: Path, preset, wbits, abits, output, method, alpha, hadamard, hadamard_block,
                      bias_correction, weight_block, asymmetric_weights, output_format, calib_inputs, calib_samples, calib_steps,
-                     stats_path, save_stats, include, exclude, transform_only, seed, no_progress) -> None:
+                     stats_path, save_stats, include, exclude, act_granularity, act_scales_path, save_act_scales,
+                     weight_range, transform_only, seed, no_progress) -> None:
     """Quantize MODEL.onnx (W4A4 with HadaNorm by default)."""
+    granularity = ActGranularity.TIMESTEP if act_scales_path is not None else ActGranularity(act_granularity)
     if calib_inputs is not None and stats_path is not None:
         raise UserError("--calib and --stats both given", "pass one: inputs to calibrate on, or saved statistics")
     w_default, a_default = _PRESET_BITS[preset or "w4a4"]
@@ -67,22 +81,32 @@ def quantize_command(model: Path, preset, wbits, abits, output, method, alpha, h
         raise UserError(f"--weight-block {weight_block} must be positive", "use e.g. 128")
     fmt = OutputFormat(output_format)
     _check_format_block(fmt, weight_block, wbits or w_default)
+    if granularity is ActGranularity.TIMESTEP and fmt is OutputFormat.FUSED:
+        raise UserError("--act-granularity timestep cannot be written as --format fused (its integer kernels "
+                        "quantize activations per token)", "use --format qdq or nbits")
+    if granularity is ActGranularity.TIMESTEP and transform_only:
+        raise UserError("--act-granularity timestep / --act-scales quantize activations, --transform-only does not",
+                        "drop one of them")
     quant = None if transform_only else QuantConfig(
         weight_bits=wbits or w_default, act_bits=abits or a_default, weight_block=weight_block,
-        weight_symmetric=not asymmetric_weights, format=fmt)
+        weight_symmetric=not asymmetric_weights, format=fmt, weight_range=WeightRange(weight_range))
     job = QuantizeJob(
         model_path=model,
         output=output or default_output(model, quant),
-        transform=TransformOptions(method=Method(method), alpha=alpha, hadamard=HadamardMode(hadamard),
+        transform=TransformOptions(method=Method(method), alpha=alpha, hadamard=HadamardMode(hadamard) if hadamard else None,
                                    hadamard_block=hadamard_block, bias_correction=BiasCorrection(bias_correction),
                                    seed=seed),
         quant=quant,
-        selection=SiteSelection(include=tuple(include) or SiteSelection().include, exclude=tuple(exclude)),
+        selection=SiteSelection(include=tuple(include) or SiteSelection().include, exclude=tuple(exclude),
+                                explicit=bool(include)),
         calibration=DenoiseConfig(samples=calib_samples, steps=calib_steps, seed=seed),
         calib_inputs=calib_inputs,
         stats_path=stats_path,
         save_stats=save_stats,
         progress=not no_progress,
+        act_granularity=granularity,
+        act_scales_path=act_scales_path,
+        save_act_scales=save_act_scales,
     )
     report = run_quantize(job)
     bits = f"{quant.label.upper()} ({quant.format.value})" if quant else "transform only"

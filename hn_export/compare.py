@@ -25,7 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from graph_passes.methods import BiasCorrection, Method, TransformOptions
-from graph_passes.quantization import OutputFormat, QuantConfig
+from graph_passes.quantization import OutputFormat, QuantConfig, WeightRange
+from graph_passes.static_act_quant import ActGranularity
 from hn_export.calibration import CalibrationStats, calibrate
 from hn_export.denoise import DenoiseConfig, denoise
 from hn_export.evaluate import Evaluation, GraphRunner, final_latents, single_call_outputs
@@ -41,23 +42,27 @@ class GridPoint:
     method: Method
     quant: QuantConfig
     bias_correction: BiasCorrection
+    act_granularity: ActGranularity = ActGranularity.TOKEN
 
     @property
     def file_stem(self) -> str:
         bias = f".{self.bias_correction.value}" if self.method.recipe.center else ""
-        return f"{self.method.value}{bias}.{self.bits}"
+        act = "" if self.act_granularity is ActGranularity.TOKEN else f".{self.act_granularity.value}"
+        return f"{self.method.value}{bias}{act}.{self.bits}"
 
     @property
     def bits(self) -> str:
-        """``w4a4``, or ``w4a4-fused`` for a format other than qdq."""
+        """``w4a4``, or ``w4a4-fused`` for a format other than qdq, ``-mse`` for the MSE weight range."""
         fmt = self.quant.format
-        return self.quant.label + ("" if fmt is OutputFormat.QDQ else f"-{fmt.value}")
+        mse = "-mse" if self.quant.weight_range is WeightRange.MSE else ""
+        return self.quant.label + mse + ("" if fmt is OutputFormat.QDQ else f"-{fmt.value}")
 
     @property
     def label(self) -> str:
-        if self.method.recipe.center:
-            return f"{self.method.value} ({self.bias_correction.value})"
-        return self.method.value
+        parts = [self.bias_correction.value] if self.method.recipe.center else []
+        if self.act_granularity is not ActGranularity.TOKEN:
+            parts.append(f"static per {self.act_granularity.value}")
+        return self.method.value + (f" ({', '.join(parts)})" if parts else "")
 
 
 @dataclasses.dataclass
@@ -75,6 +80,8 @@ class GridResult:
             "label": self.point.label,
             "method": self.point.method.value,
             "bias_correction": self.point.bias_correction.value if self.point.method.recipe.center else None,
+            "act_granularity": self.point.act_granularity.value,
+            "weight_range": self.point.quant.weight_range.value,
             "bits": self.point.bits,
             "format": self.point.quant.format.value,
             "implementation": self.implementation,
@@ -83,12 +90,17 @@ class GridResult:
         }  # no timings: the same command gives byte-identical reports
 
 
-def grid(methods: list[Method], quants: list[QuantConfig], biases: list[BiasCorrection]) -> list[GridPoint]:
+def grid(methods: list[Method], quants: list[QuantConfig], biases: list[BiasCorrection],
+         granularities: list[ActGranularity] = (ActGranularity.TOKEN,)) -> list[GridPoint]:
+    """Every method x bit width x (bias correction of centered methods) x activation granularity; static
+    granularities only at points that are written in a format that holds them (qdq, nbits)."""
     points = []
     for quant in quants:
         for method in methods:
             for bias in (biases if method.recipe.center else biases[:1]):
-                points.append(GridPoint(method, quant, bias))
+                for granularity in granularities:
+                    if granularity is ActGranularity.TOKEN or quant.format is not OutputFormat.FUSED:
+                        points.append(GridPoint(method, quant, bias, granularity))
     return points
 
 
@@ -167,7 +179,9 @@ def run_compare(model: Path, points: list[GridPoint], reference: Path | None, co
             out = folder / f"{model.name.removesuffix('.onnx')}.{point.file_stem}.onnx"
             transform = dataclasses.replace(config.transform, method=point.method,
                                             bias_correction=point.bias_correction)
-            run_quantize(QuantizeJob(model, out, transform, point.quant, stats=stats, progress=False))
+            run_quantize(QuantizeJob(model, out, transform, point.quant, stats=stats, progress=False,
+                                     calibration=config.calibration, calib_inputs=config.calib_inputs,
+                                     act_granularity=point.act_granularity))
             with GraphRunner(out) as runner:
                 evaluation = inputs.evaluate(runner, ref_out)
                 implementation = runner.denoiser.implementation
