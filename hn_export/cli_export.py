@@ -40,8 +40,12 @@ def _size(nbytes: int) -> str:
               help="Local diffusers folder: the transformer folder or a pipeline folder with transformer/.")
 @click.option("--config", "config_path", metavar="FILE", type=click.Path(path_type=Path),
               help="A diffusers config.json of a supported model class; seeded random weights.")
-@click.option("--layers", type=int, help="Keep only the first N transformer blocks.")
-@click.option("--sample-size", type=int, help="Latent size (pixels / 8), e.g. 32, 64, 128. One file per size.")
+@click.option("--layers", type=int,
+              help="Keep only the first N transformer blocks (a UNet: N res blocks per level; Flux: N double + 2N "
+                   "single).")
+@click.option("--sample-size", type=int,
+              help="Latent size (pixels / 8; pixels / 4 for the LDM-4 UNet, / 32 for Sana), e.g. 32, 64, 128. One "
+                   "file per size.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--init", "init_kind", type=click.Choice([k.value for k in InitKind]), default=InitKind.DIT_STATS.value,
               show_default=True, help="Random weights: DiT-like activation statistics (dit-stats), the same "

@@ -245,7 +245,8 @@ def build_transformer(source: ModelSource):
         model = model.float()
     model = model.eval()
     model.requires_grad_(False)
-    blocks = sum(len(getattr(model, name, ())) for name in family.block_lists)
+    lists = (getattr(model, name, None) for name in family.block_lists)  # a UNet's mid_block is one module
+    blocks = sum(len(c) if isinstance(c, torch.nn.ModuleList) else int(c is not None) for c in lists)
     logger.info("built %s (%s): %d blocks, %d parameters", source.describe(), family.name, blocks,
                 sum(p.numel() for p in model.parameters()))
     return model

@@ -11,10 +11,12 @@ from models.families.base import DenoiseSettings, InputSpec, ModelFamily, Preset
 from models.families.dit import DIT
 from models.families.flux import FLUX
 from models.families.pixart import PIXART_ALPHA, PIXART_SIGMA
+from models.families.sana import SANA
 from models.families.sd3 import SD3
+from models.families.unet import UNET
 
 # Order matters where graphs are matched by their input names: the first family that accepts them wins.
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (PIXART_SIGMA, PIXART_ALPHA, FLUX, DIT, SD3)}
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (PIXART_SIGMA, PIXART_ALPHA, FLUX, DIT, SD3, SANA, UNET)}
 DEFAULT_FAMILY = PIXART_SIGMA.name
 
 __all__ = ["FAMILIES", "DEFAULT_FAMILY", "DenoiseSettings", "InputSpec", "ModelFamily", "Preset", "Signature",
