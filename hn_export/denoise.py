@@ -31,11 +31,22 @@ DenoiseConfig = DenoiseSettings  # steps, samples, guidance_scale (None: the fam
 
 
 def graph_family(model: ir.Model) -> ModelFamily | None:
-    """The family named in the graph's metadata, else the one whose inputs the graph has, else None."""
+    """The family named in the graph's metadata, else the one whose inputs the graph has, else None. Where several
+    families have the same input names (PixArt-Sigma and Sana; DiT and the UNet), the one whose role rules name the
+    most of the graph's layers wins (registry order on a tie, e.g. module paths lost by the exporter)."""
     name = model.metadata_props.get(FAMILY_KEY)
     if name in FAMILIES:
         return FAMILIES[name]
-    return family_of_inputs({v.name for v in model.graph.inputs if v.name})
+    names = {v.name for v in model.graph.inputs if v.name}
+    matches = [fam for fam in FAMILIES.values() if fam.matches_inputs(names)]
+    if len(matches) <= 1:
+        return matches[0] if matches else family_of_inputs(names)
+    from graph_passes.linears import find_linears
+    from hn_export.families import role_table  # imports this module: import here
+
+    paths = [linear.module_path for linear in find_linears(model)]
+    scores = [sum(role_table(fam).site_of(path) is not None for path in paths) for fam in matches]
+    return matches[scores.index(max(scores))]
 
 
 @dataclasses.dataclass(frozen=True)

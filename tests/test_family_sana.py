@@ -289,3 +289,14 @@ def test_sprint_is_refused_and_checkpoint_layers(tmp_path):
     one = build_transformer(ModelSource(checkpoint=tmp_path / "ckpt", layers=1))
     assert len(one.transformer_blocks) == 1 and one.config.num_layers == 1
     assert len(build_transformer(ModelSource(preset="sana-600m-512", layers=1, sample_size=4)).transformer_blocks) == 1
+
+
+def test_graph_without_metadata_is_sana_not_pixart(sana):
+    """Sana has PixArt-Sigma's input names: without the family metadata its module paths decide."""
+    import onnx_ir as ir
+
+    from hn_export.denoise import graph_family
+
+    model = ir.load(sana[1])
+    model.metadata_props.pop("hn_export.family")
+    assert graph_family(model).name == "sana"

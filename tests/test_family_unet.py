@@ -251,3 +251,46 @@ def test_loop_matches_ldm_ddim_torch_and_onnx(unet):
     scale = np.abs(theirs).max()
     assert np.abs(ours - theirs).max() < 1e-5 * scale
     assert np.abs(onnx - ours).max() < 1e-5 * scale
+
+
+def test_graph_without_metadata_is_unet_not_dit(unet):
+    """The UNet has DiT's input names: without the family metadata its module paths decide."""
+    import onnx_ir as ir
+
+    from hn_export.denoise import graph_family
+
+    model = ir.load(unet[1])
+    model.metadata_props.pop("hn_export.family")
+    assert graph_family(model).name == "unet"
+
+
+def test_default_sites_are_convs_and_linears_less_skip_and_downsampling(hn_cli, unet):
+    """Default sites: every linear and ungrouped conv in the blocks except 1x1 skip convs and downsampling convs
+    (HQ-DM keeps those in float); padded 3x3 convs are not centered, 1x1 convs are."""
+    import json
+
+    data = json.loads(hn_cli("layers", unet[1], "--json").out)
+    roles = {s["role"] for s in data["sites"]}
+    assert {"resnet conv1", "resnet conv2", "self-attn in", "upsample conv"} <= roles
+    assert not roles & {"skip conv", "downsample conv"}
+    convs = [s for s in data["sites"] if "conv" in s["role"]]
+    assert convs and not any(s["centered"] for s in convs)  # all 3x3 with padding
+
+
+@pytest.mark.parametrize("method", ["hadanorm", "hqdm"])
+def test_conv_sites_transform_only_exact_and_w4a4_runs(hn_cli, unet, tmp_path, method):
+    from hn_export.evaluate import GraphRunner
+
+    rng = np.random.default_rng(0)
+    feeds = {"hidden_states": rng.standard_normal((2, 3, 16, 16)).astype(np.float32),
+             "timestep": np.array([500, 500], np.int64), "class_labels": np.array([1000, 3], np.int64)}
+    outs = {}
+    for mode in ("--transform-only", "--w4a4"):
+        outs[mode] = quantize(hn_cli, unet[1], tmp_path / f"{mode[2:]}.onnx", "--method", method, mode,
+                              "--calib-samples", "1", "--calib-steps", "2")
+    with GraphRunner(unet[1]) as ref, GraphRunner(outs["--transform-only"]) as same, \
+            GraphRunner(outs["--w4a4"]) as w4a4:
+        want = ref(feeds)
+        assert np.linalg.norm(same(feeds) - want) / np.linalg.norm(want) <= 1e-5
+        err = np.linalg.norm(w4a4(feeds) - want) / np.linalg.norm(want)
+    assert 1e-3 < err < 0.6  # quantized, still roughly the same function (diff on seeded inputs: rel L2 0.29-0.32)
