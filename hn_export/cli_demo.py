@@ -2,7 +2,7 @@
 
 Builds the family's demo preset (``--family``; default PixArt-Sigma: the real XL-2 architecture, 256 px, full 1152
 width) at reduced depth with `dit-stats` weights,
-exports FP32 and FP16 graphs, quantizes W4A4 with all six methods (calibration shared) and HadaNorm also in the
+exports FP32 and FP16 graphs, quantizes W4A4 with all seven methods (calibration shared) and HadaNorm also in the
 deployment formats (`nbits`, `fused`), runs each against the FP16 graph (one denoiser call and a denoising run),
 prints the comparison table, then times one denoiser call of FP32 and of HadaNorm W4A4 in each format. The kernel
 library is built first when it can be (otherwise `fused` runs its function bodies, and the demo says so).
@@ -39,7 +39,7 @@ DEMO_PRESET = "pixart-sigma-256"  # the default family's demo preset
 @click.option("--no-progress", is_flag=True)
 def demo_command(out_dir: Path | None, family_name: str, layers: int, steps: int, seed: int,
                  no_progress: bool) -> None:
-    """Export, quantize with all six methods and compare against FP16 on a built-in model (PixArt-Sigma default)."""
+    """Export, quantize with all seven methods and compare against FP16 on a built-in model (PixArt-Sigma default)."""
     from hn_export.export import export_transformer
     from models.build import InitKind, ModelSource, build_transformer
 

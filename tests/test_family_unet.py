@@ -294,3 +294,21 @@ def test_conv_sites_transform_only_exact_and_w4a4_runs(hn_cli, unet, tmp_path, m
         assert np.linalg.norm(same(feeds) - want) / np.linalg.norm(want) <= 1e-5
         err = np.linalg.norm(w4a4(feeds) - want) / np.linalg.norm(want)
     assert 1e-3 < err < 0.6  # quantized, still roughly the same function (diff on seeded inputs: rel L2 0.29-0.32)
+
+
+def test_compare_and_sensitivity_cover_conv_sites(hn_cli, unet, tmp_path):
+    """compare (HQ-DM per token and per timestep) and sensitivity run on the UNet; conv roles are in the study."""
+    import json
+
+    fast = ("--steps", "2", "--samples", "1", "--calib-samples", "1", "--calib-steps", "2", "--no-progress")
+    result = hn_cli("compare", unet[1], "--methods", "none,hqdm", "--bits", "w4a4", "--act-granularities", "all",
+                    "--out", tmp_path / "cmp", *fast)
+    assert result.exit_code == 0, result.err
+    rows = json.loads((tmp_path / "cmp" / "results.json").read_text())["results"]
+    assert [(r["method"], r["act_granularity"]) for r in rows] == [
+        ("none", "token"), ("none", "timestep"), ("hqdm", "token"), ("hqdm", "timestep")]
+    assert all(np.isfinite(r["end_of_denoising"]["sqnr_db"]) and r["end_of_denoising"]["sqnr_db"] > 0 for r in rows)
+    result = hn_cli("sensitivity", unet[1], "--methods", "hqdm", "--out", tmp_path / "sens", *fast)
+    assert result.exit_code == 0, result.err
+    data = json.loads((tmp_path / "sens" / "sensitivity.json").read_text())
+    assert {"resnet conv1", "resnet conv2", "upsample conv"} <= {r["role"] for r in data["sites"]}
