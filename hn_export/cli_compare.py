@@ -11,6 +11,7 @@ from graph_passes.methods import BiasCorrection, Method, TransformOptions
 from graph_passes.quantization import OutputFormat, WeightRange
 from graph_passes.static_act_quant import ActGranularity
 from hn_export.cli_options import check_model_and_inputs, input_file_options, parse_bits, parse_list, samples_option
+from hn_export.cli_quantize import _check_format_block
 from hn_export.compare import CompareConfig, EvaluationInputs, grid, run_compare, table_markdown, write_results
 from hn_export.denoise import DenoiseConfig
 from hn_export.model_files import load_model
@@ -39,18 +40,24 @@ from hn_export.model_files import load_model
               help="Comma list of activation granularities (token, timestep), or all.")
 @click.option("--weight-ranges", default="minmax", show_default=True,
               help="Comma list of weight ranges (minmax, mse), or all.")
+@click.option("--weight-block", type=click.IntRange(1), default=128, show_default=True,
+              help="Weight quantization block (at least the width: per output channel).")
+@click.option("--asymmetric-weights", is_flag=True, help="Asymmetric (zero-point) weights at every point.")
 @click.option("--keep-models", type=click.Path(path_type=Path), help="Keep the quantized graphs in this folder.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-progress", is_flag=True)
 def compare_command(model, methods, bits, formats, bias_corrections, steps, samples, reference, out_dir, calib_inputs,
                     inputs_path, calib_samples, calib_steps, hadamard, hadamard_block, act_granularities, weight_ranges,
-                    keep_models, seed, no_progress) -> None:
+                    weight_block, asymmetric_weights, keep_models, seed, no_progress) -> None:
     """Quantize MODEL with each method and bit width; SQNR against the reference graph."""
     from graph_passes.hadamard import HadamardMode
 
-    quants = [dataclasses.replace(q, format=f, weight_range=r) for q in parse_bits(bits)
+    quants = [dataclasses.replace(q, format=f, weight_range=r, weight_block=weight_block,
+                                  weight_symmetric=not asymmetric_weights) for q in parse_bits(bits)
               for r in parse_list(weight_ranges, WeightRange, "--weight-ranges")
               for f in parse_list(formats, OutputFormat, "--formats")]
+    for quant in quants:  # a block the format cannot hold: one line before any work
+        _check_format_block(quant.format, weight_block, quant.weight_bits)
     points = grid(parse_list(methods, Method, "--methods"), quants,
                   parse_list(bias_corrections, BiasCorrection, "--bias-corrections"),
                   parse_list(act_granularities, ActGranularity, "--act-granularities"))
@@ -77,7 +84,8 @@ def compare_command(model, methods, bits, formats, bias_corrections, steps, samp
                    else dataclasses.asdict(config.calibration))
     meta = {"model": model.name, "reference": (reference or model).name, "steps": steps, "samples": inputs.samples,
             "inputs": inputs.source, "calibration": calibration, "seed": seed,
-            "hadamard": hadamard or "method default", "hadamard_block": hadamard_block}
+            "hadamard": hadamard or "method default", "hadamard_block": hadamard_block,
+            "weight_block": weight_block, "asymmetric_weights": asymmetric_weights}
     files = write_results(results, out_dir, meta, f"{model.name}: SQNR after {steps} denoising steps")
     click.echo(table_markdown(results))
     for path in files:

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Issue 12: what the MSE weight range adds end to end. End-of-denoising SQNR vs the FP16 graph (20 steps, 2 samples)
+# at W4A4 and W4A3 for none, QuaRot, HadaNorm and HQ-DM with min/max and with MSE weight ranges.
+# Usage: bash benchmarks/run_weight_range_methods.sh PRESET LAYERS [INIT]
+#   -> benchmarks/weight-range-methods/<PRESET>-<LAYERS>blocks[-<INIT>]/ (table.md, results.json, sqnr.png, time.txt)
+set -euo pipefail
+preset=${1:?preset, e.g. pixart-sigma-256}
+layers=${2:?number of blocks}
+init=${3:-dit-stats}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+out=benchmarks/weight-range-methods/${preset}-${layers}blocks
+[ "$init" = dit-stats ] || out=$out-$init
+mkdir -p "$out"
+hn-export export --preset "$preset" --layers "$layers" --seed 0 --init "$init" -o "$work/fp32.onnx"
+hn-export export --preset "$preset" --layers "$layers" --seed 0 --init "$init" --fp16 -o "$work/fp16.onnx"
+/usr/bin/time -v hn-export compare "$work/fp32.onnx" --reference "$work/fp16.onnx" \
+  --methods none,quarot,hadanorm,hqdm --bits w4a4,w4a3 --weight-ranges minmax,mse \
+  --steps 20 --samples 2 --calib-samples 2 --calib-steps 20 --seed 0 --out "$out" --no-progress 2> "$work/time.txt"
+grep -E "Elapsed|Maximum resident" "$work/time.txt" > "$out/time.txt"
+python -c "import sys; sys.path.insert(0, 'benchmarks'); from machine_info import machine; print(machine())" > "$out/machine.txt"
