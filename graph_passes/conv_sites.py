@@ -45,7 +45,7 @@ def _safe(name: str) -> str:
 class ConvSitesPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        views: dict[tuple[int, str], tuple[ir.Value, ir.Value, ir.Value]] = {}  # (id(x), site) -> (t, nhwc shape, x)
+        views: dict[tuple[int, str], tuple[ir.Value, ir.Value]] = {}  # (id(x), site) -> (tokens, NHWC shape)
         modified = False
         for site, nodes in tagged_matmuls(graph, tags.ROLE_MAIN).items():
             for conv in [n for n in nodes if n.op_type == "Conv"]:
@@ -53,7 +53,7 @@ class ConvSitesPass(ir.passes.InPlacePass):
                 key = (id(x), site)
                 if key not in views:
                     views[key] = self._tokens(graph, conv, site)
-                tokens, nhwc_shape, _ = views[key]
+                tokens, nhwc_shape = views[key]
                 if _is_pointwise(conv):
                     self._as_matmul(graph, conv, tokens, nhwc_shape)
                 else:
@@ -62,7 +62,7 @@ class ConvSitesPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=modified)
 
     @staticmethod
-    def _tokens(graph: ir.Graph, conv: ir.Node, site: str) -> tuple[ir.Value, ir.Value, ir.Value]:
+    def _tokens(graph: ir.Graph, conv: ir.Node, site: str) -> tuple[ir.Value, ir.Value]:
         x = conv.inputs[0]
         channels = int(conv.inputs[1].const_value.shape[1])
         seq = NodeSequence(f"{_safe(site)}.tokens")
@@ -76,7 +76,7 @@ class ConvSitesPass(ir.passes.InPlacePass):
             hw = dims[2] * dims[3] if isinstance(dims[2], int) and isinstance(dims[3], int) else None
             tokens.shape = ir.Shape([dims[0], hw, channels])
         graph.insert_before(conv, seq.nodes)
-        return tokens, shape, x
+        return tokens, shape
 
     @staticmethod
     def _read_view(graph: ir.Graph, conv: ir.Node, tokens: ir.Value, nhwc_shape: ir.Value, site: str) -> None:

@@ -39,7 +39,7 @@ from graph_passes.graph_utils import (
     site_width,
 )
 from graph_passes.methods import BiasCorrection
-from graph_passes.static_act_quant import ActScaleTable, _TimestepIndex, static_qdq
+from graph_passes.static_act_quant import ActScaleTable, TimestepIndex, static_qdq
 from graph_passes.quantization import (
     QuantConfig,
     container,
@@ -63,7 +63,7 @@ class QuantizePass(ir.passes.InPlacePass):
         act_cache: dict[int, ir.Value] = {}
         weight_cache: dict[int, ir.Value] = {}
         int8_cache: dict[int, ir.Value] = {}
-        self._index = _TimestepIndex(graph, self.act_scales) if self.act_scales is not None else None
+        self._index = TimestepIndex(graph, self.act_scales) if self.act_scales is not None else None
         matmuls = [n for n in graph if n.op_type in ("MatMul", "Conv") and tags.site_of(n) is not None]
         mains = [n for n in matmuls if tags.role_of(n) == tags.ROLE_MAIN]
         corrections = [n for n in matmuls if tags.role_of(n) == tags.ROLE_BIAS_CORRECTION]

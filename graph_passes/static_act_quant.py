@@ -53,7 +53,7 @@ class ActScaleTable:
                                       f"{steps} timesteps; give one value per timestep")
 
 
-class _TimestepIndex:
+class TimestepIndex:
     """The shared ``argmin_k |timesteps[k] - t|`` of one graph (built on first use)."""
 
     def __init__(self, graph: ir.Graph, table: ActScaleTable):
@@ -79,7 +79,7 @@ class _TimestepIndex:
 
 
 def static_qdq(graph: ir.Graph, before: ir.Node, x: ir.Value, bits: int, site: str, table: ActScaleTable,
-               index: _TimestepIndex) -> ir.Value:
+               index: TimestepIndex) -> ir.Value:
     """Insert the static quantizer of `x` (site `site`) before `before`; returns the DequantizeLinear output."""
     if site not in table.absmax:
         raise GraphInputError(f"the activation scale table has no entry for site {site}; recalibrate, or add the "
