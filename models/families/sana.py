@@ -77,6 +77,7 @@ from models.families.base import (
     Preset,
     Signature,
 )
+from models.families.pixart import PixArtFamily
 
 # scheduler/scheduler_config.json of the released Efficient-Large-Model/Sana_*_diffusers pipelines (seen for
 # Sana_1600M_512px, Sana_1600M_1024px_MultiLing, Sana_1600M_2Kpx_BF16; diffusers' conversion script writes flow_shift
@@ -293,17 +294,8 @@ class SanaFamily(ModelFamily):
         captions = CAPTION_SCALE * rng.standard_normal((2, length, sig.caption_channels))
         return {"latents": latents.astype(np.float32), "captions": captions.astype(np.float32)}
 
-    def feeds(self, sig: Signature, latents: np.ndarray, timestep: float, cond: Mapping[str, np.ndarray]) -> dict:
-        captions = cond["captions"]
-        batch = captions.shape[0]
-        feeds = {
-            "hidden_states": np.repeat(latents, batch, axis=0).astype(sig.dtype),
-            "timestep": np.full((batch,), timestep, dtype=sig.dtype),
-            "encoder_hidden_states": captions.astype(sig.dtype),
-        }
-        if sig.has_mask:
-            feeds["encoder_attention_mask"] = np.ones(captions.shape[:2], dtype=sig.dtype)
-        return feeds
+    # PixArt's guidance pair: the latents twice, the timestep, both caption embeddings (and an all-ones mask)
+    feeds = PixArtFamily.feeds
 
 
 SANA = SanaFamily()

@@ -123,13 +123,10 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from models.errors import ModelInputError
-from models.families.base import BATCH, DenoiseSettings, InputSpec, ModelFamily, Preset, Signature
+from models.families.base import BATCH, InputSpec, ModelFamily, Preset
+from models.families.dit import NULL_CLASS, NUM_CLASSES, DiTFamily  # noqa: F401  (NULL_CLASS: LDM's 1001st row)
 
-NUM_CLASSES = 1000
-NULL_CLASS = NUM_CLASSES  # the classifier-free-guidance "no class" label (LDM's ClassEmbedder has 1001 rows)
 ATTENTION_SHARPENING = 1.5  # q and k x 1.5: logits x 2.25 (DiT's recipe: x 3; see the module docstring)
 MAX_LAYERS = 3  # the largest layers_per_block the role rules name (up blocks then have resnets.0..3)
 
@@ -371,31 +368,11 @@ class UNetFamily(ModelFamily):
                          return_dict=False)[0]
 
     # ---------------------------------------------------------------- denoising
-    def conditions(self, sig: Signature, settings: DenoiseSettings, index: int) -> dict[str, np.ndarray]:
-        """Seeded latents (DDIM's init_noise_sigma is 1) and a seeded class in 0..999; the pair's labels are (null
-        class, class)."""
-        rng = np.random.default_rng([settings.seed, index])
-        latents = rng.standard_normal((1, *sig.latent_shape)).astype(np.float32)
-        label = int(rng.integers(0, NUM_CLASSES))
-        return {"latents": latents, "class_labels": np.array([NULL_CLASS, label], dtype=np.int64)}
-
-    def feeds(self, sig: Signature, latents: np.ndarray, timestep: float, cond: Mapping[str, np.ndarray]) -> dict:
-        labels = cond["class_labels"]
-        batch = labels.shape[0]
-        dtype = lambda name, default: np.dtype(sig.dtypes.get(name, default))  # noqa: E731
-        t_dtype = dtype("timestep", np.int64)
-        t = round(timestep) if np.issubdtype(t_dtype, np.integer) else timestep
-        return {
-            "hidden_states": np.repeat(latents, batch, axis=0).astype(dtype("hidden_states", sig.dtype)),
-            "timestep": np.full((batch,), t, dtype=t_dtype),
-            "class_labels": labels.astype(dtype("class_labels", np.int64)),
-        }
-
-    def check_input_arrays(self, sig: Signature, arrays: Mapping[str, np.ndarray]) -> None:
-        """As DiT's: timesteps whole numbers in 0..999, class labels in 0..1000 (the table has 1001 rows)."""
-        from models.families.dit import DIT
-
-        DIT.check_input_arrays(sig, arrays)
+    # DiT's class-conditional pair: seeded latents (DDIM's init_noise_sigma is 1), labels (null class, class), whole
+    # timesteps; input files checked the same way (timesteps 0..999, labels 0..1000)
+    conditions = DiTFamily.conditions
+    feeds = DiTFamily.feeds
+    check_input_arrays = DiTFamily.check_input_arrays
 
 
 UNET = UNetFamily()
