@@ -31,7 +31,7 @@ class GatedActivationQuantPass(ir.passes.InPlacePass):
         index = {name: i for i, name in enumerate(self.site_order)}
         groups = tagged_matmuls(graph, tags.ROLE_MAIN)
         for site, matmuls in groups.items():
-            x, consumer, input_index = quantization_point(matmuls[0])
+            x, consumer, _ = quantization_point(matmuls[0])
             dq = activation_qdq(graph, consumer, x, self.act_bits, site_width(matmuls[0]), site)
             name = f"{site}.gate".replace("#", "_")
             position = shared_constant(graph, f"hadanorm.site_index_{index[site]}", np.array(index[site], np.int64))
@@ -41,5 +41,7 @@ class GatedActivationQuantPass(ir.passes.InPlacePass):
             gated = make_node("Add", [x, scaled.outputs[0]], f"{name}.out")
             gated.outputs[0].type, gated.outputs[0].shape = x.type, x.shape
             graph.insert_before(consumer, [gate, delta, scaled, gated])
-            consumer.replace_input_with(input_index, gated.outputs[0])
+            readers = {(id(c), i): (c, i) for c, i in (quantization_point(m)[1:] for m in matmuls)}
+            for reader, index_in in readers.values():  # every MatMul of the site (or its shared view / rotation)
+                reader.replace_input_with(index_in, gated.outputs[0])
         return ir.passes.PassResult(model, modified=bool(groups))

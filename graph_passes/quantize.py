@@ -146,9 +146,10 @@ class QuantizePass(ir.passes.InPlacePass):
         return node.outputs[0]
 
 
-def activation_qdq(graph: ir.Graph, before: ir.Node, x: ir.Value, bits: int, width: int, site: str) -> ir.Value:
+def activation_qdq(graph: ir.Graph, before: ir.Node, x: ir.Value, bits: int, width: int | None = None,
+                   site: str | None = None) -> ir.Value:
     """Insert a per-token dynamic asymmetric QDQ of `x` (`width` channels, of site `site`) before `before`; returns
-    the DQ output.
+    the DQ output. Without `width` / `site`, `before` is the site's MatMul: its weight's rows and its site tag.
 
     Every node of the quantizer carries ``tags.ACT_QUANT`` (the lowering passes find it by that tag). When `bits`
     is narrower than its container (UINT4 holds 2-3 bits, UINT8 5-7), `x` is first clipped to
@@ -157,6 +158,8 @@ def activation_qdq(graph: ir.Graph, before: ir.Node, x: ir.Value, bits: int, wid
     """
     dtype = _float_dtype(x)
     zp_type, _ = container(bits, signed=False)
+    width = width if width is not None else site_width(before)
+    site = site if site is not None else tags.site_of(before)
     name = f"{site}.act_q".replace("#", "_")
     axes = shared_constant(graph, "hadanorm.last_axis", np.array([-1], dtype=np.int64))
     zero = shared_constant(graph, f"hadanorm.zero_{dtype}", np.array(0, dtype=dtype))

@@ -406,7 +406,7 @@ def quantized_linear(a: np.ndarray, wt: np.ndarray, transform: SiteTransform, bi
                      config: QuantConfig, tokens: np.ndarray | None = None) -> np.ndarray:
     """The MatMul of one quantized site linear (bias excluded) on the site input `a` [B, N, d], dense float64 maths:
     ``x~ = H S^-1 (a - mu)`` quantized per token, ``W~^T = H S W^T`` (stored in float32) quantized per block, plus
-    ``W mu`` per bias-correction mode.
+    ``W mu`` per bias-correction mode; a single-Hadamard site (HQ-DM): ``Q(x~) H (S W^T quantized)``.
 
     `tokens` replaces the reference's own quantizer input (`transformed_tokens`) by a float32 one that agrees with it
     to float32 rounding (the test passes onnxruntime's), so that both round the very same numbers."""
@@ -415,8 +415,11 @@ def quantized_linear(a: np.ndarray, wt: np.ndarray, transform: SiteTransform, bi
     if tokens is None:
         tokens = transformed_tokens(a, transform, bias_mode)
     mt = (mu / s) @ h.T
-    w_fused = _f32(h @ np.diag(s) @ wt.astype(np.float64))
     quantizer = ref_weight_symmetric if config.weight_symmetric else ref_weight_asymmetric
+    if transform.rotate_back:  # HQ-DM: Q(x~) rotated back, times the weight quantized unrotated
+        wq = quantizer(_f32(np.diag(s) @ wt.astype(np.float64)), config.weight_bits, config.weight_block)
+        return ref_tokens(tokens, config.act_bits) @ h @ wq
+    w_fused = _f32(h @ np.diag(s) @ wt.astype(np.float64))
     wq = quantizer(w_fused, config.weight_bits, config.weight_block)
     y = ref_tokens(tokens, config.act_bits) @ wq
     if not transform.center:

@@ -138,7 +138,9 @@ def test_torchscript_linears_found_in_the_raw_graph(exported):
         assert {lin.module_path: (lin.in_features, lin.out_features) for lin in linears} == dynamo, kind
         ops = {lin.module_path: lin.node.op_type for lin in linears}
         for lin in linears:
-            if lin.node.op_type == "MatMul":  # on [B, N, d] tokens: a transposed [in, out] weight, generated name
+            if lin.is_conv:  # the patch embedding (a conv in either exporter)
+                assert lin.module_path.endswith("pos_embed.proj") and lin.node.op_type == "Conv"
+            elif lin.node.op_type == "MatMul":  # on [B, N, d] tokens: a transposed [in, out] weight, generated name
                 assert lin.weight.name.startswith("onnx::MatMul_"), lin.weight.name
                 assert tuple(lin.weight.const_value.shape) == (lin.in_features, lin.out_features)
             else:  # on 2-D [B, d] inputs (timestep embedding, modulation): Gemm, the parameter as it is
@@ -346,15 +348,15 @@ def test_stripped_module_paths_get_generic_roles(tiny_torchscript, hn_cli, tmp_p
     assert {s["role"] for s in listed["sites"]} == {"linear"}
     in_sites = {name.removesuffix(".T") for s in listed["sites"] for name in s["linears"]}
     assert block_weights <= in_sites  # every block linear is a site's linear
-    assert len(in_sites) == len(weights) == 26  # every linear (the Gemms as MatMul)
+    assert len(in_sites) == len(weights) == 27  # every linear (the Gemms as MatMul) and the patch-embedding conv
     result = hn_cli(stripped, "--w4a4", "--include", "", "--calib-samples", "1", "--calib-steps", "2",
                     "-o", tmp_path / "q.onnx", "--no-progress")
     assert result.exit_code == 0, result.err
-    assert sites_line(result.out).endswith(" 26 linears")
+    assert sites_line(result.out).endswith(" 27 linears")
     quantized = load_model(tmp_path / "q.onnx")
     weight_dqs = [n for n in quantized.graph
                   if n.op_type == "DequantizeLinear" and n.metadata_props.get(tags.WEIGHT_ROLE) == tags.ROLE_MAIN]
-    assert len(weight_dqs) == 26  # one 4-bit weight per linear
+    assert len(weight_dqs) == 27  # one 4-bit weight per linear and conv
     assert not block_weights & set(quantized.graph.initializers)  # no float block weight left
 
 

@@ -25,6 +25,7 @@ import onnx_ir as ir
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from graph_passes import tags
 from graph_passes.hadamard import HadamardMode
 from graph_passes.linears import find_activation_sites
 from graph_passes.lowering import activation_quantizer
@@ -203,10 +204,11 @@ def test_transform_only_equals_original(case: Case):
     model = spec.model()
     result = transform(case, model)
     transform_nodes = [n for n in model.graph if n.domain == HADANORM_DOMAIN]
-    assert len(transform_nodes) == sum(t.op is not None for t in result.transforms.values())
+    per_site = 2 if case.options.method.recipe.single else 1  # HQ-DM: the rotation and the back rotation
+    assert len(transform_nodes) == per_site * sum(t.op is not None for t in result.transforms.values())
     recipe = case.options.method.recipe
     if recipe.center or recipe.rotate:
-        assert len(transform_nodes) == len(result.sites)  # every site was rewritten
+        assert len(transform_nodes) == per_site * len(result.sites)  # every site was rewritten
     got = run(model, case.x)
     assert set(got) == set(spec.outputs)
     for name in spec.outputs:
@@ -239,7 +241,7 @@ def check_plan(case: Case, result: QuantizeResult) -> None:
             continue
         h = t.hadamard.matrix()
         np.testing.assert_allclose(h @ h.T, np.eye(d), atol=1e-12)
-        assert (t.hadamard.signs is None) == (options.seed is None)
+        assert (t.hadamard.signs is None) == (options.seed is None or recipe.single)  # HQ-DM: no signs
         block = options.hadamard_block if options.hadamard is HadamardMode.BLOCK else d
         same_block = np.arange(d)[:, None] // block == np.arange(d)[None, :] // block
         np.testing.assert_allclose(np.abs(h), np.where(same_block, 1 / math.sqrt(block), 0.0), atol=1e-12)
@@ -253,7 +255,11 @@ def run_probed(model: ir.Model, spec: GraphSpec, x: np.ndarray) -> tuple[dict[st
     nodes = {n.name: n for n in probe.graph}
     names = {}
     for lin in spec.linears:
-        quantizer = activation_quantizer(nodes[lin.name].inputs[0])
+        read = nodes[lin.name].inputs[0]
+        back = read.producer()
+        if back is not None and tags.ROTATE_BACK in back.metadata_props:  # HQ-DM: quantized before the back rotation
+            read = back.inputs[0]
+        quantizer = activation_quantizer(read)
         assert quantizer is not None, lin.name
         value = quantizer.x  # what is quantized (before the b-bit grid clip of narrow widths)
         names[lin.name] = value.name
@@ -339,9 +345,9 @@ def test_quantized_model_is_valid_with_integer_weights(case: Case):
             assert len(dq.inputs) == 2 or dq.inputs[2] is None
         else:
             assert dq.inputs[2].const_value.dtype == container
-        # the stored integers are the reference quantization of the fused weight H S W^T
+        # the stored integers are the reference quantization of the fused weight H S W^T (HQ-DM: S W^T, unrotated)
         t = transform_of[lin.name]
-        h = t.hadamard.matrix() if t.hadamard is not None else np.eye(d)
+        h = t.hadamard.matrix() if t.hadamard is not None and not t.rotate_back else np.eye(d)
         fused = np.asarray(h @ np.diag(1.0 / t.inv_scale) @ spec.inits[lin.weight].astype(np.float64), np.float32)
         ref = (ref_weight_symmetric if signed else ref_weight_asymmetric)(
             fused.astype(np.float64), quant.weight_bits, quant.weight_block)
@@ -352,6 +358,8 @@ def test_quantized_model_is_valid_with_integer_weights(case: Case):
         np.testing.assert_allclose(deq, ref, rtol=1e-6, atol=1e-6 * float(np.abs(ref).max()))
         # the activation is quantized per token in the documented container
         act_dq = matmul.inputs[0].producer()
+        if act_dq is not None and tags.ROTATE_BACK in act_dq.metadata_props:
+            act_dq = act_dq.inputs[0].producer()  # HQ-DM: the quantizer is before the back rotation
         assert act_dq is not None and act_dq.op_type == "DequantizeLinear", lin.name
         assert act_dq.inputs[2].producer().attributes["to"].as_int() == act_container
     # no float weight is left for any MatMul: every weight comes through a DequantizeLinear
