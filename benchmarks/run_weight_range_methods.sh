@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Issue 12: what the MSE weight range adds end to end. End-of-denoising SQNR vs the FP16 graph (20 steps, 2 samples)
-# at W4A4 and W4A3 for none, QuaRot, HadaNorm and HQ-DM with min/max and with MSE weight ranges.
+# at W4A4 and W4A3 for none, QuaRot, HadaNorm and HQ-DM with min/max and with MSE weight ranges; then QuaRot and
+# HQ-DM with HQ-DM's own weight quantizer (per output channel, asymmetric, MSE range), per token and per timestep
+# (-> <out>/hqdm-quantizers/).
 # Usage: bash benchmarks/run_weight_range_methods.sh PRESET LAYERS [INIT]
 #   -> benchmarks/weight-range-methods/<PRESET>-<LAYERS>blocks[-<INIT>]/ (table.md, results.json, sqnr.png, time.txt)
 set -euo pipefail
@@ -18,4 +20,11 @@ hn-export export --preset "$preset" --layers "$layers" --seed 0 --init "$init" -
   --methods none,quarot,hadanorm,hqdm --bits w4a4,w4a3 --weight-ranges minmax,mse \
   --steps 20 --samples 2 --calib-samples 2 --calib-steps 20 --seed 0 --out "$out" --no-progress 2> "$work/time.txt"
 grep -E "Elapsed|Maximum resident" "$work/time.txt" > "$out/time.txt"
+mkdir -p "$out/hqdm-quantizers"
+/usr/bin/time -v hn-export compare "$work/fp32.onnx" --reference "$work/fp16.onnx" \
+  --methods quarot,hqdm --bits w4a4,w4a3 --weight-ranges mse --weight-block 100000 --asymmetric-weights \
+  --act-granularities token,timestep \
+  --steps 20 --samples 2 --calib-samples 2 --calib-steps 20 --seed 0 --out "$out/hqdm-quantizers" --no-progress \
+  2> "$work/time2.txt"
+grep -E "Elapsed|Maximum resident" "$work/time2.txt" > "$out/hqdm-quantizers/time.txt"
 python -c "import sys; sys.path.insert(0, 'benchmarks'); from machine_info import machine; print(machine())" > "$out/machine.txt"

@@ -124,6 +124,7 @@ class QuantizedWeight:
 
 def _block_reduce(w: np.ndarray, block: int, reduce) -> np.ndarray:
     rows = w.shape[0]
+    block = min(block, rows)  # one block per output channel: no padding rows (a huge block would allocate them)
     blocks = -(-rows // block)
     padded = np.zeros((blocks * block, w.shape[1]), dtype=w.dtype)
     padded[:rows] = w
@@ -158,7 +159,7 @@ def mse_clip_ratios(weight_t: np.ndarray, config: QuantConfig, scale_dtype: np.d
     """The clipping ratio of `MSE_RATIOS` that minimises each group's squared quantization error, [blocks, out]
     float64 (a smaller ratio wins only by more than a relative 1e-9: ties go to the larger one)."""
     w = np.asarray(weight_t, dtype=np.float64)
-    block, bits, sym = config.weight_block, config.weight_bits, config.weight_symmetric
+    block, bits, sym = min(config.weight_block, w.shape[0]), config.weight_bits, config.weight_symmetric
     blocks, cols = -(-w.shape[0] // block), w.shape[1]
     ratios = np.asarray(MSE_RATIOS, dtype=np.float64)[:, None]
     groups = _groups(np.abs(w) if sym else w, block)  # symmetric: the error only depends on |w|
@@ -213,7 +214,7 @@ def _rowdot(x: np.ndarray) -> np.ndarray:
 def quantize_weight(weight_t: np.ndarray, config: QuantConfig, scale_dtype: np.dtype) -> QuantizedWeight:
     """Quantize ``W^T`` [in, out] (float64 maths; scales rounded to `scale_dtype` before the integers are set)."""
     w = np.asarray(weight_t, dtype=np.float64)
-    block, bits = config.weight_block, config.weight_bits
+    block, bits = min(config.weight_block, w.shape[0]), config.weight_bits  # block >= in: per output channel
     _, np_type = container(bits, signed=config.weight_symmetric)
     ratio = mse_clip_ratios(w, config, scale_dtype) if config.weight_range is WeightRange.MSE else None
     if config.weight_symmetric:
