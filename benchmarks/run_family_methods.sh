@@ -4,6 +4,7 @@
 # Usage: bash benchmarks/run_family_methods.sh PRESET LAYERS [INIT]
 #   -> benchmarks/family-methods/<PRESET>-<LAYERS>blocks[-<INIT>]/ (table.md, results.json, sqnr.png, time.txt)
 set -euo pipefail
+source "$(dirname "$0")/export_pair.sh"
 preset=${1:?preset, e.g. sd3-medium-256}
 layers=${2:?number of blocks}
 init=${3:-dit-stats}
@@ -12,9 +13,7 @@ trap 'rm -rf "$work"' EXIT
 out=benchmarks/family-methods/${preset}-${layers}blocks
 [ "$init" = dit-stats ] || out=$out-$init
 mkdir -p "$out"
-hn-export export --preset "$preset" --layers "$layers" --seed 0 --init "$init" -o "$work/fp32.onnx"
-hn-export export --preset "$preset" --layers "$layers" --seed 0 --init "$init" --fp16 -o "$work/fp16.onnx"
+export_pair "$preset" "$layers" "$init" "$work"
 /usr/bin/time -v hn-export compare "$work/fp32.onnx" --reference "$work/fp16.onnx" --methods all --bits w4a4,w6a6 \
   --steps 20 --samples 2 --calib-samples 2 --calib-steps 20 --seed 0 --out "$out" --no-progress 2> "$work/time.txt"
-grep -E "Elapsed|Maximum resident" "$work/time.txt" > "$out/time.txt"
-python -c "import sys; sys.path.insert(0, 'benchmarks'); from machine_info import machine; print(machine())" > "$out/machine.txt"
+record_run "$work/time.txt" "$out"

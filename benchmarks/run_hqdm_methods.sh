@@ -5,6 +5,7 @@
 # Usage: bash benchmarks/run_hqdm_methods.sh PRESET LAYERS [INIT] [EXTRA compare ARGS...]
 #   -> benchmarks/hqdm-methods/<PRESET>-<LAYERS>blocks[-<INIT>]/ (table.md, results.json, sqnr.png, time.txt)
 set -euo pipefail
+source "$(dirname "$0")/export_pair.sh"
 preset=${1:?preset, e.g. pixart-sigma-256}
 layers=${2:?number of blocks, or the --layers unit of the family}
 init=${3:-dit-stats}
@@ -14,11 +15,9 @@ trap 'rm -rf "$work"' EXIT
 out=benchmarks/hqdm-methods/${preset}-${layers}blocks
 [ "$init" = dit-stats ] || out=$out-$init
 mkdir -p "$out"
-hn-export export --preset "$preset" --layers "$layers" --seed 0 --init "$init" -o "$work/fp32.onnx"
-hn-export export --preset "$preset" --layers "$layers" --seed 0 --init "$init" --fp16 -o "$work/fp16.onnx"
+export_pair "$preset" "$layers" "$init" "$work"
 /usr/bin/time -v hn-export compare "$work/fp32.onnx" --reference "$work/fp16.onnx" \
   --methods none,quarot,sdcb,hadanorm,hqdm --bits w4a4,w4a3 --act-granularities token,timestep \
   --steps 20 --samples 2 --calib-samples 2 --calib-steps 20 --seed 0 --out "$out" --no-progress "$@" \
   2> "$work/time.txt"
-grep -E "Elapsed|Maximum resident" "$work/time.txt" > "$out/time.txt"
-python -c "import sys; sys.path.insert(0, 'benchmarks'); from machine_info import machine; print(machine())" > "$out/machine.txt"
+record_run "$work/time.txt" "$out"
