@@ -26,16 +26,7 @@ import onnx_ir as ir
 
 from graph_passes import tags
 from graph_passes.graph_utils import NodeSequence, add_initializer, drop_dead, redirect_uses, tagged_matmuls
-
-
-def _is_pointwise(conv: ir.Node) -> bool:
-    weight = conv.inputs[1].const_value
-    attrs = conv.attributes
-    strides = attrs["strides"].as_ints() if "strides" in attrs else ()
-    pads = attrs["pads"].as_ints() if "pads" in attrs else ()
-    auto_pad = attrs["auto_pad"].as_string() if "auto_pad" in attrs else "NOTSET"
-    return (tuple(weight.shape[2:]) == (1, 1) and all(s == 1 for s in strides) and not any(pads)
-            and auto_pad in ("NOTSET", "VALID") and attrs.get_int("group", 1) == 1)
+from graph_passes.linears import is_pointwise_conv
 
 
 def _safe(name: str) -> str:
@@ -54,7 +45,7 @@ class ConvSitesPass(ir.passes.InPlacePass):
                 if key not in views:
                     views[key] = self._tokens(graph, conv, site)
                 tokens, nhwc_shape = views[key]
-                if _is_pointwise(conv):
+                if is_pointwise_conv(conv):
                     self._as_matmul(graph, conv, tokens, nhwc_shape)
                 else:
                     self._read_view(graph, conv, tokens, nhwc_shape, site)

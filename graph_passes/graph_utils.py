@@ -32,11 +32,6 @@ def site_input(node: ir.Node) -> tuple[ir.Node, int]:
     return node, 0
 
 
-def site_activation(node: ir.Node) -> ir.Value:
-    consumer, index = site_input(node)
-    return consumer.inputs[index]
-
-
 def quantization_point(node: ir.Node) -> tuple[ir.Value, ir.Node, int]:
     """(value, consumer, input index) where a site's activation quantizer goes: the site input, or for a
     single-Hadamard site the input of its back rotation (HQ-DM quantizes the rotated activation)."""

@@ -73,14 +73,7 @@ class LinearLayer:
     @property
     def is_pointwise(self) -> bool:
         """A 1x1 convolution with unit strides and no padding: exactly a linear on each pixel."""
-        if not self.is_conv:
-            return False
-        attrs = self.node.attributes
-        strides = attrs["strides"].as_ints() if "strides" in attrs else ()
-        pads = attrs["pads"].as_ints() if "pads" in attrs else ()
-        auto_pad = attrs["auto_pad"].as_string() if "auto_pad" in attrs else "NOTSET"
-        return (all(k == 1 for k in self.kernel) and all(s == 1 for s in strides) and not any(pads)
-                and auto_pad in ("NOTSET", "VALID") and self.group == 1)
+        return self.is_conv and is_pointwise_conv(self.node)
 
     @property
     def kind(self) -> str:
@@ -130,6 +123,17 @@ class SiteSelection:
         return any(re.search(p, module_path) for p in self.include) and not any(
             re.search(p, module_path) for p in self.exclude
         )
+
+
+def is_pointwise_conv(conv: ir.Node) -> bool:
+    """A Conv with a 1x1 kernel, unit strides, no padding and one group: exactly a linear on each pixel."""
+    weight = conv.inputs[1].const_value if len(conv.inputs) > 1 and conv.inputs[1] is not None else None
+    attrs = conv.attributes
+    strides = attrs["strides"].as_ints() if "strides" in attrs else ()
+    pads = attrs["pads"].as_ints() if "pads" in attrs else ()
+    auto_pad = attrs["auto_pad"].as_string() if "auto_pad" in attrs else "NOTSET"
+    return (weight is not None and tuple(weight.shape[2:]) == (1, 1) and all(s == 1 for s in strides)
+            and not any(pads) and auto_pad in ("NOTSET", "VALID") and attrs.get_int("group", 1) == 1)
 
 
 def _namespace_path(node: ir.Node) -> str:

@@ -52,6 +52,19 @@ def _safe(name: str) -> str:
     return name.replace("#", "_")
 
 
+def _register(graph: ir.Graph, b_name: str, prefix: str, weight: PackedWeight, dtype) -> dict:
+    """The packed weight's initializers (scales in the weight's float `dtype`) and layout, as the IntMatMul nodes
+    read them."""
+    return {
+        "b": add_initializer(graph, b_name, weight.b),
+        "scales": add_initializer(graph, f"{prefix}scales", weight.scales.astype(dtype)),
+        "zero_points": add_initializer(graph, f"{prefix}zero_points", weight.zero_points),
+        "bits": weight.bits,
+        "block_size": weight.block_size,
+        "n": weight.n,
+    }
+
+
 class LowerToFusedPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -107,17 +120,9 @@ class LowerToFusedPass(ir.passes.InPlacePass):
         if id(dq) in cache:
             return cache[id(dq)]
         weight: PackedWeight = repack(dq)
-        graph = model.graph
         name = _safe(dq.inputs[0].name or "w")
         dtype = dq.inputs[1].const_value.numpy().dtype
-        entry = {
-            "b": add_initializer(graph, f"{name}.packed{weight.bits}", weight.b),
-            "scales": add_initializer(graph, f"{name}.scales", weight.scales.astype(dtype)),
-            "zero_points": add_initializer(graph, f"{name}.zero_points", weight.zero_points),
-            "bits": weight.bits,
-            "block_size": weight.block_size,
-            "n": weight.n,
-        }
+        entry = _register(model.graph, f"{name}.packed{weight.bits}", f"{name}.", weight, dtype)
         cache[id(dq)] = entry
         return entry
 
@@ -134,19 +139,13 @@ class LowerToFusedPass(ir.passes.InPlacePass):
         m, c = rotated_integer_weight(w_int, left, right, block)
         if block >= rows:
             block = rows + (-rows) % 4  # one block per output channel, padded for the 8-bit layout
-        graph = model.graph
         name = _safe(dq.inputs[0].name or "w")
-        dtype = scale.dtype
         entries = []
         for p, part in enumerate(int8_parts(m)):
-            scales = (scale.astype(np.float64) * c * 128.0**p).astype(dtype)
+            scales = scale.astype(np.float64) * c * 128.0**p
             weight = pack(part.astype(np.int64), scales, np.zeros(scale.shape, np.int64), 8, block)
-            entries.append({
-                "b": add_initializer(graph, f"{name}.hqdm_part{p}", weight.b),
-                "scales": add_initializer(graph, f"{name}.hqdm_part{p}.scales", weight.scales),
-                "zero_points": add_initializer(graph, f"{name}.hqdm_part{p}.zero_points", weight.zero_points),
-                "bits": 8, "block_size": weight.block_size, "n": weight.n,
-            })
+            entries.append(_register(model.graph, f"{name}.hqdm_part{p}", f"{name}.hqdm_part{p}.", weight,
+                                     scale.dtype))
         cache[key] = entries
         return entries
 

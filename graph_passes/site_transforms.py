@@ -63,9 +63,13 @@ class SiteTransform:
     def fuse_conv_weight(self, weight: np.ndarray) -> np.ndarray:
         """The same at every tap of a convolution weight ``W`` [out, in, kh, kw], in float64."""
         w = np.asarray(weight, dtype=np.float64)
-        rows = np.moveaxis(w, 1, 0).reshape(w.shape[1], -1)  # [in, out * kh * kw]
-        fused = self.fuse_weight(rows).reshape(w.shape[1], w.shape[0], *w.shape[2:])
+        fused = self.fuse_weight(conv_rows(w)).reshape(w.shape[1], w.shape[0], *w.shape[2:])
         return np.moveaxis(fused, 0, 1)
+
+
+def conv_rows(weight: np.ndarray) -> np.ndarray:
+    """A conv weight ``W`` [out, in, kh, kw] with its input channels as rows: [in, out * kh * kw]."""
+    return np.moveaxis(weight, 1, 0).reshape(weight.shape[1], -1)
 
 
 def smoothing_inv_scale(act_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: float) -> np.ndarray:
@@ -83,7 +87,7 @@ def weight_input_absmax(site: ActivationSite) -> np.ndarray:
     rows = []
     for lin in site.linears:
         w = np.abs(np.asarray(lin.weight.const_value.numpy(), dtype=np.float64))
-        rows.append(np.moveaxis(w, 1, 0).reshape(w.shape[1], -1).max(axis=1) if lin.is_conv else w.max(axis=1))
+        rows.append((conv_rows(w) if lin.is_conv else w).max(axis=1))
     return np.max(np.stack(rows), axis=0)
 
 

@@ -25,7 +25,6 @@ import onnx_ir as ir
 from tqdm import tqdm
 
 from graph_passes.activation_probe import probe_name
-from graph_passes.errors import GraphInputError
 from graph_passes.linears import ActivationSite, SiteSelection
 from graph_passes.methods import TransformOptions
 from graph_passes.pipeline import quantize_model
@@ -117,8 +116,5 @@ def load_act_scales(path: Path, model: ir.Model, sites: list[ActivationSite], st
     if missing:
         raise UserError(f"{path} has no values for {len(missing)} site(s), e.g. {missing[0]}",
                         "list every site (`hn-export layers MODEL.onnx`), or recalibrate with --save-act-scales")
-    try:
-        return ActScaleTable(str(data.get("timestep_input", family_of(ModelSignature.of(model)).timestep_input)),
-                             timesteps, absmax)
-    except GraphInputError as exc:
-        raise UserError(str(exc), "fix the table file") from None
+    timestep_input = str(data.get("timestep_input", family_of(ModelSignature.of(model)).timestep_input))
+    return ActScaleTable(timestep_input, timesteps, absmax)  # lengths checked above

@@ -10,8 +10,14 @@ import click
 from graph_passes.methods import BiasCorrection, Method, TransformOptions
 from graph_passes.quantization import OutputFormat, WeightRange
 from graph_passes.static_act_quant import ActGranularity
-from hn_export.cli_options import check_model_and_inputs, input_file_options, parse_bits, parse_list, samples_option
-from hn_export.cli_quantize import _check_format_block
+from hn_export.cli_options import (
+    check_format_block,
+    check_model_and_inputs,
+    input_file_options,
+    parse_bits,
+    parse_list,
+    samples_option,
+)
 from hn_export.compare import CompareConfig, EvaluationInputs, grid, run_compare, table_markdown, write_results
 from hn_export.denoise import DenoiseConfig
 from hn_export.model_files import load_model
@@ -57,7 +63,7 @@ def compare_command(model, methods, bits, formats, bias_corrections, steps, samp
               for r in parse_list(weight_ranges, WeightRange, "--weight-ranges")
               for f in parse_list(formats, OutputFormat, "--formats")]
     for quant in quants:  # a block the format cannot hold: one line before any work
-        _check_format_block(quant.format, weight_block, quant.weight_bits)
+        check_format_block(quant.format, weight_block, quant.weight_bits)
     points = grid(parse_list(methods, Method, "--methods"), quants,
                   parse_list(bias_corrections, BiasCorrection, "--bias-corrections"),
                   parse_list(act_granularities, ActGranularity, "--act-granularities"))

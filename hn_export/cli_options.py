@@ -2,7 +2,8 @@
 
 Comma lists (``--methods none,hadanorm``, ``--bits w4a4,w6a6``) and the user input files ``--calib FILE.npz`` and
 ``--inputs FILE.npz``, checked before any work with the loader the quantize and diff commands use
-(`hn_export.denoise.load_input_file`), so a bad file fails with one line and nothing is written.
+(`hn_export.denoise.load_input_file`), so a bad file fails with one line and nothing is written; and the weight
+block check of the output formats (`check_format_block`, also used by the quantize command).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import TypeVar
 
 import click
 
-from graph_passes.quantization import QuantConfig
+from graph_passes.quantization import OutputFormat, QuantConfig
 from hn_export.denoise import ModelSignature, load_input_file
 from hn_export.errors import UserError
 from hn_export.model_files import load_model
@@ -96,3 +97,15 @@ def check_model_and_inputs(model: Path, calib_inputs: Path | None, inputs_path: 
             raise UserError(f"{name} in {inputs_path} has shape {array.shape}; the model takes "
                             f"[{'N, ' if name in batched else ''}{shape}]", "pass arrays of this model's shapes")
     return sig, feeds
+
+
+def check_format_block(fmt: OutputFormat, block: int, weight_bits: int) -> None:
+    """Refuse weight blocks a format cannot hold (before any work). A weight narrower than one block is one
+    padded block in every format."""
+    if fmt is OutputFormat.NBITS and (block < 16 or block & (block - 1)):
+        raise UserError(f"--format nbits needs a power-of-two --weight-block >= 16 (MatMulNBits), got {block}",
+                        "use --weight-block 128, or --format qdq/fused")
+    granule = 8 if weight_bits <= 4 else 4
+    if fmt is OutputFormat.FUSED and block % granule:
+        raise UserError(f"--format fused needs a --weight-block that is a multiple of {granule} for {weight_bits}-bit "
+                        f"weights, got {block}", "use --weight-block 128")

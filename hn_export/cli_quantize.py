@@ -11,6 +11,7 @@ from graph_passes.linears import SiteSelection
 from graph_passes.methods import BiasCorrection, Method, TransformOptions
 from graph_passes.quantization import OutputFormat, QuantConfig, WeightRange
 from graph_passes.static_act_quant import ActGranularity
+from hn_export.cli_options import check_format_block
 from hn_export.denoise import DenoiseConfig
 from hn_export.errors import UserError
 from hn_export.quantize_job import QuantizeJob, default_output, run_quantize
@@ -80,7 +81,7 @@ def quantize_command(model: Path, preset, wbits, abits, output, method, alpha, h
     if weight_block < 1:
         raise UserError(f"--weight-block {weight_block} must be positive", "use e.g. 128")
     fmt = OutputFormat(output_format)
-    _check_format_block(fmt, weight_block, wbits or w_default)
+    check_format_block(fmt, weight_block, wbits or w_default)
     if granularity is ActGranularity.TIMESTEP and fmt is OutputFormat.FUSED:
         raise UserError("--act-granularity timestep cannot be written as --format fused (its integer kernels "
                         "quantize activations per token)", "use --format qdq or nbits")
@@ -93,7 +94,8 @@ def quantize_command(model: Path, preset, wbits, abits, output, method, alpha, h
     job = QuantizeJob(
         model_path=model,
         output=output or default_output(model, quant),
-        transform=TransformOptions(method=Method(method), alpha=alpha, hadamard=HadamardMode(hadamard) if hadamard else None,
+        transform=TransformOptions(method=Method(method), alpha=alpha,
+                                   hadamard=HadamardMode(hadamard) if hadamard else None,
                                    hadamard_block=hadamard_block, bias_correction=BiasCorrection(bias_correction),
                                    seed=seed),
         quant=quant,
@@ -123,15 +125,3 @@ def quantize_command(model: Path, preset, wbits, abits, output, method, alpha, h
     if quant and quant.format is OutputFormat.QDQ:
         click.echo("note: --format qdq simulates the integer maths with float MatMuls (portable, slower than FP32 in "
                    "onnxruntime); to deploy, use --format fused (hadanorm kernels) or --format nbits (stock onnxruntime)")
-
-
-def _check_format_block(fmt: OutputFormat, block: int, weight_bits: int) -> None:
-    """Refuse weight blocks a format cannot hold (before any work). A weight narrower than one block is one
-    padded block in every format."""
-    if fmt is OutputFormat.NBITS and (block < 16 or block & (block - 1)):
-        raise UserError(f"--format nbits needs a power-of-two --weight-block >= 16 (MatMulNBits), got {block}",
-                        "use --weight-block 128, or --format qdq/fused")
-    granule = 8 if weight_bits <= 4 else 4
-    if fmt is OutputFormat.FUSED and block % granule:
-        raise UserError(f"--format fused needs a --weight-block that is a multiple of {granule} for {weight_bits}-bit "
-                        f"weights, got {block}", "use --weight-block 128")

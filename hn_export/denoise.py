@@ -41,12 +41,9 @@ def graph_family(model: ir.Model) -> ModelFamily | None:
     matches = [fam for fam in FAMILIES.values() if fam.matches_inputs(names)]
     if len(matches) <= 1:
         return matches[0] if matches else family_of_inputs(names)
-    from graph_passes.linears import find_linears
-    from hn_export.families import role_table  # imports this module: import here
+    from hn_export.families import best_named  # imports this module: import here
 
-    paths = [linear.module_path for linear in find_linears(model)]
-    scores = [sum(role_table(fam).site_of(path) is not None for path in paths) for fam in matches]
-    return matches[scores.index(max(scores))]
+    return best_named(model, matches)[0]
 
 
 @dataclasses.dataclass(frozen=True)

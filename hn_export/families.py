@@ -28,19 +28,19 @@ def role_table(family: ModelFamily) -> RoleTable:
                      family.default_exclude)
 
 
-def _named(table: RoleTable, paths: list[str]) -> int:
-    return sum(table.site_of(p) is not None for p in paths)
+def best_named(model: ir.Model, candidates: list[ModelFamily]) -> tuple[ModelFamily | None, int]:
+    """The candidate whose role rules name the most of the graph's layers (the first on a tie), and how many."""
+    paths = [linear.module_path for linear in find_linears(model)]
+    scored = [(fam, sum(role_table(fam).site_of(p) is not None for p in paths)) for fam in candidates]
+    return max(scored, key=lambda item: item[1]) if scored else (None, 0)
 
 
 def roles_for(model: ir.Model) -> RoleTable | None:
     """The role table that names this graph's block linears, or None (generic roles, with a warning)."""
-    paths = [linear.module_path for linear in find_linears(model)]
     family = graph_family(model)
-    candidates = [family] if family is not None else list(FAMILIES.values())
-    scored = [(_named(role_table(f), paths), role_table(f)) for f in candidates]
-    best_count, best = max(scored, key=lambda item: item[0]) if scored else (0, None)
-    if best_count:
-        return best
+    best, count = best_named(model, [family] if family is not None else list(FAMILIES.values()))
+    if count:
+        return role_table(best)
     what = f"the {family.name} family's" if family is not None else "any supported family's"
     logger.warning("no linear of this graph has a module path %s role rules name (module paths lost by its "
                    "exporter?): every selected linear (all of them unless --include is given) is quantized as its "
