@@ -68,19 +68,37 @@ __attribute__((target("avx512f,avx512vnni,avx512vl"))) double dpy(long n) { doub
 __attribute__((target("avx512f"))) double fmz(long n) { double t = now();
   for (long i = 0; i < n; ++i) asm volatile(R12(FM) R12(FM) ::: "xmm0","xmm1","xmm2","xmm3","xmm4","xmm5","xmm6","xmm7","xmm8","xmm9","xmm10","xmm11");
   return 24.0 * n / (now() - t); }
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <cstring>
+#include <immintrin.h>
+struct alignas(64) TileCfg { unsigned char palette, start, reserved[14]; unsigned short colsb[16]; unsigned char rows[16]; };
+// tdpbusd per cycle (4 independent accumulators, operands in tiles: no loads); 0 when AMX is unavailable
+__attribute__((target("amx-tile,amx-int8"))) double amx(long n) {
+  if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) return 0;
+  TileCfg cfg; std::memset(&cfg, 0, sizeof cfg); cfg.palette = 1;
+  for (int i = 0; i < 8; ++i) { cfg.rows[i] = 16; cfg.colsb[i] = 64; }
+  _tile_loadconfig(&cfg);
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3); _tile_zero(4); _tile_zero(5); _tile_zero(6); _tile_zero(7);
+  double t = now();
+  for (long i = 0; i < n; ++i) { _tile_dpbusd(0, 4, 6); _tile_dpbusd(1, 4, 7); _tile_dpbusd(2, 5, 6); _tile_dpbusd(3, 5, 7); }
+  t = now() - t;
+  _tile_release();
+  return 4.0 * n / t; }
 double clock_hz(long n) { long x = 0, y = 1; double t = now();
   for (long i = 0; i < n; ++i) asm volatile("add %1, %0\n add %1, %0\n add %1, %0\n add %1, %0" : "+r"(x) : "r"(y));
   return 4.0 * n / (now() - t); }
 int main() {
-  double best[4] = {0, 0, 0, 0};
+  double best[5] = {0, 0, 0, 0, 0};
   for (int rep = 0; rep < 5; ++rep) {
-    double c = clock_hz(200000000), a = dpz(20000000), b = dpy(20000000), f = fmz(20000000);
+    double c = clock_hz(200000000), a = dpz(20000000), b = dpy(20000000), f = fmz(20000000), x = amx(2000000);
+    if (x / c > best[4]) best[4] = x / c;
     if (c > best[0]) best[0] = c;
     if (a / c > best[1]) best[1] = a / c;
     if (b / c > best[2]) best[2] = b / c;
     if (f / c > best[3]) best[3] = f / c;
   }
-  std::printf("%.4f %.3f %.3f %.3f\n", best[0] / 1e9, best[1], best[2], best[3]);
+  std::printf("%.4f %.3f %.3f %.3f %.4f\n", best[0] / 1e9, best[1], best[2], best[3], best[4]);
 }
 """
 
@@ -94,12 +112,17 @@ def probe_peak() -> dict[str, float] | None:
         src, exe = Path(tmp) / "probe.cc", Path(tmp) / "probe"
         src.write_text(PROBE)
         proc = subprocess.run(["g++", "-O2", str(src), "-o", str(exe)], capture_output=True, text=True)
+        if proc.returncode:  # a compiler without AMX intrinsics: probe the rest
+            src.write_text(PROBE.split("#include <sys/syscall.h>")[0] + "double amx(long) { return 0; }\n" +
+                           "double clock_hz" + PROBE.split("double clock_hz", 1)[1])
+            proc = subprocess.run(["g++", "-O2", str(src), "-o", str(exe)], capture_output=True, text=True)
         if proc.returncode:
             return None
-        ghz, dpz, dpy, fmz = map(float, subprocess.run([str(exe)], capture_output=True, text=True).stdout.split())
+        ghz, dpz, dpy, fmz, tdp = map(float, subprocess.run([str(exe)], capture_output=True, text=True).stdout.split())
     cores = os.cpu_count() or 1
-    return {"ghz": ghz, "dpbusd_zmm": dpz, "dpbusd_ymm": dpy, "fma_zmm": fmz, "cores": cores,
-            "int8_peak": dpz * 64 * 2 * ghz * cores, "fp32_peak": fmz * 16 * 2 * ghz * cores}
+    return {"ghz": ghz, "dpbusd_zmm": dpz, "dpbusd_ymm": dpy, "fma_zmm": fmz, "tdpbusd": tdp, "cores": cores,
+            "int8_peak": dpz * 64 * 2 * ghz * cores, "fp32_peak": fmz * 16 * 2 * ghz * cores,
+            "amx_peak": tdp * 16384 * 2 * ghz * cores}
 
 
 def model_bytes(nodes, inputs, inits) -> bytes:
@@ -130,6 +153,28 @@ def nbits_model(w: np.ndarray, bias: np.ndarray, x_shape) -> bytes:
                             K=k, N=n, bits=4, block_size=BLOCK, accuracy_level=4)
     return model_bytes([node], [float_input("x", x_shape)],
                        {"b": packed, "scales": scale.astype(np.float32).reshape(-1), "bias": bias})
+
+
+def matmul_integer_model(w: np.ndarray, x_shape) -> bytes:
+    """onnxruntime's MatMulInteger: uint8 activation codes (scalar zero point) x int8 weight (per-tensor symmetric)
+    -> int32: the integer GEMM alone (MLAS QGEMM, AMX where the process may use it)."""
+    q = np.clip(np.round(w / (np.abs(w).max() / 127.0)), -127, 127).astype(np.int8)
+    node = helper.make_node("MatMulInteger", ["codes", "b", "a_zp"], ["y"])
+    return model_bytes([node], [helper.make_tensor_value_info("codes", TensorProto.UINT8, list(x_shape))],
+                       {"b": q, "a_zp": np.array(8, np.uint8)})
+
+
+def dynamic_quantize_matmul_model(w: np.ndarray, bias: np.ndarray, x_shape) -> bytes:
+    """com.microsoft DynamicQuantizeMatMul (what onnxruntime's quantize_dynamic W8A8 emits): float x quantized to
+    uint8 per tensor inside, int8 weight per output channel, bias, float out."""
+    scale = np.abs(w).max(axis=0) / 127.0
+    scale = np.where(scale > 0, scale, 1.0)
+    q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+    node = helper.make_node("DynamicQuantizeMatMul", ["x", "b", "b_scale", "b_zp", "bias"], ["y"],
+                            domain="com.microsoft")
+    return model_bytes([node], [float_input("x", x_shape)],
+                       {"b": q, "b_scale": scale.astype(np.float32), "b_zp": np.zeros(w.shape[1], np.int8),
+                        "bias": bias})
 
 
 def int_inputs(x_shape) -> list:
@@ -197,7 +242,7 @@ def supported_isas(library: Path) -> list[str]:
     function = ctypes.CDLL(str(library)).HadanormKernelsIsa
     function.restype = ctypes.c_char_p
     found, saved = [], os.environ.get("HADANORM_KERNELS_ISA")
-    for name in ("avx512vnni", "avxvnni", "avx2", "neondot", "scalar"):
+    for name in ("amx", "avx512vnni", "avxvnni", "avx2", "neondot", "scalar"):
         os.environ["HADANORM_KERNELS_ISA"] = name
         if function().decode() == name:
             found.append(name)
@@ -242,6 +287,10 @@ def main() -> None:
                         session(int_model(w, bias, x_shape, True), args.threads, library, isas[0]), {"x": x}))
         entries.append((f"IntMatMul8 ({isas[0]}, W8A8)",
                         session(int_model(w, bias, x_shape, False, 8), args.threads, library, isas[0]), int_feeds))
+        entries.append(("onnxruntime MatMulInteger (u8 x s8 -> int32)",
+                        session(matmul_integer_model(w, x_shape), args.threads, None), {"codes": codes}))
+        entries.append(("onnxruntime DynamicQuantizeMatMul (W8A8)",
+                        session(dynamic_quantize_matmul_model(w, bias, x_shape), args.threads, None), {"x": x}))
         runs = args.runs if "scalar" not in isas else max(2, args.runs // 10)
         times = interleaved(entries, runs)
         ops = 2.0 * batch * tokens * k * n
@@ -257,8 +306,9 @@ def main() -> None:
     load_after = load_average()
     if peak:
         print(f"clock {peak['ghz']:.2f} GHz, vpdpbusd zmm {peak['dpbusd_zmm']:.2f}/cycle, ymm "
-              f"{peak['dpbusd_ymm']:.2f}/cycle, fma zmm {peak['fma_zmm']:.2f}/cycle: int8 peak "
-              f"{peak['int8_peak']:.0f} GOP/s, fp32 peak {peak['fp32_peak']:.0f} GFLOP/s ({peak['cores']} cores)")
+              f"{peak['dpbusd_ymm']:.2f}/cycle, fma zmm {peak['fma_zmm']:.2f}/cycle, tdpbusd {peak['tdpbusd']:.4f}/cycle: "
+              f"int8 peak {peak['int8_peak']:.0f} GOP/s (VNNI), {peak['amx_peak']:.0f} GOP/s (AMX), fp32 peak "
+              f"{peak['fp32_peak']:.0f} GFLOP/s ({peak['cores']} cores)")
     print(f"load average before {load_before}, after {load_after}")
     if args.md:
         write_md(args, results, peak, load_before, load_after)
@@ -280,13 +330,19 @@ def write_md(args, results, peak, load_before, load_after) -> None:
         lines.append(
             f"- Peak estimate (probe in the script, best of 5): clock {peak['ghz']:.2f} GHz (dependent adds), "
             f"vpdpbusd zmm {peak['dpbusd_zmm']:.2f}/cycle (64 MACs each), vfmadd231ps zmm {peak['fma_zmm']:.2f}/cycle "
-            f"(16 MACs) on one core, x {peak['cores']} cores: int8 peak {peak['int8_peak']:.0f} GOP/s, FP32 peak "
-            f"{peak['fp32_peak']:.0f} GFLOP/s")
+            f"(16 MACs), tdpbusd {peak['tdpbusd']:.4f}/cycle (16 x 16 x 64 = 16384 MACs, 4 independent tiles, no "
+            f"loads) on one core, x {peak['cores']} cores: int8 peak {peak['int8_peak']:.0f} GOP/s (AVX-512 VNNI), "
+            f"{peak['amx_peak']:.0f} GOP/s (AMX), FP32 peak {peak['fp32_peak']:.0f} GFLOP/s")
     lines += ["", "| shape | model | median ms | min ms | GOP/s | % of peak | vs FP32 MatMul | vs MatMulNBits |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]
     for shape, name, med, mn, gops, r32, rnb in results:
-        fp32 = name.startswith("FP32")  # against the FP32 peak; everything else against the int8 (vpdpbusd) peak
-        pct = f"{100 * gops / peak['fp32_peak' if fp32 else 'int8_peak']:.0f}%{' (FP32)' if fp32 else ''}" if peak else "-"
+        # FP32 against the FP32 peak; amx paths and onnxruntime's integer ops (MLAS runs them on AMX) against the
+        # AMX peak; the rest against the AVX-512 VNNI peak
+        kind = ("fp32_peak" if name.startswith("FP32") else
+                "amx_peak" if ("amx" in name or name.startswith("onnxruntime")) and peak and peak["amx_peak"] else
+                "int8_peak")
+        label = {"fp32_peak": " (FP32)", "amx_peak": " (AMX)", "int8_peak": " (VNNI)"}[kind]
+        pct = f"{100 * gops / peak[kind]:.0f}%{label}" if peak else "-"
         lines.append(f"| {shape} | {name} | {med:.2f} | {mn:.2f} | {gops:.0f} | {pct} | {r32:.2f}x | {rnb:.2f}x |")
     notes = ""
     if args.md.is_file() and NOTES_MARKER in args.md.read_text():

@@ -23,7 +23,7 @@ from graph_passes.int_packing import PackedWeight, quantize_and_pack, unpack_cod
 from runtime.kernels import register_kernels
 from tests.graphs import dit_like_input
 
-ALL_ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni", "neondot")
+ALL_ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni", "amx", "neondot")
 F32, F16 = np.float32, np.float16
 
 
@@ -257,6 +257,15 @@ MATMUL_CASES = [
     MatMulCase(72, 1152, 6, 4, True, 1, 5, "B1N", F16),
     MatMulCase(512, 48, 4, 8, False, 1, 19, "N", F32, 256),  # a block over 128 (int32 corrections)
     MatMulCase(300, 40, 8, 8, True, 3, 6, "B1N", F32, 300),  # one block (per-channel), not a multiple of 8
+    # the amx path's shapes: 32-row panels, a 16-row panel, leftover rows (on avx512vnni), an odd column tile, k steps
+    # of 64 (block 128), 32 (block 32 and 96) and 16 (block 48), a block over 128, 8-bit weights
+    MatMulCase(1152, 272, 4, 4, False, 2, 53, "B1N"),  # rows 106 = 3 x 32 + 10, 17 column tiles
+    MatMulCase(640, 48, 4, 8, True, 2, 24, "N", F16, 32),  # rows 48 = 32 + 16
+    MatMulCase(576, 40, 4, 4, False, 1, 70, "N", F32, 96),  # rows 70 = 2 x 32 + 6, 3 tiles, N not a multiple of 16
+    MatMulCase(384, 64, 4, 4, True, 1, 37, "N", F32, 48),
+    MatMulCase(1024, 80, 4, 4, False, 1, 33, "B1N", F32, 512),
+    MatMulCase(1152, 96, 8, 8, False, 2, 40, "B1N"),
+    MatMulCase(512, 48, 6, 6, True, 1, 64, "N", F16, 256),
 ]
 
 
@@ -457,3 +466,100 @@ def test_own_threads_same_bits(library, monkeypatch):
     monkeypatch.setenv("HADANORM_KERNELS_THREADS", "3")
     (own,) = run_on(library, int_matmul_model(case, p), feeds)
     np.testing.assert_array_equal(own, pool)
+
+
+CPU_HAS_AMX = "amx_int8" in (Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else "")
+NO_AMX = Path(__file__).resolve().parents[1] / "benchmarks" / "no_amx.py"
+
+REFUSED_AMX_CHILD = r"""
+import ctypes, os, sys
+import numpy as np
+import onnxruntime as ort
+from runtime.kernels import register_kernels
+library, model, feeds, out = sys.argv[1:5]
+isa = ctypes.CDLL(library).HadanormKernelsIsa
+isa.restype = ctypes.c_char_p
+print("best:", isa().decode())
+os.environ["HADANORM_KERNELS_ISA"] = "amx"
+print("forced:", isa().decode())
+del os.environ["HADANORM_KERNELS_ISA"]
+options = ort.SessionOptions()
+options.intra_op_num_threads = 2
+register_kernels(options, library)
+session = ort.InferenceSession(open(model, "rb").read(), options, providers=["CPUExecutionProvider"])
+np.save(out, session.run(None, dict(np.load(feeds)))[0])
+"""
+
+
+@pytest.mark.skipif(not CPU_HAS_AMX, reason="this CPU has no AMX-INT8")
+def test_amx_refused_falls_back(library, isas, tmp_path):
+    """A process denied the AMX tile state (a seccomp filter on arch_prctl(ARCH_REQ_XCOMP_PERM): benchmarks/no_amx.py)
+    runs the avx512vnni path, names the refusal when amx is forced, and computes the same bits as the scalar path."""
+    import subprocess
+    import sys
+
+    assert "amx" in isas  # this process was granted the tile state: the amx path is the best one
+    case = MatMulCase(1152, 272, 4, 4, False, 2, 53, "B1N")
+    p = packed_weight(case)
+    codes, scale, zp, bias = activations(case)
+    feeds = {"codes": codes, "a_scale": scale, "a_zero_point": zp, "bias": bias}
+    model = tmp_path / "int.onnx"
+    model.write_bytes(int_matmul_model(case, p))
+    np.savez(tmp_path / "feeds.npz", **feeds)
+    proc = subprocess.run([sys.executable, str(NO_AMX), "--", sys.executable, "-c", REFUSED_AMX_CHILD, str(library),
+                           str(model), str(tmp_path / "feeds.npz"), str(tmp_path / "y.npy")],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "best: avx512vnni"
+    assert lines[1].startswith("forced: error: HADANORM_KERNELS_ISA=amx but the kernel refused this process the AMX "
+                               "tile state (arch_prctl ARCH_REQ_XCOMP_PERM: Operation not permitted); unset it or "
+                               "use avx512vnni")
+    (reference,) = run_on(library, int_matmul_model(case, p), feeds, "scalar")
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), reference)
+
+
+CPU_HAS_AVX512 = "avx512f" in (Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else "")
+
+TRANSFORM_CHILD = r"""
+import sys
+import numpy as np
+import onnxruntime as ort
+from runtime.kernels import register_kernels
+library, model, x, out = sys.argv[1:5]
+options = ort.SessionOptions()
+register_kernels(options, library)
+session = ort.InferenceSession(open(model, "rb").read(), options, providers=["CPUExecutionProvider"])
+np.savez(out, *session.run(None, {"x": np.load(x)}))
+"""
+
+
+@pytest.mark.skipif(not CPU_HAS_AVX512, reason="this CPU has no AVX-512: only the portable loops exist")
+@pytest.mark.parametrize("width", [1152, 4608])
+def test_transform_avx512_product_matches_portable_loops(library, tmp_path, width):
+    """The AVX-512 h_left product (fused multiply-adds, chosen by CPU) against the portable loops (multiply, then
+    add; HADANORM_TRANSFORM_GENERIC=1, in a child process: the choice is made once per process), through
+    CenterScaleRotate at the Paley widths 1152 = 36 x 32 and 4608 = 36 x 128: within float32 rounding of each other,
+    and not bit-identical (two different paths ran)."""
+    import subprocess
+    import sys
+
+    x = dit_like_input(width, batch=2, tokens=9, seed=5).astype(F32)
+    consts = transform_consts(width, True, HadamardMode.FULL, F32)
+    assert consts["h_left"].shape == (36, 36)
+    model = tmp_path / "t.onnx"
+    model.write_bytes(one_node_model("CenterScaleRotate", {"x": x}, consts, ["y", "mean_y"]))
+    np.save(tmp_path / "x.npy", x)
+    results = {}
+    for generic in ("0", "1"):
+        out = tmp_path / f"out{generic}.npz"
+        proc = subprocess.run([sys.executable, "-c", TRANSFORM_CHILD, str(library), str(model), str(tmp_path / "x.npy"),
+                               str(out)], capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, HADANORM_TRANSFORM_GENERIC=generic),
+                              cwd=Path(__file__).resolve().parents[1])
+        assert proc.returncode == 0, proc.stderr
+        results[generic] = np.load(out)
+    fast, portable = results["0"], results["1"]
+    assert rel_l2(fast["arr_0"], portable["arr_0"]) <= 1e-6
+    assert rel_l2(fast["arr_1"], portable["arr_1"]) <= 1e-6
+    assert not np.array_equal(fast["arr_0"], portable["arr_0"])

@@ -12,7 +12,7 @@
 // from the OrtApiBase onnxruntime passes in, requesting API version ORT_API_VERSION of the headers used (21).
 //
 // Environment:
-//   HADANORM_KERNELS_ISA=path       scalar|avx2|avxvnni|avx512vnni|neondot instead of the best path (isa.h)
+//   HADANORM_KERNELS_ISA=path       scalar|avx2|avxvnni|avx512vnni|amx|neondot instead of the best path (isa.h)
 //   HADANORM_KERNELS_THREADS=n      use n std::threads per op instead of onnxruntime's intra-op pool
 //   HADANORM_KERNELS_CALL_LOG=path  append one line "<op type>" per kernel run (tests: proves the kernel ran);
 //                                   HADANORM_KERNELS_CALL_LOG_ISA=1 appends " <path>" for the integer ops

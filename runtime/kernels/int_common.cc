@@ -122,6 +122,7 @@ void store_output(void* y, bool y_half, int64_t index, float value) {
 const IsaKernels& isa_kernels(Isa isa) {
   const IsaKernels* k = nullptr;
   switch (isa) {
+    case Isa::kAmx: k = amx_kernels(); break;
     case Isa::kAvx512Vnni: k = avx512vnni_kernels(); break;
     case Isa::kAvxVnni: k = avxvnni_kernels(); break;
     case Isa::kAvx2: k = avx2_kernels(); break;

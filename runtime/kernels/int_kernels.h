@@ -111,6 +111,7 @@ const IsaKernels* scalar_kernels();
 const IsaKernels* avx2_kernels();
 const IsaKernels* avxvnni_kernels();
 const IsaKernels* avx512vnni_kernels();
+const IsaKernels* amx_kernels();  // IntMatMul on AMX tiles; quantize and FloatMatMul from avx512vnni
 const IsaKernels* neondot_kernels();
 
 // Store helpers shared by the scalar paths: y[i] = value as float or half.

@@ -101,6 +101,7 @@ const IsaKernels* scalar_kernels() { return &kScalar; }
 const IsaKernels* avx2_kernels() { return nullptr; }
 const IsaKernels* avxvnni_kernels() { return nullptr; }
 const IsaKernels* avx512vnni_kernels() { return nullptr; }
+const IsaKernels* amx_kernels() { return nullptr; }
 #endif
 #if !defined(__aarch64__) || defined(HADANORM_SCALAR_ONLY)
 const IsaKernels* neondot_kernels() { return nullptr; }

@@ -1,10 +1,18 @@
-// The online transform of one token (see transform.h): contiguous float loops the compiler vectorises.
+// The online transform of one token (see transform.h): contiguous float loops the compiler vectorises, and an
+// AVX-512 product by a dense h_left (the Paley factor of 1152 = 36 x 32 and 4608 = 36 x 128), chosen by CPU
+// (HADANORM_TRANSFORM_GENERIC=1 forces the portable loops: the test of the two against each other). The AVX-512
+// product uses fused multiply-adds, so it may differ from the portable loops (multiply, then add) in the last bit.
 
 #include "transform.h"
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(HADANORM_SCALAR_ONLY)
+#include <immintrin.h>
+#endif
 
 #include "half.h"
 #include "util.h"
@@ -184,7 +192,77 @@ HN_INLINE void left_columns(const float* v, const float* left, int64_t k, int64_
   }
 }
 
-HN_HOT void dense_left(const float* v, const float* left, int64_t k, int64_t m, float* out) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(HADANORM_SCALAR_ONLY)
+#define HN_LEFT_AVX512 1
+// AVX-512 h_left product: out = h_left @ v, R output rows x C zmm (16 columns each) accumulated in registers, over b
+// in order with fused multiply-adds: out[a, c] = fma(h[a, K-1], v[K-1, c], ... fma(h[a, 0], v[0, c], 0)).
+template <int R, int C>
+__attribute__((target("avx512f"), always_inline)) inline void left_block512(const float* __restrict v,
+                                                                           const float* __restrict left, int64_t k,
+                                                                           int64_t m, float* __restrict out,
+                                                                           int64_t a0, int64_t c0) {
+  __m512 acc[R][C];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  const float* lrow = left + a0 * k;
+  for (int64_t b = 0; b < k; ++b) {
+    __m512 x[C];
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) x[c] = _mm512_loadu_ps(v + b * m + c0 + 16 * c);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512 s = _mm512_set1_ps(lrow[r * k + b]);
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(s, x[c], acc[r][c]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + (a0 + r) * m + c0 + 16 * c, acc[r][c]);
+}
+
+template <int C>
+__attribute__((target("avx512f"))) void left_columns512(const float* v, const float* left, int64_t k, int64_t m,
+                                                        float* out) {
+  constexpr int R = C >= 8 ? 3 : (C >= 4 ? 6 : 12);  // 24 accumulators of the 32 zmm registers
+  for (int64_t c0 = 0; c0 < m; c0 += 16 * C) {
+    int64_t a = 0;
+    for (; a + R <= k; a += R) left_block512<R, C>(v, left, k, m, out, a, c0);
+    for (; a < k; ++a) left_block512<1, C>(v, left, k, m, out, a, c0);
+  }
+}
+
+// The AVX-512 product for widths it handles (M a multiple of 16); false otherwise.
+bool dense_left_avx512(const float* v, const float* left, int64_t k, int64_t m, float* out) {
+  if (m % 16) return false;
+  if (m % 128 == 0)
+    left_columns512<8>(v, left, k, m, out);
+  else if (m % 64 == 0)
+    left_columns512<4>(v, left, k, m, out);
+  else if (m % 32 == 0)
+    left_columns512<2>(v, left, k, m, out);
+  else
+    left_columns512<1>(v, left, k, m, out);
+  return true;
+}
+#endif
+
+bool use_avx512_left() {
+#ifdef HN_LEFT_AVX512
+  static const bool use = [] {
+    const char* generic = std::getenv("HADANORM_TRANSFORM_GENERIC");
+    return __builtin_cpu_supports("avx512f") && !(generic && *generic && std::strcmp(generic, "0") != 0);
+  }();
+  return use;
+#else
+  return false;
+#endif
+}
+
+HN_HOT void dense_left_generic(const float* v, const float* left, int64_t k, int64_t m, float* out) {
   // 4 rows x 16 columns: 8 vector accumulators + 2 loads fit the 16 AVX registers (measured best of 2..12 x 8..32)
   if (m % 16 == 0)
     left_columns<16>(v, left, k, m, out);
@@ -219,7 +297,12 @@ void transform_row(const float* x, const float* mean, const float* mul, const fl
     fwht_rows(v, rot->K, rot->M);
   else
     dense_right_rows(v, rot->K, rot->M, rot->right_t.data(), scratch.tmp.data());
-  if (!rot->left_identity) dense_left(v, rot->left.data(), rot->K, rot->M, out);
+  if (!rot->left_identity) {
+#ifdef HN_LEFT_AVX512
+    if (use_avx512_left() && dense_left_avx512(v, rot->left.data(), rot->K, rot->M, out)) return;
+#endif
+    dense_left_generic(v, rot->left.data(), rot->K, rot->M, out);
+  }
 }
 
 // Column sums over tokens of one channel block, accumulated in double.
