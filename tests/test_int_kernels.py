@@ -535,18 +535,19 @@ np.savez(out, *session.run(None, {"x": np.load(x)}))
 
 
 @pytest.mark.skipif(not CPU_HAS_AVX512, reason="this CPU has no AVX-512: only the portable loops exist")
-@pytest.mark.parametrize("width", [1152, 4608])
-def test_transform_avx512_product_matches_portable_loops(library, tmp_path, width):
-    """The AVX-512 h_left product (fused multiply-adds, chosen by CPU) against the portable loops (multiply, then
-    add; HADANORM_TRANSFORM_GENERIC=1, in a child process: the choice is made once per process), through
-    CenterScaleRotate at the Paley widths 1152 = 36 x 32 and 4608 = 36 x 128: within float32 rounding of each other,
-    and not bit-identical (two different paths ran)."""
+@pytest.mark.parametrize("width,mode", [(1152, HadamardMode.FULL), (4608, HadamardMode.FULL),
+                                        (1152, HadamardMode.BLOCK), (4608, HadamardMode.BLOCK)])
+def test_transform_avx512_matches_portable_loops(library, tmp_path, width, mode):
+    """The AVX-512 transform (chosen by CPU) against the portable loops (HADANORM_TRANSFORM_GENERIC=1; in child
+    processes: the choice is made once per process), through CenterScaleRotate. Centering, scale and the fast
+    Walsh-Hadamard transform are the same operations in the same order: bit-identical where h_left is the identity
+    (block Hadamard, 1152 = 9 x 128). The product by the Paley factor (full Hadamard, 1152 = 36 x 32, 4608 = 36 x 128)
+    uses fused multiply-adds there: within float32 rounding, and not bit-identical (two different paths ran)."""
     import subprocess
     import sys
 
     x = dit_like_input(width, batch=2, tokens=9, seed=5).astype(F32)
-    consts = transform_consts(width, True, HadamardMode.FULL, F32)
-    assert consts["h_left"].shape == (36, 36)
+    consts = transform_consts(width, True, mode, F32)
     model = tmp_path / "t.onnx"
     model.write_bytes(one_node_model("CenterScaleRotate", {"x": x}, consts, ["y", "mean_y"]))
     np.save(tmp_path / "x.npy", x)
@@ -560,6 +561,12 @@ def test_transform_avx512_product_matches_portable_loops(library, tmp_path, widt
         assert proc.returncode == 0, proc.stderr
         results[generic] = np.load(out)
     fast, portable = results["0"], results["1"]
-    assert rel_l2(fast["arr_0"], portable["arr_0"]) <= 1e-6
-    assert rel_l2(fast["arr_1"], portable["arr_1"]) <= 1e-6
-    assert not np.array_equal(fast["arr_0"], portable["arr_0"])
+    if mode == HadamardMode.BLOCK:
+        assert consts["h_left"].shape[0] * 128 == width  # K x 128: h_left the identity, h_right Sylvester(128)
+        np.testing.assert_array_equal(fast["arr_0"], portable["arr_0"])
+        np.testing.assert_array_equal(fast["arr_1"], portable["arr_1"])
+    else:
+        assert consts["h_left"].shape == (36, 36)
+        assert rel_l2(fast["arr_0"], portable["arr_0"]) <= 1e-6
+        assert rel_l2(fast["arr_1"], portable["arr_1"]) <= 1e-6
+        assert not np.array_equal(fast["arr_0"], portable["arr_0"])

@@ -235,6 +235,64 @@ __attribute__((target("avx512f"))) void left_columns512(const float* v, const fl
   }
 }
 
+// AVX-512 centering, scale and the fast Walsh-Hadamard transform of each of the K rows of M = 16 * NV floats, the
+// row held in NV registers: the same operations in the same order as center_scale_row + fwht_rows (subtract,
+// multiply; butterflies (a + b, a - b) with h = 1, 2, 4, ...), so bit-identical to them.
+// One in-register butterfly stage: lanes whose bit h is set take partner - self (the b of a butterfly), the others
+// partner + self (= self + partner).
+__attribute__((target("avx512f"), always_inline)) inline __m512 fwht_stage512(__m512 r, __m512i perm,
+                                                                             __mmask16 upper) {
+  const __m512 partner = _mm512_permutexvar_ps(perm, r);
+  return _mm512_mask_sub_ps(_mm512_add_ps(partner, r), upper, partner, r);
+}
+
+template <int NV>
+__attribute__((target("avx512f"))) void center_scale_fwht512(const float* x, const float* mean, const float* mul,
+                                                             float* v, int64_t k) {
+  constexpr int64_t m = 16 * NV;
+  const __m512i p1 = _mm512_set_epi32(14, 15, 12, 13, 10, 11, 8, 9, 6, 7, 4, 5, 2, 3, 0, 1);
+  const __m512i p2 = _mm512_set_epi32(13, 12, 15, 14, 9, 8, 11, 10, 5, 4, 7, 6, 1, 0, 3, 2);
+  const __m512i p4 = _mm512_set_epi32(11, 10, 9, 8, 15, 14, 13, 12, 3, 2, 1, 0, 7, 6, 5, 4);
+  const __m512i p8 = _mm512_set_epi32(7, 6, 5, 4, 3, 2, 1, 0, 15, 14, 13, 12, 11, 10, 9, 8);
+  for (int64_t row = 0; row < k; ++row) {
+    __m512 r[NV];
+#pragma GCC unroll 16
+    for (int i = 0; i < NV; ++i) {
+      const int64_t off = row * m + 16 * i;
+      __m512 xv = _mm512_loadu_ps(x + off);
+      if (mean) xv = _mm512_sub_ps(xv, _mm512_loadu_ps(mean + off));
+      xv = _mm512_mul_ps(xv, _mm512_loadu_ps(mul + off));
+      xv = fwht_stage512(xv, p1, 0xAAAA);
+      xv = fwht_stage512(xv, p2, 0xCCCC);
+      xv = fwht_stage512(xv, p4, 0xF0F0);
+      r[i] = fwht_stage512(xv, p8, 0xFF00);
+    }
+#pragma GCC unroll 8
+    for (int h = 1; h < NV; h *= 2)
+#pragma GCC unroll 16
+      for (int i = 0; i < NV; ++i)
+        if ((i & h) == 0) {
+          const __m512 a = r[i], b = r[i + h];
+          r[i] = _mm512_add_ps(a, b);
+          r[i + h] = _mm512_sub_ps(a, b);
+        }
+#pragma GCC unroll 16
+    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(v + row * m + 16 * i, r[i]);
+  }
+}
+
+// The AVX-512 centering + scale + h_right fast transform for row lengths it handles; false otherwise.
+bool center_scale_fwht_avx512(const float* x, const float* mean, const float* mul, float* v, int64_t k, int64_t m) {
+  switch (m) {
+    case 16: center_scale_fwht512<1>(x, mean, mul, v, k); return true;
+    case 32: center_scale_fwht512<2>(x, mean, mul, v, k); return true;
+    case 64: center_scale_fwht512<4>(x, mean, mul, v, k); return true;
+    case 128: center_scale_fwht512<8>(x, mean, mul, v, k); return true;
+    case 256: center_scale_fwht512<16>(x, mean, mul, v, k); return true;
+    default: return false;
+  }
+}
+
 // The AVX-512 product for widths it handles (M a multiple of 16); false otherwise.
 bool dense_left_avx512(const float* v, const float* left, int64_t k, int64_t m, float* out) {
   if (m % 16) return false;
@@ -292,11 +350,17 @@ void transform_row(const float* x, const float* mean, const float* mul, const fl
     return;
   }
   float* v = rot->left_identity ? out : scratch.block.data();
-  center_scale_row(x, mean, rot->right_fwht ? mul_rot : mul, v, d);
-  if (rot->right_fwht)
-    fwht_rows(v, rot->K, rot->M);
-  else
-    dense_right_rows(v, rot->K, rot->M, rot->right_t.data(), scratch.tmp.data());
+  bool done = false;
+#ifdef HN_LEFT_AVX512
+  if (rot->right_fwht && use_avx512_left()) done = center_scale_fwht_avx512(x, mean, mul_rot, v, rot->K, rot->M);
+#endif
+  if (!done) {
+    center_scale_row(x, mean, rot->right_fwht ? mul_rot : mul, v, d);
+    if (rot->right_fwht)
+      fwht_rows(v, rot->K, rot->M);
+    else
+      dense_right_rows(v, rot->K, rot->M, rot->right_t.data(), scratch.tmp.data());
+  }
   if (!rot->left_identity) {
 #ifdef HN_LEFT_AVX512
     if (use_avx512_left() && dense_left_avx512(v, rot->left.data(), rot->K, rot->M, out)) return;
