@@ -254,20 +254,17 @@ void amx_panel(const GemmArgs& g, int64_t m0, int64_t t0, int64_t t1, const Weig
   }
   fold_block<RA>(g, c[parity ^ 1], f + pending_pair * kMicro, m0, t0 + 2 * pending_pair,
                  t0 + 2 * pending_pair + 1 < t1 ? 2 : 1, pending_blk);
-  for (int64_t pair = 0; pair < pairs; ++pair) {
-    const float* fp = f + pair * kMicro;
-    const int tb = t0 + 2 * pair + 1 < t1 ? 2 : 1;
-    for (int64_t r = 0; r < kRows; ++r) {
-      const int64_t m = m0 + r;
-      const float* bias = g.bias + (m / g.rows_per_bias) * g.bias_stride;
-      const __m512 as = _mm512_set1_ps(act.scale[m]);
-      for (int i = 0; i < tb; ++i) {
-        const int64_t n0 = (t0 + 2 * pair + i) * kTile;
-        const __mmask16 mask = column_mask(n0, g.n);
-        const __m512 v =
-            _mm512_fmadd_ps(as, _mm512_load_ps(fp + r * kCols + i * 16), _mm512_maskz_loadu_ps(mask, bias + n0));
-        store16(g.y, g.y_half, m * g.n + n0, v, mask);
-      }
+  for (int64_t r = 0; r < kRows; ++r) {  // y = fmadd(a_scale, F, bias), row by row
+    const int64_t m = m0 + r;
+    const float* bias = g.bias + (m / g.rows_per_bias) * g.bias_stride;
+    const __m512 as = _mm512_set1_ps(act.scale[m]);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t pair = (t - t0) / 2, i = (t - t0) % 2;
+      const int64_t n0 = t * kTile;
+      const __mmask16 mask = column_mask(n0, g.n);
+      const __m512 v = _mm512_fmadd_ps(as, _mm512_load_ps(f + pair * kMicro + r * kCols + i * 16),
+                                       _mm512_maskz_loadu_ps(mask, bias + n0));
+      store16(g.y, g.y_half, m * g.n + n0, v, mask);
     }
   }
 }
