@@ -7,6 +7,7 @@ registered custom-op kernel over a model-local function of the same domain and n
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 
@@ -20,6 +21,7 @@ REBUILD_HINT = "rebuild it with `python -m runtime.kernels.build --force`"
 __all__ = [
     "KERNEL_DOMAIN",
     "KernelLibraryError",
+    "check_selected_isa",
     "library_path",
     "load_error_message",
     "register_kernels",
@@ -70,8 +72,28 @@ def register_kernels(options, path: str | os.PathLike | None = None) -> Path:
             f"hadanorm kernel library not built ({BUILD_DIR / LIBRARY_NAME}); "
             "build it with `python -m runtime.kernels.build`"
         )
+    check_selected_isa(lib)
     try:
         options.register_custom_ops_library(os.fspath(lib))
     except Exception as exc:  # onnxruntime raises its own exception types (Fail, RuntimeException, ...)
         raise KernelLibraryError(load_error_message(exc, lib)) from exc
     return lib
+
+
+ISA_VARIABLE = "HADANORM_KERNELS_ISA"
+
+
+def check_selected_isa(path: str | os.PathLike) -> None:
+    """With ``HADANORM_KERNELS_ISA`` set: raise KernelLibraryError with the library's own one-line reason when the
+    variable names no kernel path, or one this CPU or build lacks (the kernels would otherwise fail only when a
+    session creates them, under an unrelated message). Unset: nothing to check."""
+    if not os.environ.get(ISA_VARIABLE):
+        return
+    try:
+        function = ctypes.CDLL(os.fspath(path)).HadanormKernelsIsa
+    except (OSError, AttributeError):
+        return  # not loadable or too old: registration says why
+    function.restype = ctypes.c_char_p
+    text = (function() or b"").decode(errors="replace")
+    if text.startswith("error: "):
+        raise KernelLibraryError(" ".join(text[len("error: "):].split()))

@@ -72,6 +72,12 @@ void load_tile_config(int64_t kstep) {
   _tile_loadconfig(&cfg);
 }
 
+// zw (low int16) | sv (high int16) of 16 columns: the vpmaddwd operand of a small block's corrections
+inline __m512i int16_pairs(const int32_t* zw, const int32_t* sv) {
+  return _mm512_or_si512(_mm512_and_si512(_mm512_loadu_si512(zw), _mm512_set1_epi32(0xFFFF)),
+                         _mm512_slli_epi32(_mm512_loadu_si512(sv), 16));
+}
+
 inline __mmask16 column_mask(int64_t n0, int64_t n) {
   const int64_t left = n - n0;
   return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << std::max<int64_t>(left, 0)) - 1u);
@@ -104,10 +110,10 @@ HN_INLINE void fold_block(const GemmArgs& g, const int32_t* c, float* f, int64_t
   const int64_t col = blk * w.n_pad + t * kTile;
   if (w.small_block) {  // one vpmaddwd of int16 pairs
     const int32_t* ap = act.pair.data() + m0 * w.k_blocks + blk;
-    const __m512i wp0 = _mm512_loadu_si512(w.pair.data() + col);
+    const __m512i wp0 = int16_pairs(w.zw.data() + col, w.sv.data() + col);
     const __m512 s0 = _mm512_loadu_ps(w.scales.data() + col);
     if (tb == 2) {
-      const __m512i wp1 = _mm512_loadu_si512(w.pair.data() + col + kTile);
+      const __m512i wp1 = int16_pairs(w.zw.data() + col + kTile, w.sv.data() + col + kTile);
       const __m512 s1 = _mm512_loadu_ps(w.scales.data() + col + kTile);
 #pragma GCC unroll 4
       for (int64_t r = 0; r < kRows; ++r) {

@@ -25,6 +25,13 @@
 namespace hadanorm {
 namespace {
 
+// zw (low int16) | sv (high int16) of 8 columns: the vpmaddwd operand that starts a small block's sums
+inline __m256i int16_pairs8(const int32_t* zw, const int32_t* sv) {
+  return _mm256_or_si256(
+      _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(zw)), _mm256_set1_epi32(0xFFFF)),
+      _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sv)), 16));
+}
+
 inline __m256i bcast32(const uint8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
@@ -79,7 +86,6 @@ struct Step {
   const int32_t* a_sc;
   const int32_t* a_z;     // act.z of row m0
   int64_t kb;
-  const int32_t* w_pair;  // at (blk, tile)
   const int32_t* w_zw;
   const int32_t* w_sv;
   const float* w_scales;
@@ -106,8 +112,8 @@ HN_INLINE void panel_step(const Step& s, int64_t r0) {
       c1[r] = _mm256_load_si256(reinterpret_cast<const __m256i*>(part + r * 16 + 8));
     }
   } else if (s.small_block) {
-    const __m256i wp0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.w_pair));
-    const __m256i wp1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.w_pair + 8));
+    const __m256i wp0 = int16_pairs8(s.w_zw, s.w_sv);  // zw (low int16) | sv (high int16)
+    const __m256i wp1 = int16_pairs8(s.w_zw + 8, s.w_sv + 8);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const __m256i ap = _mm256_set1_epi32(s.a_pair[(r0 + r) * s.kb]);
@@ -261,7 +267,6 @@ void int_panel(const GemmArgs& g, int64_t m0, int64_t m1, int64_t t) {
     const int64_t col = blk * w.n_pad + t * kTile;
     s.a_pair = w.small_block ? act.pair.data() + m0 * w.k_blocks + blk : nullptr;
     s.a_sc = act.sc.data() + m0 * w.k_blocks + blk;
-    s.w_pair = w.small_block ? w.pair.data() + col : nullptr;
     s.w_zw = w.zw.data() + col;
     s.w_sv = w.sv.data() + col;
     s.w_scales = w.scales.data() + col;

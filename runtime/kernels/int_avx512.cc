@@ -45,6 +45,12 @@ HN_INLINE void dpbusd(__m512i& acc, __m512i a, __m512i w) {
   asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(w));
 }
 
+// zw (low int16) | sv (high int16) of 16 columns: the operand of the vpmaddwd that starts a small block's sums
+inline __m512i int16_pairs(const int32_t* zw, const int32_t* sv) {
+  return _mm512_or_si512(_mm512_and_si512(_mm512_loadu_si512(zw), _mm512_set1_epi32(0xFFFF)),
+                         _mm512_slli_epi32(_mm512_loadu_si512(sv), 16));
+}
+
 inline __mmask16 column_mask(int64_t n0, int64_t n) {
   const int64_t left = n - n0;
   return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << std::max<int64_t>(left, 0)) - 1u);
@@ -129,8 +135,7 @@ struct Panel {
   const int32_t* a_sc;         // act.sc of row m0, block blk (rows k_blocks apart)
   const int32_t* a_z;          // act.z of row m0
   int64_t kb;
-  const int32_t* w_pair;       // w.pair / zw / sv / scales at (blk, tile t)
-  const int32_t* w_zw;
+  const int32_t* w_zw;         // w.zw / sv / scales at (blk, tile t)
   const int32_t* w_sv;
   const float* w_scales;
   const uint8_t* w;            // this step's weights: unpacked scratch [groups][2][T][64] (4-bit) or b (8-bit)
@@ -167,7 +172,7 @@ HN_INLINE void panel_step(const Panel& p, int64_t r0) {
     for (int r = 0; r < R; ++r) ap[r] = _mm512_set1_epi32(p.a_pair[(r0 + r) * p.kb]);
 #pragma GCC unroll 16
     for (int i = 0; i < T; ++i) {
-      const __m512i wp = _mm512_loadu_si512(p.w_pair + i * kTile);
+      const __m512i wp = int16_pairs(p.w_zw + i * kTile, p.w_sv + i * kTile);
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) acc[r][i] = _mm512_madd_epi16(wp, ap[r]);
     }
@@ -301,7 +306,6 @@ void int_panel(const GemmArgs& g, int64_t m0, int64_t m1, int64_t t) {
     const int64_t col = blk * w.n_pad + t * kTile;
     p.a_pair = w.small_block ? act.pair.data() + m0 * w.k_blocks + blk : nullptr;
     p.a_sc = act.sc.data() + m0 * w.k_blocks + blk;
-    p.w_pair = w.small_block ? w.pair.data() + col : nullptr;
     p.w_zw = w.zw.data() + col;
     p.w_sv = w.sv.data() + col;
     p.w_scales = w.scales.data() + col;

@@ -38,7 +38,6 @@ HN_HOT void fill_weight_info(WeightInfo& w, const uint8_t* b, const float* scale
   w.scales.assign(size, 0.0f);
   w.zw.assign(size, 0);
   w.sv.assign(size, 0);
-  w.pair.assign(w.small_block ? size : 0, 0);
   for (int64_t blk = 0; blk < w.k_blocks; ++blk) {
     for (int64_t n = 0; n < w.n; ++n) {
       const int64_t i = blk * w.n + n;
@@ -66,7 +65,6 @@ HN_HOT void fill_weight_info(WeightInfo& w, const uint8_t* b, const float* scale
       for (int c = 0; c < kTile; ++c) {
         const int64_t i = blk * w.n_pad + t * kTile + c;
         w.sv[i] = su[c] - w.zw[i] * static_cast<int32_t>(w.block);
-        if (w.small_block) w.pair[i] = static_cast<int32_t>(int16_pair(w.zw[i], w.sv[i]));
       }
     }
   }

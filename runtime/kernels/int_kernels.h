@@ -38,7 +38,7 @@ struct WeightInfo {
   std::vector<float> scales;   // [k_blocks, n_pad]
   std::vector<int32_t> zw;     // [k_blocks, n_pad]
   std::vector<int32_t> sv;     // [k_blocks, n_pad]: sum over the (padded) block of (u - zw)
-  std::vector<int32_t> pair;   // [k_blocks, n_pad]: int16 zw (low half) | int16 sv (high half), small blocks only
+  // (small blocks: the vector paths pack zw and sv as int16 pairs, zw low | sv high, for one vpmaddwd per block)
 };
 
 // The geometry of a weight from N, block size and bits (no data).
