@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ from graph_passes.static_act_quant import ActScaleTable
 from hn_export.calibration import npz_batches
 from hn_export.denoise import DenoiseConfig, ModelSignature, family_of, trajectory
 from hn_export.errors import UserError
+from hn_export.model_files import write_atomic
 from hn_export.ort_models import open_session
 
 logger = logging.getLogger(__name__)
@@ -85,36 +85,65 @@ def schedule_timesteps(model: ir.Model, steps: int) -> np.ndarray:
 def save_act_scales(table: ActScaleTable, path: Path) -> None:
     data = {"timestep_input": table.timestep_input, "timesteps": [float(t) for t in table.timesteps],
             "absmax": {site: [float(v) for v in values] for site, values in table.absmax.items()}}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1) + "\n")
+
+
+def _number_list(value, what: str, path: Path) -> np.ndarray:
+    """A flat JSON list of finite numbers (not a string, a scalar or nested lists)."""
+    if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise UserError(f"{path}: {what} is not a flat list of numbers", "give one number per denoising step")
+    array = np.asarray(value, dtype=np.float64)
+    if not np.all(np.isfinite(array)):
+        raise UserError(f"{path}: {what} holds a non-finite value", "give finite numbers")
+    return array
 
 
 def load_act_scales(path: Path, model: ir.Model, sites: list[ActivationSite], steps: int) -> ActScaleTable:
-    """Read a table file for `sites`; every list must have `steps` values (one per denoising step)."""
+    """Read a table file for `sites`; every list must have `steps` values (one per denoising step), each max |x| a
+    finite number the graph's float type holds."""
     if not path.exists():
         raise UserError(f"activation scale file {path} does not exist", "check the path, or omit --act-scales "
                         "to calibrate the per-timestep scales")
+    not_table = UserError(f"{path} is not an activation scale table (JSON with an 'absmax' object of per-site lists)",
+                          "write it with --save-act-scales, or follow the format in the README")
+    if not path.is_file():
+        raise not_table
     try:
         data = json.loads(path.read_text())
-        absmax = {str(k): np.asarray(v, dtype=np.float64).reshape(-1) for k, v in data["absmax"].items()}
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise UserError(f"{path} is not an activation scale table (JSON with an 'absmax' object of per-site lists)",
-                        "write it with --save-act-scales, or follow the format in the README") from None
+    except (ValueError, UnicodeDecodeError, OSError):
+        raise not_table from None
+    if not isinstance(data, dict) or not isinstance(data.get("absmax"), dict):
+        raise not_table
+    sig = ModelSignature.of(model)
+    limit = float(np.finfo(sig.dtype).max) if np.issubdtype(sig.dtype, np.floating) else float(np.finfo(np.float32).max)
     timesteps = data.get("timesteps")
-    timesteps = schedule_timesteps(model, steps) if timesteps is None else np.asarray(timesteps, np.float64)
+    if timesteps is None:
+        timesteps = schedule_timesteps(model, steps)
+    else:
+        timesteps = _number_list(timesteps, "timesteps", path)
+        if len(set(timesteps.tolist())) != len(timesteps):
+            raise UserError(f"{path}: timesteps repeat a value", "give each step's timestep once")
     if len(timesteps) != steps:
         raise UserError(f"{path} has {len(timesteps)} timesteps but the schedule has {steps} steps (--calib-steps)",
                         f"give one value per step, or pass --calib-steps {len(timesteps)}")
-    for site, values in absmax.items():
+    absmax = {}
+    for site, values in data["absmax"].items():
+        values = _number_list(values, f"absmax of site {site}", path)
         if len(values) != steps:
             raise UserError(f"{path} has {len(values)} values for site {site} but the schedule has {steps} steps "
                             "(--calib-steps)", "give one value per step")
-        if not np.all(np.isfinite(values)) or np.any(values < 0):
-            raise UserError(f"{path}: site {site} has a negative or non-finite value", "give max |x| per step")
+        if np.any(values < 0) or np.any(values > limit):
+            raise UserError(f"{path}: site {site} has a value outside 0..{limit:.4g} (the graph's {sig.dtype} range)",
+                            "give max |x| per step")
+        absmax[str(site)] = values
     missing = [site.name for site in sites if site.name not in absmax]
     if missing:
         raise UserError(f"{path} has no values for {len(missing)} site(s), e.g. {missing[0]}",
                         "list every site (`hn-export layers MODEL.onnx`), or recalibrate with --save-act-scales")
-    timestep_input = str(data.get("timestep_input", family_of(ModelSignature.of(model)).timestep_input))
+    timestep_input = data.get("timestep_input")
+    if timestep_input is None:
+        timestep_input = family_of(sig).timestep_input
+    if not isinstance(timestep_input, str) or timestep_input not in sig.shapes:
+        raise UserError(f"{path}: timestep_input {timestep_input!r} is not an input of the graph "
+                        f"({sorted(sig.shapes)})", "name the graph's timestep input, or leave it out")
     return ActScaleTable(timestep_input, timesteps, absmax)  # lengths checked above

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ import onnx_ir as ir
 from tqdm import tqdm
 
 from graph_passes.graph_utils import NodeSequence, add_initializer
-from graph_passes.linears import SiteSelection, find_activation_sites
+from graph_passes.linears import ActivationSite, SiteSelection, find_activation_sites
 from graph_passes.site_transforms import SiteStats
 from hn_export.denoise import (
     DenoiseConfig,
@@ -45,6 +46,8 @@ from hn_export.denoise import (
     trajectory,
 )
 from hn_export.errors import UserError
+from hn_export.input_arrays import call_rows
+from hn_export.model_files import write_atomic
 from hn_export.ort_models import open_session
 
 logger = logging.getLogger(__name__)
@@ -74,40 +77,73 @@ class CalibrationStats:
     source: str  # "trajectories(samples=..., steps=..., seed=...)" or "file:NAME"
 
     def save(self, path: str | os.PathLike) -> None:
+        """Write the statistics (.npz) atomically (`hn_export.model_files.write_atomic`)."""
         arrays = {f"{name}/{key}": getattr(st, key) for name, st in sorted(self.sites.items()) for key in _STATS}
         meta = json.dumps({"model_hash": self.model_hash, "calls": self.calls, "source": self.source})
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(tmp, __meta__=np.array(meta), **arrays)
-        os.replace(tmp, path)
+        buffer = io.BytesIO()
+        np.savez(buffer, __meta__=np.array(meta), **arrays)
+        write_atomic(path, buffer.getvalue())
 
     @classmethod
-    def load(cls, path: str | os.PathLike, expected_hash: str | None = None) -> CalibrationStats:
+    def load(cls, path: str | os.PathLike, expected_hash: str | None = None,
+             sites: list[ActivationSite] | None = None) -> CalibrationStats:
+        """Read a --save-stats file: its metadata, one finite, non-negative vector per statistic; with `sites`
+        (the graph's activation sites), one entry of the site's width for every site's activation."""
         path = Path(path)
         if not path.exists():
             raise UserError(f"calibration statistics file {path} does not exist", "check the path")
+        not_stats = UserError(f"{path} is not a calibration statistics file written by hn-export",
+                              "recalibrate with --save-stats")
+        if not path.is_file():
+            raise not_stats
         try:
-            with np.load(path) as data:
+            with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["__meta__"]))
-                sites: dict[str, dict[str, np.ndarray]] = {}
-                for key in data.files:
-                    if key != "__meta__":
-                        name, _, stat = key.rpartition("/")  # tensor names may hold "/" too
-                        sites.setdefault(name, {})[stat] = data[key].astype(np.float64)
+                arrays = {key: np.asarray(data[key]) for key in data.files if key != "__meta__"}
         except Exception:
-            raise UserError(f"{path} is not a calibration statistics file written by hn-export",
-                            "recalibrate with --save-stats") from None
-        for name, values in sites.items():
+            raise not_stats from None
+        if not (isinstance(meta, dict) and isinstance(meta.get("model_hash"), str)
+                and isinstance(meta.get("calls"), int) and isinstance(meta.get("source"), str)):
+            raise UserError(f"calibration statistics {path}: broken __meta__ (model_hash, calls, source)",
+                            "recalibrate with --save-stats")
+        found: dict[str, dict[str, np.ndarray]] = {}
+        for key, array in arrays.items():
+            name, _, stat = key.rpartition("/")  # tensor names may hold "/" too
+            if stat in _DROPPED_STATS:
+                continue
+            if stat not in _STATS or not name:
+                raise UserError(f"calibration statistics {path} hold an unknown entry {key!r}",
+                                "recalibrate with --save-stats")
+            if array.ndim != 1 or array.dtype.kind not in "fiu" or array.size == 0:
+                raise UserError(f"calibration statistics {path}: {key} has shape {array.shape} and dtype "
+                                f"{array.dtype}; each statistic is one float per channel",
+                                "recalibrate with --save-stats")
+            values = array.astype(np.float64)
+            if not np.all(np.isfinite(values)) or np.any(values < 0):
+                raise UserError(f"calibration statistics {path}: {key} holds a negative or non-finite value",
+                                "recalibrate with --save-stats")
+            found.setdefault(name, {})[stat] = values
+        for name, values in found.items():
             missing = [stat for stat in _STATS if stat not in values]
             if missing:
                 raise UserError(f"calibration statistics {path} lack {'/'.join(missing)} for activation {name}",
                                 "recalibrate with --save-stats")
-            for stat in _DROPPED_STATS:
-                values.pop(stat, None)
+            if values["absmax"].shape != values["centered_absmax"].shape:
+                raise UserError(f"calibration statistics {path}: the statistics of {name} differ in width",
+                                "recalibrate with --save-stats")
         if expected_hash is not None and meta["model_hash"] != expected_hash:
             raise UserError(f"calibration statistics {path} were made for another model",
                             "recalibrate for this model (omit --stats, or pass --save-stats to keep them)")
-        return cls(meta["model_hash"], {n: SiteStats(**s) for n, s in sites.items()}, meta["calls"], meta["source"])
+        for site in sites or ():
+            values = found.get(site.activation.name)
+            if values is None:
+                raise UserError(f"calibration statistics {path} have no entry for activation {site.activation.name} "
+                                f"(site {site.name})", "recalibrate with --save-stats")
+            if values["absmax"].shape != (site.width,):
+                raise UserError(f"calibration statistics {path}: activation {site.activation.name} has "
+                                f"{values['absmax'].size} channels, the graph {site.width}",
+                                "recalibrate with --save-stats")
+        return cls(meta["model_hash"], {n: SiteStats(**s) for n, s in found.items()}, meta["calls"], meta["source"])
 
 
 def _add_stat_outputs(model: ir.Model) -> tuple[dict[str, str], list[ir.Node], list[ir.Value]]:
@@ -154,11 +190,12 @@ def _remove_stat_outputs(model: ir.Model, outputs: int, nodes: list[ir.Node], in
         graph.initializers.pop(init.name)
 
 
-def npz_batches(path: Path, sig: ModelSignature, batch: int = 2) -> Iterator[dict[str, np.ndarray]]:
-    """Calls from a user file, `batch` samples at a time."""
+def npz_batches(path: Path, sig: ModelSignature, batch: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Calls from a user file, `batch` samples at a time (default: the graph's static batch, else 2)."""
     data = load_input_file(path, sig, "calibration input file")
     batched = sig.batched
-    count = max(data[k].shape[0] for k in data if k in batched)
+    batch = batch or call_rows(sig)
+    count = max((data[k].shape[0] for k in data if k in batched), default=1)
     for start in range(0, count, batch):
         yield {k: (v[start:start + batch] if k in batched else v).astype(sig.dtypes.get(k, v.dtype))
                for k, v in data.items()}

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import click
@@ -68,8 +69,29 @@ def _register_commands() -> None:
 _register_commands()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, a CI cancel or `docker stop` send): unwinds like Ctrl-C, so that every temporary file
+    and folder is removed on the way out."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning bad input into one line and exit code 2."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        previous = None
+    try:
+        _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         cli.main(args=argv, prog_name="hn-export", standalone_mode=False)
     except (UserError, GraphInputError, RuntimeInputError, ModelInputError) as exc:
@@ -77,13 +99,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.Abort:
-        click.echo("error: interrupted; no output file was written", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("error: interrupted; no output file was written", err=True)
+    except (click.Abort, KeyboardInterrupt) as exc:  # click turns KeyboardInterrupt into Abort (the cause)
+        if isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated):
+            click.echo("error: terminated (SIGTERM); no output file was written", err=True)
+        else:
+            click.echo("error: interrupted; no output file was written", err=True)
         sys.exit(2)
     except click.ClickException as exc:
-        click.echo(f"error: {exc.format_message()} (see `hn-export --help`)", err=True)
+        click.echo(f"error: {exc.format_message()}; see `hn-export --help`", err=True)
         sys.exit(2)
     sys.exit(0)

@@ -12,15 +12,26 @@ from graph_passes.quantization import OutputFormat, WeightRange
 from graph_passes.static_act_quant import ActGranularity
 from hn_export.cli_options import (
     check_format_block,
+    check_hadamard_block,
     check_model_and_inputs,
     input_file_options,
     parse_bits,
     parse_list,
     samples_option,
 )
-from hn_export.compare import CompareConfig, EvaluationInputs, grid, run_compare, table_markdown, write_results
-from hn_export.denoise import DenoiseConfig
-from hn_export.model_files import load_model
+from hn_export.compare import (
+    REPORT_FILES,
+    CompareConfig,
+    EvaluationInputs,
+    grid,
+    run_compare,
+    table_markdown,
+    write_results,
+)
+from hn_export.denoise import DenoiseConfig, ModelSignature
+from hn_export.errors import UserError
+from hn_export.input_arrays import check_same_inputs
+from hn_export.model_files import check_output_folder, check_output_path, load_model
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,15 +73,27 @@ def compare_command(model, methods, bits, formats, bias_corrections, steps, samp
                                   weight_symmetric=not asymmetric_weights) for q in parse_bits(bits)
               for r in parse_list(weight_ranges, WeightRange, "--weight-ranges")
               for f in parse_list(formats, OutputFormat, "--formats")]
+    check_hadamard_block(hadamard_block)
     for quant in quants:  # a block the format cannot hold: one line before any work
         check_format_block(quant.format, weight_block, quant.weight_bits)
     points = grid(parse_list(methods, Method, "--methods"), quants,
                   parse_list(bias_corrections, BiasCorrection, "--bias-corrections"),
                   parse_list(act_granularities, ActGranularity, "--act-granularities"))
     # fail fast with a clear message, before any work: the model, both input files, the reference
-    _, feeds = check_model_and_inputs(model, calib_inputs, inputs_path, samples)
+    if not points:
+        raise UserError("the comparison grid is empty: no (method, bits, format, granularity) point is left",
+                        "--act-granularities timestep needs --formats qdq or nbits (fused quantizes per token)")
+    sig, feeds = check_model_and_inputs(model, calib_inputs, inputs_path, samples)
     if reference is not None:
-        load_model(reference, what="reference")
+        check_same_inputs(sig, ModelSignature.of(load_model(reference, what="reference", any_opset=True)),
+                          "reference")
+    input_paths = (model, reference, calib_inputs, inputs_path)  # every output path, before any work
+    check_output_folder(out_dir, REPORT_FILES, *input_paths)
+    if keep_models is not None:
+        check_output_folder(keep_models, [], *input_paths, what="--keep-models")
+        for point in points:
+            check_output_path(keep_models / f"{model.name.removesuffix('.onnx')}.{point.file_stem}.onnx", *input_paths,
+                              data_file=True, what="--keep-models file")
     evaluation = DenoiseConfig(steps=steps, samples=samples or 2, seed=seed + 1000)
     inputs = EvaluationInputs(evaluation, feeds, f"file:{inputs_path.name}" if feeds is not None else "seeded")
     config = CompareConfig(

@@ -20,10 +20,10 @@ import click
 
 from graph_passes.methods import BiasCorrection, Method
 from graph_passes.quantization import OutputFormat, QuantConfig
-from hn_export.compare import CompareConfig, grid, run_compare, table_markdown, write_results
+from hn_export.compare import REPORT_FILES, CompareConfig, grid, run_compare, table_markdown, write_results
 from hn_export.denoise import DenoiseConfig
 from hn_export.latency import median_call_ms
-from hn_export.model_files import write_atomic
+from hn_export.model_files import check_output_folder, write_atomic
 from models.families import DEFAULT_FAMILY, FAMILIES, family
 
 DEMO_PRESET = "pixart-sigma-256"  # the default family's demo preset
@@ -44,6 +44,8 @@ def demo_command(out_dir: Path | None, family_name: str, layers: int, steps: int
     from models.build import InitKind, ModelSource, build_transformer
 
     preset = family(family_name).demo_preset  # an unknown name: one line naming the families
+    if out_dir is not None:  # before any work: the folder and the files it will hold
+        check_output_folder(out_dir, [f"{preset}.onnx", f"{preset}.fp16.onnx", *REPORT_FILES, "latency.json"])
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="hn-export-demo-") as tmp:
         folder = out_dir or Path(tmp)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 from pathlib import Path
@@ -14,11 +13,9 @@ from hn_export.denoise import DenoiseConfig, first_call_feeds, load_input_file
 from hn_export import diff as diff_lib
 from hn_export.diff import compare_outputs
 from hn_export.evaluate import GraphRunner
-from hn_export.model_files import write_atomic
-
-
-def _json_safe(value):
-    return None if isinstance(value, float) and math.isinf(value) else value
+from hn_export.cli_options import FiniteFloatRange
+from hn_export.json_report import report_json
+from hn_export.model_files import check_output_path, input_files, load_model, write_atomic
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,8 +28,9 @@ def _json_safe(value):
 @click.option("--inputs", "inputs_path", type=click.Path(path_type=Path),
               help="Single-call inputs (.npz named like the graph inputs) instead of seeded ones.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the figures as JSON.")
-@click.option("--min-sqnr", type=float, help="Exit with code 1 when the SQNR (end of denoising, else single call) "
-                                             "is below this many dB.")
+@click.option("--min-sqnr", type=FiniteFloatRange(),
+              help="Exit with code 1 when the SQNR (end of denoising, else single call) is below this many dB "
+                   "(or NaN).")
 @click.option("--per-layer", "per_layer", is_flag=True, help="SQNR at every activation site (one call).")
 @click.option("--provider", help="Execution provider (CPU, CUDA, ...); default: the best available.")
 def diff_command(**kwargs) -> None:
@@ -43,8 +41,11 @@ def diff_command(**kwargs) -> None:
 def _diff(candidate: Path, reference: Path, steps: int, samples: int, seed: int, inputs_path: Path | None,
           json_path: Path | None, min_sqnr: float | None, per_layer: bool, provider: str | None) -> None:
     config = DenoiseConfig(steps=steps, samples=samples, seed=seed)
+    if json_path is not None:  # before any work; the graphs' external data files are inputs too
+        graphs = [file for path in (candidate, reference) for file in input_files(load_model(path, any_opset=True))]
+        check_output_path(json_path, candidate, reference, inputs_path, *graphs, what="--json path")
     with GraphRunner(reference, provider=provider) as ref, GraphRunner(candidate, provider=provider) as cand:
-        feeds = load_input_file(inputs_path, ref.signature, "inputs file") if inputs_path else None
+        feeds = load_input_file(inputs_path, ref.signature, "inputs file", single_call=True) if inputs_path else None
         results = compare_outputs(cand, ref, config, feeds)
         implementations = {"candidate": cand.denoiser.implementation, "reference": ref.denoiser.implementation}
         click.echo(f"candidate {candidate.name} ({implementations['candidate']}, {cand.denoiser.providers[0]}) vs "
@@ -65,15 +66,18 @@ def _diff(candidate: Path, reference: Path, steps: int, samples: int, seed: int,
     if json_path is not None:
         data = {"candidate": candidate.name, "reference": reference.name, "implementation": implementations,
                 "steps": steps, "samples": samples, "seed": seed,
-                "outputs": {k: {f: _json_safe(v) for f, v in dataclasses.asdict(c).items()} for k, c in results.items()},
-                "per_layer": [{"site": l.site, "role": l.role, "block": l.block,
-                               **{f: _json_safe(v) for f, v in dataclasses.asdict(l.comparison).items()}}
+                "outputs": {k: dataclasses.asdict(c) for k, c in results.items()},
+                "per_layer": [{"site": l.site, "role": l.role, "block": l.block, **dataclasses.asdict(l.comparison)}
                               for l in layers]}
-        write_atomic(json_path, json.dumps(data, indent=2) + "\n")
+        write_atomic(json_path, report_json(data))  # NaN and inf as null
         click.echo(f"wrote {json_path}")
     if min_sqnr is not None:
         key = "end_of_denoising" if "end_of_denoising" in results else "single_call"
         got = results[key].sqnr_db
+        if math.isnan(got):  # NaN passes no comparison: a broken candidate must not pass the gate
+            click.echo(f"error: SQNR is NaN ({key.replace('_', ' ')}): the outputs hold NaN or inf, below --min-sqnr "
+                       f"{min_sqnr} dB", err=True)
+            sys.exit(1)
         if got < min_sqnr:
             click.echo(f"error: SQNR {got:.2f} dB ({key.replace('_', ' ')}) is below --min-sqnr {min_sqnr} dB", err=True)
             sys.exit(1)

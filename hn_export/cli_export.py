@@ -71,7 +71,10 @@ def export_command(preset, checkpoint, config_path, layers, sample_size, seed, i
     if with_mask and preset is not None and not family_of_preset(preset).supports_mask:
         raise UserError(f"--with-mask: the {family_of_preset(preset).name} family's export has no "
                         "encoder_attention_mask input", "leave out --with-mask")
-    check_output_path(output)
+    inputs = [config_path]
+    if checkpoint is not None and checkpoint.is_dir():  # never write over a file of the checkpoint
+        inputs += [p for p in checkpoint.rglob("*") if p.is_file()]
+    check_output_path(output, *inputs, data_file=True)
     if checkpoint is not None and init_kind != InitKind.DIT_STATS.value:
         logger.warning("--init applies to random weights only; the checkpoint's weights are used as they are")
 

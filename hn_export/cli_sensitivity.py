@@ -11,7 +11,8 @@ from graph_passes.methods import Method
 from hn_export.cli_options import check_model_and_inputs, input_file_options, parse_list, samples_option
 from hn_export.compare import EvaluationInputs
 from hn_export.denoise import DenoiseConfig
-from hn_export.sensitivity import aggregate, run_sensitivity, write_results
+from hn_export.model_files import check_output_folder
+from hn_export.sensitivity import REPORT_FILES, aggregate, run_sensitivity, write_results
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,6 +33,7 @@ def sensitivity_command(model, methods, abits, steps, samples, calib_inputs, inp
     """Turn on one activation quantizer at a time (weights float); SQNR at the end of denoising."""
     chosen = parse_list(methods, Method, "--methods")
     _, feeds = check_model_and_inputs(model, calib_inputs, inputs_path, samples)  # before any work
+    check_output_folder(out_dir, REPORT_FILES, model, calib_inputs, inputs_path)
     config = DenoiseConfig(steps=steps, samples=samples or 1, seed=seed + 1000)
     inputs = EvaluationInputs(config, feeds, f"file:{inputs_path.name}" if feeds is not None else "seeded")
     calibration = DenoiseConfig(steps=calib_steps, samples=calib_samples, seed=seed)

@@ -30,6 +30,7 @@ from graph_passes.static_act_quant import ActGranularity
 from hn_export.calibration import CalibrationStats, calibrate
 from hn_export.denoise import DenoiseConfig, denoise
 from hn_export.evaluate import Evaluation, GraphRunner, final_latents, single_call_outputs
+from hn_export.json_report import report_json
 from hn_export.metrics import Comparison
 from hn_export.model_files import write_atomic
 from hn_export.quantize_job import QuantizeJob, run_quantize
@@ -243,11 +244,14 @@ def replot(out_dir: Path) -> Path:
     return write_atomic(Path(out_dir) / "sqnr.png", plot_sqnr(data["results"], title))
 
 
+REPORT_FILES = ("table.md", "results.json", "sqnr.png")  # what `write_results` writes
+
+
 def write_results(results: list[GridResult], out_dir: Path, meta: dict, title: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [r.as_dict() for r in results]
     return [
         write_atomic(out_dir / "table.md", table_markdown(results)),
-        write_atomic(out_dir / "results.json", json.dumps({"meta": meta, "results": rows}, indent=2) + "\n"),
+        write_atomic(out_dir / "results.json", report_json({"meta": meta, "results": rows})),
         write_atomic(out_dir / "sqnr.png", plot_sqnr(rows, title)),
     ]

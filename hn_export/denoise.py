@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from hn_export.errors import UserError
+from hn_export.input_arrays import load_input_file  # noqa: F401  (the one checker; re-exported)
 from models.errors import ModelInputError
 from models.families import FAMILIES, ModelFamily, Signature, family_of_inputs, supported
 from models.families.base import DenoiseSettings
@@ -48,7 +49,10 @@ def graph_family(model: ir.Model) -> ModelFamily | None:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSignature(Signature):
-    """What a denoiser call needs, read from the ONNX graph inputs (see `models.families.Signature`)."""
+    """What a denoiser call needs, read from the ONNX graph inputs (see `models.families.Signature`), and the graph's
+    dimension symbols (input name -> per axis: its symbol name, or None): axes sharing a symbol must agree."""
+
+    symbols: tuple[tuple[str, tuple[str | None, ...]], ...] = ()
 
     @classmethod
     def of(cls, model: ir.Model) -> ModelSignature:
@@ -60,13 +64,15 @@ class ModelSignature(Signature):
         dtypes = {name: np.dtype(v.dtype.numpy()) for name, v in inputs.items() if v.dtype is not None}
         symbols = {name: [d if isinstance(d, int) else d.value for d in (v.shape or ())] for name, v in inputs.items()}
         batched = frozenset(batched_inputs(symbols))
+        named = tuple((name, tuple(d if isinstance(d, str) and d else None for d in dims))
+                      for name, dims in symbols.items())
         if family is None:
-            return cls(family="", shapes=shapes, dtypes=dtypes, batched=batched)
+            return cls(family="", shapes=shapes, dtypes=dtypes, batched=batched, symbols=named)
         hidden = inputs.get("hidden_states")
         if hidden is None or hidden.shape is None or any(not isinstance(d, int) for d in hidden.shape[1:]):
             raise UserError(f"hidden_states has shape {None if hidden is None else hidden.shape}; expected a batch "
                             "axis and static latent dimensions", "re-export with `hn-export export`")
-        return cls(family=family.name, shapes=shapes, dtypes=dtypes, batched=batched)
+        return cls(family=family.name, shapes=shapes, dtypes=dtypes, batched=batched, symbols=named)
 
 
 def family_of(sig: Signature) -> ModelFamily:
@@ -97,32 +103,6 @@ def first_call_feeds(sig: Signature, config: DenoiseConfig, index: int, timestep
     cond = family.conditions(sig, config, index)
     t = family.single_call_timestep if timestep is None else timestep
     return family.feeds(sig, cond["latents"], t, cond)
-
-
-def load_input_file(path, sig: Signature, what: str) -> dict[str, np.ndarray]:
-    """Graph inputs from a user .npz (arrays named like the graph inputs, first axis = samples), checked: readable,
-    complete, this resolution, finite."""
-    needed = list(sig.shapes)  # every graph input
-    try:
-        data = dict(np.load(path))
-    except Exception:
-        raise UserError(f"{what} {path} is not a readable .npz",
-                        f"save it with numpy.savez({', '.join(n + '=...' for n in needed)})") from None
-    missing = [k for k in needed if k not in data]
-    if missing:
-        raise UserError(f"{what} {path} lacks arrays {missing}", f"it must hold {needed}")
-    if sig.family:
-        try:
-            family_of(sig).check_input_arrays(sig, data)
-        except ModelInputError as exc:
-            raise UserError(f"{what} {path}: {exc.problem}", exc.fix) from None
-    if "hidden_states" in sig.shapes and data["hidden_states"].shape[1:] != sig.latent_shape:
-        raise UserError(f"hidden_states in {path} has shape {data['hidden_states'].shape}; the model takes "
-                        f"[N, {', '.join(map(str, sig.latent_shape))}]", "pass inputs for this resolution")
-    for name in needed:
-        if np.issubdtype(data[name].dtype, np.floating) and not np.all(np.isfinite(data[name])):
-            raise UserError(f"{what} {path}: input {name} contains NaN or inf", "pass finite inputs")
-    return {k: data[k] for k in needed}
 
 
 def trajectory(run: RunFn, sig: Signature, config: DenoiseConfig, index: int) -> Iterator[np.ndarray]:

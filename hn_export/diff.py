@@ -17,6 +17,7 @@ import onnx_ir as ir
 
 from graph_passes.linears import find_activation_sites
 from hn_export.families import selection_for
+from hn_export.input_arrays import check_same_inputs
 from hn_export.denoise import DenoiseConfig
 from hn_export.errors import UserError
 from hn_export.evaluate import GraphRunner, final_latents, single_call_outputs
@@ -38,9 +39,11 @@ def compare_outputs(candidate: GraphRunner, reference: GraphRunner, config: Deno
                     feeds: dict[str, np.ndarray] | None) -> dict[str, Comparison]:
     """Single call (the given feeds, else seeded ones) and, with steps > 0, end of denoising."""
     sig = reference.signature
-    if candidate.signature.latent_shape != sig.latent_shape:
-        raise UserError(f"the candidate takes latents {candidate.signature.latent_shape}, the reference "
-                        f"{sig.latent_shape}", "compare graphs exported at the same resolution")
+    check_same_inputs(sig, candidate.signature, "candidate")
+    if not sig.family and (feeds is None or config.steps > 0):
+        raise UserError(f"the reference's inputs {sorted(sig.shapes)} match no supported model family, so diff "
+                        "cannot make seeded inputs or run a denoising loop",
+                        "pass --inputs FILE.npz (named like the graph inputs) and --steps 0")
     if feeds is not None:
         single = Comparison.of(reference(feeds), candidate(feeds))
     else:

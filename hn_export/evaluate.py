@@ -22,6 +22,7 @@ from hn_export.metrics import Comparison
 from hn_export.model_files import load_model, save_model
 from runtime.denoiser import Denoiser
 from runtime.errors import RuntimeInputError
+from runtime.kernels import KernelLibraryError, check_selected_isa, library_path
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,12 @@ class GraphRunner:
 
     def __init__(self, path: Path, provider: str | None = None, kernels: bool = True):
         self._imported: tempfile.TemporaryDirectory | None = None
+        library = library_path() if kernels else None
+        if library is not None:
+            try:  # a bad HADANORM_KERNELS_ISA: its own reason, before any session
+                check_selected_isa(library)
+            except KernelLibraryError as exc:
+                raise UserError(f"{exc} (or run without kernels)") from None
         try:
             self.signature = ModelSignature.of(load_model(path))  # lazy: weights stay on disk
             runs = path

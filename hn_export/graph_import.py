@@ -34,11 +34,12 @@ from pathlib import Path
 import onnx_ir as ir
 
 from graph_passes.convert_opset import convert_opset, default_opset
-from graph_passes.errors import GraphInputError
+from graph_passes.errors import GraphInputError, from_pass_error
 from graph_passes.fix_noop_squeeze import FixNoopSqueezePass
 from graph_passes.gemm_to_matmul import GemmToMatMulPass
 from hn_export import model_files
 from hn_export.errors import UserError
+from runtime.domain import HADANORM_DOMAIN
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +67,11 @@ def import_graph(model: ir.Model, source: str = "the model") -> ir.Model:
             raise UserError(f"{source}: {exc}") from None
         logger.warning("%s uses ONNX opset %d: converted to opset %d with onnx.version_converter (hn-export reads "
                        "and writes opset %d)", source, opset, OPSET, OPSET)
-    FixNoopSqueezePass()(model)
-    GemmToMatMulPass()(model)
+    try:
+        FixNoopSqueezePass()(model)
+        GemmToMatMulPass()(model)
+    except ir.passes.PassError as exc:  # a failed pre- or postcondition: one line
+        raise UserError(f"{source}: {from_pass_error(exc)}") from None
     model.ir_version = IR_VERSION
     return model
 
@@ -75,9 +79,30 @@ def import_graph(model: ir.Model, source: str = "the model") -> ir.Model:
 def load_graph(path: str | os.PathLike, what: str = "model") -> ir.Model:
     """Load a user's graph from any exporter: `load_model`'s checks, then `import_graph`."""
     path = Path(path)
-    return import_graph(_load_any_opset(path, what), source=str(path))
+    loaded = _load_any_opset(path, what)
+    return model_files.keep_input_files(loaded, import_graph(loaded, source=str(path)))
 
 
 def _load_any_opset(path: Path, what: str) -> ir.Model:
     """`model_files.load_model` without its opset check (import_graph converts what that check refuses)."""
     return model_files.load_model(path, what, any_opset=True)
+
+
+QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulNBits",
+                           "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "QLinearConv", "ConvInteger"})
+
+
+def check_float_graph(model: ir.Model, source: str) -> None:
+    """Refuse a graph that is already quantized (by hn-export, or Q/DQ or integer ops of another tool): quantizing
+    or calibrating it again would stack a second rounding on the first."""
+    method = model.metadata_props.get("hn_export.method")
+    if method is not None:
+        bits = model.metadata_props.get("hn_export.bits", "?")
+        raise UserError(f"{source} was already quantized by hn-export (method {method}, {bits})",
+                        "pass the float graph it was made from (the one `hn-export export` wrote)")
+    found = sorted({node.op_type for node in model.graph.all_nodes() if node.op_type in QUANTIZED_OPS
+                    and node.domain in ("", "ai.onnx", "com.microsoft")}
+                   | {node.op_type for node in model.graph.all_nodes() if node.domain == HADANORM_DOMAIN})
+    if found:
+        raise UserError(f"{source} is already quantized (it holds {', '.join(found[:4])})",
+                        "pass the float graph it was made from")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from graph_passes.hadamard import hadamard_factors
 from graph_passes.linears import SiteSelection, find_activation_sites
 from hn_export.families import selection_for
 from graph_passes.methods import TransformOptions
@@ -17,9 +18,10 @@ from graph_passes.static_act_quant import ActGranularity
 from graph_passes import tags
 from hn_export.act_scales import calibrate_act_scales, load_act_scales, save_act_scales
 from hn_export.calibration import CalibrationStats, calibrate, model_hash
-from hn_export.denoise import DenoiseConfig
-from hn_export.graph_import import load_graph
-from hn_export.model_files import check_output_path, save_model
+from hn_export.denoise import DenoiseConfig, ModelSignature, load_input_file
+from hn_export.errors import UserError
+from hn_export.graph_import import check_float_graph, load_graph
+from hn_export.model_files import check_output_path, input_files, save_model
 from runtime.domain import FORMAT_KEY, HADANORM_DOMAIN, TRANSFORM_OPS_KEY
 
 logger = logging.getLogger(__name__)
@@ -84,27 +86,52 @@ def _weight_bytes(model: ir.Model) -> tuple[int, int]:
     return sum(main.values()), sum(v for k, v in extra.items() if k not in main)
 
 
+def check_outputs(job: QuantizeJob, *inputs: Path | None) -> None:
+    """Every file the job writes, before any work: the model (and its ``.data``), --save-stats, --save-act-scales;
+    none may be an input or another output."""
+    check_output_path(job.output, *inputs, data_file=True)
+    written = {job.output.resolve(): "-o path",
+               job.output.with_name(job.output.name + ".data").resolve(): "data file beside -o"}
+    for path, option in ((job.save_stats, "--save-stats"), (job.save_act_scales, "--save-act-scales")):
+        if path is not None:
+            check_output_path(path, *inputs, what=option)
+            if path.resolve() in written:
+                raise UserError(f"{option} {path} is also the {written[path.resolve()]}",
+                                "give each output its own path")
+            written[path.resolve()] = f"{option} path"
+
+
 def run_quantize(job: QuantizeJob) -> QuantizeReport:
-    check_output_path(job.output, job.model_path)
+    inputs = (job.model_path, job.calib_inputs, job.stats_path, job.act_scales_path)
+    check_outputs(job, *inputs)
     model = load_graph(job.model_path)  # any exporter: opset converted, exporter fixes, Gemm linears as MatMul
+    check_outputs(job, *inputs, *input_files(model))  # the input's external data files too
+    check_float_graph(model, str(job.model_path))
     selection = selection_for(model, job.selection)
     sites = find_activation_sites(model, selection)  # fail fast on graphs with no linears
     before = sum(lin.weight.const_value.nbytes for site in sites for lin in site.linears)
+    if job.transform.method.recipe.rotate:  # a width the Hadamard cannot rotate: one line before calibrating
+        for width in sorted({site.width for site in sites}):
+            hadamard_factors(width, job.transform.hadamard_mode, block_size=job.transform.block)
+    if job.calib_inputs is not None and job.stats is None:  # the file, before any calibration
+        load_input_file(job.calib_inputs, ModelSignature.of(model), "calibration input file")
+    timestep = job.quant is not None and job.act_granularity is ActGranularity.TIMESTEP
+    act_scales = None
+    if timestep and job.act_scales_path is not None:  # the table, before any calibration
+        act_scales = load_act_scales(job.act_scales_path, model, sites, job.calibration.steps)
     stats = CalibrationStats(model_hash="", sites={}, calls=0, source="none (the method needs no statistics)")
     if job.transform.method.recipe.smooth:
         if job.stats is not None:
             stats = job.stats
         elif job.stats_path is not None:
-            stats = CalibrationStats.load(job.stats_path, expected_hash=model_hash(job.model_path))
+            stats = CalibrationStats.load(job.stats_path, expected_hash=model_hash(job.model_path), sites=sites)
         else:
             stats = calibrate(job.model_path, job.calibration, job.calib_inputs, progress=job.progress, model=model)
         if job.save_stats is not None:
             stats.save(job.save_stats)
-    act_scales = None
     calibration = stats.source
-    if job.quant is not None and job.act_granularity is ActGranularity.TIMESTEP:
-        if job.act_scales_path is not None:
-            act_scales = load_act_scales(job.act_scales_path, model, sites, job.calibration.steps)
+    if timestep:
+        if act_scales is not None:
             calibration += f"; activation scales from {job.act_scales_path.name}"
         else:
             act_scales = calibrate_act_scales(model, sites, stats.sites, job.transform, selection, job.calibration,

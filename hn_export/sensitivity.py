@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -28,6 +27,7 @@ from hn_export.calibration import CalibrationStats, calibrate
 from hn_export.compare import EvaluationInputs
 from hn_export.denoise import DenoiseConfig
 from hn_export.evaluate import GraphRunner
+from hn_export.json_report import report_json
 from hn_export.metrics import sqnr_db
 from hn_export.graph_import import load_graph
 from hn_export.model_files import save_model, write_atomic
@@ -138,10 +138,13 @@ def plot(results: list[SiteSensitivity], title: str) -> bytes:
     return buffer.getvalue()
 
 
+REPORT_FILES = ("sensitivity.json", "sensitivity.png")  # what `write_results` writes
+
+
 def write_results(results: list[SiteSensitivity], out_dir: Path, meta: dict, title: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     data = {"meta": meta, "sites": [dataclasses.asdict(r) for r in results], **aggregate(results)}
     return [
-        write_atomic(out_dir / "sensitivity.json", json.dumps(data, indent=2) + "\n"),
+        write_atomic(out_dir / "sensitivity.json", report_json(data)),
         write_atomic(out_dir / "sensitivity.png", plot(results, title)),
     ]

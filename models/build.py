@@ -110,6 +110,8 @@ def _check_layers_against(source: ModelSource, num_layers: int, what: str) -> No
 
 
 def _read_config_json(path: Path, what: str) -> dict[str, Any]:
+    if path.exists() and not path.is_file():  # a FIFO or device would block or never end
+        raise UserError(f"{what} {path} is not a regular file", "pass a diffusers config.json")
     try:
         cfg = json.loads(path.read_text())
     except UnicodeDecodeError:
@@ -126,7 +128,27 @@ def _read_config_json(path: Path, what: str) -> dict[str, Any]:
         family = family_of_class(cfg.get("_class_name"), cfg)
     except UserError as exc:
         raise UserError(f"{what} {path}: {exc.problem}", exc.fix) from None
+    _check_sizes(cfg, family, f"{what} {path}")
     return cfg, family
+
+
+# Config entries that count something (blocks, heads, channels, pixels): positive whole numbers (or lists of them).
+_SIZE_KEYS = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "in_channels",
+              "out_channels", "sample_size", "patch_size", "caption_channels", "joint_attention_dim",
+              "pooled_projection_dim", "cross_attention_dim", "layers_per_block", "norm_num_groups",
+              "block_out_channels", "num_embeds_ada_norm", "num_class_embeds")
+
+
+def _check_sizes(cfg: dict[str, Any], family: ModelFamily, what: str) -> None:
+    """A block count of -1 or "two" would build a model with no blocks or fail deep inside diffusers: refuse it."""
+    for key in dict.fromkeys((family.layers_key, *_SIZE_KEYS)):
+        value = cfg.get(key)
+        if value is None:
+            continue
+        items = value if isinstance(value, list) else [value]
+        if not items or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in items):
+            raise UserError(f"{what}: {key} is {value!r}; it must be a positive whole number",
+                            f"fix {key} in the config")
 
 
 def _seeded_model(family: ModelFamily, kwargs: dict[str, Any], source: ModelSource, what: str):

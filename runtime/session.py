@@ -55,7 +55,7 @@ def session_options(mode: NumericsMode = NumericsMode.AS_WRITTEN, threads: int |
     """`spinning=False`: onnxruntime's intra-op threads sleep after a run instead of spinning (several sessions
     timed in turn in one process would otherwise steal each other's cores)."""
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors are raised as exceptions and reported in one line: not logged too
     for key, value in mode.session_config.items():
         options.add_session_config_entry(key, value)
     if threads:
