@@ -7,7 +7,10 @@ Graphs (`--graphs`, onnxruntime FP32 always runs: it is the reference):
 * ``ort-w4``    onnxruntime ``MatMulNBitsQuantizer`` (4-bit, block 128, symmetric, accuracy_level 4);
 * ``openvino``  OpenVINO ``core.compile_model(FP32 ONNX, "CPU")``, default precision (the report names it);
 * ``hn-w4a4``   ``hn-export --w4a4 --format fused`` (HadaNorm), hadanorm kernel library;
-* ``hn-w4a8``   ``hn-export --wbits 4 --abits 8 --format fused`` (the same calibration statistics).
+* ``hn-w4a8``   ``hn-export --wbits 4 --abits 8 --format fused`` (the same calibration statistics);
+* ``hn-w4a4-all``, ``hn-w4a8-all``: the same with ``--every-linear`` (the caption projection, timestep embedder,
+  adaLN-single and final projection are sites too, at ``--outer-bits`` 8; the 4-channel patch-embedding conv stays
+  float), calibrated once for both.
 
 Each graph runs in its own worker process (this script with ``--worker``; under ``benchmarks/no_amx.py`` with
 ``--no-amx``), which loads it once and reports its RSS, then serves calls. The workers start one after the other
@@ -64,6 +67,10 @@ GRAPHS = {g.key: g for g in (
     Graph("openvino", "OpenVINO `compile_model` of the FP32 ONNX", "openvino", "fp32", True),
     Graph("hn-w4a4", "hn-export `--w4a4 --format fused` (HadaNorm)", "hn", "hn-w4a4", False),
     Graph("hn-w4a8", "hn-export `--wbits 4 --abits 8 --format fused` (HadaNorm)", "hn", "hn-w4a8", False),
+    Graph("hn-w4a4-all", "hn-export `--w4a4 --format fused`, every linear (outside the blocks W8A8)", "hn",
+          "hn-w4a4-all", False),
+    Graph("hn-w4a8-all", "hn-export `--wbits 4 --abits 8 --format fused`, every linear (outside the blocks W8A8)",
+          "hn", "hn-w4a8-all", False),
 )}
 
 
@@ -216,10 +223,13 @@ def prepare(folder: Path, preset: str, layers: int, seed: int, keys: list[str], 
             return hn + ["export", "--preset", preset, "--layers", str(layers), "--seed", str(seed), "-o", str(out)]
         if key in ("ort-w8a8", "ort-w4"):
             return [sys.executable, str(Path(__file__).resolve()), "--quantize-peer", key, str(fp32), str(out)]
-        bits = ["--w4a4"] if key == "hn-w4a4" else ["--wbits", "4", "--abits", "8"]
-        calib = ["--stats", str(stats)] if stats.exists() else ["--save-stats", str(stats)]
-        return hn + ["quantize", str(fp32), *bits, "--format", "fused", "--seed", str(seed), "--no-progress",
-                     "-o", str(out), *calib]
+        bits = ["--w4a4"] if key.startswith("hn-w4a4") else ["--wbits", "4", "--abits", "8"]
+        every = key.endswith("-all")
+        selection = ["--every-linear"] if every else []
+        stats_file = folder / "calibration-stats-all.npz" if every else stats
+        calib = ["--stats", str(stats_file)] if stats_file.exists() else ["--save-stats", str(stats_file)]
+        return hn + ["quantize", str(fp32), *bits, *selection, "--format", "fused", "--seed", str(seed),
+                     "--no-progress", "-o", str(out), *calib]
 
     needed = ["fp32"] + [GRAPHS[k].source for k in keys if GRAPHS[k].source != "fp32"]
     made = {}

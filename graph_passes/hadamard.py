@@ -168,10 +168,19 @@ class KroneckerHadamard:
         return out.reshape(ws.shape)
 
 
+# A power-of-two width is split as Sylvester(d / M) (x) Sylvester(M) with M at most this (the same matrix: Sylvester
+# orders multiply under the Kronecker product), so no factor is a large dense matrix in the graph (4096: 16 x 256,
+# 256 KiB, instead of one 4096 x 4096 factor, 64 MiB).
+MAX_POWER_OF_TWO_FACTOR = 256
+
+
 def full_factor_orders(d: int) -> tuple[int, int] | None:
-    """(K, M) with d = K * M, M = 2^n as large as possible and K constructible; None if none."""
+    """(K, M) with d = K * M, M = 2^n as large as possible and K constructible; None if none. A power of two d
+    above MAX_POWER_OF_TWO_FACTOR gives (d / MAX_POWER_OF_TWO_FACTOR, MAX_POWER_OF_TWO_FACTOR)."""
     if d < 1:
         return None
+    if _is_power_of_two(d) and d > MAX_POWER_OF_TWO_FACTOR:
+        return d // MAX_POWER_OF_TWO_FACTOR, MAX_POWER_OF_TWO_FACTOR
     n = (d & -d).bit_length() - 1  # 2-adic valuation of d
     for shift in range(n, -1, -1):
         if is_constructible(d >> shift):
@@ -201,7 +210,8 @@ def hadamard_factors(
         k, m = orders
         return KroneckerHadamard(_normalised(k), _normalised(m), _random_signs(d, seed))
     if not _is_power_of_two(block_size):
-        raise GraphInputError(f"Hadamard block size must be a power of two, got {block_size}")
+        raise GraphInputError(f"Hadamard block size must be a power of two, got {block_size}; "
+                              "use --hadamard-block 32, 64 or 128")
     if d % block_size:
         raise GraphInputError(
             f"width {d} is not a multiple of the Hadamard block size {block_size}; "

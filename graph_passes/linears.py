@@ -118,11 +118,32 @@ class SiteSelection:
     exclude: tuple[str, ...] = ()
     roles: RoleTable | None = None
     explicit: bool = False  # `include` came from the user: a grouped conv it matches is an error, not skipped
+    # also every linear (MatMul / Gemm, not conv) outside the family's blocks: caption projection, timestep
+    # embedder, adaLN-single, final projection, ... (`--every-linear`; their bits are QuantConfig.outer_bits)
+    outer_linears: bool = False
+
+    def __post_init__(self) -> None:
+        for option, patterns in (("--include", self.include), ("--exclude", self.exclude)):
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except (re.error, TypeError) as exc:
+                    raise GraphInputError(f"{option} {pattern!r} is not a valid regular expression ({exc}); escape "
+                                          r"special characters, e.g. --include 'attn1\.to_q'") from None
 
     def selects(self, module_path: str) -> bool:
         return any(re.search(p, module_path) for p in self.include) and not any(
             re.search(p, module_path) for p in self.exclude
         )
+
+    def selects_layer(self, linear: "LinearLayer") -> bool:
+        """`selects` its module path, or (`outer_linears`) a linear outside the blocks that --exclude leaves."""
+        if self.selects(linear.module_path):
+            return True
+        if not (self.outer_linears and linear.is_matmul and self.roles is not None):
+            return False
+        return self.roles.block_of(linear.module_path) is None and not any(
+            re.search(p, linear.module_path) for p in self.exclude)
 
 
 def is_pointwise_conv(conv: ir.Node) -> bool:
@@ -249,7 +270,7 @@ def find_activation_sites(model: ir.Model, selection: SiteSelection = SiteSelect
         )
     sites: dict[tuple[str, str, bool], ActivationSite] = {}
     for linear in linears:
-        if not (linear.is_matmul or linear.is_conv) or not selection.selects(linear.module_path):
+        if not (linear.is_matmul or linear.is_conv) or not selection.selects_layer(linear):
             continue
         if linear.group != 1:
             if selection.explicit:

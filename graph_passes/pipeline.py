@@ -23,6 +23,7 @@ from onnx_ir.passes.common import (
 from graph_passes.activation_probe import ActivationProbePass
 from graph_passes.bias_correction import BiasCorrectionPass
 from graph_passes.conv_sites import ConvSitesPass
+from graph_passes.errors import from_pass_error
 from graph_passes.gated_activation_quant import GatedActivationQuantPass
 from graph_passes.insert_transforms import InsertTransformsPass
 from graph_passes.linears import ActivationSite, SiteSelection, find_activation_sites
@@ -48,6 +49,16 @@ def plan_transforms(
     }
 
 
+def outer_sites(sites: list[ActivationSite], selection: SiteSelection) -> frozenset[str]:
+    """With ``selection.outer_linears`` (``--every-linear``): the sites whose linears all lie outside the family's
+    blocks; none otherwise, or when the graph's family is unknown."""
+    roles = selection.roles
+    if roles is None or not selection.outer_linears:
+        return frozenset()
+    return frozenset(site.name for site in sites
+                     if all(roles.block_of(linear.module_path) is None for linear in site.linears))
+
+
 def build_pipeline(
     transforms: dict[str, SiteTransform],
     options: TransformOptions,
@@ -56,10 +67,12 @@ def build_pipeline(
     gated_act_bits: int | None = None,
     act_scales: ActScaleTable | None = None,
     probe: bool = False,
+    outer: frozenset[str] = frozenset(),
 ) -> ir.passes.PassManager:
     """`gated_act_bits`: instead of quantizing, put every activation quantizer behind a runtime switch (the
     sensitivity study); weights stay in float. `act_scales`: static per-timestep activation quantizers instead of
-    per-token dynamic ones. `probe`: no quantization; one output per site with max |x~| (calibrating `act_scales`)."""
+    per-token dynamic ones. `probe`: no quantization; one output per site with max |x~| (calibrating `act_scales`).
+    `outer`: the sites outside the blocks (`outer_sites`), quantized at ``quant.outer_bits``."""
     passes: list[ir.passes.PassBase] = [
         TagSitesPass(selection),
         ConvSitesPass(),
@@ -71,7 +84,7 @@ def build_pipeline(
     elif gated_act_bits is not None:
         passes.append(GatedActivationQuantPass(gated_act_bits, list(transforms)))
     elif quant is not None:
-        passes.append(QuantizePass(quant, act_scales))
+        passes.append(QuantizePass(quant, act_scales, outer))
         if quant.format is OutputFormat.NBITS:
             passes.append(LowerToNBitsPass())
         elif quant.format is OutputFormat.FUSED:
@@ -107,6 +120,10 @@ def quantize_model(
     `sites`: the activation sites of `selection`, when the caller found them already."""
     sites = sites if sites is not None else find_activation_sites(model, selection)
     transforms = plan_transforms(sites, stats, options)
-    build_pipeline(transforms, options, quant, selection, gated_act_bits, act_scales, probe)(model)
+    try:
+        build_pipeline(transforms, options, quant, selection, gated_act_bits, act_scales, probe,
+                       outer_sites(sites, selection))(model)
+    except ir.passes.PassError as exc:  # wraps what a pass raised: one line, no traceback
+        raise from_pass_error(exc) from None
     logger.info("%s: %d sites, %s", options.method.value, len(sites), quant.label if quant else "transform only")
     return QuantizeResult(sites, transforms)

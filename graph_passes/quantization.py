@@ -89,11 +89,21 @@ class QuantConfig:
     weight_symmetric: bool = True
     format: OutputFormat = OutputFormat.QDQ
     weight_range: WeightRange = WeightRange.MINMAX
+    # weights and activations of the sites outside the model's blocks (caption projection, timestep embedder,
+    # adaLN-single, final projection, ...): the sensitive layers, 8-bit by default (they run on the same integer ops)
+    outer_bits: int = 8
 
     def __post_init__(self) -> None:
-        for bits in (self.weight_bits, self.act_bits):
+        for bits in (self.weight_bits, self.act_bits, self.outer_bits):
             if not 2 <= bits <= 8:
                 raise ValueError(f"bit width {bits} is outside 2..8")
+
+    def for_site(self, outer: bool) -> "QuantConfig":
+        """The configuration of one site: this one, or with `outer_bits` weights and activations outside the
+        blocks."""
+        if not outer or (self.weight_bits, self.act_bits) == (self.outer_bits, self.outer_bits):
+            return self
+        return dataclasses.replace(self, weight_bits=self.outer_bits, act_bits=self.outer_bits)
 
     @property
     def label(self) -> str:

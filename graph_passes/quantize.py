@@ -53,10 +53,15 @@ def _float_dtype(value: ir.Value) -> np.dtype:
 
 
 class QuantizePass(ir.passes.InPlacePass):
-    def __init__(self, config: QuantConfig, act_scales: ActScaleTable | None = None):
+    """`outer_sites`: the sites outside the model's blocks; they take ``config.for_site(outer=True)`` (8-bit weights
+    and activations by default), the others `config`."""
+
+    def __init__(self, config: QuantConfig, act_scales: ActScaleTable | None = None,
+                 outer_sites: frozenset[str] = frozenset()):
         super().__init__()
         self.config = config
         self.act_scales = act_scales
+        self.outer_sites = outer_sites
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -71,14 +76,15 @@ class QuantizePass(ir.passes.InPlacePass):
         for node in mains:
             activation, consumer, index = quantization_point(node)
             weight = node.inputs[1]
+            config = self.config.for_site(tags.site_of(node) in self.outer_sites)
             if (id(consumer), index) not in quantized_inputs:
                 quantized_inputs.add((id(consumer), index))
                 if id(activation) not in act_cache:
                     act_cache[id(activation)] = self._activation_qdq(graph, consumer, activation, site_width(node),
-                                                                   tags.site_of(node))
+                                                                   tags.site_of(node), config)
                 consumer.replace_input_with(index, act_cache[id(activation)])
             if id(weight) not in weight_cache:
-                weight_cache[id(weight)] = self._weight_dq(graph, node, weight)
+                weight_cache[id(weight)] = self._weight_dq(graph, node, weight, config)
             node.replace_input_with(1, weight_cache[id(weight)])
         for node in corrections:
             weight = node.inputs[1]
@@ -90,38 +96,39 @@ class QuantizePass(ir.passes.InPlacePass):
                 node.replace_input_with(1, weight_cache[id(weight)])
         return ir.passes.PassResult(model, modified=bool(mains))
 
-    def _activation_qdq(self, graph: ir.Graph, before: ir.Node, x: ir.Value, width: int, site: str) -> ir.Value:
+    def _activation_qdq(self, graph: ir.Graph, before: ir.Node, x: ir.Value, width: int, site: str,
+                        config: QuantConfig) -> ir.Value:
         if self.act_scales is not None:
-            return static_qdq(graph, before, x, self.config.act_bits, site, self.act_scales, self._index)
-        return activation_qdq(graph, before, x, self.config.act_bits, width, site)
+            return static_qdq(graph, before, x, config.act_bits, site, self.act_scales, self._index)
+        return activation_qdq(graph, before, x, config.act_bits, width, site)
 
-    def _weight_dq(self, graph: ir.Graph, before: ir.Node, weight: ir.Value) -> ir.Value:
+    def _weight_dq(self, graph: ir.Graph, before: ir.Node, weight: ir.Value, config: QuantConfig) -> ir.Value:
         if before.op_type == "Conv":
-            return self._conv_weight_dq(graph, before, weight)
+            return self._conv_weight_dq(graph, before, weight, config)
         original = weight.const_value.numpy()
-        qw = quantize_weight(original, self.config, original.dtype)
-        q_init = add_initializer(graph, f"{weight.name}.q{self.config.weight_bits}", qw.q)
+        qw = quantize_weight(original, config, original.dtype)
+        q_init = add_initializer(graph, f"{weight.name}.q{config.weight_bits}", qw.q)
         name = q_init.name
         inputs = [q_init, add_initializer(graph, f"{name}.scale", qw.scale)]
         if qw.zero_point is not None:
             inputs.append(add_initializer(graph, f"{name}.zero_point", qw.zero_point))
-        block = min(self.config.weight_block, original.shape[0])
+        block = min(config.weight_block, original.shape[0])
         node = make_node("DequantizeLinear", inputs, f"{name}.dq", axis=0, block_size=block,
                          metadata={tags.WEIGHT_ROLE: tags.ROLE_MAIN})
         node.outputs[0].type, node.outputs[0].shape = weight.type, weight.shape
         graph.insert_before(before, node)
         return node.outputs[0]
 
-    def _conv_weight_dq(self, graph: ir.Graph, before: ir.Node, weight: ir.Value) -> ir.Value:
+    def _conv_weight_dq(self, graph: ir.Graph, before: ir.Node, weight: ir.Value, config: QuantConfig) -> ir.Value:
         """``W`` [out, in, kh, kw] as ``[in * kh * kw, out]`` in blocks of ``B * kh * kw`` rows, dequantized and
         turned back into the kernel."""
         original = weight.const_value.numpy()
         out, cin = original.shape[:2]
         taps = int(np.prod(original.shape[2:]))
         rows = original.reshape(out, cin * taps).T
-        block = min(self.config.weight_block, cin) * taps
-        qw = quantize_weight(rows, dataclasses.replace(self.config, weight_block=block), original.dtype)
-        name = f"{weight.name}.q{self.config.weight_bits}"
+        block = min(config.weight_block, cin) * taps
+        qw = quantize_weight(rows, dataclasses.replace(config, weight_block=block), original.dtype)
+        name = f"{weight.name}.q{config.weight_bits}"
         seq = NodeSequence(name, metadata={tags.WEIGHT_ROLE: tags.ROLE_MAIN})
         q_init = add_initializer(graph, name, qw.q)
         inputs = [q_init, add_initializer(graph, f"{q_init.name}.scale", qw.scale)]

@@ -11,7 +11,7 @@ from graph_passes.linears import SiteSelection
 from graph_passes.methods import BiasCorrection, Method, TransformOptions
 from graph_passes.quantization import OutputFormat, QuantConfig, WeightRange
 from graph_passes.static_act_quant import ActGranularity
-from hn_export.cli_options import check_format_block
+from hn_export.cli_options import FiniteFloatRange, check_format_block, check_hadamard_block
 from hn_export.denoise import DenoiseConfig
 from hn_export.errors import UserError
 from hn_export.quantize_job import QuantizeJob, default_output, run_quantize
@@ -30,9 +30,15 @@ def _enum_choice(enum_type) -> click.Choice:
 @click.option("--w8a8", "preset", flag_value="w8a8", help="8-bit weights and activations.")
 @click.option("--wbits", type=click.IntRange(2, 8), help="Weight bits (2-8); overrides the preset.")
 @click.option("--abits", type=click.IntRange(2, 8), help="Activation bits (2-8); overrides the preset.")
+@click.option("--every-linear", is_flag=True,
+              help="Also make every linear outside the model's blocks a site (caption projection, timestep embedder, "
+                   "adaLN-single, final projection), at --outer-bits.")
+@click.option("--outer-bits", type=click.IntRange(2, 8), default=8, show_default=True,
+              help="Weight and activation bits of the linears outside the model's blocks that --every-linear "
+                   "selects (caption projection, timestep embedder, adaLN-single, final projection).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output .onnx (default MODEL.w4a4.onnx).")
 @click.option("--method", type=_enum_choice(Method), default=Method.HADANORM.value, show_default=True)
-@click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+@click.option("--alpha", type=FiniteFloatRange(0.0, 1.0), default=0.5, show_default=True,
               help="SmoothQuant migration strength.")
 @click.option("--hadamard", type=_enum_choice(HadamardMode),
               help="full: H_K (x) H_2^n; block: block-diagonal Hadamard. Default: full, block for --method hqdm.")
@@ -69,7 +75,7 @@ def _enum_choice(enum_type) -> click.Choice:
 @click.option("--transform-only", is_flag=True, help="Insert and fuse the transforms, no quantization.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of Hadamard signs and calibration.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def quantize_command(model: Path, preset, wbits, abits, output, method, alpha, hadamard, hadamard_block,
+def quantize_command(model: Path, preset, wbits, abits, every_linear, outer_bits, output, method, alpha, hadamard, hadamard_block,
                      bias_correction, weight_block, asymmetric_weights, output_format, calib_inputs, calib_samples, calib_steps,
                      stats_path, save_stats, include, exclude, act_granularity, act_scales_path, save_act_scales,
                      weight_range, transform_only, seed, no_progress) -> None:
@@ -82,6 +88,7 @@ def quantize_command(model: Path, preset, wbits, abits, output, method, alpha, h
         raise UserError(f"--weight-block {weight_block} must be positive", "use e.g. 128")
     fmt = OutputFormat(output_format)
     check_format_block(fmt, weight_block, wbits or w_default)
+    check_hadamard_block(hadamard_block)
     if granularity is ActGranularity.TIMESTEP and fmt is OutputFormat.FUSED:
         raise UserError("--act-granularity timestep cannot be written as --format fused (its integer kernels "
                         "quantize activations per token)", "use --format qdq or nbits")
@@ -90,7 +97,8 @@ def quantize_command(model: Path, preset, wbits, abits, output, method, alpha, h
                         "drop one of them")
     quant = None if transform_only else QuantConfig(
         weight_bits=wbits or w_default, act_bits=abits or a_default, weight_block=weight_block,
-        weight_symmetric=not asymmetric_weights, format=fmt, weight_range=WeightRange(weight_range))
+        weight_symmetric=not asymmetric_weights, format=fmt, weight_range=WeightRange(weight_range),
+        outer_bits=outer_bits)
     job = QuantizeJob(
         model_path=model,
         output=output or default_output(model, quant),
@@ -100,7 +108,7 @@ def quantize_command(model: Path, preset, wbits, abits, output, method, alpha, h
                                    seed=seed),
         quant=quant,
         selection=SiteSelection(include=tuple(include) or SiteSelection().include, exclude=tuple(exclude),
-                                explicit=bool(include)),
+                                explicit=bool(include), outer_linears=every_linear),
         calibration=DenoiseConfig(samples=calib_samples, steps=calib_steps, seed=seed),
         calib_inputs=calib_inputs,
         stats_path=stats_path,

@@ -58,7 +58,10 @@ Rotation make_rotation(const float* h_left, const std::vector<int64_t>& left_sha
     fail("h_left ", shape_string(left_shape), " and h_right ", shape_string(right_shape),
          " do not factor the channel width ", d, " (K * M must equal d)");
   r.left_identity = is_identity(h_left, r.K);
-  if (!r.left_identity) r.left.assign(h_left, h_left + r.K * r.K);
+  if (!r.left_identity) {
+    r.left_fwht = sylvester_scale(h_left, r.K, &r.left_scale);
+    if (!r.left_fwht) r.left.assign(h_left, h_left + r.K * r.K);
+  }
   r.right_fwht = sylvester_scale(h_right, r.M, &r.right_scale);
   if (!r.right_fwht) {
     r.right_t.resize(static_cast<size_t>(r.M * r.M));
@@ -132,6 +135,23 @@ HN_HOT void fwht_rows(float* v, int64_t rows, int64_t m) {
 #endif
     for (; h < m; h *= 2) butterfly_stage(row, m, h);
   }
+}
+
+// out = scale * Sylvester(K) @ v for v [K, M] (K a power of two): butterflies (a + b, a - b) between rows i and i + h,
+// h = 1, 2, 4, ..., in place on v, then the scale.
+HN_HOT void fwht_across_rows(float* v, int64_t k, int64_t m, float scale, float* out) {
+  for (int64_t h = 1; h < k; h *= 2)
+    for (int64_t i = 0; i < k; i += 2 * h)
+      for (int64_t j = i; j < i + h; ++j) {
+        float* a = v + j * m;
+        float* b = v + (j + h) * m;
+        for (int64_t c = 0; c < m; ++c) {
+          const float u = a[c], w = b[c];
+          a[c] = u + w;
+          b[c] = u - w;
+        }
+      }
+  for (int64_t i = 0; i < k * m; ++i) out[i] = v[i] * scale;
 }
 
 // out[k, :] = v[k, :] @ h_right^T for each of the K rows (tmp: M floats)
@@ -360,6 +380,10 @@ void transform_row(const float* x, const float* mean, const float* mul, const fl
       fwht_rows(v, rot->K, rot->M);
     else
       dense_right_rows(v, rot->K, rot->M, rot->right_t.data(), scratch.tmp.data());
+  }
+  if (rot->left_fwht) {
+    fwht_across_rows(v, rot->K, rot->M, rot->left_scale, out);
+    return;
   }
   if (!rot->left_identity) {
 #ifdef HN_LEFT_AVX512

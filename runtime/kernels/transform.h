@@ -2,7 +2,9 @@
 //
 // rotate(v) = h_left @ V @ h_right^T for v viewed row-major as V [K, M], K * M = d. h_right is applied as a fast
 // Walsh-Hadamard transform when it is exactly c * Sylvester(M) (checked on every kernel run: O(M^2) compares), else
-// as a dense matmul; h_left is skipped when it is exactly the identity, else applied as a dense K x K matmul.
+// as a dense matmul; h_left is skipped when it is exactly the identity, applied as butterflies across the K rows when
+// it is exactly c * Sylvester(K) (power-of-two widths: Sylvester(d / 256) (x) Sylvester(256)), else as a dense K x K
+// matmul.
 #pragma once
 
 #include <cstdint>
@@ -13,7 +15,9 @@ namespace hadanorm {
 struct Rotation {
   int64_t K = 1, M = 1;
   bool left_identity = true;
-  std::vector<float> left;     // K x K row-major (when not the identity)
+  bool left_fwht = false;      // h_left = left_scale * Sylvester(K): butterflies across the K rows
+  float left_scale = 1.0f;
+  std::vector<float> left;     // K x K row-major (when not the identity nor Sylvester)
   bool right_fwht = true;
   float right_scale = 1.0f;    // h_right = right_scale * Sylvester(M) when right_fwht
   std::vector<float> right_t;  // h_right^T, M x M row-major (dense fallback)
