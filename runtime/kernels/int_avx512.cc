@@ -27,6 +27,7 @@
 #include <cfloat>
 #include <cstring>
 
+#include "int_avx512_store.h"
 #include "util.h"
 
 namespace hadanorm {
@@ -43,26 +44,6 @@ inline __m512i bcast32(const uint8_t* p) {
 // with the intrinsic GCC 12 copies accumulators between registers and the stack in the inner loop.
 HN_INLINE void dpbusd(__m512i& acc, __m512i a, __m512i w) {
   asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(w));
-}
-
-// zw (low int16) | sv (high int16) of 16 columns: the operand of the vpmaddwd that starts a small block's sums
-inline __m512i int16_pairs(const int32_t* zw, const int32_t* sv) {
-  return _mm512_or_si512(_mm512_and_si512(_mm512_loadu_si512(zw), _mm512_set1_epi32(0xFFFF)),
-                         _mm512_slli_epi32(_mm512_loadu_si512(sv), 16));
-}
-
-inline __mmask16 column_mask(int64_t n0, int64_t n) {
-  const int64_t left = n - n0;
-  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << std::max<int64_t>(left, 0)) - 1u);
-}
-
-inline void store16(void* y, bool half, int64_t index, __m512 v, __mmask16 mask) {
-  if (half) {
-    const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + index, mask, h);
-  } else {
-    _mm512_mask_storeu_ps(static_cast<float*>(y) + index, mask, v);
-  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
