@@ -1,0 +1,52 @@
+// One IntMatMul with the hadanorm kernels, no onnxruntime: the task split of matmul_ops.cc, run by NTH std::threads
+// claiming tasks dynamically (as onnxruntime's pool does); best of 25 wall times.
+//
+//   g++ -O3 -std=c++17 -ffp-contract=off -pthread -Iruntime/kernels benchmarks/int_gemm_harness.cc \
+//     runtime/kernels/{half,isa,int_common,int_scalar,int_avx2,int_avxvnni,int_avx512,int_amx,int_neon}.cc -o harness
+//   NTH=2 ./harness M K N bits path [rows_per_task tiles_per_task]     (path: amx, avx512vnni or scalar)
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+#include <random>
+#include <cstring>
+#include <thread>
+#include <atomic>
+#include "int_kernels.h"
+using namespace hadanorm;
+static double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+int main(int argc, char** argv) {
+  int64_t M = atoi(argv[1]), K = atoi(argv[2]), N = atoi(argv[3]); int bits = atoi(argv[4]); const char* isa = argv[5];
+  int64_t rpt = argc > 6 ? atoi(argv[6]) : 0, tpt = argc > 7 ? atoi(argv[7]) : 0;
+  int64_t block = 128, kb = K / block;
+  WeightInfo w = weight_geometry(bits, N, kb, block);
+  std::mt19937 rng(1);
+  std::vector<uint8_t> b(w.tiles * w.tile_stride);
+  for (auto& v : b) v = bits == 4 ? rng() & 0xFF : (rng() % 15) - 7;
+  std::vector<float> sc(kb * N, 0.01f); std::vector<uint8_t> zp(kb * N, bits == 4 ? 8 : 0);
+  fill_weight_info(w, b.data(), sc.data(), zp.data());
+  std::vector<uint8_t> codes(M * K); for (auto& v : codes) v = rng() & 15;
+  std::vector<uint8_t> az(M, 8); std::vector<float> as(M, 0.1f), bias(N, 0.f), y(M * N);
+  ActInfo act; act_init(act, codes.data(), M, K, w); act_prepare_rows(act, codes.data(), az.data(), as.data(), K, w, 0, M);
+  Isa which = !strcmp(isa, "amx") ? Isa::kAmx : !strcmp(isa, "scalar") ? Isa::kScalar : Isa::kAvx512Vnni;
+  if (which == Isa::kAmx && !isa_supported(Isa::kAmx)) { printf("no amx\n"); return 1; }
+  const IsaKernels& k = isa_kernels(which);
+  GemmArgs g; g.act = &act; g.b = b.data(); g.w = &w; g.bias = bias.data(); g.y = y.data(); g.n = N;
+  IntGemmFn fn = bits == 4 ? k.int_gemm4 : k.int_gemm8;
+  rpt = rpt ? rpt : k.rows_per_task; tpt = tpt ? tpt : k.tiles_per_task;
+  double best = 1e9;
+  for (int rep = 0; rep < 25; ++rep) {
+    double t = now();
+    int64_t rt = (M + rpt - 1) / rpt, ct = (w.tiles + tpt - 1) / tpt, ntask = rt * ct;
+    std::atomic<int64_t> next{0};
+    auto worker = [&] { for (int64_t task; (task = next++) < ntask;) { int64_t i = task % rt, j = task / rt;
+      fn(g, i * rpt, std::min(M, (i + 1) * rpt), j * tpt, std::min(w.tiles, (j + 1) * tpt)); } };
+    int nth = getenv("NTH") ? atoi(getenv("NTH")) : 1;
+    std::vector<std::thread> ths; for (int q = 1; q < nth; ++q) ths.emplace_back(worker); worker(); for (auto& th : ths) th.join();
+    t = now() - t; if (t < best) best = t;
+  }
+  double sum = 0; for (float v : y) sum += v;
+  const int nth = getenv("NTH") ? atoi(getenv("NTH")) : 1;
+  printf("%s M%ld K%ld N%ld w%d: %.2f ms  %.1f GOP/s (%d threads)  checksum %.3f\n", isa, (long)M, (long)K, (long)N,
+         bits, best * 1e3, 2.0 * M * K * N / best / 1e9, nth, sum);
+}
