@@ -17,13 +17,15 @@ from hn_export.graph_import import load_graph
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--include", multiple=True, help="Module-path regex of site linears (default: transformer blocks).")
 @click.option("--exclude", multiple=True, help="Module-path regex of linears to leave out.")
+@click.option("--every-linear", is_flag=True,
+              help="Also the linears outside the blocks, as `hn-export MODEL --every-linear` makes them sites.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def layers_command(model: Path, include, exclude, as_json: bool) -> None:
+def layers_command(model: Path, include, exclude, every_linear: bool, as_json: bool) -> None:
     """List MODEL's linear and conv layers (module path, kind, weight, bias, in/out features) and activation sites."""
     ir_model = load_graph(model)  # any exporter: opset converted, exporter fixes, Gemm linears as MatMul
     linears = find_linears(ir_model)
     selection = SiteSelection(include=tuple(include) or SiteSelection().include, exclude=tuple(exclude),
-                              explicit=bool(include))
+                              explicit=bool(include), outer_linears=every_linear)
     selection = selection_for(ir_model, selection)
     sites = find_activation_sites(ir_model, selection)
     family = selection.roles.family if selection.roles is not None else None

@@ -77,3 +77,11 @@ def test_outer_w8a8_quality(hn_cli, tiny_onnx, tmp_path, reference):  # noqa: F8
     assert hn_cli(tiny_onnx, "--w4a4", *EVERY_LINEAR, "-o", every, *FAST_CALIB).exit_code == 0
     sqnr_blocks, sqnr_every = single_call_sqnr(blocks, reference), single_call_sqnr(every, reference)
     assert sqnr_every >= sqnr_blocks - 2.0, (sqnr_blocks, sqnr_every)
+
+
+def test_layers_lists_the_outer_sites(hn_cli, tiny_onnx):
+    default, every = hn_cli("layers", tiny_onnx), hn_cli("layers", tiny_onnx, "--every-linear")
+    assert default.exit_code == 0 and every.exit_code == 0, every.err
+    assert "14 activation sites in 2 blocks" in default.out and "20 activation sites in 2 blocks" in every.out
+    assert "transformer.caption_projection.linear_1" in every.out.split("activation sites")[1]
+    assert "transformer.caption_projection.linear_1" not in default.out.split("activation sites")[1]
