@@ -7,9 +7,9 @@
 // that loads each A and B tile once for two tdpbusd. The packed 8-bit layout (int_packing.py) is already that layout
 // (a 64-byte row = 16 columns x 4 consecutive k); the 4-bit one holds k = 8g..8g+3 in the low nibbles and 8g+4..8g+7
 // in the high nibbles of row g, so a column tile's codes are unpacked once per task into rows 2g (low) and 2g + 1
-// (high) of a per-thread buffer.
+// (high) of a per-thread buffer, in the order the micro-tiles read them (WeightStream).
 //
-// Per task (rows m0..m1, column tiles t0..t1), per pair of column tiles, per 32 (or 16) rows, block by block: the C
+// Per task (rows m0..m1, column tiles t0..t1), per 32 (or 16) rows, block by block, per pair of column tiles: the C
 // tiles start at zero, run the block's k in steps of kstep = gcd(block, 64) (tdpbusd adds exactly in int32: no
 // saturation), are stored, and the AVX-512 epilogue adds the corrections -(zw * sum c + z * sum (u - zw)) and folds the
 // block into F = fmadd(scales, float(I), F) in L1; after the last block y = fmadd(a_scale, F, bias). The integers and
@@ -174,7 +174,8 @@ WeightStream stream_weights(const GemmArgs& g, int64_t t0, int64_t t1) {
 }
 
 // RA x 16 rows from row m0 x the task's column tiles t0..t1 (weights in `ws`), whole K. Block by block, pair by pair:
-// the A tiles of the block stay in L1 for every pair, the weights stream (sequentially: software prefetches of it measured slower). The fold
+// the A tiles of the block stay in L1 for every pair, the weights stream in read order (software prefetches of that
+// stream measured slower; the next block's activation rows are prefetched). The fold
 // of the previous micro-tile runs on the AVX-512 ports while the tiles compute the current one (two C buffers).
 template <int RA>
 void amx_panel(const GemmArgs& g, int64_t m0, int64_t t0, int64_t t1, const WeightStream& ws, int64_t kstep) {
