@@ -4,6 +4,7 @@
 //   g++ -O3 -std=c++17 -ffp-contract=off -pthread -Iruntime/kernels benchmarks/int_gemm_harness.cc \
 //     runtime/kernels/{half,isa,int_common,int_scalar,int_avx2,int_avxvnni,int_avx512,int_amx,int_neon}.cc -o harness
 //   NTH=2 ./harness M K N bits path [rows_per_task tiles_per_task]     (path: amx, avx512vnni or scalar)
+//   FLOAT=1 ./harness M K N 4 path: FloatMatMul4 instead (the float mean token's product)
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -33,6 +34,11 @@ int main(int argc, char** argv) {
   const IsaKernels& k = isa_kernels(which);
   GemmArgs g; g.act = &act; g.b = b.data(); g.w = &w; g.bias = bias.data(); g.y = y.data(); g.n = N;
   IntGemmFn fn = bits == 4 ? k.int_gemm4 : k.int_gemm8;
+  std::vector<float> xf(M * w.k_pad, 0.5f);
+  FloatGemmArgs fg;
+  fg.x = xf.data(); fg.ldx = w.k_pad; fg.b = b.data(); fg.w = &w; fg.y = y.data(); fg.n = N;
+  const FloatGemmFn ffn = bits == 4 ? k.float_gemm4 : k.float_gemm8;
+  if (getenv("FLOAT")) fn = [](const GemmArgs&, int64_t, int64_t, int64_t, int64_t) {};
   rpt = rpt ? rpt : k.rows_per_task; tpt = tpt ? tpt : k.tiles_per_task;
   double best = 1e9;
   for (int rep = 0; rep < 25; ++rep) {
@@ -40,7 +46,8 @@ int main(int argc, char** argv) {
     int64_t rt = (M + rpt - 1) / rpt, ct = (w.tiles + tpt - 1) / tpt, ntask = rt * ct;
     std::atomic<int64_t> next{0};
     auto worker = [&] { for (int64_t task; (task = next++) < ntask;) { int64_t i = task % rt, j = task / rt;
-      fn(g, i * rpt, std::min(M, (i + 1) * rpt), j * tpt, std::min(w.tiles, (j + 1) * tpt)); } };
+      fn(g, i * rpt, std::min(M, (i + 1) * rpt), j * tpt, std::min(w.tiles, (j + 1) * tpt));
+      if (getenv("FLOAT")) ffn(fg, i * rpt, std::min(M, (i + 1) * rpt), j * tpt, std::min(w.tiles, (j + 1) * tpt)); } };
     int nth = getenv("NTH") ? atoi(getenv("NTH")) : 1;
     std::vector<std::thread> ths; for (int q = 1; q < nth; ++q) ths.emplace_back(worker); worker(); for (auto& th : ths) th.join();
     t = now() - t; if (t < best) best = t;
