@@ -131,19 +131,18 @@ class SiteSelection:
                     raise GraphInputError(f"{option} {pattern!r} is not a valid regular expression ({exc}); escape "
                                           r"special characters, e.g. --include 'attn1\.to_q'") from None
 
+    def _excluded(self, module_path: str) -> bool:
+        return any(re.search(p, module_path) for p in self.exclude)
+
     def selects(self, module_path: str) -> bool:
-        return any(re.search(p, module_path) for p in self.include) and not any(
-            re.search(p, module_path) for p in self.exclude
-        )
+        return any(re.search(p, module_path) for p in self.include) and not self._excluded(module_path)
 
     def selects_layer(self, linear: "LinearLayer") -> bool:
         """`selects` its module path, or (`outer_linears`) a linear outside the blocks that --exclude leaves."""
         if self.selects(linear.module_path):
             return True
-        if not (self.outer_linears and linear.is_matmul and self.roles is not None):
-            return False
-        return self.roles.block_of(linear.module_path) is None and not any(
-            re.search(p, linear.module_path) for p in self.exclude)
+        return (self.outer_linears and linear.is_matmul and self.roles is not None
+                and self.roles.block_of(linear.module_path) is None and not self._excluded(linear.module_path))
 
 
 def is_pointwise_conv(conv: ir.Node) -> bool:

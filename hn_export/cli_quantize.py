@@ -75,7 +75,8 @@ def _enum_choice(enum_type) -> click.Choice:
 @click.option("--transform-only", is_flag=True, help="Insert and fuse the transforms, no quantization.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of Hadamard signs and calibration.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def quantize_command(model: Path, preset, wbits, abits, every_linear, outer_bits, output, method, alpha, hadamard, hadamard_block,
+def quantize_command(model: Path, preset, wbits, abits, every_linear, outer_bits, output, method, alpha, hadamard,
+                     hadamard_block,
                      bias_correction, weight_block, asymmetric_weights, output_format, calib_inputs, calib_samples, calib_steps,
                      stats_path, save_stats, include, exclude, act_granularity, act_scales_path, save_act_scales,
                      weight_range, transform_only, seed, no_progress) -> None:
@@ -89,6 +90,9 @@ def quantize_command(model: Path, preset, wbits, abits, every_linear, outer_bits
     fmt = OutputFormat(output_format)
     check_format_block(fmt, weight_block, wbits or w_default)
     check_hadamard_block(hadamard_block)
+    if outer_bits != 8 and not every_linear:
+        raise UserError(f"--outer-bits {outer_bits} applies to the linears outside the blocks, which only "
+                        "--every-linear quantizes", "add --every-linear, or drop --outer-bits")
     if granularity is ActGranularity.TIMESTEP and fmt is OutputFormat.FUSED:
         raise UserError("--act-granularity timestep cannot be written as --format fused (its integer kernels "
                         "quantize activations per token)", "use --format qdq or nbits")

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 from pathlib import Path
 
+from runtime.kernels import selected_isa
+
 
 @functools.lru_cache(maxsize=8)
 def _isa(path: str, override: str) -> str:
-    try:
-        function = ctypes.CDLL(path).HadanormKernelsIsa
-    except (OSError, AttributeError):
-        return "unknown ISA"
-    function.restype = ctypes.c_char_p
-    return function().decode()
+    return selected_isa(path) or "unknown ISA"
 
 
 def library_isa(path: str | os.PathLike | None) -> str:

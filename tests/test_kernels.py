@@ -229,3 +229,13 @@ def test_kernels_package_imports_stdlib_only():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("op_type", ["ScaleRotate", "CenterScaleRotate"])
+def test_kernel_sylvester_left_factor(kernel_library, call_log, op_type):
+    """A power-of-two width above 256 factors as Sylvester(16) (x) Sylvester(256): both factors run as butterflies
+    (across rows for h_left); equal to the function body like every other rotation."""
+    h = rotation(4096, HadamardMode.FULL, 7)
+    assert (h.left.shape, h.right.shape) == ((16, 16), (256, 256))
+    mul = np.exp(np.random.default_rng(4096).standard_normal(4096) * 0.5) * h.signs
+    assert_kernel_matches(op_model(OPS[op_type], mul, h.left, h.right), kernel_library, call_log, op_type, 4096)

@@ -85,3 +85,11 @@ def test_layers_lists_the_outer_sites(hn_cli, tiny_onnx):
     assert "14 activation sites in 2 blocks" in default.out and "20 activation sites in 2 blocks" in every.out
     assert "transformer.caption_projection.linear_1" in every.out.split("activation sites")[1]
     assert "transformer.caption_projection.linear_1" not in default.out.split("activation sites")[1]
+
+
+def test_outer_bits_without_every_linear_is_refused(hn_cli, tiny_onnx, tmp_path):
+    out = tmp_path / "m.onnx"
+    result = hn_cli(tiny_onnx, "--w4a4", "--outer-bits", "6", "-o", out, *FAST_CALIB)
+    assert result.exit_code == 2 and not out.exists()
+    assert result.err.strip().splitlines() == ["error: --outer-bits 6 applies to the linears outside the blocks, which "
+                                               "only --every-linear quantizes; add --every-linear, or drop --outer-bits"]

@@ -22,6 +22,7 @@ __all__ = [
     "KERNEL_DOMAIN",
     "KernelLibraryError",
     "check_selected_isa",
+    "selected_isa",
     "library_path",
     "load_error_message",
     "register_kernels",
@@ -83,17 +84,23 @@ def register_kernels(options, path: str | os.PathLike | None = None) -> Path:
 ISA_VARIABLE = "HADANORM_KERNELS_ISA"
 
 
+def selected_isa(path: str | os.PathLike) -> str | None:
+    """``HadanormKernelsIsa()`` of the library at `path`: the kernel path it would run now (honouring
+    ``HADANORM_KERNELS_ISA``) or ``"error: <why>"``; None when the library cannot be loaded or is too old."""
+    try:
+        function = ctypes.CDLL(os.fspath(path)).HadanormKernelsIsa
+    except (OSError, AttributeError):
+        return None
+    function.restype = ctypes.c_char_p
+    return (function() or b"").decode(errors="replace")
+
+
 def check_selected_isa(path: str | os.PathLike) -> None:
     """With ``HADANORM_KERNELS_ISA`` set: raise KernelLibraryError with the library's own one-line reason when the
     variable names no kernel path, or one this CPU or build lacks (the kernels would otherwise fail only when a
     session creates them, under an unrelated message). Unset: nothing to check."""
     if not os.environ.get(ISA_VARIABLE):
         return
-    try:
-        function = ctypes.CDLL(os.fspath(path)).HadanormKernelsIsa
-    except (OSError, AttributeError):
-        return  # not loadable or too old: registration says why
-    function.restype = ctypes.c_char_p
-    text = (function() or b"").decode(errors="replace")
-    if text.startswith("error: "):
+    text = selected_isa(path)
+    if text is not None and text.startswith("error: "):  # None: not loadable or too old, registration says why
         raise KernelLibraryError(" ".join(text[len("error: "):].split()))

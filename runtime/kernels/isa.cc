@@ -111,16 +111,6 @@ bool isa_supported(Isa isa) {
   }
 }
 
-namespace {
-bool cpu_has_amx_for_message() {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(HADANORM_SCALAR_ONLY)
-  return cpu_has_amx_int8();
-#else
-  return false;
-#endif
-}
-}  // namespace
-
 Isa best_isa() {
   for (Isa isa : {Isa::kAmx, Isa::kAvx512Vnni, Isa::kAvxVnni, Isa::kAvx2, Isa::kNeonDot})
     if (isa_supported(isa)) return isa;
@@ -134,7 +124,7 @@ Isa select_isa() {
     if (std::strcmp(value, e.name) != 0) continue;
     if (!isa_supported(e.isa)) {
       const Isa best = best_isa();
-      if (e.isa == Isa::kAmx && cpu_has_amx_for_message())
+      if (e.isa == Isa::kAmx)
         fail("HADANORM_KERNELS_ISA=amx but ", amx_unavailable_reason(), "; unset it or use ", isa_name(best),
              " (the best path here)");
       fail("HADANORM_KERNELS_ISA=", value, " but this CPU (or this build) has no ", e.name, " path; unset it or use ",

@@ -1,7 +1,8 @@
-// The online transform of one token (see transform.h): contiguous float loops the compiler vectorises, and an
-// AVX-512 product by a dense h_left (the Paley factor of 1152 = 36 x 32 and 4608 = 36 x 128), chosen by CPU
-// (HADANORM_TRANSFORM_GENERIC=1 forces the portable loops: the test of the two against each other). The AVX-512
-// product uses fused multiply-adds, so it may differ from the portable loops (multiply, then add) in the last bit.
+// The online transform of one token (see transform.h): contiguous float loops the compiler vectorises, and AVX-512
+// code chosen by CPU (HADANORM_TRANSFORM_GENERIC=1 forces the portable loops: the test of the two against each
+// other) for the centering + scale + fast Walsh-Hadamard transform and the token means (bit-identical to the loops)
+// and for the product by a dense h_left (the Paley factor of 1152 = 36 x 32 and 4608 = 36 x 128), which uses fused
+// multiply-adds and so may differ from the portable loops (multiply, then add) in the last bit.
 
 #include "transform.h"
 
@@ -255,9 +256,6 @@ __attribute__((target("avx512f"))) void left_columns512(const float* v, const fl
   }
 }
 
-// AVX-512 centering, scale and the fast Walsh-Hadamard transform of each of the K rows of M = 16 * NV floats, the
-// row held in NV registers: the same operations in the same order as center_scale_row + fwht_rows (subtract,
-// multiply; butterflies (a + b, a - b) with h = 1, 2, 4, ...), so bit-identical to them.
 // One in-register butterfly stage: lanes whose bit h is set take partner - self (the b of a butterfly), the others
 // partner + self (= self + partner).
 __attribute__((target("avx512f"), always_inline)) inline __m512 fwht_stage512(__m512 r, __m512i perm,
@@ -266,6 +264,9 @@ __attribute__((target("avx512f"), always_inline)) inline __m512 fwht_stage512(__
   return _mm512_mask_sub_ps(_mm512_add_ps(partner, r), upper, partner, r);
 }
 
+// AVX-512 centering, scale and the fast Walsh-Hadamard transform of each of the K rows of M = 16 * NV floats, the
+// row held in NV registers: the same operations in the same order as center_scale_row + fwht_rows (subtract,
+// multiply; butterflies (a + b, a - b) with h = 1, 2, 4, ...), so bit-identical to them.
 template <int NV>
 __attribute__((target("avx512f"))) void center_scale_fwht512(const float* x, const float* mean, const float* mul,
                                                              float* v, int64_t k) {
@@ -328,7 +329,7 @@ bool dense_left_avx512(const float* v, const float* left, int64_t k, int64_t m, 
 }
 #endif
 
-bool use_avx512_left() {
+bool use_avx512_transform() {
 #ifdef HN_LEFT_AVX512
   static const bool use = [] {
     const char* generic = std::getenv("HADANORM_TRANSFORM_GENERIC");
@@ -372,7 +373,7 @@ void transform_row(const float* x, const float* mean, const float* mul, const fl
   float* v = rot->left_identity ? out : scratch.block.data();
   bool done = false;
 #ifdef HN_LEFT_AVX512
-  if (rot->right_fwht && use_avx512_left()) done = center_scale_fwht_avx512(x, mean, mul_rot, v, rot->K, rot->M);
+  if (rot->right_fwht && use_avx512_transform()) done = center_scale_fwht_avx512(x, mean, mul_rot, v, rot->K, rot->M);
 #endif
   if (!done) {
     center_scale_row(x, mean, rot->right_fwht ? mul_rot : mul, v, d);
@@ -387,7 +388,7 @@ void transform_row(const float* x, const float* mean, const float* mul, const fl
   }
   if (!rot->left_identity) {
 #ifdef HN_LEFT_AVX512
-    if (use_avx512_left() && dense_left_avx512(v, rot->left.data(), rot->K, rot->M, out)) return;
+    if (use_avx512_transform() && dense_left_avx512(v, rot->left.data(), rot->K, rot->M, out)) return;
 #endif
     dense_left_generic(v, rot->left.data(), rot->K, rot->M, out);
   }
@@ -413,7 +414,7 @@ __attribute__((target("avx512f"))) void column_mean64_avx512(const float* x, int
 // Column sums over tokens of one channel block, accumulated in double.
 HN_HOT void column_mean(const float* x, int64_t n, int64_t d, int64_t c0, int64_t c1, float* mean) {
 #ifdef HN_LEFT_AVX512
-  if (use_avx512_left() && n > 0) {
+  if (use_avx512_transform() && n > 0) {
     for (; c0 + 64 <= c1; c0 += 64) column_mean64_avx512(x + c0, n, d, mean + c0);
     if (c0 == c1) return;
   }
