@@ -10,7 +10,11 @@ Graphs (`--graphs`, onnxruntime FP32 always runs: it is the reference):
 * ``hn-w4a8``   ``hn-export --wbits 4 --abits 8 --format fused`` (the same calibration statistics);
 * ``hn-w4a4-all``, ``hn-w4a8-all``: the same with ``--every-linear`` (the caption projection, timestep embedder,
   adaLN-single and final projection are sites too, at ``--outer-bits`` 8; the 4-channel patch-embedding conv stays
-  float), calibrated once for both.
+  float), calibrated once for both;
+* the ``hn-*`` graphs have the fused attention (``hadanorm::Attention``, bf16, the ``--format fused`` default);
+  ``hn-w4a4-fattn`` has it in fp32 (``--attention float``), ``hn-w4a4-noattn`` keeps MatMul -> Softmax -> MatMul
+  (``--attention none``, the graphs before issue 18); ``fp32-attn`` is the FP32 graph with only the attention fused
+  (``hn-export optimize --attention bf16``), on the kernel library.
 
 Each graph runs in its own worker process (this script with ``--worker``; under ``benchmarks/no_amx.py`` with
 ``--no-amx``), which loads it once and reports its RSS, then serves calls. The workers start one after the other
@@ -71,6 +75,12 @@ GRAPHS = {g.key: g for g in (
           "hn-w4a4-all", False),
     Graph("hn-w4a8-all", "hn-export `--wbits 4 --abits 8 --format fused`, every linear (outside the blocks W8A8)",
           "hn", "hn-w4a8-all", False),
+    Graph("hn-w4a4-fattn", "hn-export `--w4a4 --format fused --attention float` (fp32 fused attention)", "hn",
+          "hn-w4a4-fattn", False),
+    Graph("hn-w4a4-noattn", "hn-export `--w4a4 --format fused --attention none` (MatMul -> Softmax -> MatMul)", "hn",
+          "hn-w4a4-noattn", False),
+    Graph("fp32-attn", "FP32 with only the attention fused (`hn-export optimize --attention bf16`)", "hn",
+          "fp32-attn", False),
 )}
 
 
@@ -223,12 +233,16 @@ def prepare(folder: Path, preset: str, layers: int, seed: int, keys: list[str], 
             return hn + ["export", "--preset", preset, "--layers", str(layers), "--seed", str(seed), "-o", str(out)]
         if key in ("ort-w8a8", "ort-w4"):
             return [sys.executable, str(Path(__file__).resolve()), "--quantize-peer", key, str(fp32), str(out)]
-        bits = ["--w4a4"] if key.startswith("hn-w4a4") else ["--wbits", "4", "--abits", "8"]
-        every = key.endswith("-all")
+        if key == "fp32-attn":
+            return hn + ["optimize", str(fp32), "--attention", "bf16", "-o", str(out)]
+        parts = key.split("-")
+        bits = ["--w4a4"] if parts[1] == "w4a4" else ["--wbits", "4", "--abits", "8"]
+        every = "all" in parts
         selection = ["--every-linear"] if every else []
+        attention = {"noattn": ["--attention", "none"], "fattn": ["--attention", "float"]}.get(parts[-1], [])
         stats_file = folder / "calibration-stats-all.npz" if every else stats
         calib = ["--stats", str(stats_file)] if stats_file.exists() else ["--save-stats", str(stats_file)]
-        return hn + ["quantize", str(fp32), *bits, *selection, "--format", "fused", "--seed", str(seed),
+        return hn + ["quantize", str(fp32), *bits, *selection, *attention, "--format", "fused", "--seed", str(seed),
                      "--no-progress", "-o", str(out), *calib]
 
     needed = ["fp32"] + [GRAPHS[k].source for k in keys if GRAPHS[k].source != "fp32"]

@@ -1,5 +1,5 @@
 """The W-A quantization pipeline: site tagging -> conv token views -> transform + weight fusion -> bias correction ->
-quantize -> clean-up.
+quantize -> [fused attention] -> clean-up.
 
 `build_pipeline` returns an onnx-ir `PassManager` ending in onnx-ir's common clean-up passes and a full
 `onnx.checker` check. `quantize_model` plans each site's transform from calibration statistics and runs it.
@@ -21,9 +21,11 @@ from onnx_ir.passes.common import (
 )
 
 from graph_passes.activation_probe import ActivationProbePass
+from graph_passes.attention_op import AttentionPrecision
 from graph_passes.bias_correction import BiasCorrectionPass
 from graph_passes.conv_sites import ConvSitesPass
 from graph_passes.errors import from_pass_error
+from graph_passes.fuse_attention import FuseAttentionPass
 from graph_passes.gated_activation_quant import GatedActivationQuantPass
 from graph_passes.insert_transforms import InsertTransformsPass
 from graph_passes.linears import ActivationSite, SiteSelection, find_activation_sites
@@ -68,11 +70,13 @@ def build_pipeline(
     act_scales: ActScaleTable | None = None,
     probe: bool = False,
     outer: frozenset[str] = frozenset(),
+    attention: AttentionPrecision | None = None,
 ) -> ir.passes.PassManager:
     """`gated_act_bits`: instead of quantizing, put every activation quantizer behind a runtime switch (the
     sensitivity study); weights stay in float. `act_scales`: static per-timestep activation quantizers instead of
     per-token dynamic ones. `probe`: no quantization; one output per site with max |x~| (calibrating `act_scales`).
-    `outer`: the sites outside the blocks (`outer_sites`), quantized at ``quant.outer_bits``."""
+    `outer`: the sites outside the blocks (`outer_sites`), quantized at ``quant.outer_bits``. `attention`: replace
+    every recognised softmax attention by ``hadanorm::Attention`` at that precision (None: keep them)."""
     passes: list[ir.passes.PassBase] = [
         TagSitesPass(selection),
         ConvSitesPass(),
@@ -89,6 +93,8 @@ def build_pipeline(
             passes.append(LowerToNBitsPass())
         elif quant.format is OutputFormat.FUSED:
             passes.append(LowerToFusedPass())
+    if attention is not None:
+        passes.append(FuseAttentionPass(attention))
     passes += [
         RemoveUnusedNodesPass(),
         RemoveUnusedFunctionsPass(),
@@ -115,6 +121,7 @@ def quantize_model(
     sites: list[ActivationSite] | None = None,
     act_scales: ActScaleTable | None = None,
     probe: bool = False,
+    attention: AttentionPrecision | None = None,
 ) -> QuantizeResult:
     """Rewrite `model` in place. ``quant=None`` inserts and fuses the transforms only (the exactness check).
     `sites`: the activation sites of `selection`, when the caller found them already."""
@@ -122,7 +129,7 @@ def quantize_model(
     transforms = plan_transforms(sites, stats, options)
     try:
         build_pipeline(transforms, options, quant, selection, gated_act_bits, act_scales, probe,
-                       outer_sites(sites, selection))(model)
+                       outer_sites(sites, selection), attention)(model)
     except ir.passes.PassError as exc:  # wraps what a pass raised: one line, no traceback
         raise from_pass_error(exc) from None
     logger.info("%s: %d sites, %s", options.method.value, len(sites), quant.label if quant else "transform only")

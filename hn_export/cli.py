@@ -54,6 +54,7 @@ def _register_commands() -> None:
     from hn_export.cli_export import export_command
     from hn_export.cli_families import families_command
     from hn_export.cli_layers import layers_command
+    from hn_export.cli_optimize import optimize_command
     from hn_export.cli_quantize import quantize_command
 
     cli.add_command(export_command, "export")
@@ -63,6 +64,7 @@ def _register_commands() -> None:
     cli.add_command(demo_command, "demo")
     cli.add_command(diff_command, "diff")
     cli.add_command(sensitivity_command, "sensitivity")
+    cli.add_command(optimize_command, "optimize")
     cli.add_command(quantize_command, DEFAULT_COMMAND)
 
 

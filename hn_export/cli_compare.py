@@ -30,6 +30,7 @@ from hn_export.compare import (
 )
 from hn_export.denoise import DenoiseConfig, ModelSignature
 from hn_export.errors import UserError
+from hn_export.quantize_job import AttentionChoice
 from hn_export.input_arrays import check_same_inputs
 from hn_export.model_files import check_output_folder, check_output_path, load_model
 
@@ -40,6 +41,10 @@ from hn_export.model_files import check_output_folder, check_output_path, load_m
 @click.option("--bits", default="w4a4,w6a6", show_default=True, help="Comma list of wNaM.")
 @click.option("--formats", default="qdq", show_default=True,
               help="Comma list of output formats (qdq, nbits, fused), or all: the same quantization run three ways.")
+@click.option("--attention", type=click.Choice([c.value for c in AttentionChoice]), default=AttentionChoice.AUTO.value,
+              show_default=True,
+              help="Softmax attention of the quantized graphs: auto (fused graphs: hadanorm::Attention bf16; others "
+                   "keep it), none, float or bf16 (as `hn-export MODEL --attention`).")
 @click.option("--bias-corrections", default="float-token", show_default=True,
               help="Comma list of bias-correction modes for centered methods, or all.")
 @click.option("--steps", type=click.IntRange(1), default=20, show_default=True, help="Denoising steps.")
@@ -63,7 +68,7 @@ from hn_export.model_files import check_output_folder, check_output_path, load_m
 @click.option("--keep-models", type=click.Path(path_type=Path), help="Keep the quantized graphs in this folder.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-progress", is_flag=True)
-def compare_command(model, methods, bits, formats, bias_corrections, steps, samples, reference, out_dir, calib_inputs,
+def compare_command(model, methods, bits, formats, attention, bias_corrections, steps, samples, reference, out_dir, calib_inputs,
                     inputs_path, calib_samples, calib_steps, hadamard, hadamard_block, act_granularities, weight_ranges,
                     weight_block, asymmetric_weights, keep_models, seed, no_progress) -> None:
     """Quantize MODEL with each method and bit width; SQNR against the reference graph."""
@@ -105,6 +110,7 @@ def compare_command(model, methods, bits, formats, bias_corrections, steps, samp
         progress=not no_progress,
         calib_inputs=calib_inputs,
         inputs=inputs,
+        attention=AttentionChoice(attention),
     )
     if keep_models is not None:
         keep_models.mkdir(parents=True, exist_ok=True)

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import click
 
+from graph_passes.fuse_attention import find_attention
 from graph_passes.linears import SiteSelection, find_activation_sites, find_linears
 from hn_export.families import selection_for
 from hn_export.graph_import import load_graph
+from models.families import FAMILIES
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,6 +31,11 @@ def layers_command(model: Path, include, exclude, every_linear: bool, as_json: b
     selection = selection_for(ir_model, selection)
     sites = find_activation_sites(ir_model, selection)
     family = selection.roles.family if selection.roles is not None else None
+    scan = find_attention(ir_model.graph)
+    fused = sum(1 for n in ir_model.graph if n.domain == "hadanorm" and n.op_type == "Attention")
+    note = FAMILIES[family].attention_note if family in FAMILIES else ""
+    attention = {"softmax_attentions": len(scan.sites), "fused": fused,
+                 "other_softmax": [n.name for n in scan.unrecognised], "note": note}
     if as_json:
         click.echo(json.dumps({
             "family": family,
@@ -39,6 +46,7 @@ def layers_command(model: Path, include, exclude, every_linear: bool, as_json: b
             "sites": [{"name": s.name, "role": s.role, "block": s.block, "activation": s.activation.name,
                        "width": s.width, "centered": s.can_center,
                        "linears": [lin.module_path for lin in s.linears]} for s in sites],
+            "attention": attention,
         }, indent=2))
         return
     click.echo(f"family: {family} (site roles from its module paths)" if family else
@@ -56,3 +64,11 @@ def layers_command(model: Path, include, exclude, every_linear: bool, as_json: b
     for s in sites:
         names = ", ".join(re.sub(r"^.*transformer_blocks\.\d+\.", "", lin.module_path) for lin in s.linears)
         click.echo(f"{s.name:<40} {s.role:<20} {s.width:>6}  {names}")
+    click.echo(f"\nattention: {len(scan.sites)} softmax attentions (MatMul -> Softmax -> MatMul; --format fused and "
+               f"`hn-export optimize --attention fused` make each one hadanorm::Attention)"
+               + (f", {fused} already fused" if fused else ""))
+    if scan.unrecognised:
+        click.echo(f"  {len(scan.unrecognised)} Softmax in other forms, kept as they are: "
+                   + ", ".join(n.name for n in scan.unrecognised[:4]) + (" ..." if len(scan.unrecognised) > 4 else ""))
+    if note:
+        click.echo(f"  {family}: {note}")

@@ -14,7 +14,7 @@ from graph_passes.static_act_quant import ActGranularity
 from hn_export.cli_options import FiniteFloatRange, check_format_block, check_hadamard_block
 from hn_export.denoise import DenoiseConfig
 from hn_export.errors import UserError
-from hn_export.quantize_job import QuantizeJob, default_output, run_quantize
+from hn_export.quantize_job import AttentionChoice, QuantizeJob, default_output, run_quantize
 
 _PRESET_BITS = {"w4a4": (4, 4), "w6a6": (6, 6), "w8a8": (8, 8)}
 
@@ -52,6 +52,10 @@ def _enum_choice(enum_type) -> click.Choice:
               show_default=True,
               help="qdq: portable Q/DQ graph (float MatMuls); nbits: MatMulNBits, stock onnxruntime, int4 weights "
                    "in memory; fused: hadanorm integer kernels (build the library; function bodies otherwise).")
+@click.option("--attention", type=_enum_choice(AttentionChoice), default=AttentionChoice.AUTO.value,
+              show_default=True,
+              help="Softmax attention: fuse it into hadanorm::Attention (tiled, O(N) memory) at float or bf16 "
+                   "precision, or keep it (none); auto: bf16 for --format fused, none otherwise.")
 @click.option("--calib", "calib_inputs", type=click.Path(path_type=Path),
               help="Calibration inputs (.npz with hidden_states, timestep, encoder_hidden_states).")
 @click.option("--calib-samples", type=click.IntRange(1), default=2, show_default=True,
@@ -77,7 +81,7 @@ def _enum_choice(enum_type) -> click.Choice:
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def quantize_command(model: Path, preset, wbits, abits, every_linear, outer_bits, output, method, alpha, hadamard,
                      hadamard_block,
-                     bias_correction, weight_block, asymmetric_weights, output_format, calib_inputs, calib_samples, calib_steps,
+                     bias_correction, weight_block, asymmetric_weights, output_format, attention, calib_inputs, calib_samples, calib_steps,
                      stats_path, save_stats, include, exclude, act_granularity, act_scales_path, save_act_scales,
                      weight_range, transform_only, seed, no_progress) -> None:
     """Quantize MODEL.onnx (W4A4 with HadaNorm by default)."""
@@ -121,6 +125,7 @@ def quantize_command(model: Path, preset, wbits, abits, every_linear, outer_bits
         act_granularity=granularity,
         act_scales_path=act_scales_path,
         save_act_scales=save_act_scales,
+        attention=AttentionChoice(attention),
     )
     report = run_quantize(job)
     bits = f"{quant.label.upper()} ({quant.format.value})" if quant else "transform only"
@@ -132,6 +137,8 @@ def quantize_command(model: Path, preset, wbits, abits, every_linear, outer_bits
         if report.bias_correction_bytes:
             click.echo(f"exact bias correction adds {report.bias_correction_bytes / 1e6:.2f} MB of int8 weights")
     click.echo(f"calibration: {report.calibration}")
+    if report.attention != "none":
+        click.echo(f"attention: {report.attention}")
     for path in report.files:
         click.echo(f"wrote {path}")
     if quant and quant.format is OutputFormat.QDQ:

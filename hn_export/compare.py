@@ -33,7 +33,7 @@ from hn_export.evaluate import Evaluation, GraphRunner, final_latents, single_ca
 from hn_export.json_report import report_json
 from hn_export.metrics import Comparison
 from hn_export.model_files import write_atomic
-from hn_export.quantize_job import QuantizeJob, run_quantize
+from hn_export.quantize_job import AttentionChoice, QuantizeJob, run_quantize
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +162,7 @@ class CompareConfig:
     progress: bool = True
     calib_inputs: Path | None = None  # --calib FILE.npz instead of trajectories
     inputs: EvaluationInputs | None = None  # default: seeded, from `evaluation`
+    attention: AttentionChoice = AttentionChoice.AUTO  # --attention (fused graphs: bf16 by default)
 
 
 def run_compare(model: Path, points: list[GridPoint], reference: Path | None, config: CompareConfig) -> list[GridResult]:
@@ -182,7 +183,7 @@ def run_compare(model: Path, points: list[GridPoint], reference: Path | None, co
                                             bias_correction=point.bias_correction)
             run_quantize(QuantizeJob(model, out, transform, point.quant, stats=stats, progress=False,
                                      calibration=config.calibration, calib_inputs=config.calib_inputs,
-                                     act_granularity=point.act_granularity))
+                                     act_granularity=point.act_granularity, attention=config.attention))
             with GraphRunner(out) as runner:
                 evaluation = inputs.evaluate(runner, ref_out)
                 implementation = runner.denoiser.implementation

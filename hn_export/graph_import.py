@@ -102,7 +102,8 @@ def check_float_graph(model: ir.Model, source: str) -> None:
                         "pass the float graph it was made from (the one `hn-export export` wrote)")
     found = sorted({node.op_type for node in model.graph.all_nodes() if node.op_type in QUANTIZED_OPS
                     and node.domain in ("", "ai.onnx", "com.microsoft")}
-                   | {node.op_type for node in model.graph.all_nodes() if node.domain == HADANORM_DOMAIN})
+                   | {node.op_type for node in model.graph.all_nodes()
+                      if node.domain == HADANORM_DOMAIN and node.op_type != "Attention"})  # fused attention: float
     if found:
         raise UserError(f"{source} is already quantized (it holds {', '.join(found[:4])})",
                         "pass the float graph it was made from")

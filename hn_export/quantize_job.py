@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 from pathlib import Path
 
 import onnx_ir as ir
 
+from graph_passes.attention_op import AttentionPrecision
 from graph_passes.hadamard import hadamard_factors
 from graph_passes.linears import SiteSelection, find_activation_sites
 from hn_export.families import selection_for
 from graph_passes.methods import TransformOptions
 from graph_passes.pipeline import quantize_model
-from graph_passes.quantization import QuantConfig
+from graph_passes.quantization import OutputFormat, QuantConfig
 from graph_passes.static_act_quant import ActGranularity
 from graph_passes import tags
 from hn_export.act_scales import calibrate_act_scales, load_act_scales, save_act_scales
@@ -22,9 +24,31 @@ from hn_export.denoise import DenoiseConfig, ModelSignature, load_input_file
 from hn_export.errors import UserError
 from hn_export.graph_import import check_float_graph, load_graph
 from hn_export.model_files import check_output_path, input_files, save_model
-from runtime.domain import FORMAT_KEY, HADANORM_DOMAIN, TRANSFORM_OPS_KEY
+from runtime.domain import ATTENTION_KEY, FORMAT_KEY, HADANORM_DOMAIN, TRANSFORM_OPS_KEY
 
 logger = logging.getLogger(__name__)
+
+
+# The precision of the fused attention that `fused` graphs get by default (benchmarks/attention.md: on AMX the bf16
+# tiles are the fastest path, and the one-call SQNR loss against float attention is far below the W4A4 noise).
+DEFAULT_FUSED_ATTENTION = AttentionPrecision.BF16
+
+
+class AttentionChoice(enum.Enum):
+    """``--attention``: ``auto`` fuses the softmax attentions of ``fused`` graphs at `DEFAULT_FUSED_ATTENTION` and
+    keeps those of the other formats (stock onnxruntime runs them); ``none`` keeps them; ``float`` / ``bf16`` fuse
+    them at that precision whatever the format."""
+
+    AUTO = "auto"
+    NONE = "none"
+    FLOAT = "float"
+    BF16 = "bf16"
+
+    def resolve(self, quant: QuantConfig | None) -> AttentionPrecision | None:
+        if self is AttentionChoice.AUTO:
+            fused = quant is not None and quant.format is OutputFormat.FUSED
+            return DEFAULT_FUSED_ATTENTION if fused else None
+        return None if self is AttentionChoice.NONE else AttentionPrecision(self.value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +67,7 @@ class QuantizeJob:
     act_granularity: ActGranularity = ActGranularity.TOKEN
     act_scales_path: Path | None = None  # a per-timestep activation scale table to use (else calibrated)
     save_act_scales: Path | None = None
+    attention: AttentionChoice = AttentionChoice.AUTO
 
 
 @dataclasses.dataclass
@@ -55,6 +80,7 @@ class QuantizeReport:
     weight_bytes_after: int  # their quantized integers + scales
     bias_correction_bytes: int  # extra int8 copies (exact bias correction)
     calibration: str
+    attention: str = "none"  # e.g. "4 softmax attentions fused (bf16)", or "none"
 
 
 def default_output(model_path: Path, quant: QuantConfig | None) -> Path:
@@ -141,7 +167,9 @@ def run_quantize(job: QuantizeJob) -> QuantizeReport:
             calibration += f"; activation scales: {len(act_scales.timesteps)} timesteps from {source}"
         if job.save_act_scales is not None:
             save_act_scales(act_scales, job.save_act_scales)
-    quantize_model(model, stats.sites, job.transform, job.quant, selection, sites=sites, act_scales=act_scales)
+    attention = job.attention.resolve(job.quant)
+    quantize_model(model, stats.sites, job.transform, job.quant, selection, sites=sites, act_scales=act_scales,
+                   attention=attention)
     main, extra = _weight_bytes(model)
     ops = sorted({n.op_type for n in model.graph if n.domain == HADANORM_DOMAIN})
     model.metadata_props[TRANSFORM_OPS_KEY] = ",".join(ops)
@@ -151,9 +179,11 @@ def run_quantize(job: QuantizeJob) -> QuantizeReport:
         model.metadata_props["hn_export.act_granularity"] = job.act_granularity.value
     model.metadata_props["hn_export.bias_correction"] = job.transform.bias_correction.value
     model.metadata_props[FORMAT_KEY] = job.quant.format.value if job.quant else "float"
+    model.metadata_props[ATTENTION_KEY] = attention.value if attention else "none"
     model.metadata_props["hn_export.onnxruntime_session_config"] = (
         "session.disable_quant_qdq=1 (see runtime.session: default fusions change the numbers or fail)"
     )
+    fused = sum(1 for n in model.graph if n.domain == HADANORM_DOMAIN and n.op_type == "Attention")
     files = save_model(model, job.output)
     return QuantizeReport(job.output, files, len(sites), sum(len(s.linears) for s in sites), before, main, extra,
-                          calibration)
+                          calibration, f"{fused} softmax attentions fused ({attention.value})" if attention else "none")

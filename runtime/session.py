@@ -28,8 +28,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from runtime.domain import FORMAT_KEY, TRANSFORM_OPS_KEY
-from runtime.kernel_isa import library_isa
+from runtime.domain import ATTENTION_KEY, FORMAT_KEY, TRANSFORM_OPS_KEY
+from runtime.kernel_isa import library_attention_path, library_isa
 from runtime.kernels import library_path, register_kernels
 
 
@@ -110,11 +110,18 @@ def create_session(
 def implementation(metadata: dict[str, str], kernel_library: Path | None) -> str:
     """Which code runs a graph's quantized linears and hadanorm ops (from hn-export's model metadata)."""
     fmt = metadata.get(FORMAT_KEY, "")
-    transforms = [op for op in metadata.get(TRANSFORM_OPS_KEY, "").split(",") if op]
+    transforms = [op for op in metadata.get(TRANSFORM_OPS_KEY, "").split(",") if op and op != "Attention"]
     kernels = f"kernels ({library_isa(kernel_library)})" if kernel_library is not None else "function bodies"
+    attention = metadata.get(ATTENTION_KEY, "none")
+    if attention in ("float", "bf16"):
+        runs = (f"kernels ({library_attention_path(kernel_library, attention)})" if kernel_library is not None
+                else "function bodies")
+        attention = f", attention: hadanorm::Attention {attention}, {runs}"
+    else:
+        attention = ""
     if fmt == "fused":
-        return f"fused: {kernels}"
+        return f"fused: {kernels}{attention}"
     if not fmt and not transforms:
-        return "float"
+        return f"float{attention}"
     head = {"nbits": "nbits: MatMulNBits", "qdq": "qdq: as written", "float": "float"}.get(fmt, fmt or "qdq")
-    return f"{head}, transforms: {kernels}" if transforms else head
+    return (f"{head}, transforms: {kernels}" if transforms else head) + attention

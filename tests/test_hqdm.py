@@ -65,7 +65,7 @@ def test_cli_hqdm_formats_agree_and_stay_exact(hn_cli, tiny_onnx, tmp_path):
     for fmt in ("qdq", "fused"):
         out = tmp_path / f"{fmt}.onnx"
         result = hn_cli(tiny_onnx, "--method", "hqdm", "--hadamard-block", "8", "--weight-block", "8",
-                        "--format", fmt, "-o", out, "--no-progress")
+                        "--format", fmt, "--attention", "none", "-o", out, "--no-progress")
         assert result.exit_code == 0, result.err
         x[fmt] = out
     rng = np.random.default_rng(0)

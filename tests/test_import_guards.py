@@ -51,5 +51,5 @@ def test_writer_and_device_agree_on_names():
     import graph_passes.domain as written
     import runtime.domain as read
 
-    names = ("HADANORM_DOMAIN", "HADANORM_OPSET_VERSION", "TRANSFORM_OPS_KEY", "FORMAT_KEY")
+    names = ("HADANORM_DOMAIN", "HADANORM_OPSET_VERSION", "TRANSFORM_OPS_KEY", "FORMAT_KEY", "ATTENTION_KEY")
     assert {n: getattr(written, n) for n in names} == {n: getattr(read, n) for n in names}

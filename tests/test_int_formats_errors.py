@@ -38,7 +38,8 @@ def test_reported_implementation(formats):
     assert Denoiser(formats["qdq"], kernel_library=False).implementation == "qdq: as written, transforms: function bodies"
     assert Denoiser(formats["nbits"], kernel_library=False).implementation == (
         "nbits: MatMulNBits, transforms: function bodies")
-    assert Denoiser(formats["fused"], kernel_library=False).implementation == "fused: function bodies"
+    assert Denoiser(formats["fused"], kernel_library=False).implementation == (
+        "fused: function bodies, attention: hadanorm::Attention bf16, function bodies")
 
 
 @pytest.mark.parametrize("args,message", [

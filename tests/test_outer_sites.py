@@ -36,7 +36,8 @@ def weight_containers(path) -> collections.Counter:
 def test_outer_sites_at_outer_bits(hn_cli, tiny_onnx, tmp_path, kernel_library):
     qdq, fused = tmp_path / "qdq.onnx", tmp_path / "fused.onnx"
     for fmt, out in (("qdq", qdq), ("fused", fused)):
-        result = hn_cli(tiny_onnx, "--w4a4", *EVERY_LINEAR, "--format", fmt, "-o", out, *FAST_CALIB)
+        result = hn_cli(tiny_onnx, "--w4a4", *EVERY_LINEAR, "--format", fmt, "--attention", "none", "-o", out,
+                        *FAST_CALIB)
         assert result.exit_code == 0, result.err
     ops = hadanorm_ops(fused)
     # 2 blocks x 10 in-block linears at 4 bits (7 sites), 6 outer linears at 8 bits (one site each)

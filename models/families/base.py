@@ -126,6 +126,7 @@ class ModelFamily:
     scheduler_settings: Mapping[str, Any] = {}
     graph_inputs: frozenset[str] = frozenset()  # the default `matches_inputs`: exactly these input names
     supports_mask: bool = False  # whether `--with-mask` (an encoder_attention_mask input) is offered
+    attention_note: str = ""  # attention the fused-attention pass leaves alone (`hn-export layers` says so)
     # module-path patterns inside the blocks that stay in float unless --include names them (e.g. 1x1 skip convs)
     default_exclude: tuple[str, ...] = ()
     timestep_input: str = "timestep"  # the graph input that carries the timestep (per-timestep activation scales)

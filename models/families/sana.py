@@ -141,6 +141,8 @@ class SanaFamily(ModelFamily):
     class_name = "SanaTransformer2DModel"
     pipeline_class = "SanaPipeline"
     description = "Sana (SanaTransformer2DModel, linear attention, GLUMBConv FFN, flow-matching DPM-Solver++)"
+    attention_note = ("self-attention is ReLU linear attention (no softmax, already O(N) in the tokens): kept as it "
+                      "is; the cross-attention is softmax attention")
     demo_preset = "sana-600m-512"
     presets = {
         "sana-600m-512": _preset(SANA_600M, 16, "Sana 600M (28 blocks, 1152 wide)"),

@@ -95,6 +95,19 @@ def selected_isa(path: str | os.PathLike) -> str | None:
     return (function() or b"").decode(errors="replace")
 
 
+def attention_path(path: str | os.PathLike, precision: str) -> str | None:
+    """``HadanormAttentionPath(precision)`` of the library at `path`: the path ``hadanorm::Attention`` would run at
+    that precision (``amx``, ``avx512``, ``scalar``) or ``"error: <why>"``; None when the library cannot be loaded or
+    has no fused attention."""
+    try:
+        function = ctypes.CDLL(os.fspath(path)).HadanormAttentionPath
+    except (OSError, AttributeError):
+        return None
+    function.restype = ctypes.c_char_p
+    function.argtypes = [ctypes.c_char_p]
+    return (function(precision.encode()) or b"").decode(errors="replace")
+
+
 def check_selected_isa(path: str | os.PathLike) -> None:
     """With ``HADANORM_KERNELS_ISA`` set: raise KernelLibraryError with the library's own one-line reason when the
     variable names no kernel path, or one this CPU or build lacks (the kernels would otherwise fail only when a

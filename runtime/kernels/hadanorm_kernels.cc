@@ -4,6 +4,7 @@
 //   quantize ops  (transform_ops.cc): Quantize, ScaleQuantize, ScaleRotateQuantize, CenterScaleQuantize,
 //                                     CenterScaleRotateQuantize
 //   matmul ops    (matmul_ops.cc):    IntMatMul4, IntMatMul8, FloatMatMul4, FloatMatMul8
+//   attention     (attention_op.cc):  Attention (fused softmax attention, attention.h)
 //
 // Every op is registered twice, for float32 and for float16 tensors (onnxruntime picks the kernel by the input
 // types); both compute in float32. The same maths as the ONNX function bodies graph_passes writes into the model.
@@ -25,12 +26,15 @@
 #include <string>
 #include <vector>
 
+#include "attention.h"
 #include "isa.h"
+#include "util.h"
 
 
 namespace hadanorm {
 void add_transform_ops(Ort::CustomOpDomain& domain);
 void add_matmul_ops(Ort::CustomOpDomain& domain);
+void add_attention_ops(Ort::CustomOpDomain& domain);
 }  // namespace hadanorm
 
 namespace {
@@ -61,6 +65,23 @@ __attribute__((visibility("default"))) const char* HadanormKernelsIsa() {
   return last.c_str();
 }
 
+// The path hadanorm::Attention would run now at `precision` ("float" or "bf16"), e.g. "amx", "avx512", "scalar", or
+// "error: <why>".
+__attribute__((visibility("default"))) const char* HadanormAttentionPath(const char* precision) {
+  static std::mutex mutex;
+  static std::string last;
+  std::lock_guard<std::mutex> lock(mutex);
+  try {
+    const std::string p = precision ? precision : "";
+    if (p != "float" && p != "bf16") hadanorm::fail("precision \"", p, "\" is not float or bf16");
+    const auto which = p == "bf16" ? hadanorm::AttentionPrecision::kBf16 : hadanorm::AttentionPrecision::kFloat;
+    last = hadanorm::attention_path(which, hadanorm::select_isa()).name;
+  } catch (const std::exception& e) {
+    last = std::string("error: ") + e.what();
+  }
+  return last.c_str();
+}
+
 __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
                                                                                   const OrtApiBase* api_base) {
   const uint32_t version = requested_api_version();
@@ -79,6 +100,7 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
     Ort::CustomOpDomain domain{"hadanorm"};
     hadanorm::add_transform_ops(domain);
     hadanorm::add_matmul_ops(domain);
+    hadanorm::add_attention_ops(domain);
     Ort::UnownedSessionOptions session_options(options);
     session_options.Add(domain);
     std::lock_guard<std::mutex> lock(g_domains_mutex);

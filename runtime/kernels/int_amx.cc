@@ -35,6 +35,7 @@
 #include <numeric>
 #include <vector>
 
+#include "amx_tile_config.h"
 #include "int_avx512_store.h"
 #include "util.h"
 
@@ -46,30 +47,11 @@ constexpr int64_t kRowTile = 16;         // rows of an A / C tile
 constexpr int64_t kMaxKStep = 64;        // bytes of an A tile row
 constexpr int64_t kMinKStep = 16;        // smaller steps run on avx512vnni
 
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
 void load_tile_config(int64_t kstep) {
   TileConfig cfg;
-  std::memset(&cfg, 0, sizeof cfg);
-  cfg.palette_id = 1;
-  for (int i = 0; i < 4; ++i) {  // C
-    cfg.rows[i] = kRowTile;
-    cfg.colsb[i] = 64;
-  }
-  for (int i = 4; i < 6; ++i) {  // A
-    cfg.rows[i] = kRowTile;
-    cfg.colsb[i] = static_cast<uint16_t>(kstep);
-  }
-  for (int i = 6; i < 8; ++i) {  // B
-    cfg.rows[i] = static_cast<uint8_t>(kstep / 4);
-    cfg.colsb[i] = 64;
-  }
+  for (int i = 0; i < 4; ++i) cfg.set(i, kRowTile, 64);                               // C
+  for (int i = 4; i < 6; ++i) cfg.set(i, kRowTile, static_cast<int>(kstep));          // A
+  for (int i = 6; i < 8; ++i) cfg.set(i, static_cast<int>(kstep / 4), 64);            // B
   _tile_loadconfig(&cfg);
 }
 

@@ -1,0 +1,68 @@
+"""The fused attention op of the ``hadanorm`` domain, with an ONNX function body (its original maths).
+
+    Attention(q [..., Nq, D], k [..., Nk, D], v [..., Nk, Dv][, mask])  ->  softmax(scale * q k^T + mask) v
+
+``scale`` (float) and ``precision`` (``float`` | ``bf16``, how the kernel library computes it) are attributes. The
+function body is the float maths, MatMul -> Softmax -> MatMul, so stock onnxruntime runs the file (holding the
+N x N scores); the kernel library (`runtime/kernels/attention.h`) computes it tiled, flash-attention style, never
+holding more than one key block of scores per query row. ``mask`` (additive, broadcastable to
+``[..., Nq, Nk]``) is optional: the masked form is the function overload ``masked``.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+import onnx_ir as ir
+
+from graph_passes.domain import HADANORM_DOMAIN, HADANORM_OPSET_VERSION
+from graph_passes.hadanorm_ops import FunctionBody
+
+_ONNX_OPSET = 21
+OP_TYPE = "Attention"
+MASKED_OVERLOAD = "masked"
+
+
+class AttentionPrecision(enum.Enum):
+    """How the kernel library computes a fused attention: fp32 throughout (the exact op), or bf16 operands with
+    fp32 sums (AMX bf16 tiles where the CPU has them)."""
+
+    FLOAT = "float"
+    BF16 = "bf16"
+
+
+def build_function(masked: bool) -> ir.Function:
+    inputs = [ir.Value(name=name) for name in ("q", "k", "v", "mask")[: 4 if masked else 3]]
+    body = FunctionBody()
+    q, k, v = inputs[:3]
+    scale = body.op("CastLike", [body.ref_constant("value_float", "scale", ir.AttributeType.FLOAT), q])
+    scores = body.op("Mul", [body.op("Einsum", [q, k], equation="...qd,...kd->...qk"), scale])
+    if masked:
+        scores = body.op("Add", [scores, inputs[3]])
+    y = body.op("MatMul", [body.op("Softmax", [scores], axis=-1), v])
+    y.name = "y"
+    graph = ir.Graph(inputs, [y], nodes=body.nodes, opset_imports={"": _ONNX_OPSET}, name=OP_TYPE)
+    attributes = [ir.Attr("scale", ir.AttributeType.FLOAT, 1.0), ir.Attr("precision", ir.AttributeType.STRING,
+                                                                           AttentionPrecision.FLOAT.value)]
+    return ir.Function(HADANORM_DOMAIN, OP_TYPE, MASKED_OVERLOAD if masked else "", graph=graph,
+                       attributes=attributes)
+
+
+def ensure_function(model: ir.Model, masked: bool) -> None:
+    """Add the op's function body (plain or masked overload) and the domain import to the model (once)."""
+    model.opset_imports[HADANORM_DOMAIN] = HADANORM_OPSET_VERSION
+    model.graph.opset_imports[HADANORM_DOMAIN] = HADANORM_OPSET_VERSION
+    key = (HADANORM_DOMAIN, OP_TYPE, MASKED_OVERLOAD if masked else "")
+    if key not in model.functions:
+        model.functions[key] = build_function(masked)
+
+
+def attention_node(q: ir.Value, k: ir.Value, v: ir.Value, mask: ir.Value | None, scale: float,
+                   precision: AttentionPrecision, name: str) -> ir.Node:
+    node = ir.Node(HADANORM_DOMAIN, OP_TYPE, [q, k, v] + ([mask] if mask is not None else []),
+                   attributes=[ir.AttrFloat32("scale", float(np.float32(scale))),
+                               ir.AttrString("precision", precision.value)],
+                   overload=MASKED_OVERLOAD if mask is not None else "", name=name)
+    node.outputs[0].name = f"{name}_out"
+    return node

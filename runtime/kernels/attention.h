@@ -1,0 +1,72 @@
+// Fused softmax attention (hadanorm::Attention) for one (batch, head) at a time; no onnxruntime API.
+//
+// For one head: q [nq, d], k [nk, d], v [nk, dv], an optional additive mask m [nq, nk] (broadcast strides),
+//
+//     out = softmax(scale * q k^T + m) v        (softmax over the keys)
+//
+// computed flash-attention style: the keys in blocks of kAttentionKeyBlock, a running row maximum mx, row sum l and
+// output o per query row, never more than one key block of scores per row:
+//
+//     s_j   = sum_d (scale q_d) k_jd + m_j                    (fp32 accumulation)
+//     mx'   = max(mx, max_j s_j);  alpha = exp(mx - mx')
+//     p_j   = exp(s_j - mx')
+//     l     = alpha l + sum_j p_j;   o = alpha o + sum_j p_j v_j;   mx = mx'
+//     out   = o / l                                           (NaN where every score is -inf, as softmax gives)
+//
+// Precision kFloat: everything in fp32 (the exact op; only the summation order differs from MatMul -> Softmax ->
+// MatMul). Precision kBf16: (scale q), k, v and p are rounded to bfloat16 (round to nearest even) before their
+// products, which are then exact in fp32 and summed in fp32 (what AMX's tdpbf16ps computes); l sums the rounded p.
+// Every path computes these same formulas per key block; paths differ only in the order of fp32 sums and in exp's
+// last bits (the scalar path, std::exp, is the reference).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "isa.h"
+
+namespace hadanorm {
+
+inline constexpr int64_t kAttentionKeyBlock = 128;
+
+enum class AttentionPrecision { kFloat, kBf16 };
+
+struct AttentionShape {
+  int64_t nq = 0, nk = 0, d = 0, dv = 0;
+  float scale = 1.0f;
+  AttentionPrecision precision = AttentionPrecision::kFloat;
+};
+
+// One head's query rows, mask and output. The mask element for query row i and key j is
+// mask[i * mask_row + j * mask_col] (strides 0 broadcast); mask == nullptr: no mask.
+struct AttentionHead {
+  const float* q = nullptr;  // [nq, d], row stride d
+  const float* mask = nullptr;
+  int64_t mask_row = 0, mask_col = 0;
+  float* out = nullptr;  // [nq, dv], row stride dv
+};
+
+// One implementation: packs a head's k and v once (any layout it likes, packed_bytes(shape) bytes, 64-byte
+// aligned), then computes output rows [q0, q1) of that head from the packed keys and values. rows() may be called
+// concurrently for different row ranges and heads (scratch is per thread).
+struct AttentionPath {
+  const char* name;
+  size_t (*packed_bytes)(const AttentionShape& shape);
+  void (*pack)(const AttentionShape& shape, const float* k, const float* v, void* packed);
+  void (*rows)(const AttentionShape& shape, const AttentionHead& head, const void* packed, int64_t q0, int64_t q1);
+  int64_t rows_per_task;  // a good task size (a multiple of the path's row group)
+};
+
+const AttentionPath& attention_scalar_path();
+const AttentionPath* attention_avx512_path();   // nullptr when this build or CPU has no AVX-512
+const AttentionPath* attention_amx_path();      // bf16 only; nullptr when AMX-BF16 is unavailable
+
+// The path for `precision` on instruction set `isa` (select_isa()): amx -> the AMX bf16 tiles for kBf16 and AVX-512
+// for kFloat; avx512vnni -> AVX-512; anything else -> scalar.
+const AttentionPath& attention_path(AttentionPrecision precision, Isa isa);
+
+// Round-to-nearest-even float -> bfloat16 -> float (NaN stays NaN; denormals become signed zero, as AVX512-BF16's
+// vcvtne2ps2bf16 and AMX's tdpbf16ps treat them).
+float round_bf16(float x);
+
+}  // namespace hadanorm

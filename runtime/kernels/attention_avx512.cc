@@ -1,0 +1,280 @@
+// AVX-512 path of the fused attention (attention.h), both precisions: fp32 FMAs on fp32 operands (kFloat) or on
+// operands rounded to bfloat16 (kBf16: their products are exact in fp32, so this is the bf16 maths of the AMX path
+// on a CPU without AMX tiles).
+//
+// Packed per head: k^T in key blocks of 128 ([d][128] floats, keys past nk zero) followed by v [nk_pad][dv_pad]
+// (dv_pad = dv rounded up to 16, zero columns). A task (query rows q0..q1) keeps its rows' running max, sum and
+// fp32 output in a per-thread buffer and walks the key blocks once, the block's k and v staying in L1/L2 while
+// every row group of 4 queries uses them:
+//
+//   S [4 x 128] = (scale q) k^T     4 rows x 4 key vectors of 16 per pass (16 accumulators), 2 passes
+//   softmax step per row            mask, -inf past nk, block max, p = exp(s - max) (AVX-512 exp), sum, alpha
+//   O [4 x dv_pad] = alpha O + P v  4 rows x up to 6 column vectors per pass (24 accumulators)
+//
+// exp: attention_exp512.h's exp_ps (within 1 ulp of std::exp; 0 below FLT_MIN, where a denormal result would cost a
+// microcode assist).
+
+#include "attention.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(HADANORM_SCALAR_ONLY)
+
+// Standard headers before the target pragma: their inline templates must not be compiled for AVX-512 here (the
+// linker may keep this copy for the whole library).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "util.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+#include <immintrin.h>
+
+#include "attention_exp512.h"  // exp_ps (compiled for this file's targets)
+
+namespace hadanorm {
+
+namespace {
+
+constexpr int64_t kBlock = kAttentionKeyBlock;  // keys per block (8 vectors)
+constexpr int kRows = 4;                        // query rows per group
+constexpr int kMaxColVectors = 6;               // output column vectors per P.V pass
+
+int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+struct Layout {
+  int64_t blocks, nk_pad, dv_pad;
+  explicit Layout(const AttentionShape& s)
+      : blocks(ceil_div(s.nk, kBlock)), nk_pad(blocks * kBlock), dv_pad(round_up(s.dv, 16)) {}
+  size_t kt_floats(const AttentionShape& s) const { return static_cast<size_t>(nk_pad * s.d); }
+  size_t v_floats() const { return static_cast<size_t>(nk_pad * dv_pad); }
+};
+
+// Round to bfloat16 (nearest even) and back, 16 floats; NaN kept, denormals to signed zero (attention.h's
+// round_bf16).
+HN_INLINE __m512 round_bf16_512(__m512 x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+  r = _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  const __mmask16 denormal =
+      _mm512_testn_epi32_mask(bits, _mm512_set1_epi32(0x7f800000));  // exponent 0: zero or denormal
+  r = _mm512_mask_and_epi32(r, denormal, bits, _mm512_set1_epi32(static_cast<int>(0x80000000u)));
+  return _mm512_mask_mov_ps(_mm512_castsi512_ps(r), nan, x);
+}
+
+template <bool Bf16>
+HN_INLINE __m512 maybe_round(__m512 x) {
+  if constexpr (Bf16) return round_bf16_512(x);
+  return x;
+}
+
+size_t avx512_packed_bytes(const AttentionShape& s) {
+  const Layout l(s);
+  return (l.kt_floats(s) + l.v_floats()) * sizeof(float);
+}
+
+void avx512_pack(const AttentionShape& s, const float* k, const float* v, void* packed) {
+  const Layout lay(s);
+  const bool bf16 = s.precision == AttentionPrecision::kBf16;
+  float* kt = static_cast<float*>(packed);
+  float* vp = kt + lay.kt_floats(s);
+  std::memset(packed, 0, avx512_packed_bytes(s));
+  for (int64_t j = 0; j < s.nk; ++j) {
+    float* block = kt + (j / kBlock) * kBlock * s.d + (j % kBlock);
+    for (int64_t c = 0; c < s.d; ++c) block[c * kBlock] = bf16 ? round_bf16(k[j * s.d + c]) : k[j * s.d + c];
+    for (int64_t c = 0; c < s.dv; ++c) vp[j * lay.dv_pad + c] = bf16 ? round_bf16(v[j * s.dv + c]) : v[j * s.dv + c];
+  }
+}
+
+// S[r][0..64*half+64) for R rows: 4 key vectors per pass.
+template <int R>
+HN_INLINE void scores_pass(const float* q, int64_t d, const float* kt, float* S) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < d; ++c) {
+    const float* row = kt + c * kBlock;
+    __m512 kv[4];
+    for (int v = 0; v < 4; ++v) kv[v] = _mm512_loadu_ps(row + 16 * v);
+    for (int r = 0; r < R; ++r) {
+      const __m512 b = _mm512_set1_ps(q[r * d + c]);
+      for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_fmadd_ps(b, kv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(S + r * kBlock + 16 * v, acc[r][v]);
+}
+
+// O[r][cols] += sum_j P[r][j] v[j][cols] for NV column vectors.
+template <int R, int NV>
+HN_INLINE void pv_pass(const float* P, const float* v, int64_t dv_pad, int64_t nb, float* O) {
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_loadu_ps(O + r * dv_pad + 16 * c);
+  for (int64_t j = 0; j < nb; ++j) {
+    __m512 vv[NV];
+    for (int c = 0; c < NV; ++c) vv[c] = _mm512_loadu_ps(v + j * dv_pad + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 p = _mm512_set1_ps(P[r * kBlock + j]);
+      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_fmadd_ps(p, vv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(O + r * dv_pad + 16 * c, acc[r][c]);
+}
+
+template <int R>
+void pv(const float* P, const float* v, int64_t dv_pad, int64_t nb, float* O) {
+  for (int64_t c0 = 0; c0 < dv_pad; c0 += 16 * kMaxColVectors) {
+    const int64_t n = std::min<int64_t>(kMaxColVectors, (dv_pad - c0) / 16);
+    const float* vc = v + c0;
+    float* oc = O + c0;
+    switch (n) {
+      case 1: pv_pass<R, 1>(P, vc, dv_pad, nb, oc); break;
+      case 2: pv_pass<R, 2>(P, vc, dv_pad, nb, oc); break;
+      case 3: pv_pass<R, 3>(P, vc, dv_pad, nb, oc); break;
+      case 4: pv_pass<R, 4>(P, vc, dv_pad, nb, oc); break;
+      case 5: pv_pass<R, 5>(P, vc, dv_pad, nb, oc); break;
+      default: pv_pass<R, 6>(P, vc, dv_pad, nb, oc); break;
+    }
+  }
+}
+
+struct Scratch {
+  std::vector<float> q, S, O, mx, l;
+};
+
+// One key block for a group of R rows starting at query row i (rows' state at offset g in the scratch).
+template <int R, bool Bf16>
+void group_block(const AttentionShape& s, const AttentionHead& h, const Layout& lay, const float* kt_block,
+                 const float* v_block, int64_t j0, int64_t nb, int64_t i, Scratch& w, int64_t g) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const float* q = w.q.data() + g * s.d;
+  float* S = w.S.data();
+  scores_pass<R>(q, s.d, kt_block, S);
+  if (nb > 64) scores_pass<R>(q, s.d, kt_block + 64, S + 64);
+  const int64_t vecs = ceil_div(nb, 16);
+  const __mmask16 tail = nb % 16 ? static_cast<__mmask16>((1u << (nb % 16)) - 1) : 0xffff;
+  for (int r = 0; r < R; ++r) {
+    float* srow = S + r * kBlock;
+    const int64_t qi = i + r;
+    __m512 vmax = _mm512_set1_ps(neg_inf);
+    for (int64_t t = 0; t < vecs; ++t) {
+      __m512 x = _mm512_loadu_ps(srow + 16 * t);
+      if (h.mask) {
+        const float* m = h.mask + qi * h.mask_row + (j0 + 16 * t) * h.mask_col;
+        const __mmask16 valid = t + 1 == vecs ? tail : 0xffff;
+        __m512 mv;
+        if (h.mask_col == 1) {
+          mv = _mm512_maskz_loadu_ps(valid, m);
+        } else if (h.mask_col == 0) {
+          mv = _mm512_set1_ps(*m);
+        } else {
+          alignas(64) float tmp[16] = {};
+          for (int e = 0; e < 16 && 16 * t + e < nb; ++e) tmp[e] = m[e * h.mask_col];
+          mv = _mm512_load_ps(tmp);
+        }
+        x = _mm512_add_ps(x, mv);
+      }
+      if (t + 1 == vecs) x = _mm512_mask_mov_ps(_mm512_set1_ps(neg_inf), tail, x);
+      _mm512_storeu_ps(srow + 16 * t, x);
+      vmax = _mm512_max_ps(vmax, x);
+    }
+    const float old_max = w.mx[g + r];
+    const float new_max = std::max(old_max, _mm512_reduce_max_ps(vmax));
+    float* o = w.O.data() + (g + r) * lay.dv_pad;
+    if (new_max == neg_inf) {  // every score so far is -inf: p = 0
+      std::fill(srow, srow + vecs * 16, 0.0f);
+      continue;
+    }
+    const float alpha = std::exp(old_max - new_max);
+    const __m512 m = _mm512_set1_ps(new_max);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t t = 0; t < vecs; ++t) {
+      const __m512 p = maybe_round<Bf16>(exp_ps(_mm512_sub_ps(_mm512_loadu_ps(srow + 16 * t), m)));
+      _mm512_storeu_ps(srow + 16 * t, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    w.l[g + r] = alpha * w.l[g + r] + _mm512_reduce_add_ps(sum);
+    w.mx[g + r] = new_max;
+    if (alpha != 1.0f) {
+      const __m512 a = _mm512_set1_ps(alpha);
+      for (int64_t c = 0; c < lay.dv_pad; c += 16) _mm512_storeu_ps(o + c, _mm512_mul_ps(a, _mm512_loadu_ps(o + c)));
+    }
+  }
+  pv<R>(S, v_block, lay.dv_pad, nb, w.O.data() + g * lay.dv_pad);
+}
+
+template <bool Bf16>
+void avx512_rows_impl(const AttentionShape& s, const AttentionHead& h, const void* packed, int64_t q0, int64_t q1) {
+  const Layout lay(s);
+  const float* kt = static_cast<const float*>(packed);
+  const float* vp = kt + lay.kt_floats(s);
+  const int64_t rows = q1 - q0;
+  thread_local Scratch w;
+  w.q.resize(static_cast<size_t>(rows * s.d));
+  w.S.resize(static_cast<size_t>(kRows * kBlock));
+  w.O.assign(static_cast<size_t>(rows * lay.dv_pad), 0.0f);
+  w.mx.assign(static_cast<size_t>(rows), -std::numeric_limits<float>::infinity());
+  w.l.assign(static_cast<size_t>(rows), 0.0f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < s.d; ++c) {
+      const float scaled = s.scale * h.q[(q0 + r) * s.d + c];
+      w.q[r * s.d + c] = Bf16 ? round_bf16(scaled) : scaled;
+    }
+  for (int64_t b = 0; b < lay.blocks; ++b) {
+    const int64_t j0 = b * kBlock, nb = std::min(kBlock, s.nk - j0);
+    const float* kt_block = kt + b * kBlock * s.d;
+    const float* v_block = vp + j0 * lay.dv_pad;
+    int64_t g = 0;
+    for (; g + kRows <= rows; g += kRows)
+      group_block<kRows, Bf16>(s, h, lay, kt_block, v_block, j0, nb, q0 + g, w, g);
+    switch (rows - g) {
+      case 1: group_block<1, Bf16>(s, h, lay, kt_block, v_block, j0, nb, q0 + g, w, g); break;
+      case 2: group_block<2, Bf16>(s, h, lay, kt_block, v_block, j0, nb, q0 + g, w, g); break;
+      case 3: group_block<3, Bf16>(s, h, lay, kt_block, v_block, j0, nb, q0 + g, w, g); break;
+      default: break;
+    }
+  }
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const __mmask16 tail = s.dv % 16 ? static_cast<__mmask16>((1u << (s.dv % 16)) - 1) : 0xffff;
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 inv = _mm512_set1_ps(w.l[r] > 0.0f ? 1.0f / w.l[r] : nan);
+    const float* o = w.O.data() + r * lay.dv_pad;
+    float* out = h.out + (q0 + r) * s.dv;
+    for (int64_t c = 0; c < s.dv; c += 16) {
+      const __mmask16 m = c + 16 > s.dv ? tail : 0xffff;
+      _mm512_mask_storeu_ps(out + c, m, _mm512_mul_ps(_mm512_loadu_ps(o + c), inv));
+    }
+  }
+}
+
+void avx512_rows(const AttentionShape& s, const AttentionHead& h, const void* packed, int64_t q0, int64_t q1) {
+  if (s.precision == AttentionPrecision::kBf16)
+    avx512_rows_impl<true>(s, h, packed, q0, q1);
+  else
+    avx512_rows_impl<false>(s, h, packed, q0, q1);
+}
+
+}  // namespace
+
+const AttentionPath* attention_avx512_path() {
+  static const AttentionPath path{"avx512", avx512_packed_bytes, avx512_pack, avx512_rows, 64};
+  return isa_supported(Isa::kAvx512Vnni) ? &path : nullptr;
+}
+
+}  // namespace hadanorm
+
+#pragma GCC pop_options
+
+#else
+
+namespace hadanorm {
+const AttentionPath* attention_avx512_path() { return nullptr; }
+}  // namespace hadanorm
+
+#endif

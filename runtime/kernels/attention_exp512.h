@@ -1,0 +1,36 @@
+// exp for the AVX-512 paths of the fused attention (attention_avx512.cc, attention_amx.cc): include it after the
+// file's `#pragma GCC target` with AVX-512F (its functions have internal linkage: each file compiles its own copy for
+// its own targets).
+#pragma once
+
+#include <immintrin.h>
+
+#include "util.h"
+
+namespace hadanorm {
+namespace {
+
+// exp(y) for y <= 0, except that results under FLT_MIN (y < ln FLT_MIN, -inf included) are 0: what vcvtne2ps2bf16
+// makes of them anyway, and computing them would cost a microcode assist a denormal; NaN stays NaN. n = round(y / ln 2)
+// by the 1.5 * 2^23 trick, r = y - n ln 2 in two parts (Cephes), e^r by a degree-6 minimax polynomial (relative error
+// 2e-9 on [-ln 2 / 2, ln 2 / 2]), 2^n by vscalefps: within 1 ulp of std::exp.
+HN_INLINE __m512 exp_ps(__m512 y) {
+  const __m512 lowest = _mm512_set1_ps(-87.3365447f);  // ln FLT_MIN
+  const __m512 shifter = _mm512_set1_ps(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const __mmask16 normal = _mm512_cmp_ps_mask(y, lowest, _CMP_NLT_UQ);
+  y = _mm512_max_ps(lowest, y);  // the second operand when NaN: NaN stays
+  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(y, _mm512_set1_ps(1.44269504088896341f), shifter), shifter);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), y);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.3836845755577087e-3f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.374815806746483e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166822507977486e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666419804096222e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.9999991059303284e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(normal, p, n);
+}
+
+}  // namespace
+}  // namespace hadanorm

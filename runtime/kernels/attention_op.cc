@@ -1,0 +1,194 @@
+// onnxruntime kernel of hadanorm::Attention (attention.h), for float32 and float16 T:
+//
+//   Attention(q T [..., Nq, D], k T [..., Nk, D], v T [..., Nk, Dv][, mask T broadcastable to [..., Nq, Nk]])
+//     -> y T [..., Nq, Dv] = softmax(scale * q k^T + mask) v        attributes: scale (float), precision
+//                                                                   ("float" | "bf16")
+//
+// q, k and v share their leading dimensions (batch x heads). Each head's k and v are packed once (in parallel over
+// heads), then tasks of heads x query-row ranges run on onnxruntime's intra-op pool (or HADANORM_KERNELS_THREADS);
+// no task holds more than one key block of scores per row. float16 tensors are converted to float32 first.
+
+#include <cstring>
+#include <memory>
+
+#include "attention.h"
+#include "ort_util.h"
+
+namespace hadanorm {
+
+namespace {
+
+constexpr const char* kName = "Attention";
+
+AttentionPrecision parse_precision(const std::string& value) {
+  if (value == "float") return AttentionPrecision::kFloat;
+  if (value == "bf16") return AttentionPrecision::kBf16;
+  fail("attribute precision=\"", value, "\" is not one of float, bf16; re-export with hn-export");
+}
+
+// A tensor's float32 data: the tensor itself or a converted copy.
+const float* floats_of(const Ort::ConstValue& v, bool half, std::vector<float>& storage) {
+  return float_data(v, half, storage);
+}
+
+struct AlignedBuffer {
+  std::unique_ptr<uint8_t[]> raw;
+  uint8_t* data = nullptr;
+  explicit AlignedBuffer(size_t bytes) : raw(new uint8_t[bytes + 64]) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(raw.get());
+    data = raw.get() + ((64 - p % 64) % 64);
+  }
+};
+
+template <bool Half>
+struct AttentionKernel {
+  float scale = 1.0f;
+  AttentionPrecision precision = AttentionPrecision::kFloat;
+  const AttentionPath* path = nullptr;
+
+  explicit AttentionKernel(const Ort::ConstKernelInfo& info) {
+    scale = info.GetAttribute<float>("scale");
+    precision = parse_precision(info.GetAttribute<std::string>("precision"));
+    path = &attention_path(precision, select_isa());
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return status_of(kName, [&] { Compute(context); });
+  }
+
+  void Compute(OrtKernelContext* context) {
+    log_call(kName, path->name);
+    Ort::KernelContext ctx(context);
+    Ort::ConstValue qv = ctx.GetInput(0), kv = ctx.GetInput(1), vv = ctx.GetInput(2);
+    const std::vector<int64_t> qs = shape_of(qv), ks = shape_of(kv), vs = shape_of(vv);
+    const size_t rank = qs.size();
+    if (rank < 2 || ks.size() != rank || vs.size() != rank)
+      fail("q, k and v must have the same rank >= 2 ([..., N, D]), got ", shape_string(qs), ", ", shape_string(ks),
+           ", ", shape_string(vs));
+    if (!std::equal(qs.begin(), qs.end() - 2, ks.begin()) || !std::equal(qs.begin(), qs.end() - 2, vs.begin()))
+      fail("q, k and v must share their leading dimensions, got ", shape_string(qs), ", ", shape_string(ks), ", ",
+           shape_string(vs));
+    AttentionShape shape;
+    shape.nq = qs[rank - 2];
+    shape.d = qs[rank - 1];
+    shape.nk = ks[rank - 2];
+    shape.dv = vs[rank - 1];
+    shape.scale = scale;
+    shape.precision = precision;
+    if (ks[rank - 1] != shape.d || vs[rank - 2] != shape.nk)
+      fail("k must be [..., Nk, ", shape.d, "] and v [..., Nk, Dv] with k's Nk, got k ", shape_string(ks), ", v ",
+           shape_string(vs));
+    const std::vector<int64_t> lead(qs.begin(), qs.end() - 2);
+    const int64_t heads = element_count(lead);
+    std::vector<int64_t> ys = qs;
+    ys[rank - 1] = shape.dv;
+    Ort::UnownedValue y = ctx.GetOutput(0, ys);
+    if (heads == 0 || shape.nq == 0 || shape.dv == 0) return;
+    if (shape.nk == 0) fail("k and v have no keys (Nk = 0): softmax over nothing");
+
+    // mask: right-aligned broadcast to lead + [Nq, Nk]; element strides per target axis (0 where broadcast)
+    const size_t inputs = ctx.GetInputCount();
+    Ort::ConstValue mv{nullptr};
+    std::vector<int64_t> mask_strides(rank, 0);
+    if (inputs > 3) mv = ctx.GetInput(3);
+    const bool masked = static_cast<const OrtValue*>(mv) != nullptr;
+    if (masked) {
+      const std::vector<int64_t> ms = shape_of(mv);
+      if (ms.size() > rank)
+        fail("mask ", shape_string(ms), " has more axes than q ", shape_string(qs));
+      std::vector<int64_t> target = lead;
+      target.push_back(shape.nq);
+      target.push_back(shape.nk);
+      int64_t stride = 1;
+      for (size_t a = 0; a < ms.size(); ++a) {
+        const size_t mi = ms.size() - 1 - a, ti = rank - 1 - a;
+        if (ms[mi] != 1 && ms[mi] != target[ti])
+          fail("mask ", shape_string(ms), " does not broadcast to ", shape_string(target), " (q ", shape_string(qs),
+               ", k ", shape_string(ks), ")");
+        mask_strides[ti] = ms[mi] == 1 ? 0 : stride;
+        stride *= ms[mi];
+      }
+    }
+
+    std::vector<float> q_store, k_store, v_store, m_store;
+    const float* q = floats_of(qv, Half, q_store);
+    const float* k = floats_of(kv, Half, k_store);
+    const float* v = floats_of(vv, Half, v_store);
+    const float* mask = masked ? floats_of(mv, Half, m_store) : nullptr;
+    std::vector<float> out_store;
+    float* out;
+    if constexpr (Half) {
+      out_store.resize(static_cast<size_t>(element_count(ys)));
+      out = out_store.data();
+    } else {
+      out = y.GetTensorMutableData<float>();
+    }
+
+    const size_t head_bytes = (path->packed_bytes(shape) + 63) / 64 * 64;
+    AlignedBuffer packed(head_bytes * static_cast<size_t>(heads));
+    parallel_for(ctx, static_cast<size_t>(heads), [&](size_t hi) {
+      path->pack(shape, k + hi * shape.nk * shape.d, v + hi * shape.nk * shape.dv, packed.data + hi * head_bytes);
+    });
+
+    const int64_t rpt = path->rows_per_task;
+    const int64_t row_tasks = ceil_div(shape.nq, rpt);
+    parallel_for(ctx, static_cast<size_t>(heads * row_tasks), [&](size_t task) {
+      const int64_t hi = static_cast<int64_t>(task) / row_tasks, rt = static_cast<int64_t>(task) % row_tasks;
+      AttentionHead head;
+      head.q = q + hi * shape.nq * shape.d;
+      head.out = out + hi * shape.nq * shape.dv;
+      if (mask) {
+        int64_t offset = 0, rest = hi;
+        for (size_t a = lead.size(); a-- > 0;) {
+          offset += (rest % lead[a]) * mask_strides[a];
+          rest /= lead[a];
+        }
+        head.mask = mask + offset;
+        head.mask_row = mask_strides[rank - 2];
+        head.mask_col = mask_strides[rank - 1];
+      }
+      path->rows(shape, head, packed.data + hi * head_bytes, rt * rpt, std::min(shape.nq, (rt + 1) * rpt));
+    });
+    if constexpr (Half)
+      floats_to_halves(out, static_cast<uint16_t*>(y.GetTensorMutableRawData()), element_count(ys));
+  }
+};
+
+template <bool Half>
+struct AttentionOp : Ort::CustomOpBase<AttentionOp<Half>, AttentionKernel<Half>, true> {
+  using Kernel = AttentionKernel<Half>;
+
+  OrtStatusPtr CreateKernelV2(const OrtApi& /*api*/, const OrtKernelInfo* info, void** kernel) const {
+    return status_of(kName, [&] { *kernel = new Kernel(Ort::ConstKernelInfo(info)); });
+  }
+  const char* GetName() const { return kName; }
+  size_t GetInputTypeCount() const { return 4; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return float_type(Half); }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i == 3 ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
+                  : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return float_type(Half); }
+
+  static Ort::Status InferOutputShape(Ort::ShapeInferContext& ctx) {
+    Ort::ShapeInferContext::Shape q = ctx.GetInputShape(0);
+    const Ort::ShapeInferContext::Shape& v = ctx.GetInputShape(2);
+    if (q.size() < 2 || v.size() != q.size()) return Ort::Status(nullptr);
+    q.back() = v.back();
+    ctx.SetOutputShape(0, q);
+    return Ort::Status(nullptr);
+  }
+};
+
+AttentionOp<false> g_float_op;
+AttentionOp<true> g_half_op;
+
+}  // namespace
+
+void add_attention_ops(Ort::CustomOpDomain& domain) {
+  domain.Add(&g_float_op);
+  domain.Add(&g_half_op);
+}
+
+}  // namespace hadanorm

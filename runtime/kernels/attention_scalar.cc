@@ -1,0 +1,104 @@
+// The scalar reference of the fused attention (attention.h) and the choice of path.
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "attention.h"
+
+namespace hadanorm {
+
+float round_bf16(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return x;  // NaN
+  if ((bits & 0x7f800000u) == 0) bits &= 0x80000000u;  // denormal: signed zero (what AVX512-BF16 and AMX do)
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  bits &= 0xffff0000u;
+  float y;
+  std::memcpy(&y, &bits, 4);
+  return y;
+}
+
+namespace {
+
+// Packed: k [nk, d] then v [nk, dv], floats (rounded to bf16 values for kBf16).
+size_t scalar_packed_bytes(const AttentionShape& s) {
+  return static_cast<size_t>(s.nk * (s.d + s.dv)) * sizeof(float);
+}
+
+void scalar_pack(const AttentionShape& s, const float* k, const float* v, void* packed) {
+  float* out = static_cast<float*>(packed);
+  const bool bf16 = s.precision == AttentionPrecision::kBf16;
+  const int64_t nk_d = s.nk * s.d, nk_dv = s.nk * s.dv;
+  for (int64_t i = 0; i < nk_d; ++i) out[i] = bf16 ? round_bf16(k[i]) : k[i];
+  for (int64_t i = 0; i < nk_dv; ++i) out[nk_d + i] = bf16 ? round_bf16(v[i]) : v[i];
+}
+
+void scalar_rows(const AttentionShape& s, const AttentionHead& h, const void* packed, int64_t q0, int64_t q1) {
+  const float* k = static_cast<const float*>(packed);
+  const float* v = k + s.nk * s.d;
+  const bool bf16 = s.precision == AttentionPrecision::kBf16;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  std::vector<float> q(static_cast<size_t>(s.d)), scores(kAttentionKeyBlock), o(static_cast<size_t>(s.dv));
+  for (int64_t i = q0; i < q1; ++i) {
+    for (int64_t c = 0; c < s.d; ++c) {
+      const float scaled = s.scale * h.q[i * s.d + c];
+      q[c] = bf16 ? round_bf16(scaled) : scaled;
+    }
+    std::fill(o.begin(), o.end(), 0.0f);
+    float mx = neg_inf, l = 0.0f;
+    for (int64_t j0 = 0; j0 < s.nk; j0 += kAttentionKeyBlock) {
+      const int64_t nb = std::min(kAttentionKeyBlock, s.nk - j0);
+      float block_max = neg_inf;
+      for (int64_t j = 0; j < nb; ++j) {
+        const float* kj = k + (j0 + j) * s.d;
+        float acc = 0.0f;
+        for (int64_t c = 0; c < s.d; ++c) acc += q[c] * kj[c];
+        if (h.mask) acc += h.mask[i * h.mask_row + (j0 + j) * h.mask_col];
+        scores[j] = acc;
+        block_max = std::max(block_max, acc);
+      }
+      const float new_max = std::max(mx, block_max);
+      if (new_max == neg_inf) continue;  // every score so far is -inf: nothing to add
+      const float alpha = std::exp(mx - new_max);
+      float sum = 0.0f;
+      for (int64_t j = 0; j < nb; ++j) {
+        const float p = std::exp(scores[j] - new_max);
+        scores[j] = bf16 ? round_bf16(p) : p;
+        sum += scores[j];
+      }
+      l = alpha * l + sum;
+      for (int64_t c = 0; c < s.dv; ++c) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < nb; ++j) acc += scores[j] * v[(j0 + j) * s.dv + c];
+        o[c] = alpha * o[c] + acc;
+      }
+      mx = new_max;
+    }
+    const float inv = l > 0.0f ? 1.0f / l : std::numeric_limits<float>::quiet_NaN();
+    for (int64_t c = 0; c < s.dv; ++c) h.out[i * s.dv + c] = o[c] * inv;
+  }
+}
+
+}  // namespace
+
+const AttentionPath& attention_scalar_path() {
+  static const AttentionPath path{"scalar", scalar_packed_bytes, scalar_pack, scalar_rows, 16};
+  return path;
+}
+
+const AttentionPath& attention_path(AttentionPrecision precision, Isa isa) {
+  if (isa == Isa::kAmx) {
+    if (precision == AttentionPrecision::kBf16)
+      if (const AttentionPath* amx = attention_amx_path()) return *amx;
+    if (const AttentionPath* avx512 = attention_avx512_path()) return *avx512;
+  }
+  if (isa == Isa::kAvx512Vnni)
+    if (const AttentionPath* avx512 = attention_avx512_path()) return *avx512;
+  return attention_scalar_path();
+}
+
+}  // namespace hadanorm
