@@ -2,11 +2,13 @@
 
     Attention(q [..., Nq, D], k [..., Nk, D], v [..., Nk, Dv][, mask])  ->  softmax(scale * q k^T + mask) v
 
-``scale`` (float) and ``precision`` (``float`` | ``bf16``, how the kernel library computes it) are attributes. The
+``scale`` (float) and ``precision`` (``float`` | ``bf16``, how the kernel library computes it) are attributes;
+``layout`` ``bnhd`` takes q, k, v as ``[B, N, H, D]`` and gives y as ``[B, Nq, H, Dv]`` (the heads not split off
+the tokens: no head transposes around the op; the mask still broadcasts to ``[B, H, Nq, Nk]``). The
 function body is the float maths, MatMul -> Softmax -> MatMul, so stock onnxruntime runs the file (holding the
 N x N scores); the kernel library (`runtime/kernels/attention.h`) computes it tiled, flash-attention style, never
 holding more than one key block of scores per query row. ``mask`` (additive, broadcastable to
-``[..., Nq, Nk]``) is optional: the masked form is the function overload ``masked``.
+``[..., Nq, Nk]``) is optional. One function overload per form: ``""``, ``masked``, ``bnhd``, ``bnhd-masked``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from graph_passes.hadanorm_ops import FunctionBody
 
 _ONNX_OPSET = 21
 OP_TYPE = "Attention"
-MASKED_OVERLOAD = "masked"
 
 
 class AttentionPrecision(enum.Enum):
@@ -32,37 +33,49 @@ class AttentionPrecision(enum.Enum):
     BF16 = "bf16"
 
 
-def build_function(masked: bool) -> ir.Function:
+BHND, BNHD = "bhnd", "bnhd"
+_HEADS = [0, 2, 1, 3]  # bnhd <-> bhnd
+
+
+def overload(masked: bool, layout: str) -> str:
+    return "-".join(part for part in ("bnhd" if layout == BNHD else "", "masked" if masked else "") if part)
+
+
+def build_function(masked: bool, layout: str = BHND) -> ir.Function:
     inputs = [ir.Value(name=name) for name in ("q", "k", "v", "mask")[: 4 if masked else 3]]
     body = FunctionBody()
     q, k, v = inputs[:3]
+    if layout == BNHD:
+        q, k, v = (body.op("Transpose", [x], perm=_HEADS) for x in (q, k, v))
     scale = body.op("CastLike", [body.ref_constant("value_float", "scale", ir.AttributeType.FLOAT), q])
     scores = body.op("Mul", [body.op("Einsum", [q, k], equation="...qd,...kd->...qk"), scale])
     if masked:
         scores = body.op("Add", [scores, inputs[3]])
     y = body.op("MatMul", [body.op("Softmax", [scores], axis=-1), v])
+    if layout == BNHD:
+        y = body.op("Transpose", [y], perm=_HEADS)
     y.name = "y"
     graph = ir.Graph(inputs, [y], nodes=body.nodes, opset_imports={"": _ONNX_OPSET}, name=OP_TYPE)
-    attributes = [ir.Attr("scale", ir.AttributeType.FLOAT, 1.0), ir.Attr("precision", ir.AttributeType.STRING,
-                                                                           AttentionPrecision.FLOAT.value)]
-    return ir.Function(HADANORM_DOMAIN, OP_TYPE, MASKED_OVERLOAD if masked else "", graph=graph,
-                       attributes=attributes)
+    attributes = [ir.Attr("scale", ir.AttributeType.FLOAT, 1.0),
+                  ir.Attr("precision", ir.AttributeType.STRING, AttentionPrecision.FLOAT.value),
+                  ir.Attr("layout", ir.AttributeType.STRING, layout)]
+    return ir.Function(HADANORM_DOMAIN, OP_TYPE, overload(masked, layout), graph=graph, attributes=attributes)
 
 
-def ensure_function(model: ir.Model, masked: bool) -> None:
-    """Add the op's function body (plain or masked overload) and the domain import to the model (once)."""
+def ensure_function(model: ir.Model, masked: bool, layout: str = BHND) -> None:
+    """Add the op's function body (the overload of this form) and the domain import to the model (once)."""
     model.opset_imports[HADANORM_DOMAIN] = HADANORM_OPSET_VERSION
     model.graph.opset_imports[HADANORM_DOMAIN] = HADANORM_OPSET_VERSION
-    key = (HADANORM_DOMAIN, OP_TYPE, MASKED_OVERLOAD if masked else "")
+    key = (HADANORM_DOMAIN, OP_TYPE, overload(masked, layout))
     if key not in model.functions:
-        model.functions[key] = build_function(masked)
+        model.functions[key] = build_function(masked, layout)
 
 
 def attention_node(q: ir.Value, k: ir.Value, v: ir.Value, mask: ir.Value | None, scale: float,
-                   precision: AttentionPrecision, name: str) -> ir.Node:
+                   precision: AttentionPrecision, name: str, layout: str = BHND) -> ir.Node:
     node = ir.Node(HADANORM_DOMAIN, OP_TYPE, [q, k, v] + ([mask] if mask is not None else []),
                    attributes=[ir.AttrFloat32("scale", float(np.float32(scale))),
-                               ir.AttrString("precision", precision.value)],
-                   overload=MASKED_OVERLOAD if mask is not None else "", name=name)
+                               ir.AttrString("precision", precision.value), ir.AttrString("layout", layout)],
+                   overload=overload(mask is not None, layout), name=name)
     node.outputs[0].name = f"{name}_out"
     return node

@@ -11,7 +11,10 @@ whose only consumer is ``MatMul(softmax, v)``. Then ``scores = scale * q k^T + m
   ``k.transpose(-2, -1)``, ``Reshape(Transpose(Reshape(x, [-1, N, D]), [0, 2, 1]), [B, H, D, N])``, gives ``x`` when
   the two shapes provably are those of ``x`` (constants or ``Shape(x)`` slices); otherwise ``k = Transpose(b)``.
 
-The maths is unchanged: scalar factors commute with the products, and the function body is the float maths. A
+When q, k and v are all head splits ``Transpose(x, [0, 2, 1, 3])`` of ``[B, N, H, D]`` tensors and the output's only
+consumer is the head merge ``Transpose(y, [0, 2, 1, 3])``, the op reads and writes the ``[B, N, H, D]`` tensors
+(``layout=bnhd``): the four transposes go. The maths is unchanged: scalar factors commute with the products, and
+the function body is the float maths. A
 ``Softmax`` that does not match (Sana's linear attention has none; other forms) stays as it is: `find_attention`
 lists both, for `hn-export layers`.
 """
@@ -24,7 +27,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.attention_op import AttentionPrecision, attention_node, ensure_function
+from graph_passes.attention_op import BHND, BNHD, AttentionPrecision, attention_node, ensure_function
 from graph_passes.graph_utils import redirect_uses
 
 logger = logging.getLogger(__name__)
@@ -44,6 +47,8 @@ class AttentionSite:
     v: ir.Value
     mask: ir.Value | None
     scale: float
+    layout: str = BHND
+    merge: ir.Node | None = None  # bnhd: the head-merge Transpose whose output the op's output replaces
 
 
 @dataclasses.dataclass
@@ -242,12 +247,39 @@ def _match(softmax: ir.Node) -> AttentionSite | None:
                          scale * q_scale * k_scale)
 
 
+def _head_split(value: ir.Value) -> ir.Value | None:
+    """x when value is ``Transpose(x, [0, 2, 1, 3])``."""
+    node = value.producer()
+    if node is not None and node.op_type == "Transpose" and list(node.attributes["perm"].value) == [0, 2, 1, 3]:
+        return node.inputs[0]
+    return None
+
+
+def _to_bnhd(site: AttentionSite) -> None:
+    """Read q, k, v before their head splits and write y before its head merge, when all four are there."""
+    uses = list(site.output.outputs[0].uses())
+    merge = uses[0][0] if len(uses) == 1 else None
+    if merge is None or merge.op_type != "Transpose" or list(merge.attributes["perm"].value) != [0, 2, 1, 3]:
+        return
+    q, v = _head_split(site.q), _head_split(site.v)
+    if site.k_perm == [0, 2, 1, 3]:
+        k = site.k_source
+    else:
+        k = _head_split(site.k_source) if site.k_perm is None else None
+    if q is None or k is None or v is None:
+        return
+    site.q, site.k_source, site.k_perm, site.v = q, k, None, v
+    site.layout, site.merge = BNHD, merge
+
+
 def find_attention(graph: ir.Graph) -> AttentionScan:
     """Every Softmax of the graph's top level: the attentions the pass replaces, and the others."""
     sites, unrecognised = [], []
     for node in graph:
         if node.op_type == "Softmax" and node.domain in ("", "ai.onnx"):
             site = _match(node)
+            if site is not None:
+                _to_bnhd(site)
             (sites if site is not None else unrecognised).append(site if site is not None else node)
     return AttentionScan(sites, unrecognised)
 
@@ -278,11 +310,13 @@ class FuseAttentionPass(ir.passes.InPlacePass):
                 transpose.outputs[0].name = f"{prefix}.k"
                 new_nodes.append(transpose)
                 k = transpose.outputs[0]
-            node = attention_node(q, k, site.v, site.mask, site.scale, self.precision, f"{prefix}_Attention")
+            node = attention_node(q, k, site.v, site.mask, site.scale, self.precision, f"{prefix}_Attention",
+                                  site.layout)
             new_nodes.append(node)
             graph.insert_before(site.output, new_nodes)
-            redirect_uses(site.output.outputs[0], node.outputs[0])
-            ensure_function(model, site.mask is not None)
+            replaced = site.merge if site.merge is not None else site.output
+            redirect_uses(replaced.outputs[0], node.outputs[0])
+            ensure_function(model, site.mask is not None, site.layout)
         if scan.sites:
             logger.info("fused %d softmax attentions (%s); %d softmax left as they are", len(scan.sites),
                         self.precision.value, len(scan.unrecognised))

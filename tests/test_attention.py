@@ -117,6 +117,10 @@ def test_float_op_matches_the_original_subgraph(preset, exports, kernel_library,
     assert softmax > 0 and ops == ["Attention"] * softmax  # every softmax of these families is attention
     assert not any(n.op_type == "Softmax" for n in fused.graph)
     assert f"{softmax} softmax attentions fused (float)" in result.out
+    if preset in ("tiny", "dit-tiny"):  # q, k, v head splits and the head merge absorbed: no Transpose left
+        layouts = [n.attributes["layout"].value for n in fused.graph if n.op_type == "Attention"]
+        transposes = [sum(n.op_type == "Transpose" for n in g.graph) for g in (original, fused)]
+        assert layouts == ["bnhd"] * softmax and transposes[1] == transposes[0] - 5 * softmax  # q, k (two), v, y
     reference = session(source, None)
     feeds = feeds_for(reference)
     want = reference.run(None, feeds)[0]
@@ -215,10 +219,11 @@ def test_fused_format_gets_bf16_attention_by_default(exports, tmp_path, hn_cli, 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def attention_model(masked: bool, scale: float, precision: str, dtype=np.float32) -> bytes:
+def attention_model(masked: bool, scale: float, precision: str, dtype=np.float32, layout: str = "bhnd") -> bytes:
     t = TensorProto.FLOAT if dtype == np.float32 else TensorProto.FLOAT16
     names = ["q", "k", "v"] + (["mask"] if masked else [])
-    node = helper.make_node("Attention", names, ["y"], domain="hadanorm", scale=scale, precision=precision)
+    node = helper.make_node("Attention", names, ["y"], domain="hadanorm", scale=scale, precision=precision,
+                            layout=layout)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, t, None) for n in names],
                               [helper.make_tensor_value_info("y", t, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("hadanorm", 1)],
@@ -294,6 +299,34 @@ def test_every_path_matches_the_scalar_reference(precision, shape, kernel_librar
             assert rel_l2(got[index], reference[index]) <= PATH_TOL[precision], (isa, path, index)
 
 
+@pytest.mark.parametrize("precision", ["float", "bf16"])
+def test_bnhd_layout_is_the_same_maths(precision, kernel_library):
+    """layout=bnhd ([B, N, H, D] in and out, heads interleaved in each row) gives bhnd's numbers, transposed, on every
+    path (the same sums: equal within float rounding of the order, 1e-6), and the function body agrees."""
+    rng = np.random.default_rng(4)
+    q = rng.standard_normal((2, 70, 3, 40)).astype(np.float32)
+    k = rng.standard_normal((2, 150, 3, 40)).astype(np.float32)
+    v = rng.standard_normal((2, 150, 3, 24)).astype(np.float32)
+    mask = np.where(rng.random((2, 1, 1, 150)) > 0.2, 0.0, -10000.0).astype(np.float32)
+    heads = (0, 2, 1, 3)
+    bhnd = {"q": q.transpose(heads).copy(), "k": k.transpose(heads).copy(), "v": v.transpose(heads).copy(),
+            "mask": mask}
+    plain, bnhd = attention_model(True, 0.2, precision), attention_model(True, 0.2, precision, layout="bnhd")
+    feeds = {"q": q, "k": k, "v": v, "mask": mask}
+    for isa, _ in supported_paths(kernel_library, precision):
+        want = session(plain, kernel_library, isa).run(None, bhnd)[0].transpose(heads)
+        got = session(bnhd, kernel_library, isa).run(None, feeds)[0]
+        assert got.shape == (2, 70, 3, 24) and rel_l2(got, want) <= 1e-6, isa
+    body = ir.from_proto(onnx.load_from_string(bnhd))
+    from graph_passes.attention_op import build_function
+    function = build_function(True, "bnhd")
+    body.functions[function.identifier()] = function
+    body.graph.node(0).overload = function.overload
+    fn_model = ir.to_proto(body).SerializeToString()
+    assert rel_l2(session(fn_model, None).run(None, feeds)[0], exact_attention(q.transpose(heads), k.transpose(heads),
+                  v.transpose(heads), mask, 0.2).transpose(heads)) <= MODEL_TOL
+
+
 def test_fully_masked_rows_are_nan_like_softmax(kernel_library):
     """A query row whose every score is -inf: softmax gives NaN (0/0); every path too. Other rows are finite."""
     rng = np.random.default_rng(1)
@@ -323,7 +356,7 @@ def test_bad_shapes_are_named(kernel_library):
     q, k, v = (rng.standard_normal((2, 8, 16)).astype(np.float32) for _ in range(3))
     with pytest.raises(Exception, match=r"hadanorm::Attention: mask \[3, 8, 8\] does not broadcast to \[2, 8, 8\]"):
         session(model, kernel_library).run(None, {"q": q, "k": k, "v": v, "mask": np.zeros((3, 8, 8), np.float32)})
-    with pytest.raises(Exception, match="q, k and v must share their leading dimensions"):
+    with pytest.raises(Exception, match="q, k and v must share their batch and head dimensions"):
         session(attention_model(False, 1.0, "float"), kernel_library).run(None, {"q": q, "k": k[:1], "v": v[:1]})
 
 

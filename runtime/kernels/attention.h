@@ -35,18 +35,21 @@ struct AttentionShape {
   int64_t nq = 0, nk = 0, d = 0, dv = 0;
   float scale = 1.0f;
   AttentionPrecision precision = AttentionPrecision::kFloat;
+  // Row strides (elements) of q, k, v and out: d, d, dv, dv for [..., N, D] tensors; heads * d ... for a
+  // [B, N, heads, D] layout (each head's rows interleaved with the other heads').
+  int64_t q_stride = 0, k_stride = 0, v_stride = 0, out_stride = 0;
 };
 
 // One head's query rows, mask and output. The mask element for query row i and key j is
 // mask[i * mask_row + j * mask_col] (strides 0 broadcast); mask == nullptr: no mask.
 struct AttentionHead {
-  const float* q = nullptr;  // [nq, d], row stride d
+  const float* q = nullptr;  // [nq, d], row stride q_stride
   const float* mask = nullptr;
   int64_t mask_row = 0, mask_col = 0;
-  float* out = nullptr;  // [nq, dv], row stride dv
+  float* out = nullptr;  // [nq, dv], row stride out_stride
 };
 
-// One implementation: packs a head's k and v once (any layout it likes, packed_bytes(shape) bytes, 64-byte
+// One implementation: packs a head's k [nk, d] and v [nk, dv] (row strides k_stride, v_stride) once (any layout it likes, packed_bytes(shape) bytes, 64-byte
 // aligned), then computes output rows [q0, q1) of that head from the packed keys and values. rows() may be called
 // concurrently for different row ranges and heads (scratch is per thread).
 struct AttentionPath {

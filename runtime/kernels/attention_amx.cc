@@ -130,10 +130,10 @@ void amx_pack(const AttentionShape& s, const float* k, const float* v, void* pac
   const __m512 zero = _mm512_setzero_ps();
   // k: tile (t, step) row g, lane n = k[16 t + n, 32 step + 2 g (+ 1)], gathered down the 16 keys
   const __m512i key_offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                 _mm512_set1_epi32(static_cast<int>(s.d)));
+                                                 _mm512_set1_epi32(static_cast<int>(s.k_stride)));
   for (int64_t t = 0; t < l.k_tiles; ++t) {
     const __mmask16 keys = lanes(s.nk - t * kTile);
-    const float* base = k + t * kTile * s.d;
+    const float* base = k + t * kTile * s.k_stride;
     for (int64_t step = 0; step < l.d_steps; ++step) {
       uint8_t* dst = kp + (t * l.d_steps + step) * kTileBytes;
       for (int64_t g = 0; g < kTile; ++g) {
@@ -151,8 +151,8 @@ void amx_pack(const AttentionShape& s, const float* k, const float* v, void* pac
       const __mmask16 cols = lanes(s.dv - ct * kTile);
       for (int64_t g = 0; g < kTile; ++g) {
         const int64_t j = step * kKeyStep + 2 * g;
-        const __m512 lo = j < s.nk ? _mm512_maskz_loadu_ps(cols, v + j * s.dv + ct * kTile) : zero;
-        const __m512 hi = j + 1 < s.nk ? _mm512_maskz_loadu_ps(cols, v + (j + 1) * s.dv + ct * kTile) : zero;
+        const __m512 lo = j < s.nk ? _mm512_maskz_loadu_ps(cols, v + j * s.v_stride + ct * kTile) : zero;
+        const __m512 hi = j + 1 < s.nk ? _mm512_maskz_loadu_ps(cols, v + (j + 1) * s.v_stride + ct * kTile) : zero;
         _mm512_store_si512(dst + g * 64, bf16_pairs(lo, hi));
       }
     }
@@ -415,7 +415,7 @@ void row_group(const AttentionShape& s, const AttentionHead& h, const Layout& la
   const __m512 scale = _mm512_set1_ps(s.scale);
   for (int64_t r = 0; r < rows; ++r) {  // Q = bf16(scale q), zeros beyond d and beyond n
     uint16_t* qrow = sc.q + r * lay.d_pad;
-    const float* src = h.q + (i0 + r) * s.d;
+    const float* src = h.q + (i0 + r) * s.q_stride;
     for (int64_t c = 0; c < lay.d_pad; c += 32) {
       __m512i x = _mm512_setzero_si512();
       if (r < n)
@@ -454,7 +454,7 @@ void row_group(const AttentionShape& s, const AttentionHead& h, const Layout& la
     const float l = _mm512_reduce_add_ps(_mm512_load_ps(sc.l + r * 16));
     const __m512 inv = _mm512_set1_ps(l > 0.0f ? 1.0f / l : std::numeric_limits<float>::quiet_NaN());
     const float* orow = sc.o + r * lay.dv_pad;
-    float* out = h.out + (i0 + r) * s.dv;
+    float* out = h.out + (i0 + r) * s.out_stride;
     for (int64_t c = 0; c < s.dv; c += 16)
       _mm512_mask_storeu_ps(out + c, lanes(s.dv - c), _mm512_mul_ps(_mm512_load_ps(orow + c), inv));
   }

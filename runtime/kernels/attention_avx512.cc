@@ -85,8 +85,10 @@ void avx512_pack(const AttentionShape& s, const float* k, const float* v, void* 
   std::memset(packed, 0, avx512_packed_bytes(s));
   for (int64_t j = 0; j < s.nk; ++j) {
     float* block = kt + (j / kBlock) * kBlock * s.d + (j % kBlock);
-    for (int64_t c = 0; c < s.d; ++c) block[c * kBlock] = bf16 ? round_bf16(k[j * s.d + c]) : k[j * s.d + c];
-    for (int64_t c = 0; c < s.dv; ++c) vp[j * lay.dv_pad + c] = bf16 ? round_bf16(v[j * s.dv + c]) : v[j * s.dv + c];
+    const float* kj = k + j * s.k_stride;
+    const float* vj = v + j * s.v_stride;
+    for (int64_t c = 0; c < s.d; ++c) block[c * kBlock] = bf16 ? round_bf16(kj[c]) : kj[c];
+    for (int64_t c = 0; c < s.dv; ++c) vp[j * lay.dv_pad + c] = bf16 ? round_bf16(vj[c]) : vj[c];
   }
 }
 
@@ -223,7 +225,7 @@ void avx512_rows_impl(const AttentionShape& s, const AttentionHead& h, const voi
   w.l.assign(static_cast<size_t>(rows), 0.0f);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < s.d; ++c) {
-      const float scaled = s.scale * h.q[(q0 + r) * s.d + c];
+      const float scaled = s.scale * h.q[(q0 + r) * s.q_stride + c];
       w.q[r * s.d + c] = Bf16 ? round_bf16(scaled) : scaled;
     }
   for (int64_t b = 0; b < lay.blocks; ++b) {
@@ -245,7 +247,7 @@ void avx512_rows_impl(const AttentionShape& s, const AttentionHead& h, const voi
   for (int64_t r = 0; r < rows; ++r) {
     const __m512 inv = _mm512_set1_ps(w.l[r] > 0.0f ? 1.0f / w.l[r] : nan);
     const float* o = w.O.data() + r * lay.dv_pad;
-    float* out = h.out + (q0 + r) * s.dv;
+    float* out = h.out + (q0 + r) * s.out_stride;
     for (int64_t c = 0; c < s.dv; c += 16) {
       const __mmask16 m = c + 16 > s.dv ? tail : 0xffff;
       _mm512_mask_storeu_ps(out + c, m, _mm512_mul_ps(_mm512_loadu_ps(o + c), inv));

@@ -2,9 +2,11 @@
 //
 //   Attention(q T [..., Nq, D], k T [..., Nk, D], v T [..., Nk, Dv][, mask T broadcastable to [..., Nq, Nk]])
 //     -> y T [..., Nq, Dv] = softmax(scale * q k^T + mask) v        attributes: scale (float), precision
-//                                                                   ("float" | "bf16")
+//                                                                   ("float" | "bf16"), layout ("bhnd" | "bnhd")
 //
-// q, k and v share their leading dimensions (batch x heads). Each head's k and v are packed once (in parallel over
+// q, k and v share their leading dimensions (batch x heads). layout "bnhd": q [B, Nq, H, D], k [B, Nk, H, D],
+// v [B, Nk, H, Dv], y [B, Nq, H, Dv] (the heads not yet split off the tokens; the mask still broadcasts to
+// [B, H, Nq, Nk]): the same maths without the four head transposes around the op. Each head's k and v are packed once (in parallel over
 // heads), then tasks of heads x query-row ranges run on onnxruntime's intra-op pool (or HADANORM_KERNELS_THREADS);
 // no task holds more than one key block of scores per row. float16 tensors are converted to float32 first.
 
@@ -44,11 +46,20 @@ template <bool Half>
 struct AttentionKernel {
   float scale = 1.0f;
   AttentionPrecision precision = AttentionPrecision::kFloat;
+  bool bnhd = false;
   const AttentionPath* path = nullptr;
 
   explicit AttentionKernel(const Ort::ConstKernelInfo& info) {
     scale = info.GetAttribute<float>("scale");
     precision = parse_precision(info.GetAttribute<std::string>("precision"));
+    std::string layout = "bhnd";
+    try {
+      layout = info.GetAttribute<std::string>("layout");
+    } catch (const Ort::Exception&) {  // absent: the default
+    }
+    if (layout != "bhnd" && layout != "bnhd")
+      fail("attribute layout=\"", layout, "\" is not one of bhnd, bnhd; re-export with hn-export");
+    bnhd = layout == "bnhd";
     path = &attention_path(precision, select_isa());
   }
 
@@ -62,24 +73,35 @@ struct AttentionKernel {
     Ort::ConstValue qv = ctx.GetInput(0), kv = ctx.GetInput(1), vv = ctx.GetInput(2);
     const std::vector<int64_t> qs = shape_of(qv), ks = shape_of(kv), vs = shape_of(vv);
     const size_t rank = qs.size();
-    if (rank < 2 || ks.size() != rank || vs.size() != rank)
-      fail("q, k and v must have the same rank >= 2 ([..., N, D]), got ", shape_string(qs), ", ", shape_string(ks),
+    if (rank < 2 || ks.size() != rank || vs.size() != rank || (bnhd && rank != 4))
+      fail("q, k and v must have the same rank ", bnhd ? "4 ([B, N, H, D], layout bnhd)" : ">= 2 ([..., N, D])",
+           ", got ", shape_string(qs), ", ", shape_string(ks), ", ", shape_string(vs));
+    // the logical [..., N, D] shapes (bnhd: axes 1 and 2 swapped)
+    auto logical = [&](std::vector<int64_t> s) {
+      if (bnhd) std::swap(s[1], s[2]);
+      return s;
+    };
+    const std::vector<int64_t> lq = logical(qs), lk = logical(ks), lv = logical(vs);
+    if (!std::equal(lq.begin(), lq.end() - 2, lk.begin()) || !std::equal(lq.begin(), lq.end() - 2, lv.begin()))
+      fail("q, k and v must share their batch and head dimensions, got ", shape_string(qs), ", ", shape_string(ks),
            ", ", shape_string(vs));
-    if (!std::equal(qs.begin(), qs.end() - 2, ks.begin()) || !std::equal(qs.begin(), qs.end() - 2, vs.begin()))
-      fail("q, k and v must share their leading dimensions, got ", shape_string(qs), ", ", shape_string(ks), ", ",
-           shape_string(vs));
     AttentionShape shape;
-    shape.nq = qs[rank - 2];
-    shape.d = qs[rank - 1];
-    shape.nk = ks[rank - 2];
-    shape.dv = vs[rank - 1];
+    shape.nq = lq[rank - 2];
+    shape.d = lq[rank - 1];
+    shape.nk = lk[rank - 2];
+    shape.dv = lv[rank - 1];
     shape.scale = scale;
     shape.precision = precision;
-    if (ks[rank - 1] != shape.d || vs[rank - 2] != shape.nk)
-      fail("k must be [..., Nk, ", shape.d, "] and v [..., Nk, Dv] with k's Nk, got k ", shape_string(ks), ", v ",
-           shape_string(vs));
-    const std::vector<int64_t> lead(qs.begin(), qs.end() - 2);
+    if (lk[rank - 1] != shape.d || lv[rank - 2] != shape.nk)
+      fail("k must have q's D = ", shape.d, " and v k's Nk, got q ", shape_string(qs), ", k ", shape_string(ks),
+           ", v ", shape_string(vs));
+    const std::vector<int64_t> lead(lq.begin(), lq.end() - 2);
     const int64_t heads = element_count(lead);
+    const int64_t per_batch = bnhd ? lead[1] : 1;  // heads interleaved in a row (bnhd)
+    shape.q_stride = per_batch * shape.d;
+    shape.k_stride = per_batch * shape.d;
+    shape.v_stride = per_batch * shape.dv;
+    shape.out_stride = per_batch * shape.dv;
     std::vector<int64_t> ys = qs;
     ys[rank - 1] = shape.dv;
     Ort::UnownedValue y = ctx.GetOutput(0, ys);
@@ -96,7 +118,7 @@ struct AttentionKernel {
       const std::vector<int64_t> ms = shape_of(mv);
       if (ms.size() > rank)
         fail("mask ", shape_string(ms), " has more axes than q ", shape_string(qs));
-      std::vector<int64_t> target = lead;
+      std::vector<int64_t> target = lead;  // logical [B, H] (bnhd too)
       target.push_back(shape.nq);
       target.push_back(shape.nk);
       int64_t stride = 1;
@@ -126,8 +148,14 @@ struct AttentionKernel {
 
     const size_t head_bytes = (path->packed_bytes(shape) + 63) / 64 * 64;
     AlignedBuffer packed(head_bytes * static_cast<size_t>(heads));
+    // the first element of head hi (= b * H + h) of a tensor with n rows of width w
+    auto head_start = [&](int64_t hi, int64_t n, int64_t w) {
+      return bnhd ? (hi / per_batch) * n * per_batch * w + (hi % per_batch) * w : hi * n * w;
+    };
     parallel_for(ctx, static_cast<size_t>(heads), [&](size_t hi) {
-      path->pack(shape, k + hi * shape.nk * shape.d, v + hi * shape.nk * shape.dv, packed.data + hi * head_bytes);
+      const int64_t h = static_cast<int64_t>(hi);
+      path->pack(shape, k + head_start(h, shape.nk, shape.d), v + head_start(h, shape.nk, shape.dv),
+                 packed.data + hi * head_bytes);
     });
 
     const int64_t rpt = path->rows_per_task;
@@ -135,8 +163,8 @@ struct AttentionKernel {
     parallel_for(ctx, static_cast<size_t>(heads * row_tasks), [&](size_t task) {
       const int64_t hi = static_cast<int64_t>(task) / row_tasks, rt = static_cast<int64_t>(task) % row_tasks;
       AttentionHead head;
-      head.q = q + hi * shape.nq * shape.d;
-      head.out = out + hi * shape.nq * shape.dv;
+      head.q = q + head_start(hi, shape.nq, shape.d);
+      head.out = out + head_start(hi, shape.nq, shape.dv);
       if (mask) {
         int64_t offset = 0, rest = hi;
         for (size_t a = lead.size(); a-- > 0;) {
@@ -172,7 +200,7 @@ struct AttentionOp : Ort::CustomOpBase<AttentionOp<Half>, AttentionKernel<Half>,
   ONNXTensorElementDataType GetOutputType(size_t) const { return float_type(Half); }
 
   static Ort::Status InferOutputShape(Ort::ShapeInferContext& ctx) {
-    Ort::ShapeInferContext::Shape q = ctx.GetInputShape(0);
+    Ort::ShapeInferContext::Shape q = ctx.GetInputShape(0);  // y: q's shape with v's last axis (either layout)
     const Ort::ShapeInferContext::Shape& v = ctx.GetInputShape(2);
     if (q.size() < 2 || v.size() != q.size()) return Ort::Status(nullptr);
     q.back() = v.back();

@@ -33,8 +33,14 @@ void scalar_pack(const AttentionShape& s, const float* k, const float* v, void* 
   float* out = static_cast<float*>(packed);
   const bool bf16 = s.precision == AttentionPrecision::kBf16;
   const int64_t nk_d = s.nk * s.d, nk_dv = s.nk * s.dv;
-  for (int64_t i = 0; i < nk_d; ++i) out[i] = bf16 ? round_bf16(k[i]) : k[i];
-  for (int64_t i = 0; i < nk_dv; ++i) out[nk_d + i] = bf16 ? round_bf16(v[i]) : v[i];
+  for (int64_t i = 0; i < nk_d; ++i) {
+    const float x = k[i / s.d * s.k_stride + i % s.d];
+    out[i] = bf16 ? round_bf16(x) : x;
+  }
+  for (int64_t i = 0; i < nk_dv; ++i) {
+    const float x = v[i / s.dv * s.v_stride + i % s.dv];
+    out[nk_d + i] = bf16 ? round_bf16(x) : x;
+  }
 }
 
 void scalar_rows(const AttentionShape& s, const AttentionHead& h, const void* packed, int64_t q0, int64_t q1) {
@@ -45,7 +51,7 @@ void scalar_rows(const AttentionShape& s, const AttentionHead& h, const void* pa
   std::vector<float> q(static_cast<size_t>(s.d)), scores(kAttentionKeyBlock), o(static_cast<size_t>(s.dv));
   for (int64_t i = q0; i < q1; ++i) {
     for (int64_t c = 0; c < s.d; ++c) {
-      const float scaled = s.scale * h.q[i * s.d + c];
+      const float scaled = s.scale * h.q[i * s.q_stride + c];
       q[c] = bf16 ? round_bf16(scaled) : scaled;
     }
     std::fill(o.begin(), o.end(), 0.0f);
@@ -79,7 +85,7 @@ void scalar_rows(const AttentionShape& s, const AttentionHead& h, const void* pa
       mx = new_max;
     }
     const float inv = l > 0.0f ? 1.0f / l : std::numeric_limits<float>::quiet_NaN();
-    for (int64_t c = 0; c < s.dv; ++c) h.out[i * s.dv + c] = o[c] * inv;
+    for (int64_t c = 0; c < s.dv; ++c) h.out[i * s.out_stride + c] = o[c] * inv;
   }
 }
 
