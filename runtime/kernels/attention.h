@@ -63,9 +63,10 @@ struct AttentionPath {
 const AttentionPath& attention_scalar_path();
 const AttentionPath* attention_avx512_path();   // nullptr when this build or CPU has no AVX-512
 const AttentionPath* attention_amx_path();      // bf16 only; nullptr when AMX-BF16 is unavailable
+const AttentionPath* attention_avx2_path();     // nullptr when this build or CPU has no AVX2 + FMA
 
 // The path for `precision` on instruction set `isa` (select_isa()): amx -> the AMX bf16 tiles for kBf16 and AVX-512
-// for kFloat; avx512vnni -> AVX-512; anything else -> scalar.
+// for kFloat; avx512vnni -> AVX-512; avx2, avxvnni -> AVX2; anything else -> scalar.
 const AttentionPath& attention_path(AttentionPrecision precision, Isa isa);
 
 // Round-to-nearest-even float -> bfloat16 -> float (NaN stays NaN; denormals become signed zero, as AVX512-BF16's

@@ -104,6 +104,8 @@ const AttentionPath& attention_path(AttentionPrecision precision, Isa isa) {
   }
   if (isa == Isa::kAvx512Vnni)
     if (const AttentionPath* avx512 = attention_avx512_path()) return *avx512;
+  if (isa == Isa::kAvx2 || isa == Isa::kAvxVnni)
+    if (const AttentionPath* avx2 = attention_avx2_path()) return *avx2;
   return attention_scalar_path();
 }
 
