@@ -9,6 +9,7 @@ from pathlib import Path
 import onnx_ir as ir
 import onnxruntime as ort
 
+from runtime.domain import HADANORM_DOMAIN
 from runtime.session import NumericsMode, create_session
 
 
@@ -26,10 +27,14 @@ def open_session(model: ir.Model, mode: NumericsMode = NumericsMode.AS_WRITTEN,
                  threads: int | None = None) -> Iterator[ort.InferenceSession]:
     """A session for `model`. Weights in external files stay there: the graph goes to onnxruntime as bytes with
     ``session.model_external_initializers_file_folder_path`` naming their folder (onnxruntime refuses external data
-    outside the model's folder, links included)."""
+    outside the model's folder, links included). A graph with fused attention (``hadanorm::Attention``, e.g. from
+    `hn-export optimize`) runs it on the kernel library when it is built: its function body would hold the N x N
+    scores the op exists to avoid (calibrating a 1024 px model)."""
     proto = ir.serde.serialize_model(model)
     folders = {file.parent.resolve() for file in _external_files(model)}
     if len(folders) > 1:
         raise ValueError(f"external data in several folders: {sorted(map(str, folders))}")
     folder = folders.pop() if folders else None
-    yield create_session(proto.SerializeToString(), mode, threads=threads, external_data_folder=folder)
+    attention = any(n.domain == HADANORM_DOMAIN and n.op_type == "Attention" for n in model.graph)
+    yield create_session(proto.SerializeToString(), mode, threads=threads, external_data_folder=folder,
+                         kernel_library=attention)

@@ -383,3 +383,31 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, np.i
     grown_mb, finite = proc.stdout.split()
     assert finite == "True"
     assert float(grown_mb) < 64, f"peak RSS grew {grown_mb} MB"
+
+
+def test_calibrating_an_attention_fused_graph(exports, tmp_path, hn_cli, kernel_library, monkeypatch):
+    """`hn-export optimize` then quantize: calibration runs the fused graph on the kernels (the function body would
+    hold the N x N scores), and its statistics are the original graph's: float attention differs by summation order
+    (1e-7), which the trajectory's second step carries into its inputs (measured 1.0e-5 at most; bound 1e-4)."""
+    from hn_export.calibration import calibrate
+    from hn_export.denoise import DenoiseConfig
+
+    calls = tmp_path / "calls.log"
+    monkeypatch.setenv("HADANORM_KERNELS_CALL_LOG", str(calls))
+    fused = tmp_path / "attn.onnx"
+    assert hn_cli("optimize", exports["tiny"], "--attention", "float", "-o", fused).exit_code == 0
+    config = DenoiseConfig(samples=1, steps=2)
+    original = calibrate(exports["tiny"], config, progress=False)
+    calls.unlink(missing_ok=True)
+    with_attention = calibrate(fused, config, progress=False)
+    assert "Attention" in calls.read_text().split()
+    assert set(with_attention.sites) == set(original.sites)
+    for name, stats in original.sites.items():
+        for field in ("absmax", "centered_absmax"):
+            want, got = getattr(stats, field), getattr(with_attention.sites[name], field)
+            assert np.max(np.abs(got - want) / np.maximum(np.abs(want), 1e-6)) <= 1e-4, (name, field)
+    result = hn_cli(fused, "--w4a4", "--format", "fused", "--calib-samples", "1", "--calib-steps", "2",
+                    "--no-progress", "-o", tmp_path / "q.onnx")
+    assert result.exit_code == 0, result.err
+    assert [n.attributes["precision"].value for n in ir.load(tmp_path / "q.onnx").graph
+            if n.op_type == "Attention"] == ["float"] * 4  # the optimized graph's attention is kept as it is
