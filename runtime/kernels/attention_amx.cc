@@ -13,17 +13,18 @@
 //
 // Per task (rows q0..q1), per group of 32 query rows (the last <= 16 rows: one row tile; rows beyond q1 are zero q,
 // computed and never stored), with per-thread buffers: Q (scale q rounded to bf16, row-major), for two consecutive key
-// blocks S (fp32 scores), P (bf16 p, row-major: the A tiles of p v) and T (fp32 p v of the block), O (fp32 output
-// sums), the lanes of l, the running maxima and the alphas. Key blocks of kAttentionKeyBlock = 128 keys, pipelined:
-// phase b runs, row by row, the AVX-512 work
-//   - O = alpha O + T of block b - 2 (the scalar path's o = alpha o + acc),
-//   - the softmax of block b: a first pass over all rows adds the mask (keys beyond nk: -inf), takes the block
-//     maximum mx' and alpha = exp(mx - mx') (std::exp, as the scalar path); a second computes p = exp(s - mx')
-//     (exp_ps, within 1 ulp of std::exp), rounds it to bf16 into P and adds the rounded p to l = alpha l (vdpbf16ps
-//     against ones: exact products, fp32 sums),
-// and, between the rows, chunks of the tile work (one d step or key step of a pair of column tiles: 2 or 4 tdpbf16ps,
-// the C tiles zeroed before the first step and stored after the last) of S = Q K^T of block b + 1, then T = P V of
-// block b - 1. At the end out = o * (1 / l) (NaN where l == 0: every score -inf). On the AMX Xeon measured, tdpbf16ps
+// blocks S (fp32 scores) and P (bf16 p, row-major: the A tiles of p v), O (fp32 output sums), the lanes of l, the
+// running maxima and the alphas. Key blocks of kAttentionKeyBlock = 128 keys, pipelined: phase b runs the AVX-512 work
+//   - the softmax of block b: a first pass over all rows adds the mask (keys beyond nk: -inf) and takes the block
+//     maxima, then, 16 rows a vector, mx' = max(mx, block maximum) and alpha = exp(mx - mx') (exp_ps: within 1 ulp of
+//     the scalar path's std::exp; alpha scales o and l alike),
+//   - O = alpha O of block b - 1 (rows where it is not 1), before the tiles of P V of block b - 1 add to O,
+//   - row by row, p = exp(s - mx') (exp_ps_masked: exp_ps's results), rounded to bf16 into P, and l = alpha l + the
+//     rounded p (vdpbf16ps against ones: exact products, fp32 sums),
+// and, between the rows of the last, chunks of the tile work (one d step or key step of a pair of column tiles: 2 or 4
+// tdpbf16ps; the C tiles of S zeroed before the first step, those of O loaded from O, and stored after the last) of
+// S = Q K^T of block b + 1, then O += P V of block b - 1 (the scalar path's o = alpha o + acc, its fp32 sums in another
+// order). At the end out = o * (1 / l) (NaN where l == 0: every score -inf). On the AMX Xeon measured, tdpbf16ps
 // and the AVX-512 arithmetic do not run side by side (their times add), but a switch between long runs of either costs
 // about 0.4 us, which the interleaving avoids (15-20% faster than the phases one after the other).
 //
@@ -59,7 +60,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
-#include "attention_exp512.h"  // exp_ps (compiled for this file's targets)
+#include "attention_exp512.h"  // exp_ps, exp_ps_masked (compiled for this file's targets)
 
 namespace hadanorm {
 
@@ -164,17 +165,16 @@ struct Scratch {
   uint16_t* q;      // [32, d_pad] bf16 (scale q)
   float* s[2];      // [32, 128] scores of a key block
   uint16_t* p[2];   // [32, 128] bf16 p of a key block
-  float* t[2];      // [32, dv_pad] p v of a key block
   float* o;         // [32, dv_pad] output sums
   float* l;         // [32, 16] lanes of the row sums l
   float* mx;        // [32] running maxima
-  float* alpha[3];  // [32] alpha of a key block (three blocks: key block b % 3)
+  float* alpha[2];  // [32] alpha of a key block (two blocks: key block b % 2)
 };
 
 Scratch scratch(const Layout& lay) {
   const int64_t q_bytes = kGroup * lay.d_pad * 2, s_bytes = kGroup * kBlock * 4, p_bytes = kGroup * kBlock * 2,
                 o_bytes = kGroup * lay.dv_pad * 4, l_bytes = kGroup * 16 * 4, row_bytes = kGroup * 4;
-  const int64_t bytes = q_bytes + 2 * s_bytes + 2 * p_bytes + 3 * o_bytes + l_bytes + 4 * row_bytes;  // each x 64
+  const int64_t bytes = q_bytes + 2 * s_bytes + 2 * p_bytes + o_bytes + l_bytes + 3 * row_bytes;  // each x 64
   thread_local std::vector<uint8_t> storage;
   if (static_cast<int64_t>(storage.size()) < bytes + 64) storage.resize(static_cast<size_t>(bytes + 64));
   const uintptr_t a = reinterpret_cast<uintptr_t>(storage.data());
@@ -189,9 +189,8 @@ Scratch scratch(const Layout& lay) {
   for (int i = 0; i < 2; ++i) {
     sc.s[i] = reinterpret_cast<float*>(take(s_bytes));
     sc.p[i] = reinterpret_cast<uint16_t*>(take(p_bytes));
-    sc.t[i] = reinterpret_cast<float*>(take(o_bytes));
   }
-  for (int i = 0; i < 3; ++i) sc.alpha[i] = reinterpret_cast<float*>(take(row_bytes));
+  for (int i = 0; i < 2; ++i) sc.alpha[i] = reinterpret_cast<float*>(take(row_bytes));
   sc.o = reinterpret_cast<float*>(take(o_bytes));
   sc.l = reinterpret_cast<float*>(take(l_bytes));
   sc.mx = reinterpret_cast<float*>(take(row_bytes));
@@ -235,17 +234,19 @@ HN_INLINE void qk_step(const Scratch& sc, const Layout& lay, const uint8_t* kb, 
   }
 }
 
-// One key step of t[:, 16 c .. 16 (c + NC)) = P V (column tiles c and c + 1 of the block at vb, `steps` key steps):
-// the C tiles start at zero on the first step and are stored after the last.
+// One key step of o[:, 16 c .. 16 (c + NC)) += P V (column tiles c and c + 1 of the block at vb, `steps` key steps):
+// the C tiles are loaded from O on the first step and stored back after the last.
 template <int RT, int NC>
 HN_INLINE void pv_step(const Layout& lay, const uint16_t* p, const uint8_t* vb, float* t, int64_t c, int64_t step,
                        int64_t steps) {
+  const int64_t t_stride = lay.dv_pad * 4;
+  float* t0 = t + c * kTile;
   if (step == 0) {
-    _tile_zero(0);
-    if constexpr (NC == 2) _tile_zero(1);
+    _tile_loadd(0, t0, t_stride);
+    if constexpr (NC == 2) _tile_loadd(1, t0 + kTile, t_stride);
     if constexpr (RT == 2) {
-      _tile_zero(2);
-      if constexpr (NC == 2) _tile_zero(3);
+      _tile_loadd(2, t0 + kTile * lay.dv_pad, t_stride);
+      if constexpr (NC == 2) _tile_loadd(3, t0 + kTile * lay.dv_pad + kTile, t_stride);
     }
   }
   constexpr int64_t p_stride = kBlock * 2;
@@ -262,8 +263,6 @@ HN_INLINE void pv_step(const Layout& lay, const uint16_t* p, const uint8_t* vb, 
     if constexpr (NC == 2) _tile_dpbf16ps(3, 5, 7);
   }
   if (step == steps - 1) {
-    const int64_t t_stride = lay.dv_pad * 4;
-    float* t0 = t + c * kTile;
     _tile_stored(0, t0, t_stride);
     if constexpr (NC == 2) _tile_stored(1, t0 + kTile, t_stride);
     if constexpr (RT == 2) {
@@ -274,7 +273,7 @@ HN_INLINE void pv_step(const Layout& lay, const uint16_t* p, const uint8_t* vb, 
 }
 
 // The tile work of one phase, in chunks (one d step of a key tile pair, one key step of a column tile pair; 1 to 4
-// tdpbf16ps each) that the softmax loop runs between its rows: S = Q K^T of one block, then T = P V of another.
+// tdpbf16ps each) that the softmax loop runs between its rows: S = Q K^T of one block, then O += P V of another.
 template <int RT>
 class TileJobs {
  public:
@@ -322,11 +321,10 @@ class TileJobs {
 };
 
 // The first softmax pass of row r of the group (query row i) over the block of nb keys from j0 whose scores are in
-// S[buf]: adds the mask and sets the keys beyond nb to -inf in S (up to the next key step), takes the block maximum;
-// mx' = max(mx, block maximum), alpha[r] = exp(mx - mx') (1 when the maximum stays or was -inf: O and l are still
-// 0), sub = mx' (0 when every score so far is -inf: p = 0).
+// S[buf]: adds the mask and sets the keys beyond nb to -inf in S (up to the next key step), bmax[r] = the block
+// maximum.
 HN_INLINE void row_max(const AttentionHead& h, const Scratch& sc, int64_t r, int64_t i, int64_t j0, int64_t nb,
-                       int buf, float* alpha, float* sub) {
+                       int buf, float* bmax) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const __m512 vneg_inf = _mm512_set1_ps(neg_inf);
   float* srow = sc.s[buf] + r * kBlock;
@@ -363,11 +361,23 @@ HN_INLINE void row_max(const AttentionHead& h, const Scratch& sc, int64_t r, int
     }
     vmax = _mm512_max_ps(vmax, m1);
   }
-  const float mx = sc.mx[r];
-  const float new_max = std::max(mx, _mm512_reduce_max_ps(vmax));
-  alpha[r] = new_max != mx && mx != neg_inf ? std::exp(mx - new_max) : 1.0f;
-  sc.mx[r] = new_max;
-  sub[r] = new_max == neg_inf ? 0.0f : new_max;
+  bmax[r] = _mm512_reduce_max_ps(vmax);
+}
+
+// For the n rows of the group, 16 at a time: mx' = max(mx, bmax), alpha = exp(mx - mx') (exp_ps; 1 when the maximum
+// stays or was -inf: O and l are still 0), sub = mx' (0 when every score so far is -inf: p = 0), mx = mx'.
+HN_INLINE void rows_alpha(const Scratch& sc, int64_t n, const float* bmax, float* alpha, float* sub) {
+  const __m512 vneg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), one = _mm512_set1_ps(1.0f);
+  for (int64_t r = 0; r < n; r += 16) {
+    const __mmask16 k = lanes(n - r);
+    const __m512 mx = _mm512_maskz_loadu_ps(k, sc.mx + r);
+    const __m512 new_max = _mm512_max_ps(_mm512_maskz_loadu_ps(k, bmax + r), mx);  // mx where bmax is NaN
+    const __mmask16 keep = _mm512_cmp_ps_mask(new_max, mx, _CMP_EQ_OQ) | _mm512_cmp_ps_mask(mx, vneg_inf, _CMP_EQ_OQ);
+    _mm512_mask_storeu_ps(alpha + r, k, _mm512_mask_blend_ps(keep, exp_ps(_mm512_sub_ps(mx, new_max)), one));
+    _mm512_mask_storeu_ps(sc.mx + r, k, new_max);
+    const __mmask16 none = _mm512_cmp_ps_mask(new_max, vneg_inf, _CMP_EQ_OQ);
+    _mm512_mask_storeu_ps(sub + r, k, _mm512_mask_blend_ps(none, new_max, _mm512_setzero_ps()));
+  }
 }
 
 // The second pass of row r: P[buf] = p = exp(s - sub) rounded to bf16, l = alpha l + the rounded p.
@@ -382,8 +392,8 @@ HN_INLINE void row_exp(const Scratch& sc, int64_t r, int64_t nb, int buf, float 
   const int64_t n = ceil_div(nb, kKeyStep) * kKeyStep;
 #pragma GCC unroll 4
   for (int64_t j = 0; j < n; j += 32) {
-    const __m512 p0 = exp_ps(_mm512_sub_ps(_mm512_load_ps(srow + j), vsub));
-    const __m512 p1 = exp_ps(_mm512_sub_ps(_mm512_load_ps(srow + j + 16), vsub));
+    const __m512 p0 = exp_ps_masked(_mm512_sub_ps(_mm512_load_ps(srow + j), vsub));
+    const __m512 p1 = exp_ps_masked(_mm512_sub_ps(_mm512_load_ps(srow + j + 16), vsub));
     const __m512bh p = _mm512_cvtne2ps_pbh(p1, p0);
     _mm512_store_si512(prow + j, (__m512i)p);
     lsum = _mm512_dpbf16_ps(lsum, p, ones);
@@ -391,23 +401,9 @@ HN_INLINE void row_exp(const Scratch& sc, int64_t r, int64_t nb, int buf, float 
   _mm512_store_ps(lrow, lsum);
 }
 
-// O = alpha O + T[buf] for row r.
-HN_INLINE void combine_row(const Scratch& sc, const Layout& lay, int64_t r, int buf, float alpha) {
-  float* o = sc.o + r * lay.dv_pad;
-  const float* t = sc.t[buf] + r * lay.dv_pad;
-  if (alpha == 1.0f) {
-    for (int64_t c = 0; c < lay.dv_pad; c += 16)
-      _mm512_store_ps(o + c, _mm512_add_ps(_mm512_load_ps(o + c), _mm512_load_ps(t + c)));
-  } else {
-    const __m512 va = _mm512_set1_ps(alpha);
-    for (int64_t c = 0; c < lay.dv_pad; c += 16)
-      _mm512_store_ps(o + c, _mm512_add_ps(_mm512_mul_ps(va, _mm512_load_ps(o + c)), _mm512_load_ps(t + c)));
-  }
-}
-
 // Query rows [i0, i0 + n) (n <= 16 RT) of one head: RT row tiles, rows beyond n zero-padded. After S of block 0,
-// phase b runs, row by row, O = alpha O + T of block b - 2 and the softmax of block b, with the tile chunks of S of
-// block b + 1 and T of block b - 1 between the rows (see the top).
+// phase b runs the softmax of block b and O = alpha O of block b - 1, with the tile chunks of S of block b + 1 and
+// O += P V of block b - 1 between the rows of its exp pass (see the top).
 template <int RT>
 void row_group(const AttentionShape& s, const AttentionHead& h, const Layout& lay, const uint8_t* kp,
                const uint8_t* vp, const Scratch& sc, int64_t i0, int64_t n) {
@@ -435,18 +431,27 @@ void row_group(const AttentionShape& s, const AttentionHead& h, const Layout& la
   TileJobs<RT> jobs(sc, lay);
   jobs.start(k_block(0), ceil_div(keys(0), kTile), sc.s[0], nullptr, 0, nullptr, nullptr);
   jobs.run_until(jobs.total());
-  for (int64_t b = 0; b <= blocks + 1; ++b) {
+  for (int64_t b = 0; b <= blocks; ++b) {
     const bool next = b + 1 < blocks, prev = b >= 1 && b <= blocks;
     jobs.start(next ? k_block(b + 1) : nullptr, next ? ceil_div(keys(b + 1), kTile) : 0, sc.s[(b + 1) & 1],
-               prev ? v_block(b - 1) : nullptr, prev ? ceil_div(keys(b - 1), kKeyStep) : 0, sc.p[(b + 1) & 1],
-               sc.t[(b + 1) & 1]);
+               prev ? v_block(b - 1) : nullptr, prev ? ceil_div(keys(b - 1), kKeyStep) : 0, sc.p[(b + 1) & 1], sc.o);
     const int64_t total = jobs.total();
-    alignas(64) float sub[kGroup];
-    if (b < blocks)
-      for (int64_t r = 0; r < n; ++r) row_max(h, sc, r, i0 + r, b * kBlock, keys(b), b & 1, sc.alpha[b % 3], sub);
+    alignas(64) float sub[kGroup], bmax[kGroup];
+    if (b < blocks) {
+      for (int64_t r = 0; r < n; ++r) row_max(h, sc, r, i0 + r, b * kBlock, keys(b), b & 1, bmax);
+      rows_alpha(sc, n, bmax, sc.alpha[b % 2], sub);
+    }
+    if (prev) {  // O = alpha O (alpha of block b - 1) before P V of block b - 1 adds to it
+      const float* alpha = sc.alpha[(b - 1) % 2];
+      for (int64_t r = 0; r < n; ++r) {
+        if (alpha[r] == 1.0f) continue;
+        const __m512 va = _mm512_set1_ps(alpha[r]);
+        float* o = sc.o + r * lay.dv_pad;
+        for (int64_t c = 0; c < lay.dv_pad; c += 16) _mm512_store_ps(o + c, _mm512_mul_ps(va, _mm512_load_ps(o + c)));
+      }
+    }
     for (int64_t r = 0; r < n; ++r) {
-      if (b >= 2) combine_row(sc, lay, r, b & 1, sc.alpha[(b - 2) % 3][r]);
-      if (b < blocks) row_exp(sc, r, keys(b), b & 1, sc.alpha[b % 3][r], sub[r]);
+      if (b < blocks) row_exp(sc, r, keys(b), b & 1, sc.alpha[b % 2][r], sub[r]);
       jobs.run_until((r + 1) * total / n);
     }
   }

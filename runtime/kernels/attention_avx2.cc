@@ -1,12 +1,12 @@
-// AVX2 path of the fused attention (attention.h), both precisions: plain loops the compiler vectorises for AVX2 + FMA
-// (this file is compiled for those targets; the library picks the path only on a CPU that has them). For CPUs
-// without AVX-512, e.g. laptops.
+// AVX2 path of the fused attention (attention.h), both precisions, for CPUs without AVX-512 (laptops): AVX2 + FMA
+// (this file is compiled for those targets; the library picks the path only on a CPU that has them).
 //
-// Packed per head: k^T in key blocks of 128 ([d][128] floats, keys past nk zero), then v [nk][dv] (kBf16: rounded to
-// bf16 values). A task walks the key blocks once; per block, each of its query rows computes its scores
-// s[j] += q[c] k^T[c][j] (c outer, the keys vectorised: the same order of sums per score as the scalar path), the
-// softmax step (exp_poly: Cephes' expf reduction and polynomial, vectorisable; within 2 ulp of std::exp, 0 below
-// FLT_MIN) and o[c] += p[j] v[j][c] (keys outer, the columns vectorised), while the block's k and v stay in cache.
+// Packed per head: k^T in key blocks of 128 ([d][128] floats, keys past nk zero), then v [nk][dv_pad] (dv rounded up
+// to 8; kBf16: rounded to bf16 values). A task walks the key blocks once; per block, its query rows in pairs compute
+// their scores (2 rows x 32 keys of FMA accumulators in registers over d), then per row the softmax step (exp_poly:
+// Cephes' expf reduction and polynomial in loops the compiler vectorises; within 2 ulp of std::exp, 0 below FLT_MIN)
+// and the block's p v (up to 12 column vectors of accumulators in registers over the keys), while the block's k and v
+// stay in cache.
 
 #include "attention.h"
 
@@ -23,6 +23,7 @@
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#include <immintrin.h>
 
 namespace hadanorm {
 
@@ -65,14 +66,48 @@ inline float round_bf16_inline(float x) {
   return y;
 }
 
+// sc[0..32) of rows r0, r1 (q rows q0r, q1r) for 32 keys of a k^T block row stride kBlock: 2 rows x 4 vectors of
+// fp32 FMAs over d.
+inline void scores32x2(const float* q0r, const float* q1r, int64_t d, const float* kt, float* s0, float* s1) {
+  __m256 a[2][4];
+  for (int v = 0; v < 4; ++v) a[0][v] = a[1][v] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < d; ++c) {
+    const float* row = kt + c * kAttentionKeyBlock;
+    const __m256 b0 = _mm256_broadcast_ss(q0r + c), b1 = _mm256_broadcast_ss(q1r + c);
+    for (int v = 0; v < 4; ++v) {
+      const __m256 k = _mm256_loadu_ps(row + 8 * v);
+      a[0][v] = _mm256_fmadd_ps(b0, k, a[0][v]);
+      a[1][v] = _mm256_fmadd_ps(b1, k, a[1][v]);
+    }
+  }
+  for (int v = 0; v < 4; ++v) {
+    _mm256_storeu_ps(s0 + 8 * v, a[0][v]);
+    _mm256_storeu_ps(s1 + 8 * v, a[1][v]);
+  }
+}
+
+// ac[0..8 NV) = sum_j p[j] v[j][0..8 NV) over nb keys (v row stride ldv), accumulators in registers.
+template <int NV>
+inline void pv_row(const float* p, const float* v, int64_t ldv, int64_t nb, float* ac) {
+  __m256 a[NV];
+  for (int c = 0; c < NV; ++c) a[c] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < nb; ++j) {
+    const __m256 pj = _mm256_broadcast_ss(p + j);
+    for (int c = 0; c < NV; ++c) a[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + j * ldv + 8 * c), a[c]);
+  }
+  for (int c = 0; c < NV; ++c) _mm256_storeu_ps(ac + 8 * c, a[c]);
+}
+
 struct Layout {
   int64_t blocks, nk_pad;
   explicit Layout(const AttentionShape& s) : blocks(ceil_div(s.nk, kBlock)), nk_pad(blocks * kBlock) {}
 };
 
+int64_t dv_pad(const AttentionShape& s) { return (s.dv + 7) / 8 * 8; }
+
 size_t avx2_packed_bytes(const AttentionShape& s) {
   const Layout l(s);
-  return static_cast<size_t>(l.nk_pad * s.d + s.nk * s.dv) * sizeof(float);
+  return static_cast<size_t>(l.nk_pad * s.d + s.nk * dv_pad(s)) * sizeof(float);
 }
 
 void avx2_pack(const AttentionShape& s, const float* k, const float* v, void* packed) {
@@ -80,7 +115,8 @@ void avx2_pack(const AttentionShape& s, const float* k, const float* v, void* pa
   const bool bf16 = s.precision == AttentionPrecision::kBf16;
   float* kt = static_cast<float*>(packed);
   float* vp = kt + lay.nk_pad * s.d;
-  std::memset(kt, 0, static_cast<size_t>(lay.nk_pad * s.d) * sizeof(float));
+  const int64_t ldv = dv_pad(s);
+  std::memset(packed, 0, avx2_packed_bytes(s));
   for (int64_t j = 0; j < s.nk; ++j) {
     float* block = kt + (j / kBlock) * kBlock * s.d + (j % kBlock);
     for (int64_t c = 0; c < s.d; ++c) {
@@ -89,45 +125,43 @@ void avx2_pack(const AttentionShape& s, const float* k, const float* v, void* pa
     }
     for (int64_t c = 0; c < s.dv; ++c) {
       const float x = v[j * s.v_stride + c];
-      vp[j * s.dv + c] = bf16 ? round_bf16(x) : x;
+      vp[j * ldv + c] = bf16 ? round_bf16(x) : x;
     }
   }
 }
 
 void avx2_rows(const AttentionShape& s, const AttentionHead& h, const void* packed, int64_t q0, int64_t q1) {
   const Layout lay(s);
+  const int64_t ldv = dv_pad(s);
   const float* kt = static_cast<const float*>(packed);
   const float* vp = kt + lay.nk_pad * s.d;
   const bool bf16 = s.precision == AttentionPrecision::kBf16;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const int64_t rows = q1 - q0;
   thread_local std::vector<float> q, O, mx, l, S, acc;
-  q.resize(static_cast<size_t>(rows * s.d));
+  q.resize(static_cast<size_t>((rows + 1) * s.d));  // + a zero row: the partner of an odd last row
   O.assign(static_cast<size_t>(rows * s.dv), 0.0f);
   mx.assign(static_cast<size_t>(rows), neg_inf);
   l.assign(static_cast<size_t>(rows), 0.0f);
-  S.resize(static_cast<size_t>(kBlock));
-  acc.resize(static_cast<size_t>(s.dv));
+  S.resize(static_cast<size_t>(2 * kBlock));
+  acc.resize(static_cast<size_t>(ldv));
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < s.d; ++c) {
       const float scaled = s.scale * h.q[(q0 + r) * s.q_stride + c];
       q[r * s.d + c] = bf16 ? round_bf16(scaled) : scaled;
     }
-  float* __restrict sc = S.data();
-  float* __restrict ac = acc.data();
+  std::fill(q.begin() + rows * s.d, q.end(), 0.0f);
+  float* ac = acc.data();
   for (int64_t b = 0; b < lay.blocks; ++b) {
     const int64_t j0 = b * kBlock, nb = std::min(kBlock, s.nk - j0);
-    const float* __restrict block = kt + b * kBlock * s.d;
-    const float* __restrict vb = vp + j0 * s.dv;
-    {
-      for (int64_t r = 0; r < rows; ++r) {  // every row of the task against this block (in cache)
-        const float* qr = q.data() + r * s.d;
-        for (int64_t j = 0; j < kBlock; ++j) sc[j] = 0.0f;
-        for (int64_t c = 0; c < s.d; ++c) {
-          const float qc = qr[c];
-          const float* __restrict row = block + c * kBlock;
-          for (int64_t j = 0; j < kBlock; ++j) sc[j] += qc * row[j];
-        }
+    const float* block = kt + b * kBlock * s.d;
+    const float* vb = vp + j0 * ldv;
+    for (int64_t r0 = 0; r0 < rows; r0 += 2) {  // every row of the task against this block (in cache), in pairs
+      const int64_t r1 = std::min(r0 + 1, rows);  // == rows: the zero row, computed and dropped
+      for (int64_t j = 0; j < nb; j += 32)
+        scores32x2(q.data() + r0 * s.d, q.data() + r1 * s.d, s.d, block + j, S.data() + j, S.data() + kBlock + j);
+      for (int64_t r = r0; r < std::min(r0 + 2, rows); ++r) {
+        float* sc = S.data() + (r - r0) * kBlock;
         const int64_t qi = q0 + r;
         float block_max = neg_inf;
         for (int64_t j = 0; j < nb; ++j) {
@@ -144,11 +178,21 @@ void avx2_rows(const AttentionShape& s, const AttentionHead& h, const void* pack
         for (int64_t j = 0; j < nb; ++j) sum += sc[j];
         l[r] = alpha * l[r] + sum;
         mx[r] = new_max;
-        for (int64_t c = 0; c < s.dv; ++c) ac[c] = 0.0f;
-        for (int64_t j = 0; j < nb; ++j) {
-          const float p = sc[j];
-          const float* __restrict vj = vb + j * s.dv;
-          for (int64_t c = 0; c < s.dv; ++c) ac[c] += p * vj[c];
+        for (int64_t c0 = 0; c0 < ldv; c0 += 96) {  // 12 column vectors per pass
+          switch ((std::min<int64_t>(ldv - c0, 96)) / 8) {
+            case 1: pv_row<1>(sc, vb + c0, ldv, nb, ac + c0); break;
+            case 2: pv_row<2>(sc, vb + c0, ldv, nb, ac + c0); break;
+            case 3: pv_row<3>(sc, vb + c0, ldv, nb, ac + c0); break;
+            case 4: pv_row<4>(sc, vb + c0, ldv, nb, ac + c0); break;
+            case 5: pv_row<5>(sc, vb + c0, ldv, nb, ac + c0); break;
+            case 6: pv_row<6>(sc, vb + c0, ldv, nb, ac + c0); break;
+            case 7: pv_row<7>(sc, vb + c0, ldv, nb, ac + c0); break;
+            case 8: pv_row<8>(sc, vb + c0, ldv, nb, ac + c0); break;
+            case 9: pv_row<9>(sc, vb + c0, ldv, nb, ac + c0); break;
+            case 10: pv_row<10>(sc, vb + c0, ldv, nb, ac + c0); break;
+            case 11: pv_row<11>(sc, vb + c0, ldv, nb, ac + c0); break;
+            default: pv_row<12>(sc, vb + c0, ldv, nb, ac + c0); break;
+          }
         }
         float* o = O.data() + r * s.dv;
         for (int64_t c = 0; c < s.dv; ++c) o[c] = alpha * o[c] + ac[c];

@@ -10,15 +10,11 @@
 namespace hadanorm {
 namespace {
 
-// exp(y) for y <= 0, except that results under FLT_MIN (y < ln FLT_MIN, -inf included) are 0: what vcvtne2ps2bf16
-// makes of them anyway, and computing them would cost a microcode assist a denormal; NaN stays NaN. n = round(y / ln 2)
-// by the 1.5 * 2^23 trick, r = y - n ln 2 in two parts (Cephes), e^r by a degree-6 minimax polynomial (relative error
-// 2e-9 on [-ln 2 / 2, ln 2 / 2]), 2^n by vscalefps: within 1 ulp of std::exp.
-HN_INLINE __m512 exp_ps(__m512 y) {
-  const __m512 lowest = _mm512_set1_ps(-87.3365447f);  // ln FLT_MIN
+// e^y = 2^n e^r for the lanes of `normal` (0 in the others): n = round(y / ln 2) by the 1.5 * 2^23 trick, r = y - n ln 2
+// in two parts (Cephes), e^r by a degree-6 minimax polynomial (relative error 2e-9 on [-ln 2 / 2, ln 2 / 2]), 2^n by
+// vscalefps: within 1 ulp of std::exp.
+HN_INLINE __m512 exp_core(__m512 y, __mmask16 normal) {
   const __m512 shifter = _mm512_set1_ps(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const __mmask16 normal = _mm512_cmp_ps_mask(y, lowest, _CMP_NLT_UQ);
-  y = _mm512_max_ps(lowest, y);  // the second operand when NaN: NaN stays
   const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(y, _mm512_set1_ps(1.44269504088896341f), shifter), shifter);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), y);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
@@ -31,6 +27,22 @@ HN_INLINE __m512 exp_ps(__m512 y) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   return _mm512_maskz_scalef_ps(normal, p, n);
 }
+
+// The lanes at or above ln FLT_MIN (NaN included: NaN stays NaN).
+HN_INLINE __mmask16 exp_normal(__m512 y) {
+  return _mm512_cmp_ps_mask(y, _mm512_set1_ps(-87.3365447f), _CMP_NLT_UQ);
+}
+
+// exp(y) for y <= 0, except that results under FLT_MIN (y < ln FLT_MIN, -inf included) are 0: what vcvtne2ps2bf16
+// makes of them anyway, and computing them would cost a microcode assist a denormal.
+HN_INLINE __m512 exp_ps(__m512 y) {
+  const __mmask16 normal = exp_normal(y);
+  return exp_core(_mm512_max_ps(_mm512_set1_ps(-87.3365447f), y), normal);  // max: NaN (second operand) stays
+}
+
+// exp_ps without the clamp: the lanes under ln FLT_MIN (-inf included) are masked out of the result instead, their
+// intermediates may be inf or NaN (never denormal); one operation fewer, the same results as exp_ps in every lane.
+HN_INLINE __m512 exp_ps_masked(__m512 y) { return exp_core(y, exp_normal(y)); }
 
 }  // namespace
 }  // namespace hadanorm
