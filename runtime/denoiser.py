@@ -73,8 +73,10 @@ class Denoiser:
         kernel_library: str | os.PathLike | None | bool = True,
         profile_prefix: str | None = None,
         spinning: bool = True,
+        cpu_arena: bool = True,
     ):
-        """`kernel_library`: True = the built library if any, False/None = function bodies only, or a path."""
+        """`kernel_library`: True = the built library if any, False/None = function bodies only, or a path.
+        `cpu_arena=False`: no onnxruntime memory arena (`runtime.session.session_options`; large resolutions)."""
         self.path = Path(path)
         if not self.path.is_file():
             raise RuntimeInputError(f"model file {self.path} does not exist; check the path")
@@ -83,7 +85,7 @@ class Denoiser:
         try:
             self.session = create_session(self.path, mode, self.providers, threads,
                                           kernel_library=self.kernel_library, profile_prefix=profile_prefix,
-                                          spinning=spinning)
+                                          spinning=spinning, cpu_arena=cpu_arena)
         except KernelLibraryError as exc:
             raise RuntimeInputError(f"{exc} (or run without kernels)") from None
         except Exception as exc:  # onnxruntime raises several pybind types

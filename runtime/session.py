@@ -51,9 +51,12 @@ _SESSION_CONFIG: dict[NumericsMode, dict[str, str]] = {
 
 
 def session_options(mode: NumericsMode = NumericsMode.AS_WRITTEN, threads: int | None = None,
-                    spinning: bool = True) -> ort.SessionOptions:
+                    spinning: bool = True, cpu_arena: bool = True) -> ort.SessionOptions:
     """`spinning=False`: onnxruntime's intra-op threads sleep after a run instead of spinning (several sessions
-    timed in turn in one process would otherwise steal each other's cores)."""
+    timed in turn in one process would otherwise steal each other's cores). `cpu_arena=False`: no onnxruntime CPU
+    memory arena (tensors from malloc): a run's peak memory stays the same call after call, where the arena grows
+    with fragmentation (28-block 1024 px fused graph: 1.34 GB steady against 2.04 GB from the second call, the same
+    speed; benchmarks/peers/README.md)."""
     options = ort.SessionOptions()
     options.log_severity_level = 4  # errors are raised as exceptions and reported in one line: not logged too
     for key, value in mode.session_config.items():
@@ -62,6 +65,8 @@ def session_options(mode: NumericsMode = NumericsMode.AS_WRITTEN, threads: int |
         options.intra_op_num_threads = threads
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not cpu_arena:
+        options.enable_cpu_mem_arena = False
     return options
 
 
@@ -83,6 +88,7 @@ def create_session(
     optimized_model_path: str | os.PathLike | None = None,
     profile_prefix: str | None = None,
     spinning: bool = True,
+    cpu_arena: bool = True,
 ) -> ort.InferenceSession:
     """A session for a model file or serialized bytes.
 
@@ -91,7 +97,7 @@ def create_session(
     `external_data_folder`: where the weights of a model passed as bytes live. `optimized_model_path`: write
     onnxruntime's optimized graph there (what it holds in memory). `profile_prefix`: enable onnxruntime's profiler.
     """
-    options = session_options(mode, threads, spinning)
+    options = session_options(mode, threads, spinning, cpu_arena)
     library = resolve_library(kernel_library)
     if library is not None:
         register_kernels(options, library)
