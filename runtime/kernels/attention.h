@@ -58,6 +58,7 @@ struct AttentionPath {
   void (*pack)(const AttentionShape& shape, const float* k, const float* v, void* packed);
   void (*rows)(const AttentionShape& shape, const AttentionHead& head, const void* packed, int64_t q0, int64_t q1);
   int64_t rows_per_task;  // a good task size (a multiple of the path's row group)
+  bool computes_bf16;     // false: the path computes in fp32 whatever the op's precision (attention_precision)
 };
 
 const AttentionPath& attention_scalar_path();
@@ -68,6 +69,11 @@ const AttentionPath* attention_avx2_path();     // nullptr when this build or CP
 // The path for `precision` on instruction set `isa` (select_isa()): amx -> the AMX bf16 tiles for kBf16 and AVX-512
 // for kFloat; avx512vnni -> AVX-512; avx2, avxvnni -> AVX2; anything else -> scalar.
 const AttentionPath& attention_path(AttentionPrecision precision, Isa isa);
+
+// What `path` computes for an op of `precision`: kBf16 is a ceiling, not a promise. The AMX tiles and the scalar
+// reference compute bf16; the AVX-512 and AVX2 paths compute fp32 (exact, and faster there than fp32 FMAs on operands
+// rounded to bf16: measured 10% at 1024 px without AMX).
+AttentionPrecision attention_precision(AttentionPrecision precision, const AttentionPath& path);
 
 // Round-to-nearest-even float -> bfloat16 -> float (NaN stays NaN; denormals become signed zero, as AVX512-BF16's
 // vcvtne2ps2bf16 and AMX's tdpbf16ps treat them).

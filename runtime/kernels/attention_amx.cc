@@ -498,7 +498,7 @@ bool amx_bf16_usable() {
 const AttentionPath* attention_amx_path() {
   static const bool usable = amx_bf16_usable();
   if (!usable) return nullptr;
-  static const AttentionPath path{"amx", amx_packed_bytes, amx_pack, amx_rows, kRowsPerTask};
+  static const AttentionPath path{"amx", amx_packed_bytes, amx_pack, amx_rows, kRowsPerTask, true};
   return &path;
 }
 

@@ -1,8 +1,9 @@
-// AVX2 path of the fused attention (attention.h), both precisions, for CPUs without AVX-512 (laptops): AVX2 + FMA
+// AVX2 path of the fused attention (attention.h), fp32 (precision kFloat, and what a kBf16 op runs on a CPU without AMX
+// tiles), for CPUs without AVX-512 (laptops): AVX2 + FMA
 // (this file is compiled for those targets; the library picks the path only on a CPU that has them).
 //
 // Packed per head: k^T in key blocks of 128 ([d][128] floats, keys past nk zero), then v [nk][dv_pad] (dv rounded up
-// to 8; kBf16: rounded to bf16 values). A task walks the key blocks once; per block, its query rows in pairs compute
+// to 8). A task walks the key blocks once; per block, its query rows in pairs compute
 // their scores (2 rows x 32 keys of FMA accumulators in registers over d), then per row the softmax step (exp_poly:
 // Cephes' expf reduction and polynomial in loops the compiler vectorises; within 2 ulp of std::exp, 0 below FLT_MIN)
 // and the block's p v (up to 12 column vectors of accumulators in registers over the keys), while the block's k and v
@@ -52,20 +53,6 @@ inline float exp_poly(float x) {
   return tiny ? 0.0f : p * scale;
 }
 
-// round_bf16 (attention_scalar.cc) written for the vectoriser: nearest even, NaN kept, denormals to signed zero.
-inline float round_bf16_inline(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, 4);
-  const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
-  const bool denormal = (bits & 0x7f800000u) == 0;
-  uint32_t r = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
-  r = denormal ? (bits & 0x80000000u) : r;
-  r = nan ? bits : r;
-  float y;
-  std::memcpy(&y, &r, 4);
-  return y;
-}
-
 // sc[0..32) of rows r0, r1 (q rows q0r, q1r) for 32 keys of a k^T block row stride kBlock: 2 rows x 4 vectors of
 // fp32 FMAs over d.
 inline void scores32x2(const float* q0r, const float* q1r, int64_t d, const float* kt, float* s0, float* s1) {
@@ -112,7 +99,6 @@ size_t avx2_packed_bytes(const AttentionShape& s) {
 
 void avx2_pack(const AttentionShape& s, const float* k, const float* v, void* packed) {
   const Layout lay(s);
-  const bool bf16 = s.precision == AttentionPrecision::kBf16;
   float* kt = static_cast<float*>(packed);
   float* vp = kt + lay.nk_pad * s.d;
   const int64_t ldv = dv_pad(s);
@@ -121,11 +107,11 @@ void avx2_pack(const AttentionShape& s, const float* k, const float* v, void* pa
     float* block = kt + (j / kBlock) * kBlock * s.d + (j % kBlock);
     for (int64_t c = 0; c < s.d; ++c) {
       const float x = k[j * s.k_stride + c];
-      block[c * kBlock] = bf16 ? round_bf16(x) : x;
+      block[c * kBlock] = x;
     }
     for (int64_t c = 0; c < s.dv; ++c) {
       const float x = v[j * s.v_stride + c];
-      vp[j * ldv + c] = bf16 ? round_bf16(x) : x;
+      vp[j * ldv + c] = x;
     }
   }
 }
@@ -135,7 +121,6 @@ void avx2_rows(const AttentionShape& s, const AttentionHead& h, const void* pack
   const int64_t ldv = dv_pad(s);
   const float* kt = static_cast<const float*>(packed);
   const float* vp = kt + lay.nk_pad * s.d;
-  const bool bf16 = s.precision == AttentionPrecision::kBf16;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const int64_t rows = q1 - q0;
   thread_local std::vector<float> q, O, mx, l, S, acc;
@@ -148,7 +133,7 @@ void avx2_rows(const AttentionShape& s, const AttentionHead& h, const void* pack
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < s.d; ++c) {
       const float scaled = s.scale * h.q[(q0 + r) * s.q_stride + c];
-      q[r * s.d + c] = bf16 ? round_bf16(scaled) : scaled;
+      q[r * s.d + c] = scaled;
     }
   std::fill(q.begin() + rows * s.d, q.end(), 0.0f);
   float* ac = acc.data();
@@ -173,8 +158,6 @@ void avx2_rows(const AttentionShape& s, const AttentionHead& h, const void* pack
         const float alpha = std::exp(mx[r] - new_max);
         float sum = 0.0f;
         for (int64_t j = 0; j < nb; ++j) sc[j] = exp_poly(sc[j] - new_max);
-        if (bf16)
-          for (int64_t j = 0; j < nb; ++j) sc[j] = round_bf16_inline(sc[j]);
         for (int64_t j = 0; j < nb; ++j) sum += sc[j];
         l[r] = alpha * l[r] + sum;
         mx[r] = new_max;
@@ -208,7 +191,7 @@ void avx2_rows(const AttentionShape& s, const AttentionHead& h, const void* pack
 }  // namespace
 
 const AttentionPath* attention_avx2_path() {
-  static const AttentionPath path{"avx2", avx2_packed_bytes, avx2_pack, avx2_rows, 64};
+  static const AttentionPath path{"avx2", avx2_packed_bytes, avx2_pack, avx2_rows, 64, false};
   return isa_supported(Isa::kAvx2) ? &path : nullptr;
 }
 

@@ -1,6 +1,6 @@
-// AVX-512 path of the fused attention (attention.h), both precisions: fp32 FMAs on fp32 operands (kFloat) or on
-// operands rounded to bfloat16 (kBf16: their products are exact in fp32, so this is the bf16 maths of the AMX path
-// on a CPU without AMX tiles).
+// AVX-512 path of the fused attention (attention.h): fp32 FMAs, precision kFloat (also what a kBf16 op runs on a CPU
+// without AMX tiles: fp32 FMAs on operands rounded to bf16, or AVX512-BF16's vdpbf16ps, measured slower than this on
+// the AMX Xeon, and fp32 is exact).
 //
 // Packed per head: k^T in key blocks of 128 ([d][128] floats, keys past nk zero) followed by v [nk_pad][dv_pad]
 // (dv_pad = dv rounded up to 16, zero columns). A task (query rows q0..q1) keeps its rows' running max, sum and
@@ -20,8 +20,6 @@
 
 // Standard headers before the target pragma: their inline templates must not be compiled for AVX-512 here (the
 // linker may keep this copy for the whole library).
-#include <cpuid.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -31,7 +29,9 @@
 #include "util.h"
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+#pragma GCC diagnostic ignored "-Wuninitialized"       // GCC 12's _mm512_reduce_* start from an undefined vector
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
 #include "attention_exp512.h"  // exp_ps (compiled for this file's targets)
@@ -54,41 +54,6 @@ struct Layout {
   size_t v_floats() const { return static_cast<size_t>(nk_pad * dv_pad); }
 };
 
-// Round to bfloat16 (nearest even) and back, 16 floats; NaN kept, denormals to signed zero (attention.h's
-// round_bf16).
-HN_INLINE __m512 round_bf16_512(__m512 x) {
-  const __m512i bits = _mm512_castps_si512(x);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
-  r = _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  const __mmask16 denormal =
-      _mm512_testn_epi32_mask(bits, _mm512_set1_epi32(0x7f800000));  // exponent 0: zero or denormal
-  r = _mm512_mask_and_epi32(r, denormal, bits, _mm512_set1_epi32(static_cast<int>(0x80000000u)));
-  return _mm512_mask_mov_ps(_mm512_castsi512_ps(r), nan, x);
-}
-
-// The same rounding in two instructions with AVX512-BF16 (vcvtneps2bf16 also rounds to nearest even and flushes
-// denormals); only on a CPU that has it (cpu_has_avx512_bf16). Its dot product vdpbf16ps is not used: on the AMX Xeon
-// measured it ran at one per cycle against two FMAs, slower than fp32 FMAs on rounded operands.
-HN_INLINE __m512 round_bf16_cvt(__m512 x) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
-}
-
-bool cpu_has_avx512_bf16() {
-  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  return __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && (eax & (1u << 5));
-}
-
-enum class Round { kNone, kBits, kCvt };  // p kept, rounded with integer ops, rounded by vcvtneps2bf16
-
-template <Round R>
-HN_INLINE __m512 maybe_round(__m512 x) {
-  if constexpr (R == Round::kBits) return round_bf16_512(x);
-  if constexpr (R == Round::kCvt) return round_bf16_cvt(x);
-  return x;
-}
-
 size_t avx512_packed_bytes(const AttentionShape& s) {
   const Layout l(s);
   return (l.kt_floats(s) + l.v_floats()) * sizeof(float);
@@ -96,7 +61,6 @@ size_t avx512_packed_bytes(const AttentionShape& s) {
 
 void avx512_pack(const AttentionShape& s, const float* k, const float* v, void* packed) {
   const Layout lay(s);
-  const bool bf16 = s.precision == AttentionPrecision::kBf16;
   float* kt = static_cast<float*>(packed);
   float* vp = kt + lay.kt_floats(s);
   std::memset(packed, 0, avx512_packed_bytes(s));
@@ -104,8 +68,8 @@ void avx512_pack(const AttentionShape& s, const float* k, const float* v, void* 
     float* block = kt + (j / kBlock) * kBlock * s.d + (j % kBlock);
     const float* kj = k + j * s.k_stride;
     const float* vj = v + j * s.v_stride;
-    for (int64_t c = 0; c < s.d; ++c) block[c * kBlock] = bf16 ? round_bf16(kj[c]) : kj[c];
-    for (int64_t c = 0; c < s.dv; ++c) vp[j * lay.dv_pad + c] = bf16 ? round_bf16(vj[c]) : vj[c];
+    for (int64_t c = 0; c < s.d; ++c) block[c * kBlock] = kj[c];
+    for (int64_t c = 0; c < s.dv; ++c) vp[j * lay.dv_pad + c] = vj[c];
   }
 }
 
@@ -168,7 +132,7 @@ struct Scratch {
 };
 
 // One key block for a group of R rows starting at query row i (rows' state at offset g in the scratch).
-template <int R, Round Rd>
+template <int R>
 void group_block(const AttentionShape& s, const AttentionHead& h, const Layout& lay, const float* kt_block,
                  const float* v_block, int64_t j0, int64_t nb, int64_t i, Scratch& w, int64_t g) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
@@ -214,7 +178,7 @@ void group_block(const AttentionShape& s, const AttentionHead& h, const Layout& 
     const __m512 m = _mm512_set1_ps(new_max);
     __m512 sum = _mm512_setzero_ps();
     for (int64_t t = 0; t < vecs; ++t) {
-      const __m512 p = maybe_round<Rd>(exp_ps(_mm512_sub_ps(_mm512_loadu_ps(srow + 16 * t), m)));
+      const __m512 p = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(srow + 16 * t), m));
       _mm512_storeu_ps(srow + 16 * t, p);
       sum = _mm512_add_ps(sum, p);
     }
@@ -228,8 +192,7 @@ void group_block(const AttentionShape& s, const AttentionHead& h, const Layout& 
   pv<R>(S, v_block, lay.dv_pad, nb, w.O.data() + g * lay.dv_pad);
 }
 
-template <Round Rd>
-void avx512_rows_impl(const AttentionShape& s, const AttentionHead& h, const void* packed, int64_t q0, int64_t q1) {
+void avx512_rows(const AttentionShape& s, const AttentionHead& h, const void* packed, int64_t q0, int64_t q1) {
   const Layout lay(s);
   const float* kt = static_cast<const float*>(packed);
   const float* vp = kt + lay.kt_floats(s);
@@ -243,7 +206,7 @@ void avx512_rows_impl(const AttentionShape& s, const AttentionHead& h, const voi
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < s.d; ++c) {
       const float scaled = s.scale * h.q[(q0 + r) * s.q_stride + c];
-      w.q[r * s.d + c] = Rd != Round::kNone ? round_bf16(scaled) : scaled;
+      w.q[r * s.d + c] = scaled;
     }
   for (int64_t b = 0; b < lay.blocks; ++b) {
     const int64_t j0 = b * kBlock, nb = std::min(kBlock, s.nk - j0);
@@ -251,11 +214,11 @@ void avx512_rows_impl(const AttentionShape& s, const AttentionHead& h, const voi
     const float* v_block = vp + j0 * lay.dv_pad;
     int64_t g = 0;
     for (; g + kRows <= rows; g += kRows)
-      group_block<kRows, Rd>(s, h, lay, kt_block, v_block, j0, nb, q0 + g, w, g);
+      group_block<kRows>(s, h, lay, kt_block, v_block, j0, nb, q0 + g, w, g);
     switch (rows - g) {
-      case 1: group_block<1, Rd>(s, h, lay, kt_block, v_block, j0, nb, q0 + g, w, g); break;
-      case 2: group_block<2, Rd>(s, h, lay, kt_block, v_block, j0, nb, q0 + g, w, g); break;
-      case 3: group_block<3, Rd>(s, h, lay, kt_block, v_block, j0, nb, q0 + g, w, g); break;
+      case 1: group_block<1>(s, h, lay, kt_block, v_block, j0, nb, q0 + g, w, g); break;
+      case 2: group_block<2>(s, h, lay, kt_block, v_block, j0, nb, q0 + g, w, g); break;
+      case 3: group_block<3>(s, h, lay, kt_block, v_block, j0, nb, q0 + g, w, g); break;
       default: break;
     }
   }
@@ -272,20 +235,10 @@ void avx512_rows_impl(const AttentionShape& s, const AttentionHead& h, const voi
   }
 }
 
-void avx512_rows(const AttentionShape& s, const AttentionHead& h, const void* packed, int64_t q0, int64_t q1) {
-  static const bool cvt = cpu_has_avx512_bf16();
-  if (s.precision == AttentionPrecision::kFloat)
-    avx512_rows_impl<Round::kNone>(s, h, packed, q0, q1);
-  else if (cvt)
-    avx512_rows_impl<Round::kCvt>(s, h, packed, q0, q1);
-  else
-    avx512_rows_impl<Round::kBits>(s, h, packed, q0, q1);
-}
-
 }  // namespace
 
 const AttentionPath* attention_avx512_path() {
-  static const AttentionPath path{"avx512", avx512_packed_bytes, avx512_pack, avx512_rows, 64};
+  static const AttentionPath path{"avx512", avx512_packed_bytes, avx512_pack, avx512_rows, 64, false};
   return isa_supported(Isa::kAvx512Vnni) ? &path : nullptr;
 }
 

@@ -91,7 +91,7 @@ struct AttentionKernel {
     shape.nk = lk[rank - 2];
     shape.dv = lv[rank - 1];
     shape.scale = scale;
-    shape.precision = precision;
+    shape.precision = attention_precision(precision, *path);
     if (lk[rank - 1] != shape.d || lv[rank - 2] != shape.nk)
       fail("k must have q's D = ", shape.d, " and v k's Nk, got q ", shape_string(qs), ", k ", shape_string(ks),
            ", v ", shape_string(vs));

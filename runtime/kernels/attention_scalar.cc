@@ -92,8 +92,12 @@ void scalar_rows(const AttentionShape& s, const AttentionHead& h, const void* pa
 }  // namespace
 
 const AttentionPath& attention_scalar_path() {
-  static const AttentionPath path{"scalar", scalar_packed_bytes, scalar_pack, scalar_rows, 16};
+  static const AttentionPath path{"scalar", scalar_packed_bytes, scalar_pack, scalar_rows, 16, true};
   return path;
+}
+
+AttentionPrecision attention_precision(AttentionPrecision precision, const AttentionPath& path) {
+  return path.computes_bf16 ? precision : AttentionPrecision::kFloat;
 }
 
 const AttentionPath& attention_path(AttentionPrecision precision, Isa isa) {

@@ -65,8 +65,8 @@ __attribute__((visibility("default"))) const char* HadanormKernelsIsa() {
   return last.c_str();
 }
 
-// The path hadanorm::Attention would run now at `precision` ("float" or "bf16"), e.g. "amx", "avx512", "scalar", or
-// "error: <why>".
+// The path hadanorm::Attention would run now at `precision` ("float" or "bf16"), e.g. "amx", "avx512", "scalar"
+// ("avx512 (computes float)": a bf16 op on a path that computes fp32), or "error: <why>".
 __attribute__((visibility("default"))) const char* HadanormAttentionPath(const char* precision) {
   static std::mutex mutex;
   static std::string last;
@@ -75,7 +75,9 @@ __attribute__((visibility("default"))) const char* HadanormAttentionPath(const c
     const std::string p = precision ? precision : "";
     if (p != "float" && p != "bf16") hadanorm::fail("precision \"", p, "\" is not float or bf16");
     const auto which = p == "bf16" ? hadanorm::AttentionPrecision::kBf16 : hadanorm::AttentionPrecision::kFloat;
-    last = hadanorm::attention_path(which, hadanorm::select_isa()).name;
+    const hadanorm::AttentionPath& path = hadanorm::attention_path(which, hadanorm::select_isa());
+    last = path.name;
+    if (which == hadanorm::AttentionPrecision::kBf16 && !path.computes_bf16) last += " (computes float)";
   } catch (const std::exception& e) {
     last = std::string("error: ") + e.what();
   }
