@@ -9,7 +9,12 @@ from pathlib import Path
 import onnx_ir as ir
 import onnxruntime as ort
 
+from onnx_ir.passes.common import RemoveUnusedFunctionsPass, RemoveUnusedNodesPass
+
+from graph_passes.attention_op import AttentionPrecision
+from graph_passes.fuse_attention import FuseAttentionPass, find_attention
 from runtime.domain import HADANORM_DOMAIN
+from runtime.kernels import library_path
 from runtime.session import NumericsMode, create_session
 
 
@@ -24,17 +29,27 @@ def _external_files(model: ir.Model) -> set[Path]:
 
 @contextlib.contextmanager
 def open_session(model: ir.Model, mode: NumericsMode = NumericsMode.AS_WRITTEN,
-                 threads: int | None = None) -> Iterator[ort.InferenceSession]:
+                 threads: int | None = None, fuse_attention: bool = False) -> Iterator[ort.InferenceSession]:
     """A session for `model`. Weights in external files stay there: the graph goes to onnxruntime as bytes with
     ``session.model_external_initializers_file_folder_path`` naming their folder (onnxruntime refuses external data
     outside the model's folder, links included). A graph with fused attention (``hadanorm::Attention``, e.g. from
     `hn-export optimize`) runs it on the kernel library when it is built: its function body would hold the N x N
-    scores the op exists to avoid (calibrating a 1024 px model)."""
+    scores the op exists to avoid (calibrating a 1024 px model). Priority-based execution order: calibration adds
+    reductions that only feed graph outputs (`runtime.session.session_options`). `fuse_attention`: where the kernel
+    library is built, the session runs a copy of the graph with its softmax attentions fused in float (within 1e-5 of
+    the exported maths, O(N) memory instead of O(N^2); `model` itself is not changed): calibration at 1024 px."""
     proto = ir.serde.serialize_model(model)
+    fused = False
+    if fuse_attention and library_path() is not None and find_attention(model.graph).sites:
+        copy = ir.serde.deserialize_model(proto)  # weights stay where they are (external data, or shared protos)
+        ir.passes.PassManager([FuseAttentionPass(AttentionPrecision.FLOAT), RemoveUnusedNodesPass(),
+                               RemoveUnusedFunctionsPass()])(copy)
+        proto = ir.serde.serialize_model(copy)
+        fused = True
     folders = {file.parent.resolve() for file in _external_files(model)}
     if len(folders) > 1:
         raise ValueError(f"external data in several folders: {sorted(map(str, folders))}")
     folder = folders.pop() if folders else None
-    attention = any(n.domain == HADANORM_DOMAIN and n.op_type == "Attention" for n in model.graph)
+    attention = fused or any(n.domain == HADANORM_DOMAIN and n.op_type == "Attention" for n in model.graph)
     yield create_session(proto.SerializeToString(), mode, threads=threads, external_data_folder=folder,
-                         kernel_library=attention)
+                         kernel_library=attention, priority_order=True)

@@ -391,9 +391,12 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, np.i
 
 
 def test_calibrating_an_attention_fused_graph(exports, tmp_path, hn_cli, kernel_library, monkeypatch):
-    """`hn-export optimize` then quantize: calibration runs the fused graph on the kernels (the function body would
-    hold the N x N scores), and its statistics are the original graph's: float attention differs by summation order
-    (1e-7), which the trajectory's second step carries into its inputs (measured 1.0e-5 at most; bound 1e-4)."""
+    """Calibration runs the softmax attention fused in float on the kernels, whether the graph came with it
+    (`hn-export optimize`, then quantize) or not (fused in the session's copy of the graph: O(N) memory at 1024 px),
+    and its statistics are those of the exported attention (calibrated without the library): float attention differs
+    by summation order (1e-7), which the trajectory's second step carries into its inputs (measured 1.0e-5 at most;
+    bound 1e-4)."""
+    import hn_export.ort_models
     from hn_export.calibration import calibrate
     from hn_export.denoise import DenoiseConfig
 
@@ -402,8 +405,13 @@ def test_calibrating_an_attention_fused_graph(exports, tmp_path, hn_cli, kernel_
     fused = tmp_path / "attn.onnx"
     assert hn_cli("optimize", exports["tiny"], "--attention", "float", "-o", fused).exit_code == 0
     config = DenoiseConfig(samples=1, steps=2)
-    original = calibrate(exports["tiny"], config, progress=False)
-    calls.unlink(missing_ok=True)
+    with monkeypatch.context() as m:
+        m.setattr(hn_export.ort_models, "library_path", lambda: None)
+        original = calibrate(exports["tiny"], config, progress=False)
+    assert not calls.exists()  # the exported attention, no kernel
+    calibrate(exports["tiny"], config, progress=False)
+    assert "Attention" in calls.read_text().split()  # the same FP graph, its attention fused for the session
+    calls.unlink()
     with_attention = calibrate(fused, config, progress=False)
     assert "Attention" in calls.read_text().split()
     assert set(with_attention.sites) == set(original.sites)
