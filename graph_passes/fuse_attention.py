@@ -202,6 +202,19 @@ def _key(kt: ir.Value) -> tuple[ir.Value, list[int] | None, float, list[ir.Value
     return base, list(range(rank - 2)) + [rank - 1, rank - 2], scale, factors
 
 
+def _scores_node(node: ir.Node | None) -> bool:
+    """A MatMul, or a Mul/Div of a MatMul by a constant scalar."""
+    if node is None:
+        return False
+    if node.op_type == "MatMul":
+        return True
+    if node.op_type not in ("Mul", "Div") or any(i is None for i in node.inputs):
+        return False
+    a, b = node.inputs
+    inner = a.producer()
+    return _is_scalar(b) and _constant(b) is not None and inner is not None and inner.op_type == "MatMul"
+
+
 def _match(softmax: ir.Node) -> AttentionSite | None:
     x = softmax.inputs[0]
     rank = _rank(x)
@@ -217,9 +230,11 @@ def _match(softmax: ir.Node) -> AttentionSite | None:
     if node is not None and node.op_type == "Add":
         a, b = node.inputs
         pa, pb = a.producer() if a is not None else None, b.producer() if b is not None else None
-        if pa is not None and pa.op_type in ("MatMul", "Mul", "Div"):
+        # the scores: the side that is a MatMul, or a scaled one (a mask may itself be made by a Mul, e.g.
+        # (1 - m) * -10000)
+        if _scores_node(pa):
             node, mask = pa, b
-        elif pb is not None and pb.op_type in ("MatMul", "Mul", "Div"):
+        elif _scores_node(pb):
             node, mask = pb, a
         else:
             return None

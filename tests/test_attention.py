@@ -170,6 +170,40 @@ def test_unrecognised_softmax_stays(tmp_path):
     assert scan.sites == [] and [n.op_type for n in scan.unrecognised] == ["Softmax"]
 
 
+def test_mask_made_by_a_mul_is_the_mask(kernel_library):
+    """Add(mask, scores) with the mask made by a Mul ((1 - m) * -10000) and on the Add's first input: the MatMul side
+    is the scores; the fused graph equals the original (1e-5)."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+    from graph_passes.fuse_attention import FuseAttentionPass
+
+    f = TensorProto.FLOAT
+    nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["s"]),
+             helper.make_node("Mul", ["s", "c"], ["ss"]),
+             helper.make_node("Sub", ["one", "m"], ["inv"]),
+             helper.make_node("Mul", ["inv", "big"], ["bias"]),
+             helper.make_node("Add", ["bias", "ss"], ["sm"]),
+             helper.make_node("Softmax", ["sm"], ["p"], axis=-1),
+             helper.make_node("MatMul", ["p", "v"], ["y"])]
+    inits = [helper.make_tensor("c", f, [], [0.25]), helper.make_tensor("one", f, [], [1.0]),
+             helper.make_tensor("big", f, [], [-10000.0])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, f, s) for n, s in
+                                           (("q", [2, 6, 8]), ("k", [2, 9, 8]), ("v", [2, 9, 5]), ("m", [2, 1, 9]))],
+                              [helper.make_tensor_value_info("y", f, [2, 6, 5])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    proto = onnx.shape_inference.infer_shapes(proto)  # as hn-export's graph import does
+    model = ir.from_proto(proto)
+    ir.passes.PassManager([FuseAttentionPass(AttentionPrecision.FLOAT), RemoveUnusedNodesPass()])(model)
+    assert [n.op_type for n in model.graph if n.op_type in ("Softmax", "Attention")] == ["Attention"]
+    rng = np.random.default_rng(5)
+    feeds = {"q": rng.standard_normal((2, 6, 8)).astype(np.float32), "k": rng.standard_normal((2, 9, 8)).astype(
+        np.float32), "v": rng.standard_normal((2, 9, 5)).astype(np.float32),
+             "m": (rng.random((2, 1, 9)) > 0.3).astype(np.float32)}
+    want = session(proto.SerializeToString(), None).run(None, feeds)[0]
+    got = session(ir.to_proto(model).SerializeToString(), kernel_library).run(None, feeds)[0]
+    assert rel_l2(got, want) <= MODEL_TOL
+
+
 def test_optimize_refuses_a_graph_without_attention(exports, tmp_path, hn_cli):
     fused = tmp_path / "once.onnx"
     assert hn_cli("optimize", exports["tiny"], "--attention", "fused", "-o", fused).exit_code == 0
