@@ -79,3 +79,16 @@ def attention_node(q: ir.Value, k: ir.Value, v: ir.Value, mask: ir.Value | None,
                    overload=overload(mask is not None, layout), name=name)
     node.outputs[0].name = f"{name}_out"
     return node
+
+
+def fused_attentions(graph: ir.Graph) -> list[ir.Node]:
+    """The graph's ``hadanorm::Attention`` nodes (top level)."""
+    return [n for n in graph if n.domain == HADANORM_DOMAIN and n.op_type == OP_TYPE]
+
+
+def attention_precisions(graph: ir.Graph) -> str:
+    """The precisions of the graph's fused attentions, e.g. ``bf16`` (comma list when they differ), or ``none``:
+    what the model metadata says and reports print (read from the nodes, whatever made them)."""
+    found = sorted({n.attributes["precision"].value for n in fused_attentions(graph)})
+    return ",".join(found) if found else "none"
+

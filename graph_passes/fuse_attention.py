@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes.attention_op import BHND, BNHD, AttentionPrecision, attention_node, ensure_function
-from graph_passes.graph_utils import redirect_uses
+from graph_passes.graph_utils import constant_array, redirect_uses
 
 logger = logging.getLogger(__name__)
 
@@ -57,17 +57,6 @@ class AttentionScan:
     unrecognised: list[ir.Node]  # Softmax nodes left as they are
 
 
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    node = value.producer()
-    if node is not None and node.op_type == "Constant" and "value" in node.attributes:
-        return node.attributes["value"].value.numpy()
-    return None
-
-
 def _is_scalar(value: ir.Value) -> bool:
     shape = value.shape
     return shape is not None and all(isinstance(d, int) and d == 1 for d in shape.dims)
@@ -88,7 +77,7 @@ def _strip_scalars(value: ir.Value) -> tuple[ir.Value, float, list[ir.Value]]:
             rest, factor = b, a
         else:
             break
-        const = _constant(factor)
+        const = constant_array(factor)
         if const is not None:
             scale *= float(const.reshape(()))
         else:
@@ -100,7 +89,7 @@ def _strip_scalars(value: ir.Value) -> tuple[ir.Value, float, list[ir.Value]]:
 # --- shape expressions: a 1-D int64 value as a list of dims, each an int or (value, axis) --------------------------
 
 def _shape_terms(value: ir.Value) -> list | None:
-    const = _constant(value)
+    const = constant_array(value)
     if const is not None:
         return [int(x) for x in np.asarray(const).reshape(-1)]
     node = value.producer()
@@ -118,9 +107,9 @@ def _shape_terms(value: ir.Value) -> list | None:
         return _shape_slice(node, 0, None)
     if node.op_type == "Slice" and len(node.inputs) >= 3:
         shape = node.inputs[0].producer() if node.inputs[0] is not None else None
-        starts, ends = _constant(node.inputs[1]), _constant(node.inputs[2])
-        steps = _constant(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
-        axes = _constant(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+        starts, ends = constant_array(node.inputs[1]), constant_array(node.inputs[2])
+        steps = constant_array(node.inputs[4]) if len(node.inputs) > 4 else None
+        axes = constant_array(node.inputs[3]) if len(node.inputs) > 3 else None
         if (shape is None or shape.op_type != "Shape" or starts is None or ends is None or starts.size != 1
                 or (steps is not None and int(steps.reshape(-1)[0]) != 1)
                 or (axes is not None and int(axes.reshape(-1)[0]) != 0)):
@@ -133,7 +122,7 @@ def _shape_terms(value: ir.Value) -> list | None:
     if node.op_type in ("Unsqueeze", "Squeeze", "Identity", "Cast") and node.inputs[0] is not None:
         return _shape_terms(node.inputs[0])
     if node.op_type == "Gather" and node.inputs[0] is not None:
-        dims, index = _shape_terms(node.inputs[0]), _constant(node.inputs[1])
+        dims, index = _shape_terms(node.inputs[0]), constant_array(node.inputs[1])
         if dims is None or index is None:
             return None
         return [dims[int(i)] for i in np.asarray(index).reshape(-1)]
@@ -212,7 +201,7 @@ def _scores_node(node: ir.Node | None) -> bool:
         return False
     a, b = node.inputs
     inner = a.producer()
-    return _is_scalar(b) and _constant(b) is not None and inner is not None and inner.op_type == "MatMul"
+    return _is_scalar(b) and constant_array(b) is not None and inner is not None and inner.op_type == "MatMul"
 
 
 def _match(softmax: ir.Node) -> AttentionSite | None:
@@ -242,7 +231,7 @@ def _match(softmax: ir.Node) -> AttentionSite | None:
             return None
     if node is not None and node.op_type in ("Mul", "Div"):
         a, b = node.inputs
-        const = _constant(b) if b is not None and _is_scalar(b) else None
+        const = constant_array(b) if b is not None and _is_scalar(b) else None
         if const is None or len(list(node.outputs[0].uses())) != 1:
             return None
         scale = 1.0 / float(const.reshape(())) if node.op_type == "Div" else float(const.reshape(()))

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.graph_utils import add_initializer, drop_dead
+from graph_passes.graph_utils import add_initializer, constant_array, drop_dead
 from graph_passes.linears import module_path_of
 
 logger = logging.getLogger(__name__)
@@ -42,13 +42,6 @@ def _attr(node: ir.Node, name: str, default: float) -> float:
     if attr is None:
         return default
     return attr.as_float() if isinstance(default, float) else attr.as_int()
-
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
 
 
 def _scaled(array: np.ndarray, factor: float) -> np.ndarray:
@@ -90,7 +83,7 @@ class GemmToMatMulPass(ir.passes.InPlacePass):
     def _rewrite(self, graph: ir.Graph, gemm: ir.Node) -> bool:
         inputs = list(gemm.inputs) + [None] * (3 - len(gemm.inputs))
         x, w_value, c_value = inputs[:3]
-        weight = _const(w_value) if w_value is not None and w_value.is_initializer() else None
+        weight = constant_array(w_value) if w_value is not None and w_value.is_initializer() else None
         if x is None or weight is None or weight.ndim != 2 or _attr(gemm, "transA", 0):
             return False
         if self.selects is not None and not self.selects(module_path_of(gemm)):
@@ -98,7 +91,7 @@ class GemmToMatMulPass(ir.passes.InPlacePass):
         alpha, beta = float(_attr(gemm, "alpha", 1.0)), float(_attr(gemm, "beta", 1.0))
         trans_b = bool(_attr(gemm, "transB", 0))
         out_features = weight.shape[0] if trans_b else weight.shape[1]
-        bias = _const(c_value)
+        bias = constant_array(c_value)
         vector = bias is not None and bias.size in (1, out_features)  # [out], [1, out] or a scalar
         if c_value is not None and beta != 1.0 and not vector:
             return False  # beta * C of a non-constant or matrix C: leave the Gemm

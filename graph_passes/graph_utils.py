@@ -103,6 +103,14 @@ def drop_dead(graph: ir.Graph | ir.Function, value: ir.Value | None) -> None:
         pending.extend(inputs)
 
 
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's array when it is constant (an initializer or a ``Constant`` node's output), else None."""
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()
+
+
 def shared_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """A small constant initializer shared by every node that asks for `name` (created once)."""
     if name in graph.initializers:

@@ -95,14 +95,19 @@ def build_pipeline(
             passes.append(LowerToFusedPass())
     if attention is not None:
         passes.append(FuseAttentionPass(attention))
-    passes += [
-        RemoveUnusedNodesPass(),
-        RemoveUnusedFunctionsPass(),
-        RemoveUnusedOpsetsPass(),
-        TopologicalSortPass(),
-        CheckerPass(full_check=True),
-    ]
-    return ir.passes.PassManager(passes)
+    return ir.passes.PassManager(passes + cleanup_passes())
+
+
+def cleanup_passes(check: bool = True) -> list[ir.passes.PassBase]:
+    """onnx-ir's clean-up after a rewrite, and (`check`) a full `onnx.checker` check."""
+    passes: list[ir.passes.PassBase] = [RemoveUnusedNodesPass(), RemoveUnusedFunctionsPass(), RemoveUnusedOpsetsPass(),
+                                        TopologicalSortPass()]
+    return passes + ([CheckerPass(full_check=True)] if check else [])
+
+
+def attention_pipeline(precision: AttentionPrecision, check: bool = True) -> ir.passes.PassManager:
+    """Only the fused attention (`hn-export optimize`; calibration's session copy, unchecked) and the clean-up."""
+    return ir.passes.PassManager([FuseAttentionPass(precision)] + cleanup_passes(check))
 
 
 @dataclasses.dataclass

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from graph_passes.attention_op import fused_attentions
 from graph_passes.fuse_attention import find_attention
 from graph_passes.linears import SiteSelection, find_activation_sites, find_linears
 from hn_export.families import selection_for
@@ -32,7 +33,7 @@ def layers_command(model: Path, include, exclude, every_linear: bool, as_json: b
     sites = find_activation_sites(ir_model, selection)
     family = selection.roles.family if selection.roles is not None else None
     scan = find_attention(ir_model.graph)
-    fused = sum(1 for n in ir_model.graph if n.domain == "hadanorm" and n.op_type == "Attention")
+    fused = len(fused_attentions(ir_model.graph))
     note = FAMILIES[family].attention_note if family in FAMILIES else ""
     attention = {"softmax_attentions": len(scan.sites), "fused": fused,
                  "other_softmax": [n.name for n in scan.unrecognised], "note": note}

@@ -7,17 +7,11 @@ from pathlib import Path
 
 import click
 import onnx_ir as ir
-from onnx_ir.passes.common import (
-    CheckerPass,
-    RemoveUnusedFunctionsPass,
-    RemoveUnusedNodesPass,
-    RemoveUnusedOpsetsPass,
-    TopologicalSortPass,
-)
 
-from graph_passes.attention_op import AttentionPrecision
+from graph_passes.attention_op import AttentionPrecision, attention_precisions
 from graph_passes.errors import from_pass_error
-from graph_passes.fuse_attention import FuseAttentionPass, find_attention
+from graph_passes.fuse_attention import find_attention
+from graph_passes.pipeline import attention_pipeline
 from hn_export.errors import UserError
 from hn_export.graph_import import load_graph
 from hn_export.model_files import check_output_path, input_files, save_model
@@ -50,19 +44,11 @@ def optimize_command(model: Path, attention: str, output: Path | None) -> None:
         raise UserError(f"{model} has no softmax attention (MatMul -> Softmax -> MatMul) to fuse{others}",
                         "pass a graph with softmax attention (hn-export layers MODEL lists what it finds)")
     precision = _CHOICES[attention]
-    passes = ir.passes.PassManager([
-        FuseAttentionPass(precision),
-        RemoveUnusedNodesPass(),
-        RemoveUnusedFunctionsPass(),
-        RemoveUnusedOpsetsPass(),
-        TopologicalSortPass(),
-        CheckerPass(full_check=True),
-    ])
     try:
-        passes(graph)
+        attention_pipeline(precision)(graph)
     except ir.passes.PassError as exc:
         raise from_pass_error(exc) from None
-    graph.metadata_props[ATTENTION_KEY] = precision.value
+    graph.metadata_props[ATTENTION_KEY] = attention_precisions(graph.graph)
     ops = sorted({n.op_type for n in graph.graph if n.domain == HADANORM_DOMAIN})
     graph.metadata_props[TRANSFORM_OPS_KEY] = ",".join(ops)
     files = save_model(graph, output)

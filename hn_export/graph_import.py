@@ -33,6 +33,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from graph_passes.attention_op import OP_TYPE as ATTENTION_OP
 from graph_passes.convert_opset import convert_opset, default_opset
 from graph_passes.errors import GraphInputError, from_pass_error
 from graph_passes.fix_noop_squeeze import FixNoopSqueezePass
@@ -103,7 +104,7 @@ def check_float_graph(model: ir.Model, source: str) -> None:
     found = sorted({node.op_type for node in model.graph.all_nodes() if node.op_type in QUANTIZED_OPS
                     and node.domain in ("", "ai.onnx", "com.microsoft")}
                    | {node.op_type for node in model.graph.all_nodes()
-                      if node.domain == HADANORM_DOMAIN and node.op_type != "Attention"})  # fused attention: float
+                      if node.domain == HADANORM_DOMAIN and node.op_type != ATTENTION_OP})  # fused attention: float
     if found:
         raise UserError(f"{source} is already quantized (it holds {', '.join(found[:4])})",
                         "pass the float graph it was made from")

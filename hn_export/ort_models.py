@@ -9,11 +9,9 @@ from pathlib import Path
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnx_ir.passes.common import RemoveUnusedFunctionsPass, RemoveUnusedNodesPass
-
-from graph_passes.attention_op import AttentionPrecision
-from graph_passes.fuse_attention import FuseAttentionPass, find_attention
-from runtime.domain import HADANORM_DOMAIN
+from graph_passes.attention_op import AttentionPrecision, fused_attentions
+from graph_passes.fuse_attention import find_attention
+from graph_passes.pipeline import attention_pipeline
 from runtime.kernels import library_path
 from runtime.session import NumericsMode, create_session
 
@@ -42,14 +40,13 @@ def open_session(model: ir.Model, mode: NumericsMode = NumericsMode.AS_WRITTEN,
     fused = False
     if fuse_attention and library_path() is not None and find_attention(model.graph).sites:
         copy = ir.serde.deserialize_model(proto)  # weights stay where they are (external data, or shared protos)
-        ir.passes.PassManager([FuseAttentionPass(AttentionPrecision.FLOAT), RemoveUnusedNodesPass(),
-                               RemoveUnusedFunctionsPass()])(copy)
+        attention_pipeline(AttentionPrecision.FLOAT, check=False)(copy)
         proto = ir.serde.serialize_model(copy)
         fused = True
     folders = {file.parent.resolve() for file in _external_files(model)}
     if len(folders) > 1:
         raise ValueError(f"external data in several folders: {sorted(map(str, folders))}")
     folder = folders.pop() if folders else None
-    attention = fused or any(n.domain == HADANORM_DOMAIN and n.op_type == "Attention" for n in model.graph)
+    attention = fused or bool(fused_attentions(model.graph))
     yield create_session(proto.SerializeToString(), mode, threads=threads, external_data_folder=folder,
                          kernel_library=attention, priority_order=True)

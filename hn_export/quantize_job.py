@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from graph_passes.attention_op import AttentionPrecision
+from graph_passes.attention_op import AttentionPrecision, attention_precisions, fused_attentions
 from graph_passes.hadamard import hadamard_factors
 from graph_passes.linears import SiteSelection, find_activation_sites
 from hn_export.families import selection_for
@@ -80,7 +80,7 @@ class QuantizeReport:
     weight_bytes_after: int  # their quantized integers + scales
     bias_correction_bytes: int  # extra int8 copies (exact bias correction)
     calibration: str
-    attention: str = "none"  # e.g. "4 softmax attentions fused (bf16)", or "none"
+    attention: str = "none"  # e.g. "4 softmax attentions fused (bf16)", or "none" (read from the written graph)
 
 
 def default_output(model_path: Path, quant: QuantConfig | None) -> Path:
@@ -179,11 +179,12 @@ def run_quantize(job: QuantizeJob) -> QuantizeReport:
         model.metadata_props["hn_export.act_granularity"] = job.act_granularity.value
     model.metadata_props["hn_export.bias_correction"] = job.transform.bias_correction.value
     model.metadata_props[FORMAT_KEY] = job.quant.format.value if job.quant else "float"
-    model.metadata_props[ATTENTION_KEY] = attention.value if attention else "none"
+    precisions = attention_precisions(model.graph)  # the nodes' own, also those of an input that had them
+    model.metadata_props[ATTENTION_KEY] = precisions
     model.metadata_props["hn_export.onnxruntime_session_config"] = (
         "session.disable_quant_qdq=1 (see runtime.session: default fusions change the numbers or fail)"
     )
-    fused = sum(1 for n in model.graph if n.domain == HADANORM_DOMAIN and n.op_type == "Attention")
+    fused = len(fused_attentions(model.graph))
     files = save_model(model, job.output)
     return QuantizeReport(job.output, files, len(sites), sum(len(s.linears) for s in sites), before, main, extra,
-                          calibration, f"{fused} softmax attentions fused ({attention.value})" if attention else "none")
+                          calibration, f"{fused} softmax attentions fused ({precisions})" if fused else "none")

@@ -59,7 +59,7 @@ def session_options(mode: NumericsMode = NumericsMode.AS_WRITTEN, threads: int |
     speed; benchmarks/peers/README.md). `priority_order=True`: onnxruntime's priority-based execution order, which
     runs a branch that only feeds a graph output (calibration's per-site reductions) as soon as its input is ready;
     the default order left them to the end, every site's activation alive until then (28-block 1024 px calibration:
-    4.6 GB instead of 22.7 GB peak). The same kernels and results either way."""
+    4.7 GB instead of 22.7 GB peak). The same kernels and results either way."""
     options = ort.SessionOptions()
     options.log_severity_level = 4  # errors are raised as exceptions and reported in one line: not logged too
     for key, value in mode.session_config.items():
@@ -124,13 +124,10 @@ def implementation(metadata: dict[str, str], kernel_library: Path | None) -> str
     fmt = metadata.get(FORMAT_KEY, "")
     transforms = [op for op in metadata.get(TRANSFORM_OPS_KEY, "").split(",") if op and op != "Attention"]
     kernels = f"kernels ({library_isa(kernel_library)})" if kernel_library is not None else "function bodies"
-    attention = metadata.get(ATTENTION_KEY, "none")
-    if attention in ("float", "bf16"):
-        runs = (f"kernels ({library_attention_path(kernel_library, attention)})" if kernel_library is not None
-                else "function bodies")
-        attention = f", attention: hadanorm::Attention {attention}, {runs}"
-    else:
-        attention = ""
+    attention = "".join(
+        f", attention: hadanorm::Attention {p}, " + (f"kernels ({library_attention_path(kernel_library, p)})"
+                                                     if kernel_library is not None else "function bodies")
+        for p in metadata.get(ATTENTION_KEY, "none").split(",") if p in ("float", "bf16"))
     if fmt == "fused":
         return f"fused: {kernels}{attention}"
     if not fmt and not transforms:

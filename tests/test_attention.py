@@ -13,7 +13,6 @@ Bounds:
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +29,8 @@ from graph_passes.fuse_attention import find_attention
 from hn_export.cli import main
 from hn_export.graph_import import load_graph
 from runtime.denoiser import Denoiser
-from runtime.kernels import attention_path, register_kernels
+from runtime.kernels import attention_path
+from tests.kernel_env import ALL_ISAS, kernel_isa, kernel_session
 
 FAMILY_PRESETS = ("tiny", "pixart-alpha-tiny", "dit-tiny", "sd3-tiny", "sd35-tiny", "flux-tiny", "sana-tiny",
                   "unet-tiny")
@@ -45,23 +45,7 @@ def rel_l2(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
-def session(model: bytes | str | Path, library: Path | None, isa: str | None = None) -> ort.InferenceSession:
-    saved = os.environ.get("HADANORM_KERNELS_ISA")
-    if isa is not None:
-        os.environ["HADANORM_KERNELS_ISA"] = isa
-    try:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 2
-        if library is not None:
-            register_kernels(options, library)
-        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
-                                    providers=["CPUExecutionProvider"])
-    finally:
-        if saved is None:
-            os.environ.pop("HADANORM_KERNELS_ISA", None)
-        else:
-            os.environ["HADANORM_KERNELS_ISA"] = saved
-
+session = kernel_session  # (model, library or None for the function bodies, isa)
 
 def feeds_for(model: ort.InferenceSession, seed: int = 0) -> dict[str, np.ndarray]:
     """Random inputs for an exported transformer: batch 2, caption length 7, timestep 500, mask with zeros."""
@@ -280,18 +264,11 @@ def exact_attention(q, k, v, mask, scale, dtype=np.float64) -> np.ndarray:
 def supported_paths(library: Path, precision: str) -> list[str]:
     """The attention paths the ISA override reaches on this CPU, e.g. scalar, avx512, amx."""
     found = []
-    saved = os.environ.get("HADANORM_KERNELS_ISA")
-    try:
-        for isa in ("scalar", "avx2", "avxvnni", "avx512vnni", "amx", "neondot"):
-            os.environ["HADANORM_KERNELS_ISA"] = isa
+    for isa in ALL_ISAS:
+        with kernel_isa(isa):
             path = attention_path(library, precision)
-            if path and not path.startswith("error") and path not in [p for _, p in found]:
-                found.append((isa, path))
-    finally:
-        if saved is None:
-            os.environ.pop("HADANORM_KERNELS_ISA", None)
-        else:
-            os.environ["HADANORM_KERNELS_ISA"] = saved
+        if path and not path.startswith("error") and path not in [p for _, p in found]:
+            found.append((isa, path))
     assert found[0][1] == "scalar"
     return found
 
@@ -456,5 +433,9 @@ def test_calibrating_an_attention_fused_graph(exports, tmp_path, hn_cli, kernel_
     result = hn_cli(fused, "--w4a4", "--format", "fused", "--calib-samples", "1", "--calib-steps", "2",
                     "--no-progress", "-o", tmp_path / "q.onnx")
     assert result.exit_code == 0, result.err
-    assert [n.attributes["precision"].value for n in ir.load(tmp_path / "q.onnx").graph
+    written = ir.load(tmp_path / "q.onnx")
+    assert [n.attributes["precision"].value for n in written.graph
             if n.op_type == "Attention"] == ["float"] * 4  # the optimized graph's attention is kept as it is
+    # and reported as it is (not as --format fused's bf16 default)
+    assert "attention: 4 softmax attentions fused (float)" in result.out
+    assert written.metadata_props["hn_export.attention"] == "float"

@@ -14,16 +14,14 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graph_passes.hadamard import HadamardMode, hadamard_factors
 from graph_passes.int_packing import PackedWeight, quantize_and_pack, unpack_codes
-from runtime.kernels import register_kernels
 from tests.graphs import dit_like_input
+from tests.kernel_env import ALL_ISAS, kernel_isa, kernel_session
 
-ALL_ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni", "amx", "neondot")
 F32, F16 = np.float32, np.float16
 
 
@@ -47,17 +45,10 @@ def library_isa(library: Path) -> str:
 def isas(library) -> list[str]:
     """The paths this CPU (and this build) supports, scalar first."""
     found = []
-    saved = os.environ.get("HADANORM_KERNELS_ISA")
-    try:
-        for name in ALL_ISAS:
-            os.environ["HADANORM_KERNELS_ISA"] = name
+    for name in ALL_ISAS:
+        with kernel_isa(name):
             if library_isa(library) == name:
                 found.append(name)
-    finally:
-        if saved is None:
-            os.environ.pop("HADANORM_KERNELS_ISA", None)
-        else:
-            os.environ["HADANORM_KERNELS_ISA"] = saved
     assert found[0] == "scalar"
     return found
 
@@ -85,20 +76,7 @@ def one_node_model(op_type: str, inputs: dict[str, np.ndarray], initializers: di
 
 
 def run_on(library: Path, model: bytes, feeds: dict[str, np.ndarray], isa: str | None = None) -> list[np.ndarray]:
-    saved = os.environ.get("HADANORM_KERNELS_ISA")
-    if isa is not None:
-        os.environ["HADANORM_KERNELS_ISA"] = isa
-    try:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 2
-        register_kernels(options, library)
-        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    finally:
-        if saved is None:
-            os.environ.pop("HADANORM_KERNELS_ISA", None)
-        else:
-            os.environ["HADANORM_KERNELS_ISA"] = saved
-    return session.run(None, feeds)
+    return kernel_session(model, library, isa).run(None, feeds)
 
 
 def run_every_path(library: Path, isas: list[str], model: bytes, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

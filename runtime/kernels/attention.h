@@ -75,8 +75,4 @@ const AttentionPath& attention_path(AttentionPrecision precision, Isa isa);
 // rounded to bf16: measured 10% at 1024 px without AMX).
 AttentionPrecision attention_precision(AttentionPrecision precision, const AttentionPath& path);
 
-// Round-to-nearest-even float -> bfloat16 -> float (NaN stays NaN; denormals become signed zero, as AVX512-BF16's
-// vcvtne2ps2bf16 and AMX's tdpbf16ps treat them).
-float round_bf16(float x);
-
 }  // namespace hadanorm

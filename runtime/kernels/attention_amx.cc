@@ -31,10 +31,10 @@
 // The tile configuration is loaded at the start of every task and released at its end: onnxruntime's own AMX kernels
 // (MLAS) run on the same pool threads with their own configurations.
 //
-// Rounding: vcvtne2ps2bf16 rounds to nearest even like round_bf16 but flushes denormal inputs to zero, and tdpbf16ps
-// treats denormal bf16 inputs as zero; both only drop terms under 2^-126 (p under 2^-126 is 0 here, a denormal bf16 in
-// the scalar path), far below the last bit of any output. Otherwise the products are those of the scalar path and only
-// the order of the fp32 sums and exp's last bits differ.
+// Rounding: vcvtne2ps2bf16 rounds to nearest even and flushes denormal inputs to zero, as the scalar path's round_bf16
+// does, and tdpbf16ps treats denormal bf16 inputs as zero; p under FLT_MIN is 0 here (exp_ps) and rounds to 0 in the
+// scalar path. So the products are those of the scalar path and only the order of the fp32 sums and exp's last bits
+// differ.
 
 #include "attention.h"
 

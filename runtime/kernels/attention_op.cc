@@ -28,11 +28,6 @@ AttentionPrecision parse_precision(const std::string& value) {
   fail("attribute precision=\"", value, "\" is not one of float, bf16; re-export with hn-export");
 }
 
-// A tensor's float32 data: the tensor itself or a converted copy.
-const float* floats_of(const Ort::ConstValue& v, bool half, std::vector<float>& storage) {
-  return float_data(v, half, storage);
-}
-
 struct AlignedBuffer {
   std::unique_ptr<uint8_t[]> raw;
   uint8_t* data = nullptr;
@@ -133,10 +128,10 @@ struct AttentionKernel {
     }
 
     std::vector<float> q_store, k_store, v_store, m_store;
-    const float* q = floats_of(qv, Half, q_store);
-    const float* k = floats_of(kv, Half, k_store);
-    const float* v = floats_of(vv, Half, v_store);
-    const float* mask = masked ? floats_of(mv, Half, m_store) : nullptr;
+    const float* q = float_data(qv, Half, q_store);
+    const float* k = float_data(kv, Half, k_store);
+    const float* v = float_data(vv, Half, v_store);
+    const float* mask = masked ? float_data(mv, Half, m_store) : nullptr;
     std::vector<float> out_store;
     float* out;
     if constexpr (Half) {

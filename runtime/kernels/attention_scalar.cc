@@ -10,6 +10,10 @@
 
 namespace hadanorm {
 
+namespace {
+
+// Round-to-nearest-even float -> bfloat16 -> float (NaN stays NaN; denormals become signed zero, as AVX512-BF16's
+// vcvtne2ps2bf16 and AMX's tdpbf16ps treat them).
 float round_bf16(float x) {
   uint32_t bits;
   std::memcpy(&bits, &x, 4);
@@ -21,8 +25,6 @@ float round_bf16(float x) {
   std::memcpy(&y, &bits, 4);
   return y;
 }
-
-namespace {
 
 // Packed: k [nk, d] then v [nk, dv], floats (rounded to bf16 values for kBf16).
 size_t scalar_packed_bytes(const AttentionShape& s) {
