@@ -10,7 +10,8 @@ Graphs (`--graphs`, onnxruntime FP32 always runs: it is the reference):
 * ``hn-w4a8``   ``hn-export --wbits 4 --abits 8 --format fused`` (the same calibration statistics);
 * ``hn-w4a4-all``, ``hn-w4a8-all``: the same with ``--every-linear`` (the caption projection, timestep embedder,
   adaLN-single and final projection are sites too, at ``--outer-bits`` 8; the 4-channel patch-embedding conv stays
-  float), calibrated once for both;
+  float), calibrated once for both; ``hn-w4a4-all-block`` also with ``--hadamard block`` (block-diagonal Sylvester
+  Hadamard, blocks of 128: the online rotation is fast Walsh-Hadamard transforms only, no dense 36 x 36 Paley factor);
 * the ``hn-*`` graphs have the fused attention (``hadanorm::Attention``, bf16, the ``--format fused`` default);
   ``hn-w4a4-fattn`` has it in fp32 (``--attention float``), ``hn-w4a4-noattn`` keeps MatMul -> Softmax -> MatMul
   (``--attention none``, the graphs before issue 18); ``fp32-attn`` is the FP32 graph with only the attention fused
@@ -75,6 +76,8 @@ GRAPHS = {g.key: g for g in (
           "hn-w4a4-all", False),
     Graph("hn-w4a8-all", "hn-export `--wbits 4 --abits 8 --format fused`, every linear (outside the blocks W8A8)",
           "hn", "hn-w4a8-all", False),
+    Graph("hn-w4a4-all-block", "hn-export `--w4a4 --format fused --every-linear --hadamard block` (block-diagonal "
+          "Hadamard, blocks of 128)", "hn", "hn-w4a4-all-block", False),
     Graph("hn-w4a4-fattn", "hn-export `--w4a4 --format fused --attention float` (fp32 fused attention)", "hn",
           "hn-w4a4-fattn", False),
     Graph("hn-w4a4-noattn", "hn-export `--w4a4 --format fused --attention none` (MatMul -> Softmax -> MatMul)", "hn",
@@ -240,10 +243,11 @@ def prepare(folder: Path, preset: str, layers: int, seed: int, keys: list[str], 
         every = "all" in parts
         selection = ["--every-linear"] if every else []
         attention = {"noattn": ["--attention", "none"], "fattn": ["--attention", "float"]}.get(parts[-1], [])
+        rotation = ["--hadamard", "block"] if "block" in parts else []
         stats_file = folder / "calibration-stats-all.npz" if every else stats
         calib = ["--stats", str(stats_file)] if stats_file.exists() else ["--save-stats", str(stats_file)]
-        return hn + ["quantize", str(fp32), *bits, *selection, *attention, "--format", "fused", "--seed", str(seed),
-                     "--no-progress", "-o", str(out), *calib]
+        return hn + ["quantize", str(fp32), *bits, *selection, *attention, *rotation, "--format", "fused", "--seed",
+                     str(seed), "--no-progress", "-o", str(out), *calib]
 
     needed = ["fp32"] + [GRAPHS[k].source for k in keys if GRAPHS[k].source != "fp32"]
     made = {}

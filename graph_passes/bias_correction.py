@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes import tags
-from graph_passes.graph_utils import make_node, redirect_uses, shared_constant, tagged_matmuls
+from graph_passes.graph_utils import make_node, redirect_uses, shared_constant, tagged_matmuls, tensor_name
 from graph_passes.methods import BiasCorrection
 from graph_passes.domain import HADANORM_DOMAIN
 
@@ -36,7 +36,7 @@ class BiasCorrectionPass(ir.passes.InPlacePass):
             transform = matmuls[0].inputs[0].producer()
             if transform is None or transform.domain != HADANORM_DOMAIN or len(transform.outputs) < 2:
                 continue
-            name = site.replace("#", "_")
+            name = tensor_name(site)
             mean_token = transform.outputs[1]
             if self.mode is BiasCorrection.QUANTIZED_TOKEN:
                 tokens = make_node("Concat", [transform.outputs[0], mean_token], f"{name}.with_mean", axis=-2)

@@ -25,12 +25,16 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes import tags
-from graph_passes.graph_utils import NodeSequence, add_initializer, drop_dead, redirect_uses, tagged_matmuls
+from graph_passes.graph_utils import (
+    NodeSequence,
+    add_initializer,
+    drop_dead,
+    redirect_uses,
+    tagged_matmuls,
+    tensor_name,
+)
 from graph_passes.linears import is_pointwise_conv
 
-
-def _safe(name: str) -> str:
-    return name.replace("#", "_")
 
 
 class ConvSitesPass(ir.passes.InPlacePass):
@@ -56,10 +60,10 @@ class ConvSitesPass(ir.passes.InPlacePass):
     def _tokens(graph: ir.Graph, conv: ir.Node, site: str) -> tuple[ir.Value, ir.Value]:
         x = conv.inputs[0]
         channels = int(conv.inputs[1].const_value.shape[1])
-        seq = NodeSequence(f"{_safe(site)}.tokens")
+        seq = NodeSequence(f"{tensor_name(site)}.tokens")
         nhwc = seq.op("Transpose", [x], perm=[0, 2, 3, 1])
         shape = seq.op("Shape", [nhwc])
-        target = add_initializer(graph, f"{_safe(site)}.token_shape", np.array([0, -1, channels], dtype=np.int64))
+        target = add_initializer(graph, f"{tensor_name(site)}.token_shape", np.array([0, -1, channels], dtype=np.int64))
         tokens = seq.op("Reshape", [nhwc, target])
         tokens.type = x.type
         dims = x.shape.dims if x.shape is not None else None
@@ -71,7 +75,7 @@ class ConvSitesPass(ir.passes.InPlacePass):
 
     @staticmethod
     def _read_view(graph: ir.Graph, conv: ir.Node, tokens: ir.Value, nhwc_shape: ir.Value, site: str) -> None:
-        name = _safe(conv.name or site)
+        name = tensor_name(conv.name or site)
         seq = NodeSequence(f"{name}.pixels")
         back = seq.op("Reshape", [tokens, nhwc_shape])
         seq.nodes[-1].metadata_props[tags.CONV_VIEW] = site
@@ -85,7 +89,7 @@ class ConvSitesPass(ir.passes.InPlacePass):
         weight = conv.inputs[1]
         w = weight.const_value.numpy()
         out_channels = int(w.shape[0])
-        name = _safe(conv.name or weight.name or "conv")
+        name = tensor_name(conv.name or weight.name or "conv")
         w_t = add_initializer(graph, f"{weight.name}.matmul", np.ascontiguousarray(w[:, :, 0, 0].T))
         matmul = ir.Node("", "MatMul", [tokens, w_t], name=conv.name, metadata_props=dict(conv.metadata_props))
         matmul.outputs[0].name = f"{name}.matmul_out"

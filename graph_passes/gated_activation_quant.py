@@ -11,7 +11,14 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes import tags
-from graph_passes.graph_utils import make_node, quantization_point, shared_constant, site_width, tagged_matmuls
+from graph_passes.graph_utils import (
+    make_node,
+    quantization_point,
+    shared_constant,
+    site_width,
+    tagged_matmuls,
+    tensor_name,
+)
 from graph_passes.quantize import activation_qdq
 
 MASK_INPUT = "hn_quant_mask"
@@ -33,7 +40,7 @@ class GatedActivationQuantPass(ir.passes.InPlacePass):
         for site, matmuls in groups.items():
             x, consumer, _ = quantization_point(matmuls[0])
             dq = activation_qdq(graph, consumer, x, self.act_bits, site_width(matmuls[0]), site)
-            name = f"{site}.gate".replace("#", "_")
+            name = tensor_name(f"{site}.gate")
             position = shared_constant(graph, f"hadanorm.site_index_{index[site]}", np.array(index[site], np.int64))
             gate = make_node("Gather", [mask, position], f"{name}.m", axis=0)
             delta = make_node("Sub", [dq, x], f"{name}.delta")

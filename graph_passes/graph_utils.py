@@ -10,6 +10,11 @@ import onnx_ir as ir
 from graph_passes import tags
 
 
+def tensor_name(site: str) -> str:
+    """A name for values and nodes made for `site` (module paths may hold ``#``, which some tools reject)."""
+    return site.replace("#", "_")
+
+
 def tagged_matmuls(graph: ir.Graph, role: str) -> dict[str, list[ir.Node]]:
     """MatMuls (and Convs) carrying a site tag with the given role, grouped by site, in graph order."""
     out: dict[str, list[ir.Node]] = {}

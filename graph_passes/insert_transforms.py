@@ -17,14 +17,11 @@ import onnx_ir as ir
 
 from graph_passes import tags
 from graph_passes.fuse_weights import fuse_site_weights
-from graph_passes.graph_utils import add_initializer, make_node, site_input, tagged_matmuls
+from graph_passes.graph_utils import add_initializer, make_node, site_input, tagged_matmuls, tensor_name
 from graph_passes.hadanorm_ops import TransformOp, ensure_function
 from graph_passes.site_transforms import SiteTransform
 from graph_passes.domain import HADANORM_DOMAIN
 
-
-def _safe(name: str) -> str:
-    return name.replace("#", "_")
 
 
 class InsertTransformsPass(ir.passes.InPlacePass):
@@ -43,11 +40,11 @@ class InsertTransformsPass(ir.passes.InPlacePass):
             consumer, index = site_input(matmuls[0])
             activation = consumer.inputs[index]
             dtype = activation.dtype.numpy() if activation.dtype is not None else np.float32
-            inputs = [activation, add_initializer(graph, f"{_safe(site)}.mul", transform.channel_mul().astype(dtype))]
+            inputs = [activation, add_initializer(graph, f"{tensor_name(site)}.mul", transform.channel_mul().astype(dtype))]
             if spec.rotate:
-                inputs.append(add_initializer(graph, f"{_safe(site)}.h_left", transform.hadamard.left.astype(dtype)))
-                inputs.append(add_initializer(graph, f"{_safe(site)}.h_right", transform.hadamard.right.astype(dtype)))
-            node = make_node(spec.op_type, inputs, f"{_safe(site)}.transform", domain=HADANORM_DOMAIN,
+                inputs.append(add_initializer(graph, f"{tensor_name(site)}.h_left", transform.hadamard.left.astype(dtype)))
+                inputs.append(add_initializer(graph, f"{tensor_name(site)}.h_right", transform.hadamard.right.astype(dtype)))
+            node = make_node(spec.op_type, inputs, f"{tensor_name(site)}.transform", domain=HADANORM_DOMAIN,
                              num_outputs=spec.num_outputs, metadata={tags.SITE: site})
             node.outputs[0].shape = activation.shape
             node.outputs[0].type = activation.type
@@ -73,11 +70,11 @@ class InsertTransformsPass(ir.passes.InPlacePass):
         graph = model.graph
         hadamard = transform.hadamard
         assert hadamard is not None and hadamard.signs is None, "single-Hadamard sites take no random signs"
-        ones = add_initializer(graph, f"{_safe(site)}.ones", np.ones(hadamard.dim, dtype=dtype))
-        h_left = add_initializer(graph, f"{_safe(site)}.h_left_t", hadamard.left.T.astype(dtype))
-        h_right = add_initializer(graph, f"{_safe(site)}.h_right_t", hadamard.right.T.astype(dtype))
+        ones = add_initializer(graph, f"{tensor_name(site)}.ones", np.ones(hadamard.dim, dtype=dtype))
+        h_left = add_initializer(graph, f"{tensor_name(site)}.h_left_t", hadamard.left.T.astype(dtype))
+        h_right = add_initializer(graph, f"{tensor_name(site)}.h_right_t", hadamard.right.T.astype(dtype))
         spec = TransformOp(center=False, rotate=True)
-        node = make_node(spec.op_type, [rotated, ones, h_left, h_right], f"{_safe(site)}.rotate_back",
+        node = make_node(spec.op_type, [rotated, ones, h_left, h_right], f"{tensor_name(site)}.rotate_back",
                          domain=HADANORM_DOMAIN, metadata={tags.SITE: site, tags.ROTATE_BACK: site})
         node.outputs[0].shape, node.outputs[0].type = rotated.shape, rotated.type
         ensure_function(model, spec)

@@ -29,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes import tags
-from graph_passes.graph_utils import add_initializer, make_node, redirect_uses, shared_constant
+from graph_passes.graph_utils import add_initializer, make_node, redirect_uses, shared_constant, tensor_name
 from graph_passes.hadanorm_ops import TransformOp
 from graph_passes.int_ops import MatMulOp, QuantizeOp, ensure_function
 from graph_passes.int_packing import PackedWeight, pack
@@ -47,9 +47,6 @@ from graph_passes.single_hadamard_weights import int8_parts, rotated_integer_wei
 
 _TRANSFORMS = {TransformOp(c, r).op_type: TransformOp(c, r) for c in (False, True) for r in (False, True)}
 
-
-def _safe(name: str) -> str:
-    return name.replace("#", "_")
 
 
 def _register(graph: ir.Graph, b_name: str, prefix: str, weight: PackedWeight, dtype) -> dict:
@@ -101,7 +98,7 @@ class LowerToFusedPass(ir.passes.InPlacePass):
         transform = _TRANSFORMS[producer.op_type] if fusable else None
         spec = QuantizeOp(transform)
         inputs = list(producer.inputs) if fusable else [act.x]
-        node = make_node(spec.op_type, inputs, f"{_safe(act.site)}.quantize", domain=HADANORM_DOMAIN,
+        node = make_node(spec.op_type, inputs, f"{tensor_name(act.site)}.quantize", domain=HADANORM_DOMAIN,
                          num_outputs=spec.num_outputs, metadata={tags.SITE: act.site}, bits=act.bits)
         codes, scale, zp = node.outputs[:3]
         codes.type, codes.shape = ir.TensorType(ir.DataType.UINT8), act.x.shape
@@ -120,7 +117,7 @@ class LowerToFusedPass(ir.passes.InPlacePass):
         if id(dq) in cache:
             return cache[id(dq)]
         weight: PackedWeight = repack(dq)
-        name = _safe(dq.inputs[0].name or "w")
+        name = tensor_name(dq.inputs[0].name or "w")
         dtype = dq.inputs[1].const_value.numpy().dtype
         entry = _register(model.graph, f"{name}.packed{weight.bits}", f"{name}.", weight, dtype)
         cache[id(dq)] = entry
@@ -139,7 +136,7 @@ class LowerToFusedPass(ir.passes.InPlacePass):
         m, c = rotated_integer_weight(w_int, left, right, block)
         if block >= rows:
             block = rows + (-rows) % 4  # one block per output channel, padded for the 8-bit layout
-        name = _safe(dq.inputs[0].name or "w")
+        name = tensor_name(dq.inputs[0].name or "w")
         entries = []
         for p, part in enumerate(int8_parts(m)):
             scales = scale.astype(np.float64) * c * 128.0**p
@@ -172,7 +169,7 @@ class LowerToFusedPass(ir.passes.InPlacePass):
                 spec = MatMulOp(corr_weights["bits"], integer_input=False)
                 node = make_node(spec.op_type, [correction.inputs[0], corr_weights["b"], corr_weights["scales"],
                                                 corr_weights["zero_points"]],
-                                 f"{_safe(matmul.name)}.{spec.op_type}", domain=HADANORM_DOMAIN,
+                                 f"{tensor_name(matmul.name)}.{spec.op_type}", domain=HADANORM_DOMAIN,
                                  metadata={tags.SITE: tags.site_of(matmul) or ""},
                                  block_size=corr_weights["block_size"])
                 node.outputs[0].type = out.type
@@ -191,7 +188,7 @@ class LowerToFusedPass(ir.passes.InPlacePass):
             bias_terms.append(shared_constant(graph, f"hadanorm.zeros{n}_{np_dtype}", np.zeros(n, dtype=np_dtype)))
         bias = bias_terms[0]
         if len(bias_terms) == 2:
-            add = make_node("Add", bias_terms, f"{_safe(matmul.name)}.bias")
+            add = make_node("Add", bias_terms, f"{tensor_name(matmul.name)}.bias")
             add.outputs[0].type = out.type
             extra.append(add)
             bias = add.outputs[0]
@@ -203,7 +200,7 @@ class LowerToFusedPass(ir.passes.InPlacePass):
             suffix = f".part{p}" if len(parts) > 1 else ""
             node = make_node(spec.op_type, [codes, scale, zero_point, part["b"], part["scales"],
                                             part["zero_points"], bias if p == 0 else zeros],
-                             f"{_safe(matmul.name)}{suffix}.{spec.op_type}", domain=HADANORM_DOMAIN,
+                             f"{tensor_name(matmul.name)}{suffix}.{spec.op_type}", domain=HADANORM_DOMAIN,
                              metadata={tags.SITE: tags.site_of(matmul) or "", tags.ROLE: tags.ROLE_MAIN},
                              block_size=part["block_size"])
             node.outputs[0].type = out.type
@@ -212,7 +209,7 @@ class LowerToFusedPass(ir.passes.InPlacePass):
             if result is None:
                 result = node.outputs[0]
             else:
-                add = make_node("Add", [result, node.outputs[0]], f"{_safe(matmul.name)}{suffix}.sum")
+                add = make_node("Add", [result, node.outputs[0]], f"{tensor_name(matmul.name)}{suffix}.sum")
                 add.outputs[0].type = out.type
                 extra.append(add)
                 result = add.outputs[0]

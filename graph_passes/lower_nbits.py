@@ -21,16 +21,13 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes import tags
-from graph_passes.graph_utils import add_initializer, make_node, redirect_uses, shared_constant
+from graph_passes.graph_utils import add_initializer, make_node, redirect_uses, shared_constant, tensor_name
 from graph_passes.lowering import single_use, weight_codes, weight_dq
 from graph_passes.methods import BiasCorrection
 
 MS_DOMAIN = "com.microsoft"
 ACCURACY_LEVEL = 4
 
-
-def _safe(name: str) -> str:
-    return name.replace("#", "_")
 
 
 def nbits_block_size(block: int, k: int) -> int:
@@ -97,7 +94,7 @@ class LowerToNBitsPass(ir.passes.InPlacePass):
     def _lower(self, model: ir.Model, matmul: ir.Node, w_dq: ir.Node, concats: dict) -> None:
         graph = model.graph
         b, scales, zero_points, bits, size, k, n = pack_nbits(w_dq)
-        base = _safe(w_dq.inputs[0].name or "w")
+        base = tensor_name(w_dq.inputs[0].name or "w")
         dtype = w_dq.inputs[1].const_value.numpy().dtype
         inputs = [matmul.inputs[0], add_initializer(graph, f"{base}.nbits", b),
                   add_initializer(graph, f"{base}.nbits_scales", scales.astype(dtype))]
@@ -106,7 +103,7 @@ class LowerToNBitsPass(ir.passes.InPlacePass):
         out = matmul.outputs[0]
         correction = self._float_token_correction(out)
         extra: list[ir.Node] = []
-        name = _safe(matmul.name)
+        name = tensor_name(matmul.name)
         if correction is not None:
             add, mean = correction
             key = (id(matmul.inputs[0]), id(mean))

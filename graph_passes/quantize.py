@@ -37,6 +37,7 @@ from graph_passes.graph_utils import (
     quantization_point,
     shared_constant,
     site_width,
+    tensor_name,
 )
 from graph_passes.methods import BiasCorrection
 from graph_passes.static_act_quant import ActScaleTable, TimestepIndex, static_qdq
@@ -167,7 +168,7 @@ def activation_qdq(graph: ir.Graph, before: ir.Node, x: ir.Value, bits: int, wid
     zp_type, _ = container(bits, signed=False)
     width = width if width is not None else site_width(before)
     site = site if site is not None else tags.site_of(before)
-    name = f"{site}.act_q".replace("#", "_")
+    name = tensor_name(f"{site}.act_q")
     axes = shared_constant(graph, "hadanorm.last_axis", np.array([-1], dtype=np.int64))
     zero = shared_constant(graph, f"hadanorm.zero_{dtype}", np.array(0, dtype=dtype))
     qmax = shared_constant(graph, f"hadanorm.qmax{bits}_{dtype}", np.array(2**bits - 1, dtype=dtype))

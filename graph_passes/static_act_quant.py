@@ -25,7 +25,7 @@ import onnx_ir as ir
 
 from graph_passes import tags
 from graph_passes.errors import GraphInputError
-from graph_passes.graph_utils import NodeSequence, add_initializer, shared_constant
+from graph_passes.graph_utils import NodeSequence, add_initializer, shared_constant, tensor_name
 from graph_passes.quantization import container
 
 
@@ -89,7 +89,7 @@ def static_qdq(graph: ir.Graph, before: ir.Node, x: ir.Value, bits: int, site: s
     scales = np.asarray(table.absmax[site], np.float64) / qmax
     scales = np.where(scales > 0, scales, np.finfo(dtype).tiny).astype(dtype)
     zp_type, zp_np = container(bits, signed=True)
-    name = f"{site}.act_static".replace("#", "_")
+    name = tensor_name(f"{site}.act_static")
     seq = NodeSequence(name, metadata={tags.ACT_QUANT: site})
     scale = seq.op("Gather", [add_initializer(graph, f"{name}.scales", scales), index.get()], axis=0)
     high = seq.op("Mul", [scale, shared_constant(graph, f"hadanorm.qmax_s{bits}_{dtype}", np.array(qmax, dtype))])

@@ -65,6 +65,7 @@ def _register_commands() -> None:
     cli.add_command(diff_command, "diff")
     cli.add_command(sensitivity_command, "sensitivity")
     cli.add_command(optimize_command, "optimize")
+    from hn_export.cli_bundle import bundle_command; cli.add_command(bundle_command, "bundle")  # noqa: E702
     cli.add_command(quantize_command, DEFAULT_COMMAND)
 
 

@@ -85,9 +85,45 @@ def quantize_command(model: Path, preset, wbits, abits, every_linear, outer_bits
                      stats_path, save_stats, include, exclude, act_granularity, act_scales_path, save_act_scales,
                      weight_range, transform_only, seed, no_progress) -> None:
     """Quantize MODEL.onnx (W4A4 with HadaNorm by default)."""
-    granularity = ActGranularity.TIMESTEP if act_scales_path is not None else ActGranularity(act_granularity)
     if calib_inputs is not None and stats_path is not None:
         raise UserError("--calib and --stats both given", "pass one: inputs to calibrate on, or saved statistics")
+    job = quantize_job(model, output, preset=preset, wbits=wbits, abits=abits, every_linear=every_linear,
+                       outer_bits=outer_bits, method=method, alpha=alpha, hadamard=hadamard,
+                       hadamard_block=hadamard_block, bias_correction=bias_correction, weight_block=weight_block,
+                       asymmetric_weights=asymmetric_weights, output_format=output_format, attention=attention,
+                       calib_samples=calib_samples, calib_steps=calib_steps, include=include, exclude=exclude,
+                       act_granularity=act_granularity, weight_range=weight_range, seed=seed,
+                       calib_inputs=calib_inputs, stats_path=stats_path, save_stats=save_stats,
+                       act_scales_path=act_scales_path, save_act_scales=save_act_scales,
+                       transform_only=transform_only, progress=not no_progress)
+    quant = job.quant
+    report = run_quantize(job)
+    bits = f"{quant.label.upper()} ({quant.format.value})" if quant else "transform only"
+    click.echo(f"{method} {bits}: {report.sites} activation sites, {report.linears} linears")
+    if quant:
+        ratio = report.weight_bytes_after / max(report.weight_bytes_before, 1)
+        click.echo(f"site weights: {report.weight_bytes_before / 1e6:.2f} MB -> {report.weight_bytes_after / 1e6:.2f} MB"
+                   f" ({ratio:.3f}x)")
+        if report.bias_correction_bytes:
+            click.echo(f"exact bias correction adds {report.bias_correction_bytes / 1e6:.2f} MB of int8 weights")
+    click.echo(f"calibration: {report.calibration}")
+    if report.attention != "none":
+        click.echo(f"attention: {report.attention}")
+    for path in report.files:
+        click.echo(f"wrote {path}")
+    if quant and quant.format is OutputFormat.QDQ:
+        click.echo("note: --format qdq simulates the integer maths with float MatMuls (portable, slower than FP32 in "
+                   "onnxruntime); to deploy, use --format fused (hadanorm kernels) or --format nbits (stock onnxruntime)")
+
+
+def quantize_job(model: Path, output: Path | None, *, preset, wbits, abits, every_linear, outer_bits, method, alpha,
+                 hadamard, hadamard_block, bias_correction, weight_block, asymmetric_weights, output_format, attention,
+                 calib_samples, calib_steps, include, exclude, act_granularity, weight_range, seed, calib_inputs=None,
+                 stats_path=None, save_stats=None, act_scales_path=None, save_act_scales=None,
+                 transform_only=False, progress=True) -> QuantizeJob:
+    """The quantize options (this command's click parameters, by name) as a `QuantizeJob`, checked in one place
+    before any work: the quantize command and `hn-export bundle` (per transformer size) both build theirs here."""
+    granularity = ActGranularity.TIMESTEP if act_scales_path is not None else ActGranularity(act_granularity)
     w_default, a_default = _PRESET_BITS[preset or "w4a4"]
     if weight_block < 1:
         raise UserError(f"--weight-block {weight_block} must be positive", "use e.g. 128")
@@ -107,7 +143,8 @@ def quantize_command(model: Path, preset, wbits, abits, every_linear, outer_bits
         weight_bits=wbits or w_default, act_bits=abits or a_default, weight_block=weight_block,
         weight_symmetric=not asymmetric_weights, format=fmt, weight_range=WeightRange(weight_range),
         outer_bits=outer_bits)
-    job = QuantizeJob(
+    include = tuple(include or ())
+    return QuantizeJob(
         model_path=model,
         output=output or default_output(model, quant),
         transform=TransformOptions(method=Method(method), alpha=alpha,
@@ -115,32 +152,15 @@ def quantize_command(model: Path, preset, wbits, abits, every_linear, outer_bits
                                    hadamard_block=hadamard_block, bias_correction=BiasCorrection(bias_correction),
                                    seed=seed),
         quant=quant,
-        selection=SiteSelection(include=tuple(include) or SiteSelection().include, exclude=tuple(exclude),
+        selection=SiteSelection(include=include or SiteSelection().include, exclude=tuple(exclude or ()),
                                 explicit=bool(include), outer_linears=every_linear),
         calibration=DenoiseConfig(samples=calib_samples, steps=calib_steps, seed=seed),
         calib_inputs=calib_inputs,
         stats_path=stats_path,
         save_stats=save_stats,
-        progress=not no_progress,
+        progress=progress,
         act_granularity=granularity,
         act_scales_path=act_scales_path,
         save_act_scales=save_act_scales,
         attention=AttentionChoice(attention),
     )
-    report = run_quantize(job)
-    bits = f"{quant.label.upper()} ({quant.format.value})" if quant else "transform only"
-    click.echo(f"{method} {bits}: {report.sites} activation sites, {report.linears} linears")
-    if quant:
-        ratio = report.weight_bytes_after / max(report.weight_bytes_before, 1)
-        click.echo(f"site weights: {report.weight_bytes_before / 1e6:.2f} MB -> {report.weight_bytes_after / 1e6:.2f} MB"
-                   f" ({ratio:.3f}x)")
-        if report.bias_correction_bytes:
-            click.echo(f"exact bias correction adds {report.bias_correction_bytes / 1e6:.2f} MB of int8 weights")
-    click.echo(f"calibration: {report.calibration}")
-    if report.attention != "none":
-        click.echo(f"attention: {report.attention}")
-    for path in report.files:
-        click.echo(f"wrote {path}")
-    if quant and quant.format is OutputFormat.QDQ:
-        click.echo("note: --format qdq simulates the integer maths with float MatMuls (portable, slower than FP32 in "
-                   "onnxruntime); to deploy, use --format fused (hadanorm kernels) or --format nbits (stock onnxruntime)")

@@ -96,7 +96,7 @@ def dynamic_shapes(specs: tuple[InputSpec, ...]) -> tuple | None:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_tracing():
     """Silence torch's and diffusers' own export chatter (warnings, log lines, prints)."""
     names = ("torch", "torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "diffusers", "onnxscript", "onnx_ir")
     saved = {}
@@ -117,7 +117,7 @@ def _quiet():
             logger.debug("exporter output:\n%s", sink.getvalue())
 
 
-def _name_dynamic_dims(model: ir.Model, specs: tuple[InputSpec, ...]) -> None:
+def name_dynamic_dims(model: ir.Model, specs: tuple[InputSpec, ...]) -> None:
     """Rename the exporter's symbols (``s47``...) of the dynamic dimensions to the family's names (``batch``...)."""
     inputs = {v.name: v for v in model.graph.inputs}
     renames: dict[str, str] = {}
@@ -163,7 +163,7 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 def _prepare(model: nn.Module, fp16: bool) -> nn.Module:
     dtype = _model_dtype(model)
     if fp16 and dtype != torch.float16:
-        with _quiet():
+        with quiet_tracing():
             model = copy.deepcopy(model).half()
     elif not fp16 and dtype != torch.float32:
         raise ValueError(f"the model is {dtype}; pass fp16=True for a float16 model or convert it to float32")
@@ -189,7 +189,7 @@ def to_onnx(model: nn.Module, *, fp16: bool = False, with_mask: bool = False, pr
         if progress is not None:
             progress.set_postfix_str(name, refresh=True)
 
-    with _quiet(), torch.no_grad():
+    with quiet_tracing(), torch.no_grad():
         stage("trace")
         exported = torch.export.export(wrapper, args, dynamic_shapes=shapes, strict=False)
         if progress is not None:
@@ -210,7 +210,7 @@ def to_onnx(model: nn.Module, *, fp16: bool = False, with_mask: bool = False, pr
     stage("fix")
     onnx_model = program.model
     FixNoopSqueezePass()(onnx_model)
-    _name_dynamic_dims(onnx_model, specs)
+    name_dynamic_dims(onnx_model, specs)
     onnx_model.metadata_props[FAMILY_KEY] = family.name
     onnx_model.ir_version = IR_VERSION
     if progress is not None:

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from hn_export.cli import main
+from runtime.bundle_manifest import MANIFEST_NAME
+from tests.cli_runner import run_cli
 
 
 @dataclasses.dataclass
@@ -17,19 +19,24 @@ class CliResult:
     err: str
 
 
+def run_main(entry, capsys, args) -> CliResult:
+    """Run a click entry point (`hn-export`'s or `hn-run`'s main) in process with `args`."""
+    capsys.readouterr()
+    try:
+        entry([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return CliResult(code, captured.out, captured.err)
+
+
 @pytest.fixture
 def hn_cli(capsys):
     """Run `hn-export ARGS` in process; returns exit code, stdout and stderr."""
 
     def run(*args: str | Path) -> CliResult:
-        capsys.readouterr()
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-        captured = capsys.readouterr()
-        return CliResult(code, captured.out, captured.err)
+        return run_main(main, capsys, args)
 
     return run
 
@@ -56,3 +63,46 @@ def kernel_library() -> Path:
         return build()
     except BuildError as exc:
         pytest.skip(f"hadanorm kernel library cannot be built: {' '.join(str(exc).split())[:300]}")
+
+
+# The tiny PixArt-Sigma pipeline folder and its bundles (tests/test_bundle.py, test_runtime_pipeline.py,
+# test_runtime_no_torch.py), built once per session.
+PROMPT = "A photo of a red cat on a hill"
+BUNDLE_QUANT_OPTIONS = ["--calib-samples", "1", "--calib-steps", "8"]
+
+
+def _build(root: Path, name: str, args: list[str]) -> Path:
+    """Build a bundle into `root` unless it is there (the session fixtures below call this once each)."""
+    out = root / name
+    if not (out / MANIFEST_NAME).is_file():
+        assert run_cli(["bundle", *args, "-o", str(out), "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def bundle_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.getbasetemp() / "bundles"
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(bundle_root) -> Path:
+    """The `tiny` pipeline preset written as a diffusers folder (tokenizer/spiece.model only, as released)."""
+    folder = bundle_root / "pipeline"
+    if not (folder / "model_index.json").is_file():
+        from models.pipelines import write_pipeline_folder
+
+        bundle_root.mkdir(parents=True, exist_ok=True)
+        write_pipeline_folder("tiny", folder, seed=0)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def fp_bundle(tiny_pipeline, bundle_root) -> Path:
+    """--no-quantize from the folder, at the transformer's own size (64 px) and at 128 px."""
+    return _build(bundle_root, "fp", ["--checkpoint", str(tiny_pipeline), "--no-quantize", "--sizes", "64x64,128x128"])
+
+
+@pytest.fixture(scope="session")
+def q_bundle(bundle_root) -> Path:
+    """The same pipeline from --preset tiny: W4A4 hadanorm `fused` transformer, int8 text encoder."""
+    return _build(bundle_root, "w4a4", ["--preset", "tiny", *BUNDLE_QUANT_OPTIONS])

@@ -3,6 +3,10 @@
 #include <algorithm>
 #include <cstring>
 
+#if defined(__x86_64__) && !defined(HADANORM_SCALAR_ONLY)
+#include <emmintrin.h>
+#endif
+
 #include "half.h"
 #include "int_kernels.h"
 #include "util.h"
@@ -85,10 +89,17 @@ void act_init(ActInfo& act, const uint8_t* codes, int64_t rows, int64_t k, const
   act.scale.assign(static_cast<size_t>(rows), 0.0f);
 }
 
-HN_HOT static int32_t sum_codes(const uint8_t* c, int64_t n) {
-  int32_t s = 0;
-  for (int64_t i = 0; i < n; ++i) s += c[i];
-  return s;
+// Sum of n codes: SSE2 psadbw (16 bytes an instruction; x86-64's baseline) where there is one, else a plain loop.
+static int32_t sum_codes(const uint8_t* c, int64_t n) {
+  int64_t s = 0, i = 0;
+#if defined(__x86_64__) && !defined(HADANORM_SCALAR_ONLY)
+  __m128i acc = _mm_setzero_si128();
+  for (; i + 16 <= n; i += 16)
+    acc = _mm_add_epi64(acc, _mm_sad_epu8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + i)), _mm_setzero_si128()));
+  s = _mm_cvtsi128_si64(acc) + _mm_cvtsi128_si64(_mm_unpackhi_epi64(acc, acc));
+#endif
+  for (; i < n; ++i) s += c[i];
+  return static_cast<int32_t>(s);
 }
 
 void act_prepare_rows(ActInfo& act, const uint8_t* codes, const uint8_t* zero_points, const float* scales, int64_t k,

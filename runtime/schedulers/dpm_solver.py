@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from runtime.schedulers.settings import SchedulerConfigError, config_from_settings
+
 F32 = np.float32
 
 
@@ -45,10 +47,6 @@ def _exp32(x: np.float32) -> np.float32:
 
 def _log32(x: np.float32) -> np.float32:
     return F32(np.log(np.float64(x)))
-
-
-class SchedulerConfigError(ValueError):
-    """A scheduler setting this implementation does not have; the message names it and what is supported."""
 
 
 _SUPPORTED = {
@@ -84,20 +82,12 @@ class DPMSolverConfig:
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> "DPMSolverConfig":
         """From diffusers' scheduler config keys; a setting this implementation lacks is refused by name."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        for key in _OFF:
-            if settings.get(key):
-                raise SchedulerConfigError(f"DPMSolverMultistep: {key}=True is not implemented; use the default")
-        for key, allowed in _SUPPORTED.items():
-            if key in settings and settings[key] not in allowed:
-                raise SchedulerConfigError(f"DPMSolverMultistep: {key}={settings[key]!r} is not implemented; use one of "
-                                           f"{', '.join(allowed)}")
         if settings.get("solver_order", 2) not in (1, 2):
             raise SchedulerConfigError("DPMSolverMultistep: solver_order must be 1 or 2 (3 is not implemented)")
         if settings.get("variance_type") not in (None,):
             raise SchedulerConfigError("DPMSolverMultistep: variance_type is not implemented; pass the model output's "
                                        "mean channels (the pipeline splits a learned sigma off first)")
-        return cls(**{k: v for k, v in settings.items() if k in fields})
+        return config_from_settings(cls, "DPMSolverMultistep", settings, _OFF, _SUPPORTED)
 
 
 class DPMSolverMultistep:

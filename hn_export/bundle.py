@@ -1,0 +1,460 @@
+"""`hn-export bundle`: a local diffusers PixArt-Sigma pipeline folder (or a pipeline preset) -> the folder a device
+needs to make images with onnxruntime, numpy and ``tokenizers`` only (`runtime.pipeline.TextToImage`).
+
+Bundle layout (`runtime.bundle_manifest` describes ``bundle.json``)::
+
+    BUNDLE/bundle.json                  roles, bits, methods, sha256 and size of every file; versions; sizes; defaults
+    BUNDLE/tokenizer.json               the checkpoint's spiece.model converted on the host (transformers)
+    BUNDLE/text_encoder.onnx            T5 encoder, weight-only int8 (default) or int4 MatMulNBits, or float
+    BUNDLE/transformer_WxH.onnx         one per --sizes entry: W4A4 (`fused` by default) or float (--no-quantize)
+    BUNDLE/vae_decoder.onnx             latents / scaling_factor -> post_quant_conv -> decoder (dynamic size)
+    BUNDLE/scheduler_config.json        the checkpoint's scheduler/scheduler_config.json, byte for byte
+
+Sizes: PixArt's positional embedding is a constant of the exported graph (computed at trace time from the latent
+height and width), so the bundle holds one transformer per requested size. Each is traced from the checkpoint's
+model with its own config (base size and interpolation scale) at that latent size: the embedding diffusers'
+pipeline computes when it runs the same model at that size.
+
+Atomic: everything is written into a temporary folder beside ``-o`` and renamed into place at the end (an existing
+bundle at ``-o`` is replaced only then); a failure, Ctrl-C or SIGTERM leaves nothing behind. The transformers are
+quantized by the quantize job (`hn_export.quantize_job.run_quantize`) with the options given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hn_export.bundle_components import (DEFAULT_ENCODER_BITS, DEFAULT_ENCODER_BLOCK, check_encoder_options,
+                                         convert_tokenizer, quantize_weights, text_encoder_graph, vae_decoder_graph)
+from hn_export.errors import UserError
+from hn_export.model_files import save_model
+from hn_export.quantize_job import QuantizeJob, run_quantize
+from runtime.bundle_manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, BundleFile, sha256_file
+
+logger = logging.getLogger(__name__)
+
+PIPELINES = {"PixArtSigmaPipeline": "pixart-sigma"}  # diffusers pipeline class -> family bundled
+COMPONENTS = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
+DEFAULT_MAX_SEQUENCE_LENGTH = 300  # PixArtSigmaPipeline's default
+DEFAULT_STEPS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class BundleJob:
+    output: Path
+    checkpoint: Path | None = None  # a local diffusers pipeline folder ...
+    preset: str | None = None  # ... or a pipeline preset of models.pipelines (seeded weights)
+    preset_seed: int = 0
+    sizes: tuple[tuple[int, int], ...] = ()  # (width, height) in pixels; empty: the transformer's own size
+    quantize: QuantizeJob | None = None  # the transformer's quantize job (model_path/output are set per size)
+    encoder_bits: int | None = DEFAULT_ENCODER_BITS  # None: float32
+    encoder_block: int = DEFAULT_ENCODER_BLOCK
+    max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class BundleReport:
+    output: Path
+    files: list[BundleFile]
+    sizes: list[tuple[int, int]]
+    quantize_summaries: list[str]
+
+
+def parse_sizes(text: str | None) -> tuple[tuple[int, int], ...]:
+    """``--sizes 512x512,1024`` -> ((512, 512), (1024, 1024)): WxH in pixels, or one number for a square."""
+    if text is None:
+        return ()
+    sizes = []
+    for item in (part.strip() for part in text.split(",")):
+        w, sep, h = item.lower().partition("x")
+        try:
+            size = (int(w), int(h) if sep else int(w))
+        except ValueError:
+            raise UserError(f"--sizes entry {item!r} is not WIDTHxHEIGHT", "write e.g. --sizes 512x512,1024x1024") \
+                from None
+        if min(size) < 1:
+            raise UserError(f"--sizes entry {item!r} is not positive", "write e.g. --sizes 512x512")
+        if size not in sizes:
+            sizes.append(size)
+    if not sizes:
+        raise UserError(f"--sizes {text!r} names no size", "write e.g. --sizes 512x512")
+    return tuple(sizes)
+
+
+# ------------------------------------------------------------------------------------------------- input checks
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{what} {path} is not readable JSON ({type(exc).__name__})",
+                        "pass a diffusers pipeline folder written by save_pretrained") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path} is not a JSON object", "pass a diffusers pipeline folder")
+    return data
+
+
+def check_pipeline_folder(folder: Path) -> dict[str, Any]:
+    """A local diffusers pipeline folder of a bundled pipeline class; returns its model_index.json."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise UserError(f"checkpoint folder {folder} does not exist", "check the path")
+    if not folder.is_dir():
+        raise UserError(f"checkpoint {folder} is not a folder", "pass the diffusers pipeline folder (model_index.json, "
+                        "text_encoder/, tokenizer/, transformer/, vae/, scheduler/)")
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        hint = " (it is a transformer folder: bundle needs the whole pipeline)" if (folder / "config.json").is_file() \
+            else ""
+        raise UserError(f"checkpoint folder {folder} has no model_index.json{hint}",
+                        "pass a diffusers pipeline folder (PixArtSigmaPipeline.save_pretrained writes one)")
+    index = _read_json(index_path, "pipeline index")
+    name = index.get("_class_name")
+    if name not in PIPELINES:
+        raise UserError(f"checkpoint {folder} is a {name or 'pipeline of unknown class'}; hn-export bundle supports "
+                        f"{', '.join(PIPELINES)}", "pass a PixArt-Sigma pipeline folder")
+    for component in COMPONENTS:
+        if not (folder / component).is_dir():
+            raise UserError(f"checkpoint folder {folder} has no {component}/ folder",
+                            "copy the whole pipeline (text_encoder/, tokenizer/, transformer/, vae/, scheduler/)")
+    scheduler = _read_json(folder / "scheduler" / "scheduler_config.json", "scheduler config") \
+        if (folder / "scheduler" / "scheduler_config.json").is_file() else None
+    if scheduler is None:
+        raise UserError(f"checkpoint folder {folder} has no scheduler/scheduler_config.json",
+                        "copy it from the pipeline")
+    from runtime.schedulers import SchedulerConfigError, scheduler_from_config
+
+    try:
+        scheduler_from_config(scheduler)
+    except SchedulerConfigError as exc:
+        raise UserError(f"scheduler in {folder}: {exc}", "the device runs runtime.schedulers' numpy schedulers: use "
+                        "PixArt-Sigma's released scheduler settings") from None
+    return index
+
+
+def check_bundle_output(output: Path, *inputs: Path | None) -> None:
+    """-o: a new folder, an empty one, or an existing bundle (replaced at the end); never an input, never inside
+    one, never holding one."""
+    output = Path(output)
+    if output.is_symlink() or (output.exists() and not output.is_dir()):
+        raise UserError(f"-o {output} exists and is not a folder", "choose a new folder name for the bundle")
+    if output.is_dir() and any(output.iterdir()) and not (output / MANIFEST_NAME).is_file():
+        raise UserError(f"-o {output} is a folder that is not empty and holds no {MANIFEST_NAME}",
+                        "choose a new folder name (an existing bundle is replaced, other folders are not)")
+    target = output.resolve()
+    for source in (Path(p).resolve() for p in inputs if p is not None):
+        if target == source or target.is_relative_to(source) or source.is_relative_to(target):
+            raise UserError(f"-o {output} overlaps the input {source}", "write the bundle to a folder of its own")
+    parent = target.parent
+    if not parent.is_dir():
+        raise UserError(f"output folder {parent} does not exist", "create it or choose another path")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"output folder {parent} is not writable", "choose another path")
+
+
+# ------------------------------------------------------------------------------------------------- loading
+def _load(what: str, folder: Path, loader):
+    import diffusers
+
+    level = diffusers.logging.get_verbosity()
+    diffusers.logging.set_verbosity_error()
+    try:
+        from transformers.utils import logging as tlogging
+
+        tlevel = tlogging.get_verbosity()
+        tlogging.set_verbosity_error()
+        tlogging.disable_progress_bar()
+    except ImportError:
+        tlogging = None
+    try:
+        return loader()
+    except UserError:
+        raise
+    except Exception as exc:  # torch / safetensors / transformers raise many types for bad files
+        first = " ".join(str(exc).split())[:200]
+        raise UserError(f"cannot load the {what} in {folder} ({type(exc).__name__}: {first})",
+                        "check that the pipeline folder is complete and its weights match the configs") from None
+    finally:
+        diffusers.logging.set_verbosity(level)
+        if tlogging is not None:
+            tlogging.set_verbosity(tlevel)
+            tlogging.enable_progress_bar()
+
+
+def _load_text_encoder(folder: Path):
+    try:
+        from transformers import T5EncoderModel
+    except ImportError:
+        raise UserError("bundling the text encoder needs the transformers package",
+                        "pip install 'hn-export[pipeline]'") from None
+    import torch
+
+    model = _load("text encoder", folder, lambda: T5EncoderModel.from_pretrained(
+        folder / "text_encoder", local_files_only=True, torch_dtype=torch.float32))
+    return model.float().eval()
+
+
+def _load_vae(folder: Path):
+    import torch
+    from diffusers import AutoencoderKL
+
+    return _load("VAE", folder, lambda: AutoencoderKL.from_pretrained(
+        folder / "vae", local_files_only=True, torch_dtype=torch.float32, low_cpu_mem_usage=False)).float().eval()
+
+
+def _load_transformer(folder: Path):
+    from models.build import ModelSource, build_transformer
+    from models.errors import ModelInputError
+
+    try:
+        model = build_transformer(ModelSource(checkpoint=folder))
+    except ModelInputError as exc:
+        raise UserError(exc.problem, exc.fix) from None
+    from models.build import family_of_model
+
+    family = family_of_model(model)
+    if family.name != "pixart-sigma":
+        raise UserError(f"the transformer in {folder} is a {family.name} model, not PixArt-Sigma",
+                        "pass a PixArt-Sigma pipeline folder")
+    return model
+
+
+def _check_sizes(sizes: Sequence[tuple[int, int]], model, vae_scale: int) -> list[tuple[int, int]]:
+    patch = int(model.config.patch_size)
+    own = int(model.config.sample_size) * vae_scale
+    sizes = list(sizes) or [(own, own)]
+    step = vae_scale * patch
+    for width, height in sizes:
+        if width % step or height % step:
+            raise UserError(f"size {width}x{height} is not a multiple of {step} pixels (VAE factor {vae_scale} x "
+                            f"patch {patch})", f"use multiples of {step}, e.g. {own}x{own}")
+        if width != height:
+            raise UserError(f"size {width}x{height} is not square; the transformer export traces square latents",
+                            f"bundle square sizes (e.g. {own}x{own})")
+        if width // vae_scale > 256:
+            raise UserError(f"size {width}x{height} is larger than PixArt's largest latent (256)",
+                            "use at most 2048x2048")
+    return sizes
+
+
+# ------------------------------------------------------------------------------------------------- the job
+def _entry(folder: Path, name: str, role: str, **fields) -> BundleFile:
+    path = folder / name
+    return BundleFile(name, role, sha256_file(path), path.stat().st_size, **fields)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    from hn_export import __version__
+
+    versions = {"hn_export": __version__}
+    for package in ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "tokenizers"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _graph_entries(folder: Path, written: list[Path], role: str, **fields) -> list[BundleFile]:
+    """The entry of a graph and of its external data file, if it has one."""
+    graph = written[0]
+    entries = [_entry(folder, graph.name, role, **fields)]
+    entries += [_entry(folder, p.name, "external_data", of=graph.name) for p in written[1:]]
+    return entries
+
+
+def _transformer_method(path: Path) -> dict[str, Any]:
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+    bits = meta.get("hn_export.bits", "float")
+    if bits == "float":
+        return {"bits": 32, "method": "float32"}
+    return {"bits": bits, "method": meta.get("hn_export.method"), "format": meta.get("hn_export.format")}
+
+
+def run_bundle(job: BundleJob) -> BundleReport:
+    from tqdm import tqdm
+
+    if (job.checkpoint is None) == (job.preset is None):
+        raise UserError("give exactly one of --checkpoint DIR and --preset NAME", "pass one of them")
+    if job.encoder_bits is not None:
+        check_encoder_options(job.encoder_bits, job.encoder_block)
+    if job.max_sequence_length < 1:
+        raise UserError(f"--max-sequence-length {job.max_sequence_length} must be positive", "use e.g. 300")
+    if job.preset is not None:
+        from models.pipelines import pipeline_preset
+        from models.errors import ModelInputError
+
+        try:
+            pipeline_preset(job.preset)
+        except ModelInputError as exc:
+            raise UserError(exc.problem, exc.fix) from None
+    else:
+        check_pipeline_folder(job.checkpoint)
+    output = Path(job.output)
+    check_bundle_output(output, job.checkpoint)
+    sizes_n = max(len(job.sizes), 1)
+    stages = 7 + sizes_n * (2 if job.quantize is not None else 1)
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.hn-bundle-", dir=output.resolve().parent))
+    try:
+        staging = work / "bundle"
+        staging.mkdir()
+        with tqdm(total=stages, desc=f"bundle {output.name}", unit="stage", disable=not job.progress,
+                  file=sys.stderr, bar_format="{desc}: {n_fmt}/{total_fmt} {postfix} [{elapsed}]") as bar:
+            def stage(name: str) -> None:
+                bar.set_postfix_str(name, refresh=True)
+
+            report = _build(job, work, staging, stage, bar)
+            stage("rename")
+            _replace_folder(staging, output, work)
+            bar.update(1)
+            stage("done")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report.output = output
+    return report
+
+
+def _replace_folder(staging: Path, output: Path, work: Path) -> None:
+    try:
+        if output.is_dir() and any(output.iterdir()):  # an older bundle (checked before the work started)
+            old = work / "previous"
+            os.replace(output, old)
+            try:
+                os.replace(staging, output)
+            except OSError:
+                os.replace(old, output)  # put the old bundle back
+                raise
+        else:
+            os.replace(staging, output)
+    except OSError as exc:
+        raise UserError(f"could not write {output}: {exc.strerror}", "check free disk space and permissions") \
+            from None
+
+
+def _build(job: BundleJob, work: Path, staging: Path, stage, bar) -> BundleReport:
+    if job.preset is not None:
+        from models.pipelines import write_pipeline_folder
+
+        stage(f"build preset {job.preset}")
+        folder = write_pipeline_folder(job.preset, work / "pipeline", seed=job.preset_seed)
+        index = check_pipeline_folder(folder)
+        source = f"pipeline preset {job.preset} (seed {job.preset_seed})"
+    else:
+        folder = Path(job.checkpoint)
+        index = check_pipeline_folder(folder)
+        source = f"checkpoint {folder.resolve().name}"
+    bar.update(1)
+    entries: list[BundleFile] = []
+
+    stage("tokenizer")
+    tokens = convert_tokenizer(folder / "tokenizer", staging / "tokenizer.json")
+    entries.append(_entry(staging, "tokenizer.json", "tokenizer", method=f"converted from {tokens['class']}"))
+    shutil.copyfile(folder / "scheduler" / "scheduler_config.json", staging / "scheduler_config.json")
+    scheduler = json.loads((staging / "scheduler_config.json").read_text())
+    entries.append(_entry(staging, "scheduler_config.json", "scheduler", method=scheduler["_class_name"]))
+    bar.update(1)
+
+    stage("load transformer")
+    vae = _load_vae(folder)
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    model = _load_transformer(folder)
+    sizes = _check_sizes(job.sizes, model, vae_scale)
+    if int(model.config.caption_channels) != int(_read_json(folder / "text_encoder" / "config.json",
+                                                             "text encoder config").get("d_model", -1)):
+        raise UserError(f"the text encoder's width in {folder} is not the transformer's caption_channels "
+                        f"{model.config.caption_channels}", "pass a consistent pipeline folder")
+    bar.update(1)
+    summaries = []
+    size_entries = []
+    from hn_export.export import export_transformer
+
+    own = int(model.config.sample_size)
+    for width, height in sizes:
+        name = f"transformer_{width}x{height}.onnx"
+        stage(f"export {name}")
+        model.register_to_config(sample_size=width // vae_scale)  # the traced latent size; the model keeps its
+        try:                                                       # own positional-embedding base and scale
+            fp_path = (work / name) if job.quantize is not None else (staging / name)
+            written = export_transformer(model, fp_path, progress=False,
+                                         metadata={"hn_export.source": source, "hn_export.size": f"{width}x{height}"})
+        finally:
+            model.register_to_config(sample_size=own)
+        bar.update(1)
+        if job.quantize is not None:
+            stage(f"quantize {name}")
+            qjob = dataclasses.replace(job.quantize, model_path=fp_path, output=staging / name,
+                                       progress=job.progress)
+            qreport = run_quantize(qjob)
+            written = qreport.files
+            summaries.append(f"{name}: {qreport.sites} activation sites, {qreport.linears} linears, "
+                             f"calibration {qreport.calibration}, attention {qreport.attention}")
+            for path in (fp_path, fp_path.with_name(fp_path.name + ".data")):
+                path.unlink(missing_ok=True)
+            bar.update(1)
+        info = _transformer_method(staging / name)
+        entries += _graph_entries(staging, written, "transformer", width=width, height=height, **info)
+        size_entries.append({"width": width, "height": height, "latent_height": height // vae_scale,
+                             "latent_width": width // vae_scale, "transformer": name})
+    transformer_cfg = dict(model.config)
+    del model
+
+    stage("text encoder")
+    encoder = _load_text_encoder(folder)
+    graph = text_encoder_graph(encoder)
+    del encoder
+    if job.encoder_bits is not None:
+        graph = quantize_weights(graph, job.encoder_bits, job.encoder_block)
+        method = f"weight-only int{job.encoder_bits} (MatMulNBits, block {job.encoder_block}, symmetric)"
+    else:
+        method = "float32"
+    written = save_model(graph, staging / "text_encoder.onnx")
+    del graph
+    entries += _graph_entries(staging, written, "text_encoder", bits=job.encoder_bits or 32, method=method)
+    bar.update(1)
+
+    stage("VAE decoder")
+    written = save_model(vae_decoder_graph(vae), staging / "vae_decoder.onnx")
+    entries += _graph_entries(staging, written, "vae_decoder", bits=32, method="float32")
+    bar.update(1)
+
+    stage(MANIFEST_NAME)
+    from models.families import FAMILIES
+
+    family = FAMILIES[PIPELINES[index["_class_name"]]]
+    latent_channels = int(transformer_cfg["in_channels"])
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "family": family.name,
+        "pipeline": index["_class_name"],
+        "source": source,
+        "versions": _versions(),
+        "defaults": {"steps": DEFAULT_STEPS, "guidance_scale": family.guidance_scale, "negative_prompt": "",
+                     "width": sizes[0][0], "height": sizes[0][1]},
+        "text": {"max_sequence_length": job.max_sequence_length, "preprocess": "lower_strip",
+                 "pad_token_id": tokens["pad_token_id"], "eos_token_id": tokens["eos_token_id"],
+                 "width": int(transformer_cfg["caption_channels"])},
+        "latent": {"channels": latent_channels, "vae_scale_factor": vae_scale,
+                   "scaling_factor": float(vae.config.scaling_factor),
+                   "learned_sigma": int(transformer_cfg["out_channels"]) == 2 * latent_channels},
+        "vae_tiling": {"tile_latent_size": int(vae.tile_latent_min_size),
+                       "tile_sample_size": int(vae.tile_sample_min_size), "overlap_factor": vae.tile_overlap_factor},
+        "sizes": size_entries,
+        "files": [e.to_json() for e in entries],
+    }
+    (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    bar.update(1)
+    return BundleReport(Path(job.output), entries, sizes, summaries)

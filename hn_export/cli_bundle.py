@@ -1,0 +1,97 @@
+"""`hn-export bundle`: write the folder a device needs for text to image (see `hn_export.bundle`).
+
+    hn-export bundle --preset tiny -o tiny_bundle/                      # seeded tiny pipeline, no files needed
+    hn-export bundle --checkpoint ./PixArt-Sigma-XL-2-512-MS -o px512/   # local diffusers folder, no hub access
+    hn-export bundle --checkpoint DIR --sizes 512x512,768x768 --method hadanorm --format nbits -o px/
+    hn-export bundle --checkpoint DIR --no-quantize -o px_fp32/         # every component in float: the reference
+
+The transformer quantize options are those of ``hn-export MODEL.onnx --w4a4`` (the same click options, `--format`
+defaulting to ``fused``) less the ones that name files (``--calib``, ``--stats``, ``--act-scales`` and their
+``--save-*``, which hold one size's data) and ``--transform-only``; each size is calibrated by the quantize job's
+own denoising trajectories. Bad input is one ``error:`` line, exit code 2, nothing written.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import click
+
+from graph_passes.quantization import OutputFormat
+from hn_export.bundle import (DEFAULT_MAX_SEQUENCE_LENGTH, BundleJob, parse_sizes, run_bundle)
+from hn_export.bundle_components import DEFAULT_ENCODER_BITS, DEFAULT_ENCODER_BLOCK, ENCODER_BITS
+from hn_export.cli_quantize import quantize_command, quantize_job
+from hn_export.errors import UserError
+from hn_export.quantize_job import QuantizeJob
+
+# The quantize command's options that apply to a bundle's transformers (shared click objects: same names, help,
+# types and checks); --format defaults to fused here.
+QUANTIZE_OPTIONS = ("preset", "wbits", "abits", "every_linear", "outer_bits", "method", "alpha", "hadamard",
+                    "hadamard_block", "bias_correction", "weight_block", "asymmetric_weights", "output_format",
+                    "attention", "calib_samples", "calib_steps", "include", "exclude", "act_granularity",
+                    "weight_range", "seed")
+DEFAULT_FORMAT = OutputFormat.FUSED
+
+
+def _quantize_params() -> list[click.Parameter]:
+    params = []
+    for param in quantize_command.params:
+        if param.name not in QUANTIZE_OPTIONS:
+            continue
+        if param.name == "output_format":
+            param = copy.copy(param)
+            param.default = DEFAULT_FORMAT.value
+        params.append(param)
+    return params
+
+
+def quantize_job_from_options(opts: dict) -> QuantizeJob:
+    """The quantize command's options (`QUANTIZE_OPTIONS`) as a `QuantizeJob` template (model_path and output are
+    set per size), checked as the quantize command checks them, before any work."""
+    return quantize_job(Path("transformer.onnx"), Path("transformer.q.onnx"), **opts)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--checkpoint", metavar="DIR", type=click.Path(path_type=Path),
+              help="Local diffusers PixArtSigmaPipeline folder (model_index.json, text_encoder/, tokenizer/, "
+                   "transformer/, vae/, scheduler/); never downloads.")
+@click.option("--preset", "pipeline_preset", metavar="NAME",
+              help="A pipeline built from seeded weights (models.pipelines): tiny.")
+@click.option("--preset-seed", type=int, default=0, show_default=True, help="Seed of the --preset weights.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Bundle folder to write (new, empty, or an older bundle, replaced at the end).")
+@click.option("--sizes", metavar="WxH[,WxH...]",
+              help="Image sizes in pixels, one transformer each (default: the transformer's own size).")
+@click.option("--no-quantize", is_flag=True, help="Every component in float32 (the reference bundle).")
+@click.option("--encoder-bits", type=click.Choice([str(b) for b in ENCODER_BITS]), default=str(DEFAULT_ENCODER_BITS),
+              show_default=True, help="Weight-only bits of the T5 encoder's linears (MatMulNBits).")
+@click.option("--encoder-block", type=int, default=DEFAULT_ENCODER_BLOCK, show_default=True,
+              help="Block size of the encoder's weight quantization (a power of two >= 16).")
+@click.option("--max-sequence-length", type=int, default=DEFAULT_MAX_SEQUENCE_LENGTH, show_default=True,
+              help="Tokens the runtime keeps of a prompt (longer ones are truncated with a warning).")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def bundle_command(checkpoint, pipeline_preset, preset_seed, output, sizes, no_quantize, encoder_bits, encoder_block,
+                   max_sequence_length, no_progress, **quantize_opts) -> None:
+    """Write a text-to-image bundle (text encoder, W4A4 transformer, VAE decoder, tokenizer, scheduler) that
+    `hn-run` runs with onnxruntime, numpy and tokenizers only."""
+    given = [name for name, value in (("--checkpoint", checkpoint), ("--preset", pipeline_preset)) if value is not None]
+    if len(given) != 1:
+        raise UserError("give exactly one pipeline source" + (f", got {' and '.join(given)}" if given else ""),
+                        "pass --checkpoint DIR or --preset NAME")
+    quantize = None if no_quantize else quantize_job_from_options(quantize_opts)
+    job = BundleJob(output=output, checkpoint=checkpoint, preset=pipeline_preset, preset_seed=preset_seed,
+                    sizes=parse_sizes(sizes), quantize=quantize,
+                    encoder_bits=None if no_quantize else int(encoder_bits), encoder_block=encoder_block,
+                    max_sequence_length=max_sequence_length, progress=not no_progress)
+    report = run_bundle(job)
+    for line in report.quantize_summaries:
+        click.echo(line)
+    for entry in report.files:
+        detail = ", ".join(str(v) for v in (entry.bits, entry.method, entry.format) if v)
+        click.echo(f"{entry.role:13s} {entry.path} ({entry.bytes / 1e6:.2f} MB{', ' + detail if detail else ''})")
+    click.echo(f"wrote {report.output}/ (sizes {', '.join(f'{w}x{h}' for w, h in report.sizes)}); run it with "
+               f"hn-run {report.output} \"a prompt\" -o image.png")
+
+
+bundle_command.params.extend(_quantize_params())
