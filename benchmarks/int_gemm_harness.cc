@@ -1,7 +1,7 @@
 // One IntMatMul with the hadanorm kernels, no onnxruntime: the task split of matmul_ops.cc, run by NTH std::threads
 // claiming tasks dynamically (as onnxruntime's pool does); best of 25 wall times.
 //
-//   g++ -O3 -std=c++17 -ffp-contract=off -pthread -Iruntime/kernels benchmarks/int_gemm_harness.cc \
+//   g++ -O3 -std=c++20 -ffp-contract=off -pthread -Iruntime/kernels benchmarks/int_gemm_harness.cc \
 //     runtime/kernels/{half,isa,int_common,int_scalar,int_avx2,int_avxvnni,int_avx512,int_amx,int_neon}.cc -o harness
 //   NTH=2 ./harness M K N bits path [rows_per_task tiles_per_task]     (path: amx, avx512vnni or scalar)
 //   FLOAT=1 ./harness M K N 4 path: FloatMatMul4 instead (the float mean token's product)
@@ -26,9 +26,12 @@ int main(int argc, char** argv) {
   for (auto& v : b) v = bits == 4 ? rng() & 0xFF : (rng() % 15) - 7;
   std::vector<float> sc(kb * N, 0.01f); std::vector<uint8_t> zp(kb * N, bits == 4 ? 8 : 0);
   fill_weight_info(w, b.data(), sc.data(), zp.data());
-  std::vector<uint8_t> codes(M * K); for (auto& v : codes) v = rng() & 15;
+  // codes 64-byte aligned, as onnxruntime's arena gives a tensor (16-byte-aligned tile rows cost the AMX path ~8%)
+  std::vector<uint8_t> codes_store(M * K + 64);
+  uint8_t* codes = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(codes_store.data()) + 63) & ~uintptr_t(63));
+  for (int64_t i = 0; i < M * K; ++i) codes[i] = rng() & 15;
   std::vector<uint8_t> az(M, 8); std::vector<float> as(M, 0.1f), bias(N, 0.f), y(M * N);
-  ActInfo act; act_init(act, codes.data(), M, K, w); act_prepare_rows(act, codes.data(), az.data(), as.data(), K, w, 0, M);
+  ActInfo act; act_init(act, codes, M, K, w); act_prepare_rows(act, codes, az.data(), as.data(), K, w, 0, M);
   Isa which = !strcmp(isa, "amx") ? Isa::kAmx : !strcmp(isa, "scalar") ? Isa::kScalar : Isa::kAvx512Vnni;
   if (which == Isa::kAmx && !isa_supported(Isa::kAmx)) { printf("no amx\n"); return 1; }
   const IsaKernels& k = isa_kernels(which);

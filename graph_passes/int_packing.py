@@ -23,6 +23,8 @@ import dataclasses
 
 import numpy as np
 
+from graph_passes.quantization import QuantConfig, QuantizedWeight, quantize_weight
+
 TILE = 16  # output columns per 64-byte row
 
 
@@ -106,33 +108,29 @@ def dequantize(packed: PackedWeight) -> np.ndarray:
     return (u - zp) * scale
 
 
+def repack(qw: QuantizedWeight) -> PackedWeight:
+    """A quantized weight (`graph_passes.quantization`) in this layout: the same integers and scales. Symmetric
+    codes get the container's midpoint as zero point (8 for 4 bits, 0 for 8 bits); unsigned 8-bit codes move to
+    the signed container. A single block that is not a multiple of the layout's granule (8 rows for 4 bits, 4 for
+    8) is padded with zero-point rows."""
+    bits = container_bits(qw.bits)
+    q = qw.q.astype(np.int64)
+    block, granule = qw.block, 8 if bits == 4 else 4
+    if block % granule:
+        if block < q.shape[0]:
+            raise ValueError(f"weight block size {block} is not a multiple of {granule}; use --weight-block 128")
+        block += granule - block % granule  # a single block: pad it
+    if bits == 4:
+        offset = 8 if qw.symmetric else 0  # int4 -> unsigned nibble codes
+    else:
+        offset = 0 if qw.symmetric else -128  # uint8 -> signed container
+    zp = np.zeros(qw.scale.shape, dtype=np.int64) if qw.zero_point is None else qw.zero_point.astype(np.int64)
+    return pack(q + offset, qw.scale, zp + offset, bits, block)
+
+
 def quantize_and_pack(weight_t: np.ndarray, weight_bits: int, block: int, symmetric: bool,
                       scale_dtype: np.dtype) -> PackedWeight:
-    """Quantize ``W^T`` [K, N] exactly like the ``qdq`` format (`graph_passes.quantization.quantize_weight`) and
-    pack it. Symmetric codes get the container's midpoint as zero point (8 for 4 bits, 0 for 8 bits)."""
-    from graph_passes.quantization import QuantConfig, quantize_weight
-
-    k = weight_t.shape[0]
-    block = min(block, k)
-    bits = container_bits(weight_bits)
+    """Quantize ``W^T`` [K, N] exactly like every format (`graph_passes.quantization.quantize_weight`) and pack
+    it."""
     config = QuantConfig(weight_bits=weight_bits, act_bits=8, weight_block=block, weight_symmetric=symmetric)
-    qw = quantize_weight(weight_t, config, scale_dtype)
-    q = qw.q.astype(np.int64)
-    if symmetric:
-        offset = 8 if bits == 4 else 0
-        zp = np.full(qw.scale.shape, offset, dtype=np.int64)
-        u = q + offset
-    else:
-        zp = qw.zero_point.astype(np.int64)
-        u = q
-        if bits == 8:  # unsigned 0..255 codes -> signed container
-            zp, u = zp - 128, u - 128
-    if (block % (8 if bits == 4 else 4)) and k > block:
-        raise ValueError(f"block size {block} does not fit the {bits}-bit packed layout")
-    # a single block shorter than the layout's granule is padded inside the block
-    granule = 8 if bits == 4 else 4
-    padded_block = block if block % granule == 0 else block + granule - block % granule
-    if padded_block != block:
-        # only possible when K == block (one block): pad the block with zero-point rows
-        block = padded_block
-    return pack(u, qw.scale, zp, bits, block)
+    return repack(quantize_weight(weight_t, config, scale_dtype))

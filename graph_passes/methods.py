@@ -18,7 +18,7 @@ HQ-DM (Mao et al., arXiv 2512.05746, public code msz12345/HQ-DM) rotates only th
 activation is rotated by a block-diagonal Sylvester Hadamard (blocks of 32, no random signs), quantized, and rotated
 back; the weight is quantized in its own domain ("prevents the amplification of weight outliers"). In integer form
 ``y = Q(x H_n^T) (H_raw W_int^T) s_x s_w / sqrt(32)`` with ``H_raw W_int^T`` exact integers (the ``fused`` format,
-`graph_passes.lower_fused`). Its default Hadamard is ``block`` of 32 (`Method.default_hadamard`).
+`graph_passes.emit_fused`). Its default Hadamard is ``block`` of 32 (`Method.default_hadamard`).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Weights ``W^T`` ``[in, out]``, blocks of ``B`` rows (the last block may be short
 * asymmetric: ``scale = (max(w, 0) - min(w, 0)) / (2^b - 1)``, ``zp = clip(round(-min / scale), 0, 2^b - 1)``,
   ``q = clip(round(w / scale) + zp, 0, 2^b - 1)``
 
-Activations (built as graph nodes in `graph_passes.quantize.activation_qdq`), per token (last axis), dynamic
+Activations (built as graph nodes in `graph_passes.emit_qdq.activation_qdq`), per token (last axis), dynamic
 asymmetric min/max with zero in the range, computed in the activation dtype:
 ``scale = max((max(x, 0) - min(x, 0)) / (2^b - 1), tiny)``, ``zp = clip(round(-min / scale), 0, 2^b - 1)``,
 ``q = saturate(round(x / scale) + zp)`` in the container, ``x^ = (q - zp) * scale``.
@@ -116,12 +116,20 @@ def container(bits: int, signed: bool) -> tuple[ir.DataType, type]:
     return (ir.DataType.INT8, np.int8) if signed else (ir.DataType.UINT8, np.uint8)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class QuantizedWeight:
-    q: np.ndarray  # [in, out] in the container dtype
+    """``W^T`` [in, out] as ``scale * (q - zero_point)`` per block of `block` rows (``block >= in``: per output
+    channel); what every output format stores, each in its own layout."""
+
+    q: np.ndarray  # [in, out] in the container dtype (`container(bits, signed=zero_point is None)`)
     scale: np.ndarray  # [ceil(in / block), out] in the weight's float dtype
     zero_point: np.ndarray | None  # same shape as scale, container dtype (asymmetric only)
     block: int
+    bits: int  # the grid: 2..8 (symmetric -(2^(b-1) - 1)..2^(b-1) - 1, asymmetric 0..2^b - 1)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_point is None
 
     def dequantize(self) -> np.ndarray:
         rows = self.q.shape[0]
@@ -233,7 +241,7 @@ def quantize_weight(weight_t: np.ndarray, config: QuantConfig, scale_dtype: np.d
         scale = _sym_scale(amax if ratio is None else ratio * amax, qmax, scale_dtype)
         full = np.repeat(scale.astype(np.float64), block, axis=0)[: w.shape[0]]
         q = np.clip(np.round(w / full), -qmax, qmax)
-        return QuantizedWeight(q.astype(np_type), scale, None, block)
+        return QuantizedWeight(q.astype(np_type), scale, None, block, bits)
     qmax = 2**bits - 1
     wmin = np.minimum(_block_reduce(w, block, np.min), 0.0)
     wmax = np.maximum(_block_reduce(w, block, np.max), 0.0)
@@ -243,13 +251,14 @@ def quantize_weight(weight_t: np.ndarray, config: QuantConfig, scale_dtype: np.d
     full = np.repeat(scale.astype(np.float64), block, axis=0)[: w.shape[0]]
     full_zp = np.repeat(zp, block, axis=0)[: w.shape[0]]
     q = np.clip(np.round(w / full) + full_zp, 0, qmax)
-    return QuantizedWeight(q.astype(np_type), scale, zp.astype(np_type), block)
+    return QuantizedWeight(q.astype(np_type), scale, zp.astype(np_type), block, bits)
 
 
-def quantize_weight_per_channel_int8(weight_t: np.ndarray, scale_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per output channel (axis 1 of ``W^T``): the ``exact`` bias-correction copy."""
+def quantize_weight_per_channel_int8(weight_t: np.ndarray, scale_dtype: np.dtype) -> QuantizedWeight:
+    """Symmetric int8 per output channel (axis 1 of ``W^T``; one block of all rows): the ``exact``
+    bias-correction copy."""
     w = np.asarray(weight_t, dtype=np.float64)
     scale = np.abs(w).max(axis=0) / 127.0
     scale = np.where(scale > 0, scale, 1.0).astype(scale_dtype)
     q = np.clip(np.round(w / scale.astype(np.float64)[None, :]), -127, 127).astype(np.int8)
-    return q, scale
+    return QuantizedWeight(q, scale[None, :], None, w.shape[0], 8)

@@ -14,7 +14,7 @@ channel), the scales factor out of the sum:
 
     y = sum_p IntMatMul8(codes, m_p, scales = 128^p c s)
 
-one exact int32 dot product per part (`graph_passes.lower_fused`).
+one exact int32 dot product per part (`graph_passes.emit_fused`).
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes import tags
 from graph_passes.errors import GraphInputError
 from graph_passes.graph_utils import NodeSequence, add_initializer, shared_constant, tensor_name
 from graph_passes.quantization import container
@@ -56,48 +55,44 @@ class ActScaleTable:
 class TimestepIndex:
     """The shared ``argmin_k |timesteps[k] - t|`` of one graph (built on first use)."""
 
-    def __init__(self, graph: ir.Graph, table: ActScaleTable):
-        self.graph, self.table = graph, table
+    def __init__(self, graph: ir.Graph, timestep_input: str, timesteps: np.ndarray):
+        self.graph, self.timestep_input, self.timesteps = graph, timestep_input, timesteps
         self.value: ir.Value | None = None
 
     def get(self) -> ir.Value:
         if self.value is not None:
             return self.value
         graph = self.graph
-        t = next((v for v in graph.inputs if v.name == self.table.timestep_input), None)
+        t = next((v for v in graph.inputs if v.name == self.timestep_input), None)
         if t is None:
             raise GraphInputError(f"static per-timestep activation scales need the timestep input "
-                                  f"{self.table.timestep_input!r}, which this graph does not have")
+                                  f"{self.timestep_input!r}, which this graph does not have")
         seq = NodeSequence("hadanorm.timestep_index")
         flat = seq.op("Reshape", [seq.op("Cast", [t], to=ir.DataType.FLOAT),
                                   add_initializer(graph, "hadanorm.flat", np.array([-1], np.int64))])
         first = seq.op("Gather", [flat, add_initializer(graph, "hadanorm.first", np.array(0, np.int64))], axis=0)
-        table = add_initializer(graph, "hadanorm.step_timesteps", np.asarray(self.table.timesteps, np.float32))
+        table = add_initializer(graph, "hadanorm.step_timesteps", np.asarray(self.timesteps, np.float32))
         self.value = seq.op("ArgMin", [seq.op("Abs", [seq.op("Sub", [table, first])])], axis=0, keepdims=0)
         graph.insert_before(graph.node(0), seq.nodes)
         return self.value
 
 
-def static_qdq(graph: ir.Graph, before: ir.Node, x: ir.Value, bits: int, site: str, table: ActScaleTable,
+def static_qdq(graph: ir.Graph, before: ir.Node, x: ir.Value, bits: int, site: str, scales: np.ndarray,
                index: TimestepIndex) -> ir.Value:
-    """Insert the static quantizer of `x` (site `site`) before `before`; returns the DequantizeLinear output."""
-    if site not in table.absmax:
-        raise GraphInputError(f"the activation scale table has no entry for site {site}; recalibrate, or add the "
-                              "site to the table file")
+    """Insert the static quantizer of `x` (site `site`; `scales` [K] float64, one per timestep) before `before`;
+    returns the DequantizeLinear output."""
     dtype = x.dtype.numpy() if x.dtype is not None else np.dtype(np.float32)
     qmax = 2 ** (bits - 1) - 1
-    scales = np.asarray(table.absmax[site], np.float64) / qmax
     scales = np.where(scales > 0, scales, np.finfo(dtype).tiny).astype(dtype)
     zp_type, zp_np = container(bits, signed=True)
     name = tensor_name(f"{site}.act_static")
-    seq = NodeSequence(name, metadata={tags.ACT_QUANT: site})
+    seq = NodeSequence(name)
     scale = seq.op("Gather", [add_initializer(graph, f"{name}.scales", scales), index.get()], axis=0)
     high = seq.op("Mul", [scale, shared_constant(graph, f"hadanorm.qmax_s{bits}_{dtype}", np.array(qmax, dtype))])
     low = seq.op("Neg", [high])
     zero = shared_constant(graph, f"hadanorm.zero_{zp_type.name.lower()}", np.array(0, dtype=zp_np))
     q = seq.op("QuantizeLinear", [seq.op("Clip", [x, low, high]), scale, zero])
     dq = seq.op("DequantizeLinear", [q, scale, zero])
-    seq.nodes[-1].metadata_props[tags.ACT_STATIC] = str(bits)
     dq.type, dq.shape = x.type, x.shape
     graph.insert_before(before, seq.nodes)
     return dq

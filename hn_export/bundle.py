@@ -10,10 +10,17 @@ Bundle layout (`runtime.bundle_manifest` describes ``bundle.json``)::
     BUNDLE/vae_decoder.onnx             latents / scaling_factor -> post_quant_conv -> decoder (dynamic size)
     BUNDLE/scheduler_config.json        the checkpoint's scheduler/scheduler_config.json, byte for byte
 
-Sizes: PixArt's positional embedding is a constant of the exported graph (computed at trace time from the latent
-height and width), so the bundle holds one transformer per requested size. Each is traced from the checkpoint's
-model with its own config (base size and interpolation scale) at that latent size: the embedding diffusers'
-pipeline computes when it runs the same model at that size.
+Sizes (``--sizes``): PixArt's positional embedding is a constant of the exported graph (computed at trace time from
+the latent height and width), so the bundle holds one transformer per requested size, square or not (``WxH``, W and
+H multiples of VAE factor x patch = 16 px, at most 4096 px, diffusers' largest bin). Each is traced from the
+checkpoint's model with its own config (base size and interpolation scale) at latent (H / 8, W / 8)
+(`hn_export.export.export_transformer`'s ``latent_hw``): the embedding diffusers' pipeline computes when it runs the
+same model at that size. ``--sizes bins`` bundles diffusers' aspect-ratio table for the checkpoint's sample size, the
+table `PixArtSigmaPipeline` bins to (`aspect_ratio_bins`: sample size 32 / 64 / 128 / 256 -> ASPECT_RATIO_256_BIN /
+512 / 1024 / 2048, 33 to 40 sizes). Each size entry of ``bundle.json`` carries its ``aspect_ratio``: the table's key
+(a string such as ``"0.57"``, read as a number) when the size is an entry of that table, else height / width; the
+runtime's resolution binning compares requested aspect ratios with these, as diffusers compares them with the
+table's keys. The bundle's default size is the checkpoint's own square size when it is bundled, else the first.
 
 Atomic: everything is written into a temporary folder beside ``-o`` and renamed into place at the end (an existing
 bundle at ``-o`` is replaced only then); a failure, Ctrl-C or SIGTERM leaves nothing behind. The transformers are
@@ -55,6 +62,7 @@ class BundleJob:
     preset: str | None = None  # ... or a pipeline preset of models.pipelines (seeded weights)
     preset_seed: int = 0
     sizes: tuple[tuple[int, int], ...] = ()  # (width, height) in pixels; empty: the transformer's own size
+    bins: bool = False  # --sizes bins: diffusers' aspect-ratio table of the checkpoint's sample size (sizes empty)
     quantize: QuantizeJob | None = None  # the transformer's quantize job (model_path/output are set per size)
     encoder_bits: int | None = DEFAULT_ENCODER_BITS  # None: float32
     encoder_block: int = DEFAULT_ENCODER_BLOCK
@@ -70,12 +78,23 @@ class BundleReport:
     quantize_summaries: list[str]
 
 
+SIZES_BINS = "bins"  # --sizes bins: diffusers' aspect-ratio table of the checkpoint's sample size
+# PixArtSigmaPipeline.__call__'s choice: transformer sample size -> (module, table) of diffusers' aspect-ratio bins
+BIN_TABLES = {256: ("pipeline_pixart_sigma", "ASPECT_RATIO_2048_BIN"),
+              128: ("pipeline_pixart_alpha", "ASPECT_RATIO_1024_BIN"),
+              64: ("pipeline_pixart_alpha", "ASPECT_RATIO_512_BIN"),
+              32: ("pipeline_pixart_alpha", "ASPECT_RATIO_256_BIN")}
+
+
 def parse_sizes(text: str | None) -> tuple[tuple[int, int], ...]:
-    """``--sizes 512x512,1024`` -> ((512, 512), (1024, 1024)): WxH in pixels, or one number for a square."""
+    """``--sizes 512x512,1024`` -> ((512, 512), (1024, 1024)): WxH in pixels, or one number for a square
+    (``--sizes bins`` is read by the CLI: `BundleJob.bins`)."""
     if text is None:
         return ()
     sizes = []
     for item in (part.strip() for part in text.split(",")):
+        if item.lower() == SIZES_BINS:
+            raise UserError(f"--sizes {text!r} mixes bins with sizes", "write --sizes bins alone, or list the sizes")
         w, sep, h = item.lower().partition("x")
         try:
             size = (int(w), int(h) if sep else int(w))
@@ -228,22 +247,56 @@ def _load_transformer(folder: Path):
     return model
 
 
+def aspect_ratio_bins(sample_size: int) -> dict[str, tuple[int, int]]:
+    """diffusers' aspect-ratio table that `PixArtSigmaPipeline` bins to for a transformer of this sample size
+    (read from the installed diffusers): {ratio key (height / width to 2 decimals, a string): (height, width)} in the
+    table's order (ascending ratio)."""
+    if sample_size not in BIN_TABLES:
+        raise UserError(f"--sizes bins: diffusers has no aspect-ratio table for sample size {sample_size} (it has "
+                        f"{', '.join(str(s) for s in sorted(BIN_TABLES))}: 256 to 2048 px checkpoints)",
+                        "list the sizes instead, e.g. --sizes 1024x768,768x1024")
+    import importlib
+
+    module, name = BIN_TABLES[sample_size]
+    table = getattr(importlib.import_module(f"diffusers.pipelines.pixart_alpha.{module}"), name)
+    return {str(key): (int(hw[0]), int(hw[1])) for key, hw in table.items()}
+
+
 def _check_sizes(sizes: Sequence[tuple[int, int]], model, vae_scale: int) -> list[tuple[int, int]]:
+    """(width, height) pixels: positive multiples of VAE factor x patch, latent sides at most the family's
+    `max_latent_side` (PixArt: 512, 4096 px)."""
+    from models.build import family_of_model
+
     patch = int(model.config.patch_size)
     own = int(model.config.sample_size) * vae_scale
     sizes = list(sizes) or [(own, own)]
     step = vae_scale * patch
+    family = family_of_model(model)
+    limit = (family.max_latent_side or family.max_sample_size) * vae_scale
     for width, height in sizes:
         if width % step or height % step:
             raise UserError(f"size {width}x{height} is not a multiple of {step} pixels (VAE factor {vae_scale} x "
                             f"patch {patch})", f"use multiples of {step}, e.g. {own}x{own}")
-        if width != height:
-            raise UserError(f"size {width}x{height} is not square; the transformer export traces square latents",
-                            f"bundle square sizes (e.g. {own}x{own})")
-        if width // vae_scale > 256:
-            raise UserError(f"size {width}x{height} is larger than PixArt's largest latent (256)",
-                            "use at most 2048x2048")
+        if max(width, height) > limit:
+            raise UserError(f"size {width}x{height} is larger than {limit} pixels on a side (latent "
+                            f"{limit // vae_scale}, diffusers' largest aspect-ratio bin)",
+                            f"use sides of at most {limit} pixels")
     return sizes
+
+
+def _bin_sizes(model) -> list[tuple[int, int]]:
+    """--sizes bins: the (width, height) of every entry of the checkpoint's aspect-ratio table, in its order."""
+    return [(w, h) for h, w in aspect_ratio_bins(int(model.config.sample_size)).values()]
+
+
+def _aspect_ratio(width: int, height: int, sample_size: int) -> float:
+    """The ratio key resolution binning compares with: diffusers' table key when (width, height) is an entry of
+    the checkpoint's table, else height / width."""
+    if sample_size in BIN_TABLES:
+        for key, hw in aspect_ratio_bins(sample_size).items():
+            if hw == (height, width):
+                return float(key)
+    return height / width
 
 
 # ------------------------------------------------------------------------------------------------- the job
@@ -371,7 +424,11 @@ def _build(job: BundleJob, work: Path, staging: Path, stage, bar) -> BundleRepor
     vae = _load_vae(folder)
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     model = _load_transformer(folder)
-    sizes = _check_sizes(job.sizes, model, vae_scale)
+    if job.bins and job.sizes:
+        raise UserError("give --sizes bins or a list of sizes, not both", "write --sizes bins alone")
+    sizes = _check_sizes(_bin_sizes(model) if job.bins else job.sizes, model, vae_scale)
+    bar.total += (len(sizes) - max(len(job.sizes), 1)) * (2 if job.quantize is not None else 1)
+    bar.refresh()
     if int(model.config.caption_channels) != int(_read_json(folder / "text_encoder" / "config.json",
                                                              "text encoder config").get("d_model", -1)):
         raise UserError(f"the text encoder's width in {folder} is not the transformer's caption_channels "
@@ -385,13 +442,10 @@ def _build(job: BundleJob, work: Path, staging: Path, stage, bar) -> BundleRepor
     for width, height in sizes:
         name = f"transformer_{width}x{height}.onnx"
         stage(f"export {name}")
-        model.register_to_config(sample_size=width // vae_scale)  # the traced latent size; the model keeps its
-        try:                                                       # own positional-embedding base and scale
-            fp_path = (work / name) if job.quantize is not None else (staging / name)
-            written = export_transformer(model, fp_path, progress=False,
-                                         metadata={"hn_export.source": source, "hn_export.size": f"{width}x{height}"})
-        finally:
-            model.register_to_config(sample_size=own)
+        fp_path = (work / name) if job.quantize is not None else (staging / name)
+        written = export_transformer(model, fp_path, progress=False,
+                                     latent_hw=(height // vae_scale, width // vae_scale),
+                                     metadata={"hn_export.source": source, "hn_export.size": f"{width}x{height}"})
         bar.update(1)
         if job.quantize is not None:
             stage(f"quantize {name}")
@@ -407,7 +461,8 @@ def _build(job: BundleJob, work: Path, staging: Path, stage, bar) -> BundleRepor
         info = _transformer_method(staging / name)
         entries += _graph_entries(staging, written, "transformer", width=width, height=height, **info)
         size_entries.append({"width": width, "height": height, "latent_height": height // vae_scale,
-                             "latent_width": width // vae_scale, "transformer": name})
+                             "latent_width": width // vae_scale, "aspect_ratio": _aspect_ratio(width, height, own),
+                             "transformer": name})
     transformer_cfg = dict(model.config)
     del model
 
@@ -435,6 +490,7 @@ def _build(job: BundleJob, work: Path, staging: Path, stage, bar) -> BundleRepor
 
     family = FAMILIES[PIPELINES[index["_class_name"]]]
     latent_channels = int(transformer_cfg["in_channels"])
+    default = (own * vae_scale,) * 2 if (own * vae_scale,) * 2 in sizes else sizes[0]
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -443,7 +499,7 @@ def _build(job: BundleJob, work: Path, staging: Path, stage, bar) -> BundleRepor
         "source": source,
         "versions": _versions(),
         "defaults": {"steps": DEFAULT_STEPS, "guidance_scale": family.guidance_scale, "negative_prompt": "",
-                     "width": sizes[0][0], "height": sizes[0][1]},
+                     "width": default[0], "height": default[1]},
         "text": {"max_sequence_length": job.max_sequence_length, "preprocess": "lower_strip",
                  "pad_token_id": tokens["pad_token_id"], "eos_token_id": tokens["eos_token_id"],
                  "width": int(transformer_cfg["caption_channels"])},

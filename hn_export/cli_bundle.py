@@ -3,6 +3,8 @@
     hn-export bundle --preset tiny -o tiny_bundle/                      # seeded tiny pipeline, no files needed
     hn-export bundle --checkpoint ./PixArt-Sigma-XL-2-512-MS -o px512/   # local diffusers folder, no hub access
     hn-export bundle --checkpoint DIR --sizes 512x512,768x768 --method hadanorm --format nbits -o px/
+    hn-export bundle --checkpoint ./PixArt-Sigma-XL-2-1024-MS --sizes 1024x768,768x1024,1024x1024 -o px1024/
+    hn-export bundle --checkpoint ./PixArt-Sigma-XL-2-1024-MS --sizes bins -o px_bins/   # diffusers' 33 bins
     hn-export bundle --checkpoint DIR --no-quantize -o px_fp32/         # every component in float: the reference
 
 The transformer quantize options are those of ``hn-export MODEL.onnx --w4a4`` (the same click options, `--format`
@@ -19,7 +21,7 @@ from pathlib import Path
 import click
 
 from graph_passes.quantization import OutputFormat
-from hn_export.bundle import (DEFAULT_MAX_SEQUENCE_LENGTH, BundleJob, parse_sizes, run_bundle)
+from hn_export.bundle import DEFAULT_MAX_SEQUENCE_LENGTH, SIZES_BINS, BundleJob, parse_sizes, run_bundle
 from hn_export.bundle_components import DEFAULT_ENCODER_BITS, DEFAULT_ENCODER_BLOCK, ENCODER_BITS
 from hn_export.cli_quantize import quantize_command, quantize_job
 from hn_export.errors import UserError
@@ -61,8 +63,10 @@ def quantize_job_from_options(opts: dict) -> QuantizeJob:
 @click.option("--preset-seed", type=int, default=0, show_default=True, help="Seed of the --preset weights.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="Bundle folder to write (new, empty, or an older bundle, replaced at the end).")
-@click.option("--sizes", metavar="WxH[,WxH...]",
-              help="Image sizes in pixels, one transformer each (default: the transformer's own size).")
+@click.option("--sizes", metavar="WxH[,WxH...]|bins",
+              help="Image sizes in pixels (width x height, multiples of 16), one transformer each (default: the "
+                   "transformer's own size); 'bins': diffusers' aspect-ratio table for the checkpoint's sample size "
+                   "(PixArtSigmaPipeline's resolution binning: 33 sizes at 256-1024 px, 40 at 2048 px).")
 @click.option("--no-quantize", is_flag=True, help="Every component in float32 (the reference bundle).")
 @click.option("--encoder-bits", type=click.Choice([str(b) for b in ENCODER_BITS]), default=str(DEFAULT_ENCODER_BITS),
               show_default=True, help="Weight-only bits of the T5 encoder's linears (MatMulNBits).")
@@ -80,8 +84,9 @@ def bundle_command(checkpoint, pipeline_preset, preset_seed, output, sizes, no_q
         raise UserError("give exactly one pipeline source" + (f", got {' and '.join(given)}" if given else ""),
                         "pass --checkpoint DIR or --preset NAME")
     quantize = None if no_quantize else quantize_job_from_options(quantize_opts)
+    bins = sizes is not None and sizes.strip().lower() == SIZES_BINS
     job = BundleJob(output=output, checkpoint=checkpoint, preset=pipeline_preset, preset_seed=preset_seed,
-                    sizes=parse_sizes(sizes), quantize=quantize,
+                    sizes=() if bins else parse_sizes(sizes), bins=bins, quantize=quantize,
                     encoder_bits=None if no_quantize else int(encoder_bits), encoder_block=encoder_block,
                     max_sequence_length=max_sequence_length, progress=not no_progress)
     report = run_bundle(job)

@@ -18,8 +18,10 @@ diffusers forward arguments; for PixArt:
 - ``hidden_states`` [B, in_channels, H, W] float, ``timestep`` [B] float, ``encoder_hidden_states`` [B, L, caption
   channels] float, and with ``with_mask=True`` ``encoder_attention_mask`` [B, L] float (1 keep, 0 drop).
 - output ``sample`` [B, out_channels, H, W].
-- B and L are dynamic (`torch.export.Dim`); H and W are fixed by the model's ``sample_size`` (the positional
-  embedding is computed at export time: one file per resolution).
+- B and L are dynamic (`torch.export.Dim`); H and W are fixed at export (the positional embedding is computed at
+  trace time: one file per resolution): the model's own square ``sample_size``, or ``latent_hw=(H, W)`` for a
+  family that traces any latent size (`ModelFamily.any_latent_hw`: PixArt; the graph then holds the embedding
+  diffusers computes when it runs the model at H x W).
 - the family's name is stored in the model metadata (``hn_export.family``).
 - With ``with_mask=True`` every shape is static (B=2, L=`MASK_CAPTION_LENGTH`): torch.export with the attention mask
   and dynamic shapes fails (torch 2.13), a static export works.
@@ -72,10 +74,12 @@ class TransformerForExport(nn.Module):
         return self._family.forward(self.transformer, dict(zip(self._names, args)))
 
 
-def example_inputs(model: nn.Module, family: ModelFamily, dtype: torch.dtype, with_mask: bool) -> dict[str, torch.Tensor]:
-    """Example inputs for tracing, named as the graph inputs."""
+def example_inputs(model: nn.Module, family: ModelFamily, dtype: torch.dtype, with_mask: bool,
+                   latent_hw: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """Example inputs for tracing, named as the graph inputs, at latent (height, width) `latent_hw` (None: the
+    model's own square size)."""
     length = MASK_CAPTION_LENGTH if with_mask else EXAMPLE_CAPTION_LENGTH
-    return family.example_inputs(model, EXAMPLE_BATCH, length, 0, dtype, with_mask)
+    return family.example_inputs_at(model, EXAMPLE_BATCH, length, 0, dtype, with_mask, latent_hw)
 
 
 def dynamic_shapes(specs: tuple[InputSpec, ...]) -> tuple | None:
@@ -170,18 +174,21 @@ def _prepare(model: nn.Module, fp16: bool) -> nn.Module:
     return model.eval()
 
 
-def to_onnx(model: nn.Module, *, fp16: bool = False, with_mask: bool = False, progress=None) -> ir.Model:
-    """Trace, translate and fix `model`; returns the onnx_ir Model (not written)."""
+def to_onnx(model: nn.Module, *, fp16: bool = False, with_mask: bool = False, progress=None,
+            latent_hw: tuple[int, int] | None = None) -> ir.Model:
+    """Trace, translate and fix `model` at latent (height, width) `latent_hw` (None: the model's own square size);
+    returns the onnx_ir Model (not written). A size the family cannot trace raises `ModelInputError`."""
     family = family_of_model(model)
     if with_mask and not family.supports_mask:
         raise ModelInputError(f"--with-mask: the {family.name} family's export has no encoder_attention_mask input",
                               "leave out --with-mask")
+    family.check_latent_hw(model, latent_hw)  # before the fp16 copy
     model = _prepare(model, fp16)
     dtype = torch.float16 if fp16 else torch.float32
     specs = family.input_specs(model, with_mask)
     names = [spec.name for spec in specs]
     wrapper = TransformerForExport(model, family, names).eval()
-    inputs = example_inputs(model, family, dtype, with_mask)
+    inputs = example_inputs(model, family, dtype, with_mask, latent_hw)
     args = tuple(inputs[name] for name in names)
     shapes = dynamic_shapes(specs)
 
@@ -226,10 +233,12 @@ def export_transformer(
     with_mask: bool = False,
     progress: bool = True,
     metadata: dict[str, str] | None = None,
+    latent_hw: tuple[int, int] | None = None,
 ) -> list[Path]:
     """Export a diffusers transformer of a supported family to `path`; returns the files written (.onnx [+ .data]).
 
-    `metadata` entries are stored in the model's ``metadata_props``.
+    `metadata` entries are stored in the model's ``metadata_props``. `latent_hw`: the latent (height, width) traced
+    (None: the model's own square size; another size needs a family with ``any_latent_hw``, else `ModelInputError`).
     """
     path = Path(path)
     check_output_path(path)
@@ -237,7 +246,7 @@ def export_transformer(
 
     with tqdm(total=4, desc=f"export {path.name}", unit="stage", disable=not progress, file=sys.stderr,
               bar_format="{desc}: stage {n_fmt}/{total_fmt}{postfix} [{elapsed}]") as bar:
-        onnx_model = to_onnx(model, fp16=fp16, with_mask=with_mask, progress=bar)
+        onnx_model = to_onnx(model, fp16=fp16, with_mask=with_mask, progress=bar, latent_hw=latent_hw)
         for key, value in (metadata or {}).items():
             onnx_model.metadata_props[key] = str(value)
         bar.set_postfix_str("save", refresh=True)

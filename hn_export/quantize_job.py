@@ -17,7 +17,6 @@ from graph_passes.methods import TransformOptions
 from graph_passes.pipeline import quantize_model
 from graph_passes.quantization import OutputFormat, QuantConfig
 from graph_passes.static_act_quant import ActGranularity
-from graph_passes import tags
 from hn_export.act_scales import calibrate_act_scales, load_act_scales, save_act_scales
 from hn_export.calibration import CalibrationStats, calibrate, model_hash
 from hn_export.denoise import DenoiseConfig, ModelSignature, load_input_file
@@ -89,20 +88,22 @@ def default_output(model_path: Path, quant: QuantConfig | None) -> Path:
 
 
 _MAIN_WEIGHT_OPS = {"MatMulNBits", "IntMatMul4", "IntMatMul8"}
+_CORRECTION_WEIGHT_OPS = {"FloatMatMul4", "FloatMatMul8"}
 
 
 def _weight_bytes(model: ir.Model) -> tuple[int, int]:
     """Bytes of the quantized site weights (integers + scales + zero points) and of the exact-correction copies,
-    in any output format (each initializer counted once)."""
+    in any output format (each initializer counted once). In ``qdq`` graphs the weights are the
+    ``DequantizeLinear`` nodes that read integer initializers: blocked ones (``block_size``) are site weights,
+    per-channel ones (``axis=1``) the exact correction's int8 copies."""
     main: dict[int, int] = {}
     extra: dict[int, int] = {}
     for node in model.graph:
-        role = node.metadata_props.get(tags.WEIGHT_ROLE)
-        if node.op_type == "DequantizeLinear" and role is not None:
-            target = main if role == tags.ROLE_MAIN else extra
+        if node.op_type == "DequantizeLinear" and node.inputs[0] is not None and node.inputs[0].is_initializer():
+            target = main if "block_size" in node.attributes else extra
         elif node.op_type in _MAIN_WEIGHT_OPS:
             target = main
-        elif node.op_type in ("FloatMatMul4", "FloatMatMul8"):
+        elif node.op_type in _CORRECTION_WEIGHT_OPS:
             target = extra
         else:
             continue

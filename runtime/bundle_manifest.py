@@ -10,9 +10,13 @@ sha256) before any session is created. Layout (format version 1)::
      "text": {"max_sequence_length": 300, "preprocess": "lower_strip", "pad_token_id": 0},
      "latent": {"channels": 4, "vae_scale_factor": 8, "scaling_factor": 0.13025, "learned_sigma": true},
      "vae_tiling": {"tile_latent_size": 128, "overlap_factor": 0.25},
-     "sizes": [{"width": 1024, "height": 1024, "transformer": "transformer_1024x1024.onnx"}],
+     "sizes": [{"width": 1024, "height": 1024, "aspect_ratio": 1.0, "transformer": "transformer_1024x1024.onnx"}],
      "files": [{"path": "text_encoder.onnx", "role": "text_encoder", "bits": 8, "method": "...",
                 "sha256": "...", "bytes": 123}, ...]}
+
+A size's ``aspect_ratio`` (optional; height / width when absent) is the ratio key resolution binning compares a
+requested height / width with (`runtime.pipeline_sizes.closest_size`): diffusers' table key for a size of its
+aspect-ratio table (e.g. 0.57 for 768x1344), else height / width.
 
 File roles: ``text_encoder``, ``transformer`` (one per size; ``width``/``height`` given), ``vae_decoder``,
 ``tokenizer``, ``scheduler``, and ``external_data`` (a ``.onnx.data`` beside its graph; ``of`` names the graph).
@@ -83,6 +87,14 @@ class Manifest:
     def sizes(self) -> list[tuple[int, int]]:
         """(width, height) in pixels of every bundled transformer."""
         return [(int(s["width"]), int(s["height"])) for s in self.data["sizes"]]
+
+    @property
+    def aspect_ratios(self) -> list[float]:
+        """Each size's ratio key for resolution binning (``aspect_ratio``, else height / width)."""
+        return [float(s.get("aspect_ratio", int(s["height"]) / int(s["width"]))) for s in self.data["sizes"]]
+
+    def has_size(self, width: int, height: int) -> bool:
+        return (width, height) in self.sizes
 
     def transformer_path(self, width: int, height: int) -> Path:
         for entry in self.data["sizes"]:
@@ -173,8 +185,11 @@ def load_manifest(folder: str | os.PathLike) -> Manifest:
     for entry in sizes:
         if not isinstance(entry, dict) or entry.get("transformer") not in names:
             raise _fail(folder, f"{MANIFEST_NAME} has a size whose transformer is not a listed file")
-        _require(entry, "width", int, folder, "size ")
-        _require(entry, "height", int, folder, "size ")
+        for key in ("width", "height"):
+            if _require(entry, key, int, folder, "size ") < 1:
+                raise _fail(folder, f"{MANIFEST_NAME} has a size whose {key} is not positive")
+        if "aspect_ratio" in entry and _require(entry, "aspect_ratio", (int, float), folder, "size ") <= 0:
+            raise _fail(folder, f"{MANIFEST_NAME} has a size whose aspect_ratio is not positive")
     manifest = Manifest(folder, data, tuple(files))
     for role in ("text_encoder", "vae_decoder", "tokenizer", "scheduler"):
         manifest.file(role)

@@ -23,6 +23,14 @@ What a call does (PixArtSigmaPipeline's steps, in numpy):
    ``scheduler_config.json`` (`runtime.schedulers.scheduler_from_config`). A callback per step may stop the run.
 4. decode with the VAE decoder session (tiled like diffusers' ``enable_tiling`` when the latent is larger than the
    bundle's tile), to uint8 and a PIL image.
+
+Sizes (`plan_size`): ``width`` x ``height`` (default: the bundle's default size) runs the bundled transformer of
+that size. A size the bundle does not hold is, with ``resolution_binning=True`` (the default, as diffusers'
+``use_resolution_binning``), generated at the bundled size of the closest aspect ratio (diffusers'
+``classify_height_width_bin`` over the bundle's sizes) and the decoded image resized bilinearly and center-cropped
+to the requested size (diffusers' ``resize_and_crop_tensor``), both in `runtime.pipeline_sizes`; the run logs it
+and `Generation.settings` says so (``generated_width``/``generated_height``, ``resolution_binning``). With
+``resolution_binning=False`` it is an error naming the bundled sizes.
 """
 
 from __future__ import annotations
@@ -42,11 +50,13 @@ import numpy as np
 from runtime.bundle_manifest import Manifest, load_manifest, verify_files
 from runtime.errors import RuntimeInputError
 from runtime.pipeline_decode import tile_count, tiled_decode, to_uint8
+from runtime.pipeline_sizes import closest_size, resize_and_crop
 from runtime.pipeline_stats import StageStat, StageTimer
 
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("pixart-sigma",)  # bundles whose loop this module runs (T5 text, CFG pair, learned sigma dropped)
+MAX_IMAGE_SIDE = 16384  # the largest requested width or height (resolution binning resizes to it)
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
              "tensor(int32)": np.int32}
 
@@ -73,6 +83,27 @@ class Generation:
     stopped: bool = False
     stages: list[StageStat] = dataclasses.field(default_factory=list)
     truncated: list[str] = dataclasses.field(default_factory=list)  # text cut from over-long prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class SizePlan:
+    """The image size asked for and the bundled size generated at (equal unless resolution binning chose a bin)."""
+
+    width: int
+    height: int
+    generate_width: int
+    generate_height: int
+
+    @property
+    def binned(self) -> bool:
+        return (self.width, self.height) != (self.generate_width, self.generate_height)
+
+    def describe(self) -> str:
+        """One line saying what resolution binning did (empty when it did nothing)."""
+        if not self.binned:
+            return ""
+        return (f"generated at {self.generate_width}x{self.generate_height} (the bundled size of the closest aspect "
+                f"ratio), resized bilinearly and center-cropped to {self.width}x{self.height}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,22 +240,37 @@ class TextToImage:
             session = None  # freed (run() holds the name, not the session)
             gc.collect()
 
-    def _size(self, width: int | None, height: int | None) -> tuple[int, int]:
+    def plan_size(self, width: int | None = None, height: int | None = None,
+                  resolution_binning: bool = True) -> SizePlan:
+        """The size a call generates at (module docstring): `width` x `height` (default: the bundle's default size)
+        when bundled; else, with `resolution_binning`, the bundled size of the closest aspect ratio
+        (`runtime.pipeline_sizes.closest_size`); else a `RuntimeInputError` naming the bundled sizes."""
         defaults = self.manifest.defaults
-        width = int(width if width is not None else defaults.get("width", self.sizes[0][0]))
-        height = int(height if height is not None else defaults.get("height", self.sizes[0][1]))
-        self.manifest.transformer_path(width, height)  # a size not in the bundle: one line naming those it has
-        return width, height
+        width = width if width is not None else defaults.get("width", self.sizes[0][0])
+        height = height if height is not None else defaults.get("height", self.sizes[0][1])
+        for name, value in (("width", width), ("height", height)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_IMAGE_SIDE:
+                raise RuntimeInputError(f"image {name} {value!r} is not a whole number of pixels from 1 to "
+                                        f"{MAX_IMAGE_SIDE}; pass e.g. width={self.sizes[0][0]}")
+        width, height = int(width), int(height)
+        if self.manifest.has_size(width, height) or not resolution_binning:
+            self.manifest.transformer_path(width, height)  # a size not in the bundle: one line naming those it has
+            return SizePlan(width, height, width, height)
+        gen_w, gen_h = closest_size(width, height, self.sizes, self.manifest.aspect_ratios)
+        return SizePlan(width, height, gen_w, gen_h)
 
     # ------------------------------------------------------------------------------------------------ the run
     def __call__(self, prompt: str, negative_prompt: str | None = None, *, steps: int | None = None,
                  guidance_scale: float | None = None, seed: int = 0, width: int | None = None,
                  height: int | None = None, latents: np.ndarray | None = None,
                  callback: StepCallback | None = None, output_type: str = "pil",
-                 tile_latent_size: int | None = None) -> Generation:
+                 tile_latent_size: int | None = None, resolution_binning: bool = True) -> Generation:
         """Generate one image. `latents`: starting noise [1, C, h, w] instead of the seed's (before
-        ``init_noise_sigma``). `callback(StepInfo)` after every step; a truthy return stops the run (no image is
-        decoded). `output_type`: ``pil`` (image and array), ``np`` (array only) or ``latent`` (no decode)."""
+        ``init_noise_sigma``), at the size generated at (`plan_size`). `callback(StepInfo)` after every step; a
+        truthy return stops the run (no image is decoded). `output_type`: ``pil`` (image and array), ``np`` (array
+        only) or ``latent`` (no decode; the latents of the size generated at). `resolution_binning`: a size the
+        bundle does not hold is generated at the closest aspect ratio's bundled size and resized (module
+        docstring); False makes it an error."""
         from tqdm import tqdm
 
         from runtime.denoiser import Denoiser
@@ -240,7 +286,8 @@ class TextToImage:
             raise RuntimeInputError(f"guidance scale {guidance} is not a finite number")
         if output_type not in ("pil", "np", "latent"):
             raise RuntimeInputError(f"output_type {output_type!r} is not one of pil, np, latent")
-        width, height = self._size(width, height)
+        plan = self.plan_size(width, height, resolution_binning)
+        width, height = plan.generate_width, plan.generate_height  # the transformer's size
         factor = int(self.manifest.latent["vae_scale_factor"])
         channels = int(self.manifest.latent["channels"])
         shape = (1, channels, height // factor, width // factor)
@@ -250,8 +297,13 @@ class TextToImage:
                 raise RuntimeInputError(f"latents have shape {list(latents.shape)}; {width}x{height} takes "
                                         f"{list(shape)}")
         settings = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "guidance_scale": guidance,
-                    "seed": None if latents is not None else seed, "width": width, "height": height,
+                    "seed": None if latents is not None else seed, "width": plan.width, "height": plan.height,
+                    "generated_width": width, "generated_height": height,
+                    "resolution_binning": plan.describe() or None,
                     "scheduler": self.scheduler_config.get("_class_name")}
+        if plan.binned:
+            logger.info("resolution binning: %dx%d is not in the bundle; %s", plan.width, plan.height,
+                        plan.describe())
         timer = StageTimer()
         cfg = guidance > 1.0
         with timer.stage("text encoder"):
@@ -298,6 +350,8 @@ class TextToImage:
             return Generation(None, None, x, settings, stopped, timer.stages, truncated)
         with timer.stage("vae decoder"):
             image = self.decode(x, tile_latent_size)
+        if plan.binned:
+            image = resize_and_crop(image, plan.width, plan.height)
         array = to_uint8(image)[0]
         pil = None
         if output_type == "pil":

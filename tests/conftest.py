@@ -81,7 +81,9 @@ def _build(root: Path, name: str, args: list[str]) -> Path:
 
 @pytest.fixture(scope="session")
 def bundle_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp() / "bundles"
+    root = tmp_path_factory.getbasetemp() / "bundles"
+    root.mkdir(parents=True, exist_ok=True)  # q_bundle alone (-m slow) builds no pipeline folder first
+    return root
 
 
 @pytest.fixture(scope="session")
@@ -96,10 +98,15 @@ def tiny_pipeline(bundle_root) -> Path:
     return folder
 
 
+FP_BUNDLE_SIZES = [(64, 64), (128, 128), (96, 64)]  # (width, height): own size, 2x, and a non-square one
+
+
 @pytest.fixture(scope="session")
 def fp_bundle(tiny_pipeline, bundle_root) -> Path:
-    """--no-quantize from the folder, at the transformer's own size (64 px) and at 128 px."""
-    return _build(bundle_root, "fp", ["--checkpoint", str(tiny_pipeline), "--no-quantize", "--sizes", "64x64,128x128"])
+    """--no-quantize from the folder, at the transformer's own size (64 px), at 128 px and at 96x64 (width x height:
+    a non-square latent, 12 wide and 8 high)."""
+    sizes = ",".join(f"{w}x{h}" for w, h in FP_BUNDLE_SIZES)
+    return _build(bundle_root, "fp", ["--checkpoint", str(tiny_pipeline), "--no-quantize", "--sizes", sizes])
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import pytest
 
 from runtime.bundle_manifest import MANIFEST_NAME, load_manifest, sha256_file
 
-from tests.conftest import PROMPT
+from tests.conftest import FP_BUNDLE_SIZES, PROMPT
 
 STEPS = 6
 
@@ -29,13 +29,15 @@ def diffusers_pipe(tiny_pipeline):
     return PixArtSigmaPipeline.from_pretrained(tiny_pipeline, local_files_only=True)
 
 
-def diffusers_run(pipe, size: int, negative: str, output_type: str, latents=None, seed=None):
+def diffusers_run(pipe, size: int | tuple[int, int], negative: str, output_type: str, latents=None, seed=None):
+    """diffusers' pipeline at `size` pixels (a square side, or (width, height)), no resolution binning."""
     import torch
 
+    width, height = (size, size) if isinstance(size, int) else size
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        out = pipe(PROMPT, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=4.5, height=size,
-                   width=size, latents=None if latents is None else torch.from_numpy(latents), generator=generator,
+        out = pipe(PROMPT, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=4.5, height=height,
+                   width=width, latents=None if latents is None else torch.from_numpy(latents), generator=generator,
                    output_type=output_type, use_resolution_binning=False)
     images = out.images
     return images.numpy() if output_type == "latent" else images
@@ -53,13 +55,17 @@ def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
 def test_fp_bundle_layout(fp_bundle, tiny_pipeline):
     names = sorted(p.name for p in fp_bundle.iterdir())
     assert names == sorted([MANIFEST_NAME, "scheduler_config.json", "text_encoder.onnx", "tokenizer.json",
-                            "transformer_64x64.onnx", "transformer_128x128.onnx", "vae_decoder.onnx"])
+                            "transformer_64x64.onnx", "transformer_128x128.onnx", "transformer_96x64.onnx",
+                            "vae_decoder.onnx"])
     manifest = load_manifest(fp_bundle)
     data = manifest.data
     assert data["family"] == "pixart-sigma" and data["pipeline"] == "PixArtSigmaPipeline"
     assert data["text"]["max_sequence_length"] == 300 and data["defaults"]["guidance_scale"] == 4.5
     assert data["latent"] == {"channels": 4, "vae_scale_factor": 8, "scaling_factor": 0.13025, "learned_sigma": True}
-    assert manifest.sizes == [(64, 64), (128, 128)]
+    assert manifest.sizes == FP_BUNDLE_SIZES == [(64, 64), (128, 128), (96, 64)]
+    assert data["defaults"]["width"] == data["defaults"]["height"] == 64  # the checkpoint's own size
+    wide = data["sizes"][2]  # no diffusers table for sample size 8: the ratio key is height / width
+    assert (wide["latent_height"], wide["latent_width"], wide["aspect_ratio"]) == (8, 12, 64 / 96)
     for entry in manifest.files:
         assert sha256_file(fp_bundle / entry.path) == entry.sha256
         assert entry.bits in (32, None) or entry.role in ("tokenizer", "scheduler")
@@ -79,30 +85,103 @@ def test_tokenizer_json_equals_sentencepiece(fp_bundle, tiny_pipeline):
         assert tok.encode(text).ids == spm.encode(text) + [1], text
 
 
-@pytest.mark.parametrize("size", [64, 128])
+@pytest.mark.parametrize("size", FP_BUNDLE_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_fp_bundle_equals_diffusers(fp_bundle, diffusers_pipe, size):
     """Same folder, prompt, empty negative prompt and starting latents: the float bundle's final latents equal
-    diffusers' PixArtSigmaPipeline's (measured relative L2 1.2e-6 at 64 px, 1.3e-6 at 128 px, where the transformer
-    was traced at 128 px from the 64 px checkpoint), and so does the decoded image (at 128 px the runtime decodes in
-    tiles, as diffusers with enable_tiling: measured at most 1 uint8 level)."""
+    diffusers' PixArtSigmaPipeline's at that width x height (measured relative L2 1.2e-6 at 64x64, 1.3e-6 at
+    128x128, where the transformer was traced at 128 px from the 64 px checkpoint, and 1.3e-6 at 96x64, a non-square
+    latent: 8 high, 12 wide), and so does the decoded image (at 128x128 and 96x64 the runtime decodes in tiles, as
+    diffusers with enable_tiling: measured at most 1 uint8 level)."""
     from runtime.pipeline import TextToImage
     from runtime.seeded_noise import torch_randn
 
-    latents = torch_randn((1, 4, size // 8, size // 8), 3)
+    width, height = size
+    latents = torch_randn((1, 4, height // 8, width // 8), 3)
     reference = diffusers_run(diffusers_pipe, size, "", "latent", latents=latents)
     pipe = TextToImage(fp_bundle, progress=False)
-    result = pipe(PROMPT, steps=STEPS, width=size, height=size, latents=latents)
-    assert rel_l2(result.latents, reference) <= 1e-4
-    tiled = size > load_manifest(fp_bundle).data["vae_tiling"]["tile_latent_size"] * 8
-    assert tiled == (size == 128)
+    result = pipe(PROMPT, steps=STEPS, width=width, height=height, latents=latents)
+    assert result.settings["resolution_binning"] is None
+    assert rel_l2(result.latents, reference) <= 1e-4, rel_l2(result.latents, reference)
+    tiled = max(width, height) > load_manifest(fp_bundle).data["vae_tiling"]["tile_latent_size"] * 8
+    assert tiled == (size != (64, 64))
     if tiled:
         diffusers_pipe.vae.enable_tiling()
     try:
         image = diffusers_run(diffusers_pipe, size, "", "np", latents=latents)[0]
     finally:
         diffusers_pipe.vae.disable_tiling()
-    assert result.array.shape == (size, size, 3)
+    assert result.array.shape == (height, width, 3)
     assert np.abs(result.array.astype(int) - (image * 255).round().astype(int)).max() <= 1
+
+
+def _patch_embedding_constant(path: Path) -> np.ndarray:
+    """The positional embedding of an exported PixArt graph: the constant the patch embedding's Add takes (Conv ->
+    Reshape -> Transpose -> Add(tokens, embedding))."""
+    import onnx_ir as ir
+
+    graph = ir.load(path).graph
+    value = next(n for n in graph if n.op_type == "Conv").outputs[0]
+    while True:
+        node = next(iter(value.uses()))[0]
+        if node.op_type == "Add":
+            break
+        value = node.outputs[0]
+    other = next(v for v in node.inputs if v is not value)
+    assert other.const_value is not None, "the positional embedding is not a constant of the graph"
+    return other.const_value.numpy()
+
+
+def test_non_square_positional_embedding(fp_bundle, diffusers_pipe):
+    """The 96x64 transformer's positional embedding (a constant of the graph, 4 x 6 patches) is the one diffusers'
+    PatchEmbed adds when the checkpoint's model runs an 8 x 12 latent (its forward with the projection zeroed, so
+    that it returns the embedding alone): get_2d_sincos_pos_embed on the (4, 6) grid with the model's base size 4
+    and interpolation scale 1. Measured: equal to the last bit. It is not the own 4 x 4 grid's embedding extended."""
+    import copy
+
+    import torch
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    embed = copy.deepcopy(diffusers_pipe.transformer.pos_embed)
+    with torch.no_grad():
+        embed.proj.weight.zero_()
+        embed.proj.bias.zero_()
+        reference = embed(torch.randn(1, 4, 8, 12)).numpy()
+    graph = _patch_embedding_constant(fp_bundle / "transformer_96x64.onnx")
+    assert graph.shape == reference.shape == (1, 24, 72)
+    assert np.array_equal(graph, reference)
+    table = get_2d_sincos_pos_embed(72, (4, 6), base_size=4, interpolation_scale=1.0).float().numpy()
+    assert np.array_equal(graph[0], table)
+    own = embed.pos_embed.numpy()[0].reshape(4, 4, 72)
+    assert np.abs(graph[0].reshape(4, 6, 72)[:, :4] - own).max() > 1e-2
+
+
+def test_aspect_ratio_bins_are_diffusers_tables():
+    """--sizes bins reads diffusers' tables as PixArtSigmaPipeline picks them (sample size -> table)."""
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_512_BIN, ASPECT_RATIO_1024_BIN
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
+
+    from hn_export.bundle import aspect_ratio_bins
+
+    for sample_size, table in ((64, ASPECT_RATIO_512_BIN), (128, ASPECT_RATIO_1024_BIN),
+                               (256, ASPECT_RATIO_2048_BIN)):
+        bins = aspect_ratio_bins(sample_size)
+        assert list(bins) == list(table) and all(bins[k] == tuple(int(v) for v in table[k]) for k in table)
+    assert aspect_ratio_bins(128)["1.0"] == (1024, 1024) and len(aspect_ratio_bins(32)) == 33
+
+
+@pytest.mark.parametrize("sample_size, count", [(32, 33), (256, 40)])
+def test_bins_are_bundleable_sizes(sample_size, count):
+    """Every bin of the 256 px and 2048 px tables passes the size checks (multiples of 16, sides up to 4096 px), in
+    (width, height) order, and each size's ratio key is the table's key (0.57 for 192x336, not 0.5714...)."""
+    from hn_export.bundle import _aspect_ratio, _bin_sizes, _check_sizes, aspect_ratio_bins
+    from models.build import ModelSource, build_transformer
+
+    model = build_transformer(ModelSource(preset="tiny", sample_size=sample_size, seed=0))
+    sizes = _check_sizes(_bin_sizes(model), model, 8)
+    table = aspect_ratio_bins(sample_size)
+    assert len(sizes) == count and sizes == [(w, h) for h, w in table.values()]
+    assert [_aspect_ratio(w, h, sample_size) for w, h in sizes] == [float(k) for k in table]
+    assert (sample_size * 8, sample_size * 8) in sizes
 
 
 def test_fp_bundle_seed_and_batch2_path(fp_bundle, diffusers_pipe):
@@ -203,7 +282,14 @@ def test_bad_output_and_options(tiny_pipeline, tmp_path, hn_cli):
         (["-o", a_file], "exists and is not a folder"),
         (["-o", tiny_pipeline / "bundle"], "overlaps the input"),
         (["-o", tmp_path / "o", "--sizes", "60x60"], "size 60x60 is not a multiple of 16 pixels"),
-        (["-o", tmp_path / "o", "--sizes", "64x128"], "size 64x128 is not square"),
+        (["-o", tmp_path / "o", "--sizes", "64x40"], "size 64x40 is not a multiple of 16 pixels"),
+        (["-o", tmp_path / "o", "--sizes", "0x64"], "--sizes entry '0x64' is not positive"),
+        (["-o", tmp_path / "o", "--sizes", "64x0"], "--sizes entry '64x0' is not positive"),
+        (["-o", tmp_path / "o", "--sizes", "64xabc"], "--sizes entry '64xabc' is not WIDTHxHEIGHT"),
+        (["-o", tmp_path / "o", "--sizes", "4112x64"], "size 4112x64 is larger than 4096 pixels on a side"),
+        (["-o", tmp_path / "o", "--sizes", "bins"], "--sizes bins: diffusers has no aspect-ratio table for sample "
+                                                    "size 8"),
+        (["-o", tmp_path / "o", "--sizes", "64x64,bins"], "mixes bins with sizes"),
         (["-o", tmp_path / "o", "--act-granularity", "timestep"], "cannot be written as --format fused"),
         (["-o", tmp_path / "o", "--encoder-block", "100"], "is not a power of two >= 16"),
     ]

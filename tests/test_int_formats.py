@@ -18,8 +18,6 @@ import onnx_ir as ir
 import pytest
 
 from graph_passes.linears import find_activation_sites
-from graph_passes.lower_fused import LowerToFusedPass
-from graph_passes.lower_nbits import LowerToNBitsPass
 from graph_passes.methods import BiasCorrection, Method, TransformOptions
 from graph_passes.pipeline import quantize_model
 from graph_passes.quantization import OutputFormat, QuantConfig
@@ -35,21 +33,15 @@ CONFIGS = [(m, b) for m in Method for b in (BiasCorrection if m.recipe.center el
 IMPLEMENTATIONS = [pytest.param(False, id="function-bodies"), pytest.param(True, id="kernels")]
 
 
-def _quantized(width: int, method: Method, bias: BiasCorrection, bits: int) -> tuple[ir.Model, np.ndarray]:
+def _quantized(width: int, method: Method, bias: BiasCorrection, bits: int,
+               fmt: OutputFormat = OutputFormat.QDQ) -> tuple[ir.Model, np.ndarray]:
+    """One site's linear quantized and written in `fmt` (each format from the same plan)."""
     model, _, _ = linear_model(width, OUT)
     x = dit_like_input(width, batch=3, tokens=16)
     stats = calibration_stats(model, x)
     options = TransformOptions(method=method, bias_correction=bias, hadamard_block=8 if width == 72 else None)
-    quantize_model(model, stats, options, QuantConfig(weight_bits=bits, act_bits=bits), ALL)
+    quantize_model(model, stats, options, QuantConfig(weight_bits=bits, act_bits=bits, format=fmt), ALL)
     return model, x
-
-
-def _lowered(model: ir.Model, lowering) -> ir.Model:
-    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
-    lowering(copy)
-    for cleanup in (ir.passes.common.RemoveUnusedNodesPass(), ir.passes.common.CheckerPass(full_check=True)):
-        cleanup(copy)
-    return copy
 
 
 @pytest.mark.parametrize("use_kernels", IMPLEMENTATIONS)
@@ -60,7 +52,7 @@ def test_fused_equals_qdq(use_kernels, width, method, bias, request):
         request.getfixturevalue("kernel_library")  # built once, or the test is skipped with the reason
     for bits in (3, 4, 6, 8):
         qdq, x = _quantized(width, method, bias, bits)
-        fused = _lowered(qdq, LowerToFusedPass())
+        fused, _ = _quantized(width, method, bias, bits, OutputFormat.FUSED)
         assert not [n for n in fused.graph if n.op_type in ("MatMul", "QuantizeLinear", "DequantizeLinear")]
         sessions = [create_session(serialize(m), kernel_library=use_kernels) for m in (qdq, fused)]
         for batch in (x[:1], x):
@@ -75,7 +67,7 @@ def test_fused_equals_qdq(use_kernels, width, method, bias, request):
                                          (Method.HADANORM, BiasCorrection.EXACT)])
 def test_nbits_close_to_qdq(width, method, bias):
     qdq, x = _quantized(width, method, bias, 4)
-    nbits = _lowered(qdq, LowerToNBitsPass())
+    nbits, _ = _quantized(width, method, bias, 4, OutputFormat.NBITS)
     assert [n.op_type for n in nbits.graph].count("MatMulNBits") == 1
     float_model, _, _ = linear_model(width, OUT)
     reference = create_session(serialize(float_model)).run(None, {"x": x})[0]

@@ -3,14 +3,13 @@ against numpy references written from the definitions, on every instruction-set 
 
 Every vector path must equal the scalar path bit for bit (the kernels compute the same integers and the same float
 epilogue in the same order), and the scalar path must match numpy: quantize codes bit-exact, matmuls within
-relative L2 1e-6 of float64 (float32 outputs).
+relative L2 1e-6 of float64 (float32 outputs). The one exception, the transform's dense h_left product on the
+AVX-512 paths (kernel_env.FMA_DENSE_LEFT_ISAS), is covered in tests/test_kernel_dispatch.py.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graph_passes.hadamard import HadamardMode, hadamard_factors
 from graph_passes.int_packing import PackedWeight, quantize_and_pack, unpack_codes
 from tests.graphs import dit_like_input
-from tests.kernel_env import ALL_ISAS, kernel_isa, kernel_session
+from tests.kernel_env import ALL_ISAS, FMA_DENSE_LEFT_ISAS, kernel_session, library_isa, supported_isas
 
 F32, F16 = np.float32, np.float16
 
@@ -35,22 +34,10 @@ def library(kernel_library) -> Path:
     return kernel_library  # tests/conftest.py: built once, or skipped with the reason
 
 
-def library_isa(library: Path) -> str:
-    function = ctypes.CDLL(str(library)).HadanormKernelsIsa
-    function.restype = ctypes.c_char_p
-    return function().decode()
-
-
 @pytest.fixture(scope="module")
 def isas(library) -> list[str]:
     """The paths this CPU (and this build) supports, scalar first."""
-    found = []
-    for name in ALL_ISAS:
-        with kernel_isa(name):
-            if library_isa(library) == name:
-                found.append(name)
-    assert found[0] == "scalar"
-    return found
+    return supported_isas(library)
 
 
 def onnx_type(dtype) -> int:
@@ -83,11 +70,14 @@ def run_every_path(library: Path, isas: list[str], model: bytes, feeds: dict[str
     """The scalar path's outputs, after checking every other path gives the same bits."""
     reference = run_on(library, model, feeds, "scalar")
     for isa in isas[1:]:
-        got = run_on(library, model, feeds, isa)
-        for r, g in zip(reference, got):
-            assert r.dtype == g.dtype and r.shape == g.shape, isa
-            np.testing.assert_array_equal(g, r, err_msg=f"{isa} differs from scalar")
+        assert_same_bits(run_on(library, model, feeds, isa), reference, f"{isa} differs from scalar")
     return reference
+
+
+def assert_same_bits(got: list[np.ndarray], reference: list[np.ndarray], message: str) -> None:
+    for r, g in zip(reference, got, strict=True):
+        assert r.dtype == g.dtype and r.shape == g.shape, message
+        np.testing.assert_array_equal(g, r, err_msg=message)
 
 
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
@@ -152,33 +142,41 @@ QUANTIZE_CASES = [  # (op, width, bits, dtype, Hadamard mode, batch, tokens)
 @pytest.mark.parametrize("op,width,bits,dtype,mode,batch,tokens", QUANTIZE_CASES,
                          ids=[f"{c[0]}-{c[1]}-a{c[2]}-{np.dtype(c[3]).name}-{c[4].value}" for c in QUANTIZE_CASES])
 def test_quantize_ops_bit_exact(library, isas, op, width, bits, dtype, mode, batch, tokens):
-    """codes / scale / zero point equal numpy's quantizer applied to y, where y is computed in float32 from the
-    same (float16-exact) values: by numpy for Quantize / ScaleQuantize, by the library's float32 transform kernel for
-    the others (the same code path). mean_y equals the transform kernel's second output (rounded to float16)."""
+    """On every path: codes / scale / zero point equal numpy's quantizer applied to y, where y is computed in float32
+    from the same (float16-exact) values: by numpy for Quantize / ScaleQuantize, by the same path's float32 transform
+    kernel for the others (the same code path). mean_y equals the transform kernel's second output (rounded to
+    float16). Across paths the same bits, except where the rotation has a dense h_left (full Hadamard), which the
+    AVX-512 paths multiply with fused multiply-adds: there the same bits within each group of paths."""
     transform, center, rotate = QUANTIZE_OPS[op]
     x = dit_like_input(width, batch=batch, tokens=tokens, seed=bits).astype(dtype)
     consts = transform_consts(width, rotate, mode, dtype) if transform else {}
-    got = run_every_path(library, isas, one_node_model(op, {"x": x}, consts,
-                                                       ["codes", "scale", "zero_point", "mean_y"][:3 + center],
-                                                       bits=bits), {"x": x})
+    model = one_node_model(op, {"x": x}, consts, ["codes", "scale", "zero_point", "mean_y"][:3 + center], bits=bits)
     x32 = x.astype(F32)
     consts32 = {k: v.astype(F32) for k, v in consts.items()}
-    if transform is None:
-        y, mean_y = x32, None
-    elif transform == "Scale":
-        y, mean_y = x32 * consts32["mul"], None
-    else:  # the float32 transform kernel on the same values
-        outs = run_on(library, one_node_model(transform, {"x": x32}, consts32, ["y", "mean_y"][:1 + center]),
-                      {"x": x32})
-        y, mean_y = outs[0], (outs[1] if center else None)
-    codes, scale, zp = quantize_reference(y, bits, half_scale=dtype == F16)
-    assert got[0].dtype == np.uint8 and got[1].dtype == dtype and got[2].dtype == np.uint8
-    np.testing.assert_array_equal(got[0], codes)
-    np.testing.assert_array_equal(got[1].astype(F32), scale)
-    np.testing.assert_array_equal(got[2], zp)
-    if center:
-        assert got[3].dtype == dtype and got[3].shape == (batch, 1, width)
-        np.testing.assert_array_equal(got[3], mean_y.astype(dtype))
+    first_of_group: dict[bool, list[np.ndarray]] = {}
+    for isa in isas:
+        got = run_on(library, model, {"x": x}, isa)
+        if transform is None:
+            y, mean_y = x32, None
+        elif transform == "Scale":
+            y, mean_y = x32 * consts32["mul"], None
+        else:  # the float32 transform kernel of this path on the same values
+            outs = run_on(library, one_node_model(transform, {"x": x32}, consts32, ["y", "mean_y"][:1 + center]),
+                          {"x": x32}, isa)
+            y, mean_y = outs[0], (outs[1] if center else None)
+        codes, scale, zp = quantize_reference(y, bits, half_scale=dtype == F16)
+        assert got[0].dtype == np.uint8 and got[1].dtype == dtype and got[2].dtype == np.uint8
+        np.testing.assert_array_equal(got[0], codes, err_msg=isa)
+        np.testing.assert_array_equal(got[1].astype(F32), scale, err_msg=isa)
+        np.testing.assert_array_equal(got[2], zp, err_msg=isa)
+        if center:
+            assert got[3].dtype == dtype and got[3].shape == (batch, 1, width)
+            np.testing.assert_array_equal(got[3], mean_y.astype(dtype), err_msg=isa)
+        group = rotate and mode == HadamardMode.FULL and isa in FMA_DENSE_LEFT_ISAS
+        if group in first_of_group:
+            assert_same_bits(got, first_of_group[group], f"{isa} differs from the other paths")
+        else:
+            first_of_group[group] = got
 
 
 def test_quantize_edge_rows(library, isas):
@@ -495,56 +493,3 @@ def test_amx_refused_falls_back(library, isas, tmp_path):
                                "use avx512vnni")
     (reference,) = run_on(library, int_matmul_model(case, p), feeds, "scalar")
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), reference)
-
-
-CPU_HAS_AVX512 = "avx512f" in (Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else "")
-
-TRANSFORM_CHILD = r"""
-import sys
-import numpy as np
-import onnxruntime as ort
-from runtime.kernels import register_kernels
-library, model, x, out = sys.argv[1:5]
-options = ort.SessionOptions()
-register_kernels(options, library)
-session = ort.InferenceSession(open(model, "rb").read(), options, providers=["CPUExecutionProvider"])
-np.savez(out, *session.run(None, {"x": np.load(x)}))
-"""
-
-
-@pytest.mark.skipif(not CPU_HAS_AVX512, reason="this CPU has no AVX-512: only the portable loops exist")
-@pytest.mark.parametrize("width,mode", [(1152, HadamardMode.FULL), (4608, HadamardMode.FULL),
-                                        (1152, HadamardMode.BLOCK), (4608, HadamardMode.BLOCK)])
-def test_transform_avx512_matches_portable_loops(library, tmp_path, width, mode):
-    """The AVX-512 transform (chosen by CPU) against the portable loops (HADANORM_TRANSFORM_GENERIC=1; in child
-    processes: the choice is made once per process), through CenterScaleRotate. Centering, scale and the fast
-    Walsh-Hadamard transform are the same operations in the same order: bit-identical where h_left is the identity
-    (block Hadamard, 1152 = 9 x 128). The product by the Paley factor (full Hadamard, 1152 = 36 x 32, 4608 = 36 x 128)
-    uses fused multiply-adds there: within float32 rounding, and not bit-identical (two different paths ran)."""
-    import subprocess
-    import sys
-
-    x = dit_like_input(width, batch=2, tokens=9, seed=5).astype(F32)
-    consts = transform_consts(width, True, mode, F32)
-    model = tmp_path / "t.onnx"
-    model.write_bytes(one_node_model("CenterScaleRotate", {"x": x}, consts, ["y", "mean_y"]))
-    np.save(tmp_path / "x.npy", x)
-    results = {}
-    for generic in ("0", "1"):
-        out = tmp_path / f"out{generic}.npz"
-        proc = subprocess.run([sys.executable, "-c", TRANSFORM_CHILD, str(library), str(model), str(tmp_path / "x.npy"),
-                               str(out)], capture_output=True, text=True, timeout=120,
-                              env=dict(os.environ, HADANORM_TRANSFORM_GENERIC=generic),
-                              cwd=Path(__file__).resolve().parents[1])
-        assert proc.returncode == 0, proc.stderr
-        results[generic] = np.load(out)
-    fast, portable = results["0"], results["1"]
-    if mode == HadamardMode.BLOCK:
-        assert consts["h_left"].shape[0] * 128 == width  # K x 128: h_left the identity, h_right Sylvester(128)
-        np.testing.assert_array_equal(fast["arr_0"], portable["arr_0"])
-        np.testing.assert_array_equal(fast["arr_1"], portable["arr_1"])
-    else:
-        assert consts["h_left"].shape == (36, 36)
-        assert rel_l2(fast["arr_0"], portable["arr_0"]) <= 1e-6
-        assert rel_l2(fast["arr_1"], portable["arr_1"]) <= 1e-6
-        assert not np.array_equal(fast["arr_0"], portable["arr_0"])

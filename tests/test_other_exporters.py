@@ -24,7 +24,6 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from graph_passes import tags
 from graph_passes.fix_noop_squeeze import FixNoopSqueezePass
 from graph_passes.gemm_to_matmul import GemmToMatMulPass
 from graph_passes.linears import find_linears, module_path_of
@@ -354,8 +353,8 @@ def test_stripped_module_paths_get_generic_roles(tiny_torchscript, hn_cli, tmp_p
     assert result.exit_code == 0, result.err
     assert sites_line(result.out).endswith(" 27 linears")
     quantized = load_model(tmp_path / "q.onnx")
-    weight_dqs = [n for n in quantized.graph
-                  if n.op_type == "DequantizeLinear" and n.metadata_props.get(tags.WEIGHT_ROLE) == tags.ROLE_MAIN]
+    weight_dqs = [n for n in quantized.graph  # the weights: DequantizeLinear of integer initializers, in blocks
+                  if n.op_type == "DequantizeLinear" and n.inputs[0].is_initializer() and "block_size" in n.attributes]
     assert len(weight_dqs) == 27  # one 4-bit weight per linear and conv
     assert not block_weights & set(quantized.graph.initializers)  # no float block weight left
 

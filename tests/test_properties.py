@@ -25,10 +25,8 @@ import onnx_ir as ir
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from graph_passes import tags
 from graph_passes.hadamard import HadamardMode
 from graph_passes.linears import find_activation_sites
-from graph_passes.lowering import activation_quantizer
 from graph_passes.methods import BiasCorrection, Method, TransformOptions
 from graph_passes.pipeline import QuantizeResult, quantize_model
 from graph_passes.quantization import QuantConfig
@@ -247,6 +245,26 @@ def check_plan(case: Case, result: QuantizeResult) -> None:
         np.testing.assert_allclose(np.abs(h), np.where(same_block, 1 / math.sqrt(block), 0.0), atol=1e-12)
 
 
+def is_back_rotation(node: ir.Node | None) -> bool:
+    """HQ-DM's back rotation: a hadanorm ScaleRotate that reads a DequantizeLinear (the quantized tokens)."""
+    source = node.inputs[0].producer() if node is not None and node.domain == HADANORM_DOMAIN else None
+    return source is not None and source.op_type == "DequantizeLinear"
+
+
+def quantized_tensor(value: ir.Value) -> ir.Value | None:
+    """What the per-token quantizer whose DequantizeLinear produces `value` quantizes (before the b-bit grid clip
+    ``Max(Min(x, high), low)`` of narrow widths), or None."""
+    dq = value.producer()
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return None
+    q = dq.inputs[0].producer()
+    assert q is not None and q.op_type == "QuantizeLinear"
+    x = q.inputs[0]
+    clip = x.producer()
+    inner = clip.inputs[0].producer() if clip is not None and clip.op_type == "Max" else None
+    return inner.inputs[0] if inner is not None and inner.op_type == "Min" else x
+
+
 def run_probed(model: ir.Model, spec: GraphSpec, x: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The graph outputs, and for each site linear the tensor its activation quantizer reads (the input of the
     ``QuantizeLinear`` behind the ``DequantizeLinear`` that feeds the MatMul), from one onnxruntime run of a copy of
@@ -257,11 +275,10 @@ def run_probed(model: ir.Model, spec: GraphSpec, x: np.ndarray) -> tuple[dict[st
     for lin in spec.linears:
         read = nodes[lin.name].inputs[0]
         back = read.producer()
-        if back is not None and tags.ROTATE_BACK in back.metadata_props:  # HQ-DM: quantized before the back rotation
+        if is_back_rotation(back):  # HQ-DM: quantized before the back rotation
             read = back.inputs[0]
-        quantizer = activation_quantizer(read)
-        assert quantizer is not None, lin.name
-        value = quantizer.x  # what is quantized (before the b-bit grid clip of narrow widths)
+        value = quantized_tensor(read)  # what is quantized (before the b-bit grid clip of narrow widths)
+        assert value is not None, lin.name
         names[lin.name] = value.name
         if not (value.is_graph_input() or value.is_graph_output()):
             value.type = value.type or ir.TensorType(ir.DataType.FLOAT)
@@ -358,7 +375,7 @@ def test_quantized_model_is_valid_with_integer_weights(case: Case):
         np.testing.assert_allclose(deq, ref, rtol=1e-6, atol=1e-6 * float(np.abs(ref).max()))
         # the activation is quantized per token in the documented container
         act_dq = matmul.inputs[0].producer()
-        if act_dq is not None and tags.ROTATE_BACK in act_dq.metadata_props:
+        if is_back_rotation(act_dq):
             act_dq = act_dq.inputs[0].producer()  # HQ-DM: the quantizer is before the back rotation
         assert act_dq is not None and act_dq.op_type == "DequantizeLinear", lin.name
         assert act_dq.inputs[2].producer().attributes["to"].as_int() == act_container

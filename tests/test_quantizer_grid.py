@@ -13,8 +13,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graph_passes import tags
-from graph_passes.quantize import activation_qdq
+from graph_passes.emit_qdq import activation_qdq
 from runtime.session import create_session
 from tests.graphs import serialize
 
@@ -31,8 +30,7 @@ def quantizer_model(bits: int) -> ir.Model:
     model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)],
                                                          ir_version=10))
     matmul = next(iter(model.graph))
-    matmul.metadata_props[tags.SITE] = "site"
-    dq = activation_qdq(model.graph, matmul, model.graph.inputs[0], bits)
+    dq = activation_qdq(model.graph, matmul, model.graph.inputs[0], bits, WIDTH, "site")
     dq.name = "x_hat"
     model.graph.outputs.append(dq)
     return model

@@ -5,7 +5,9 @@ A `ModelFamily` describes a diffusers transformer class end to end:
 - building: the diffusers class, presets (`Preset`: constructor keyword arguments at the real architecture), how
   ``--layers N`` and ``--sample-size S`` change a config, the ``--init dit-stats`` recipe (`plant_stats`);
 - export: the graph inputs (`InputSpec`: name, dynamic axes), seeded example inputs, and how the forward is called
-  with them (`forward`); the output is always ``sample``;
+  with them (`forward`); the output is always ``sample``. The latent height and width are traced from the example
+  inputs: the model's own square `latent_size` by default, or any (height, width) a family with `any_latent_hw`
+  accepts (`example_inputs_at`);
 - sites: the block lists and the role rules (`role_rules`) that name the activation sites of the linears inside a
   block (plain tuples: `graph_passes.site_roles.RoleTable` is built from them by `hn_export`);
 - denoising (numpy in, numpy out, on the ONNX graph): the scheduler and its settings, seeded starting latents and
@@ -120,6 +122,10 @@ class ModelFamily:
     hadamard_widths: tuple[int, ...] = ()  # input widths of its sites at the real architecture (documentation/tests)
     layers_key: str = "num_layers"
     max_sample_size: int = 256
+    # whether `example_inputs` takes ``latent_hw`` (traces any latent height and width the diffusers model runs at);
+    # the other families export at their own square `latent_size` only
+    any_latent_hw: bool = False
+    max_latent_side: int | None = None  # the largest traced latent side (None: `max_sample_size`)
     guidance_scale: float = 4.5
     single_call_timestep: float = 500.0  # the timestep of one-call comparisons (`diff`, latency)
     scheduler_class: str = ""  # a diffusers scheduler, built from `scheduler_settings` by the default `scheduler`
@@ -176,8 +182,30 @@ class ModelFamily:
         kwargs["sample_size"] = sample_size
 
     def latent_size(self, model) -> int:
-        """The latent height and width the model is exported at."""
+        """The latent height and width the model is exported at by default (its own square size)."""
         return int(model.config.sample_size)
+
+    def check_latent_hw(self, model, latent_hw: tuple[int, int] | None) -> tuple[int, int]:
+        """The latent (height, width) an export traces: `latent_hw`, or the model's own square `latent_size` when
+        None. Raise `ModelInputError` for sides that are not positive multiples of the patch size or exceed
+        `max_latent_side`, and for any size other than the own square one in a family without `any_latent_hw`."""
+        own = self.latent_size(model)
+        if latent_hw is None:
+            return own, own
+        height, width = (int(v) for v in latent_hw)
+        if (height, width) == (own, own):
+            return own, own
+        if not self.any_latent_hw:
+            raise ModelInputError(f"the {self.name} family exports at the model's own latent size {own}x{own}, not "
+                                  f"{height}x{width} (height x width)",
+                                  "export at the model's own size (set its sample size instead)")
+        patch = self.patch_size(dict(model.config))
+        limit = self.max_latent_side or self.max_sample_size
+        if min(height, width) < patch or height % patch or width % patch or max(height, width) > limit:
+            raise ModelInputError(f"latent size {height}x{width} (height x width) is not made of multiples of the "
+                                  f"patch size {patch} between {patch} and {limit}",
+                                  f"use latent sides that are multiples of {patch}, e.g. {own}x{own}")
+        return height, width
 
     def check_model(self, model) -> None:
         """Raise `ModelInputError` for a built model the export cannot handle."""
@@ -211,8 +239,18 @@ class ModelFamily:
         raise NotImplementedError
 
     def example_inputs(self, model, batch: int, caption_length: int, seed: int, dtype, with_mask: bool) -> dict:
-        """Seeded random forward inputs (torch tensors) named as `input_specs`."""
+        """Seeded random forward inputs (torch tensors) named as `input_specs`, at the model's own latent size. A
+        family with `any_latent_hw` also takes ``latent_hw=(height, width)`` (checked by `check_latent_hw`)."""
         raise NotImplementedError
+
+    def example_inputs_at(self, model, batch: int, caption_length: int, seed: int, dtype, with_mask: bool,
+                          latent_hw: tuple[int, int] | None = None) -> dict:
+        """`example_inputs` at latent (height, width) `latent_hw` (None: the model's own square size); what the
+        export traces. Raises `ModelInputError` for a size the family cannot trace (`check_latent_hw`)."""
+        height, width = self.check_latent_hw(model, latent_hw)
+        if not self.any_latent_hw:
+            return self.example_inputs(model, batch, caption_length, seed, dtype, with_mask)
+        return self.example_inputs(model, batch, caption_length, seed, dtype, with_mask, latent_hw=(height, width))
 
     def forward(self, model, inputs: Mapping[str, Any]):
         """Call the diffusers model with graph-named inputs; returns the sample tensor."""

@@ -6,6 +6,11 @@
 - Conditioning: ``encoder_hidden_states`` [B, L, 4096] (T5 features), optional ``encoder_attention_mask`` [B, L].
   PixArt-Alpha at 1024 px (``use_additional_conditions``) also takes ``resolution`` [B, 2] (height, width in
   pixels) and ``aspect_ratio`` [B, 1] (height / width), as `PixArtAlphaPipeline` passes them.
+- Sizes: any latent height and width (multiples of the patch size) can be traced (`any_latent_hw`): diffusers'
+  `PatchEmbed` computes the 2-D sin-cos positional embedding from the input's patch grid (h, w) =
+  (H / patch, W / patch) with the model's own base size b = sample_size / patch and interpolation scale s (grid
+  coordinates ``arange(h) / (h / b) / s`` and ``arange(w) / (w / b) / s``), so the traced graph holds exactly the
+  embedding diffusers computes when it runs that model at that size (one graph per size).
 - Scheduler: `DPMSolverMultistepScheduler` with the released scheduler_config.json (DPM-Solver++ 2M, linear betas),
   classifier-free guidance 4.5, as `PixArtSigmaPipeline` / `PixArtAlphaPipeline`.
 """
@@ -82,6 +87,8 @@ class PixArtFamily(ModelFamily):
     scheduler_class = "DPMSolverMultistepScheduler"
     scheduler_settings = SCHEDULER
     supports_mask = True
+    any_latent_hw = True
+    max_latent_side = 512  # diffusers' largest aspect-ratio bin: 4096 px (PixArt-Sigma 2K's ASPECT_RATIO_2048_BIN)
 
     def __init__(self, name: str, description: str, presets: Mapping[str, Preset], pipeline_class: str,
                  demo_preset: str):
@@ -136,15 +143,18 @@ class PixArtFamily(ModelFamily):
             specs += [InputSpec(name, {0: BATCH} if dynamic else {}) for name in CONDITION_INPUTS]
         return tuple(specs)
 
-    def example_inputs(self, model, batch: int, caption_length: int, seed: int, dtype, with_mask: bool) -> dict:
+    def example_inputs(self, model, batch: int, caption_length: int, seed: int, dtype, with_mask: bool,
+                       latent_hw: tuple[int, int] | None = None) -> dict:
+        """Seeded inputs at latent (height, width) `latent_hw` (default: the model's own square size). PixArt-Alpha's
+        conditions are ``resolution`` = (8 h, 8 w) pixels and ``aspect_ratio`` = h / w, as its pipeline passes."""
         import torch
 
         cfg = model.config
         gen = torch.Generator().manual_seed(seed)
-        s = self.latent_size(model)
+        h, w = self.check_latent_hw(model, latent_hw)
         width = int(cfg.caption_channels if cfg.caption_channels is not None else cfg.cross_attention_dim)
         inputs = {
-            "hidden_states": torch.randn(batch, cfg.in_channels, s, s, generator=gen).to(dtype),
+            "hidden_states": torch.randn(batch, cfg.in_channels, h, w, generator=gen).to(dtype),
             "timestep": (torch.rand(batch, generator=gen) * 999.0).round().to(dtype),
             "encoder_hidden_states": torch.randn(batch, caption_length, width, generator=gen).to(dtype),
         }
@@ -155,9 +165,8 @@ class PixArtFamily(ModelFamily):
                 mask[b, keep:] = 0
             inputs["encoder_attention_mask"] = mask
         if self._conditions(model):
-            pixels = float(8 * s)
-            inputs["resolution"] = torch.tensor([[pixels, pixels]] * batch, dtype=dtype)
-            inputs["aspect_ratio"] = torch.ones(batch, 1, dtype=dtype)
+            inputs["resolution"] = torch.tensor([[8.0 * h, 8.0 * w]] * batch, dtype=dtype)
+            inputs["aspect_ratio"] = torch.full((batch, 1), h / w, dtype=dtype)
         return inputs
 
     def forward(self, model, inputs: Mapping[str, Any]):

@@ -53,12 +53,13 @@ struct AttentionHead {
 // aligned), then computes output rows [q0, q1) of that head from the packed keys and values. rows() may be called
 // concurrently for different row ranges and heads (scratch is per thread).
 struct AttentionPath {
-  const char* name;
-  size_t (*packed_bytes)(const AttentionShape& shape);
-  void (*pack)(const AttentionShape& shape, const float* k, const float* v, void* packed);
-  void (*rows)(const AttentionShape& shape, const AttentionHead& head, const void* packed, int64_t q0, int64_t q1);
-  int64_t rows_per_task;  // a good task size (a multiple of the path's row group)
-  bool computes_bf16;     // false: the path computes in fp32 whatever the op's precision (attention_precision)
+  const char* name = nullptr;
+  size_t (*packed_bytes)(const AttentionShape& shape) = nullptr;
+  void (*pack)(const AttentionShape& shape, const float* k, const float* v, void* packed) = nullptr;
+  void (*rows)(const AttentionShape& shape, const AttentionHead& head, const void* packed, int64_t q0,
+               int64_t q1) = nullptr;
+  int64_t rows_per_task = 0;   // a good task size (a multiple of the path's row group)
+  bool computes_bf16 = false;  // false: the path computes in fp32 whatever the op's precision (attention_precision)
 };
 
 const AttentionPath& attention_scalar_path();

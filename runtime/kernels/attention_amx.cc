@@ -72,7 +72,7 @@ constexpr int64_t kDStep = 32;                  // d per q k^T step (an A tile r
 constexpr int64_t kKeyStep = 32;                // keys per p v step
 constexpr int64_t kBlock = kAttentionKeyBlock;  // keys per softmax block
 constexpr int64_t kTileBytes = 1024;            // 16 rows x 64 bytes
-constexpr int64_t kRowsPerTask = 64;
+constexpr int64_t kRowsPerTask = 2 * kGroup;        // query rows per task
 
 static_assert(kBlock % kKeyStep == 0 && kKeyStep % kTile == 0, "a key block is whole key steps and key tiles");
 
@@ -498,7 +498,12 @@ bool amx_bf16_usable() {
 const AttentionPath* attention_amx_path() {
   static const bool usable = amx_bf16_usable();
   if (!usable) return nullptr;
-  static const AttentionPath path{"amx", amx_packed_bytes, amx_pack, amx_rows, kRowsPerTask, true};
+  static const AttentionPath path{.name = "amx",
+                                  .packed_bytes = amx_packed_bytes,
+                                  .pack = amx_pack,
+                                  .rows = amx_rows,
+                                  .rows_per_task = kRowsPerTask,
+                                  .computes_bf16 = true};
   return &path;
 }
 

@@ -31,6 +31,7 @@ namespace hadanorm {
 namespace {
 
 constexpr int64_t kBlock = kAttentionKeyBlock;
+constexpr int64_t kRowsPerTask = 64;  // query rows per task (32 pairs)
 
 // exp(x) for x <= 0 (and NaN): 0 below ln FLT_MIN; n = round(x / ln 2) by the 1.5 * 2^23 trick, r = x - n ln 2 in
 // two parts, e^r by Cephes' degree-5 polynomial, 2^n from the exponent bits. Written for the vectoriser.
@@ -191,7 +192,12 @@ void avx2_rows(const AttentionShape& s, const AttentionHead& h, const void* pack
 }  // namespace
 
 const AttentionPath* attention_avx2_path() {
-  static const AttentionPath path{"avx2", avx2_packed_bytes, avx2_pack, avx2_rows, 64, false};
+  static const AttentionPath path{.name = "avx2",
+                                  .packed_bytes = avx2_packed_bytes,
+                                  .pack = avx2_pack,
+                                  .rows = avx2_rows,
+                                  .rows_per_task = kRowsPerTask,
+                                  .computes_bf16 = false};
   return isa_supported(Isa::kAvx2) ? &path : nullptr;
 }
 

@@ -42,6 +42,7 @@ namespace {
 
 constexpr int64_t kBlock = kAttentionKeyBlock;  // keys per block (8 vectors)
 constexpr int kRows = 4;                        // query rows per group
+constexpr int64_t kRowsPerTask = 16 * kRows;    // query rows per task
 constexpr int kMaxColVectors = 6;               // output column vectors per P.V pass
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
@@ -238,7 +239,12 @@ void avx512_rows(const AttentionShape& s, const AttentionHead& h, const void* pa
 }  // namespace
 
 const AttentionPath* attention_avx512_path() {
-  static const AttentionPath path{"avx512", avx512_packed_bytes, avx512_pack, avx512_rows, 64, false};
+  static const AttentionPath path{.name = "avx512",
+                                  .packed_bytes = avx512_packed_bytes,
+                                  .pack = avx512_pack,
+                                  .rows = avx512_rows,
+                                  .rows_per_task = kRowsPerTask,
+                                  .computes_bf16 = false};
   return isa_supported(Isa::kAvx512Vnni) ? &path : nullptr;
 }
 

@@ -14,6 +14,7 @@
 #include <memory>
 
 #include "attention.h"
+#include "int_kernels.h"
 #include "ort_util.h"
 
 namespace hadanorm {
@@ -43,6 +44,7 @@ struct AttentionKernel {
   AttentionPrecision precision = AttentionPrecision::kFloat;
   bool bnhd = false;
   const AttentionPath* path = nullptr;
+  HalfKernels half;  // float16 conversions of the same path
 
   explicit AttentionKernel(const Ort::ConstKernelInfo& info) {
     scale = info.GetAttribute<float>("scale");
@@ -55,7 +57,9 @@ struct AttentionKernel {
     if (layout != "bhnd" && layout != "bnhd")
       fail("attribute layout=\"", layout, "\" is not one of bhnd, bnhd; re-export with hn-export");
     bnhd = layout == "bnhd";
-    path = &attention_path(precision, select_isa());
+    const Isa isa = select_isa();
+    path = &attention_path(precision, isa);
+    half = isa_kernels(isa).half;
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
@@ -128,10 +132,10 @@ struct AttentionKernel {
     }
 
     std::vector<float> q_store, k_store, v_store, m_store;
-    const float* q = float_data(qv, Half, q_store);
-    const float* k = float_data(kv, Half, k_store);
-    const float* v = float_data(vv, Half, v_store);
-    const float* mask = masked ? float_data(mv, Half, m_store) : nullptr;
+    const float* q = float_data(qv, Half, q_store, half);
+    const float* k = float_data(kv, Half, k_store, half);
+    const float* v = float_data(vv, Half, v_store, half);
+    const float* mask = masked ? float_data(mv, Half, m_store, half) : nullptr;
     std::vector<float> out_store;
     float* out;
     if constexpr (Half) {
@@ -173,7 +177,7 @@ struct AttentionKernel {
       path->rows(shape, head, packed.data + hi * head_bytes, rt * rpt, std::min(shape.nq, (rt + 1) * rpt));
     });
     if constexpr (Half)
-      floats_to_halves(out, static_cast<uint16_t*>(y.GetTensorMutableRawData()), element_count(ys));
+      half.to_halves(out, static_cast<uint16_t*>(y.GetTensorMutableRawData()), element_count(ys));
   }
 };
 

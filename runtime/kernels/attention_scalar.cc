@@ -12,6 +12,8 @@ namespace hadanorm {
 
 namespace {
 
+constexpr int64_t kRowsPerTask = 16;  // query rows per task (one row at a time)
+
 // Round-to-nearest-even float -> bfloat16 -> float (NaN stays NaN; denormals become signed zero, as AVX512-BF16's
 // vcvtne2ps2bf16 and AMX's tdpbf16ps treat them).
 float round_bf16(float x) {
@@ -94,7 +96,12 @@ void scalar_rows(const AttentionShape& s, const AttentionHead& h, const void* pa
 }  // namespace
 
 const AttentionPath& attention_scalar_path() {
-  static const AttentionPath path{"scalar", scalar_packed_bytes, scalar_pack, scalar_rows, 16, true};
+  static const AttentionPath path{.name = "scalar",
+                                  .packed_bytes = scalar_packed_bytes,
+                                  .pack = scalar_pack,
+                                  .rows = scalar_rows,
+                                  .rows_per_task = kRowsPerTask,
+                                  .computes_bf16 = true};
   return path;
 }
 

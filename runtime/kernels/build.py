@@ -45,7 +45,7 @@ LIBRARY_NAME = "libhadanorm_kernels.so"
 
 HEADER_PACKAGE = "libonnxruntime-dev"
 HEADER_SUITE = "trixie"  # Debian 13: libonnxruntime-dev 1.21 (C API 21)
-CXX_FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++17", "-DORT_API_MANUAL_INIT", "-fvisibility=hidden", "-Wall",
+CXX_FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++20", "-DORT_API_MANUAL_INIT", "-fvisibility=hidden", "-Wall",
              "-ffp-contract=off"]
 APT_SOURCES = Path("/etc/apt/sources.list")
 APT_SOURCE_PARTS = Path("/etc/apt/sources.list.d")

@@ -13,10 +13,11 @@
 // from the OrtApiBase onnxruntime passes in, requesting API version ORT_API_VERSION of the headers used (21).
 //
 // Environment:
-//   HADANORM_KERNELS_ISA=path       scalar|avx2|avxvnni|avx512vnni|amx|neondot instead of the best path (isa.h)
+//   HADANORM_KERNELS_ISA=path       scalar|avx2|avxvnni|avx512vnni|amx|neondot instead of the best path (isa.h), for
+//                                   every op and every CPU-dependent function (the path tables of int_kernels.h)
 //   HADANORM_KERNELS_THREADS=n      use n std::threads per op instead of onnxruntime's intra-op pool
 //   HADANORM_KERNELS_CALL_LOG=path  append one line "<op type>" per kernel run (tests: proves the kernel ran);
-//                                   HADANORM_KERNELS_CALL_LOG_ISA=1 appends " <path>" for the integer ops
+//                                   HADANORM_KERNELS_CALL_LOG_ISA=1 appends " <path>" (the attention: its own path)
 //   HADANORM_KERNELS_API_VERSION=v  request API version v instead of ORT_API_VERSION (tests: incompatible API)
 
 #include <onnxruntime_cxx_api.h>
@@ -55,7 +56,7 @@ uint32_t requested_api_version() {
 
 extern "C" {
 
-// The integer-kernel path a kernel created now would run (HADANORM_KERNELS_ISA honoured), e.g. "avx512vnni", or
+// The path a kernel created now would run (HADANORM_KERNELS_ISA honoured), e.g. "avx512vnni", or
 // "error: <why>" when the override names a path this CPU lacks.
 __attribute__((visibility("default"))) const char* HadanormKernelsIsa() {
   static std::mutex mutex;

@@ -59,7 +59,16 @@ inline uint16_t float_to_half(float f) {
 // Round a float to the nearest half and back (what a float16 tensor stores).
 inline float round_to_half(float f) { return half_to_float(float_to_half(f)); }
 
-// Bulk conversions (vectorised in the AVX2 clone: vcvtph2ps / vcvtps2ph).
+// Bulk conversions of one instruction-set path (IsaKernels::half): F16C (vcvtph2ps / vcvtps2ph) on the x86 vector
+// paths, the functions below on the others; all bit-identical.
+using HalvesToFloatsFn = void (*)(const uint16_t* in, float* out, int64_t n);
+using FloatsToHalvesFn = void (*)(const float* in, uint16_t* out, int64_t n);
+struct HalfKernels {
+  HalvesToFloatsFn to_floats = nullptr;
+  FloatsToHalvesFn to_halves = nullptr;
+};
+
+// The portable bulk conversions (the scalar path's): the compiler's __fp16 on aarch64, else the functions above.
 void halves_to_floats(const uint16_t* in, float* out, int64_t n);
 void floats_to_halves(const float* in, uint16_t* out, int64_t n);
 

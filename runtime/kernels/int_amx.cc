@@ -1,5 +1,5 @@
 // AMX path of IntMatMul4 / IntMatMul8 (int_kernels.h): Intel AMX int8 tiles (tdpbusd) for the integer block sums,
-// AVX-512 for everything around them. Quantize and FloatMatMul are the avx512vnni path's.
+// AVX-512 for everything around them. Everything else is the avx512vnni path's.
 //
 // Tiles (palette 1): tmm0..3 the int32 sums C [16 rows x 16 columns] of row tile r and column tile i (tmm 2r + i),
 // tmm4 / tmm5 the activation codes A [16 rows x kstep bytes] of row tiles 0 / 1, tmm6 / tmm7 the weights B [kstep/4
@@ -268,20 +268,17 @@ void int_gemm_amx(const GemmArgs& g, int64_t m0, int64_t m1, int64_t t0, int64_t
   if (m0 + tiled < m1) rest(g, m0 + tiled, m1, t0, t1);
 }
 
-IsaKernels make_amx_kernels() {
-  IsaKernels k = *avx512vnni_kernels();
-  k.isa = Isa::kAmx;
-  k.int_gemm4 = int_gemm_amx<4>;
-  k.int_gemm8 = int_gemm_amx<8>;
-  k.rows_per_task = 256;
-  k.tiles_per_task = 8;
-  return k;
-}
+constexpr int64_t kTaskRows = 256, kTaskTiles = 8;  // rows x column tiles per matmul task
 
 }  // namespace
 
 const IsaKernels* amx_kernels() {
-  static const IsaKernels kernels = make_amx_kernels();
+  static const IsaKernels kernels = inherit({.isa = Isa::kAmx,
+                                             .int_gemm4 = int_gemm_amx<4>,
+                                             .int_gemm8 = int_gemm_amx<8>,
+                                             .rows_per_task = kTaskRows,
+                                             .tiles_per_task = kTaskTiles},
+                                            *avx512vnni_kernels());
   return &kernels;
 }
 

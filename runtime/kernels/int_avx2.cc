@@ -1,10 +1,17 @@
-// The "avx2" path of the integer kernels (int_kernels.h): AVX2 + FMA + F16C, no VNNI. IntMatMul is the panel
-// scheme of int_avx2_panel.h with vpmaddubsw (4-bit) / int16 vpmaddwd (8-bit) dot products; the quantizer and
-// FloatMatMul here are shared with the "avxvnni" path (int_avxvnni.cc).
+// The "avx2" path (int_kernels.h): AVX2 + FMA + F16C, no VNNI. IntMatMul is the panel driver of int_panel.h with
+// the micro-kernel of int_avx2_micro.h (vpmaddubsw (4-bit) / int16 vpmaddwd (8-bit) dot products); the quantizer,
+// FloatMatMul, the AVX2 build of the portable loops (transform rows, per-weight sums) and the F16C conversions here
+// are also the avxvnni path's, and all but the first two the avx512vnni and amx paths'.
 
 #include "int_kernels.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(HADANORM_SCALAR_ONLY)
+
+// Standard headers before the target pragma (their inline templates must stay baseline code).
+#include <algorithm>
+#include <cfloat>
+#include <cstdint>
+#include <cstring>
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
@@ -12,10 +19,8 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-#include <cfloat>
-
-#include "int_avx2_ops.h"
-#include "int_avx2_panel.h"
+#include "int_avx2_micro.h"
+#include "portable_loops.h"
 
 namespace hadanorm {
 
@@ -121,17 +126,42 @@ void float_gemm(const FloatGemmArgs& g, int64_t m0, int64_t m1, int64_t t0, int6
   }
 }
 
-const IsaKernels kAvx2 = {Isa::kAvx2, quantize_row_avx2, int_gemm<4, 1>, int_gemm<8, 2>, float_gemm<4>,
-                          float_gemm<8>, 48, 8};
+// ---------------------------------------------------------------------------------------------------------------
+// float16 <-> float32, 8 at a time (vcvtph2ps / vcvtps2ph: bit-identical to half.h's conversions)
+// ---------------------------------------------------------------------------------------------------------------
+
+void halves_to_floats_f16c(const uint16_t* in, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
+  for (; i < n; ++i) out[i] = half_to_float(in[i]);
+}
+
+void floats_to_halves_f16c(const float* in, uint16_t* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; i < n; ++i) out[i] = float_to_half(in[i]);
+}
+
+constexpr int64_t kTaskRows = 48, kTaskTiles = 8;  // rows x column tiles per matmul task
+
+constexpr IsaKernels kAvx2 = {.isa = Isa::kAvx2,
+                              .quantize_row = quantize_row_avx2,
+                              .int_gemm4 = panel_int_gemm<Avx2Micro<1>, 4>,
+                              .int_gemm8 = panel_int_gemm<Avx2Micro<2>, 8>,
+                              .float_gemm4 = float_gemm<4>,
+                              .float_gemm8 = float_gemm<8>,
+                              .fill_weight_info = fill_weight_rows,
+                              .transform = portable_transform_kernels<halves_to_floats_f16c>(),
+                              .half = {.to_floats = halves_to_floats_f16c, .to_halves = floats_to_halves_f16c},
+                              .rows_per_task = kTaskRows,
+                              .tiles_per_task = kTaskTiles};
 
 }  // namespace
 
 const IsaKernels* avx2_kernels() { return &kAvx2; }
-
-// for the avxvnni path (int_avxvnni.cc): the same quantizer and FloatMatMul
-QuantizeRowFn avx2_quantize_row() { return quantize_row_avx2; }
-FloatGemmFn avx2_float_gemm4() { return float_gemm<4>; }
-FloatGemmFn avx2_float_gemm8() { return float_gemm<8>; }
 
 }  // namespace hadanorm
 

@@ -1,20 +1,25 @@
 // AVX-512 VNNI path of the integer kernels (int_kernels.h). One 64-byte row of the packed layout is one zmm: 16
 // columns x 4 consecutive k, the operand of vpdpbusd against 4 activation codes broadcast to every lane.
 //
-// IntMatMul, per task (up to 96 rows x a few 16-column tiles) and panel (the rows x T = 4 tiles), block by block:
-//  - the block's weights of the T tiles are unpacked once (4-bit: nibbles -> bytes 0..15, 8 KiB in L1);
-//  - every micro-kernel of R = 6 rows runs the block with 24 int32 accumulators in registers (per group of 8 k:
-//    T weight loads, 2 R broadcasts, 2 R T vpdpbusd), starting from the block's corrections
-//    -(zw * sum c + z * sum (u - zw)) (one vpmaddwd of int16 pairs for blocks <= 128, vpmulld otherwise), and folds
-//    them into F = fmadd(scales, float(I), F), F [rows][T][16] in L1;
-//  - after the last block, y = fmadd(a_scale, F, bias), stored as float or half (vcvtps2ph) under a column mask.
-// Blocks over 128 k run in steps of <= 128 k with the int32 sums parked in L1 between steps.
+// IntMatMul: the panel driver of int_panel.h (up to 96 rows x 4 column tiles per panel) with a micro-kernel of R = 6
+// rows x T = 4 tiles: per block the panel's weights are unpacked once (4-bit: nibbles -> bytes 0..15, 8 KiB in L1),
+// and each micro-kernel runs the block with 24 int32 accumulators in registers (per group of 8 k: T weight loads,
+// 2 R broadcasts, 2 R T vpdpbusd), starting from the block's corrections -(zw * sum c + z * sum (u - zw)) (one
+// vpmaddwd of int16 pairs for blocks <= 128, vpmulld otherwise), and folds them into F = fmadd(scales, float(I), F);
+// after the last block y = fmadd(a_scale, F, bias), stored as float or half (vcvtps2ph) under a column mask.
 // Measured (benchmarks/int_linear.md): 6 x 4 beats 8 x 3, 5 x 4 and 4 x 4 by a few percent or ties; vpdpbusd as
 // tied inline assembly, since with the intrinsic GCC 12 copied accumulators through the stack in the inner loop.
+// The transform's AVX-512 row kernels (transform_avx512.h) are compiled here too.
 
 #include "int_kernels.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(HADANORM_SCALAR_ONLY)
+
+// Standard headers before the target pragma (their inline templates must stay baseline code).
+#include <algorithm>
+#include <cfloat>
+#include <cstdint>
+#include <cstring>
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")
@@ -23,11 +28,9 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
-#include <algorithm>
-#include <cfloat>
-#include <cstring>
-
 #include "int_avx512_store.h"
+#include "int_panel.h"
+#include "transform_avx512.h"
 #include "util.h"
 
 namespace hadanorm {
@@ -92,47 +95,49 @@ void quantize_row_avx512(const float* y, int64_t d, float qmax, bool half_scale,
 // IntMatMul
 // ---------------------------------------------------------------------------------------------------------------
 
-constexpr int kRows = 6, kTiles = 4;  // 24 int32 accumulators + 4 weight registers + a broadcast
-constexpr int64_t kMaxTaskRows = 96;          // rows_per_task must not exceed this (the F buffer)
-constexpr int64_t kSubK = 128;                // k per step: a block, or a part of a block over 128
+// The micro-kernel of the panel driver (int_panel.h): 6 rows x 4 column tiles, 24 int32 accumulators + 4 weight
+// registers + a broadcast of the 32 zmm.
+struct Avx512Micro {
+  static constexpr int kRows = 6, kTiles = 4;
+  template <int Bits>
+  static constexpr int64_t kGranule = Bits == 4 ? 8 : 4;
 
-// The k steps of a block: `count` parts of `len` k each (len a multiple of the layout's granule, <= kSubK when the
-// block allows it).
-struct BlockSplit {
-  int64_t count, len;
-};
-inline BlockSplit split_block(int64_t block, int64_t granule) {
-  int64_t count = (block + kSubK - 1) / kSubK;
-  while (block % count || (block / count) % granule) ++count;
-  return {count, block / count};
-}
+  template <int Bits, int R, int T>
+  static HN_INLINE void step(const PanelStep& p, int64_t r0);
 
-// State of one panel (rows m0..m1 x T tiles at t) while its k steps run. Everything a step reads, as plain
-// values: the steps write float / int32 buffers, and with pointers into GemmArgs the compiler would reload them.
-struct Panel {
-  const uint8_t* a;            // activation codes of row m0 at this step's k0 (rows lda apart)
-  int64_t lda;
-  const int32_t* a_pair;       // act.pair of row m0, block blk (rows k_blocks apart)
-  const int32_t* a_sc;         // act.sc of row m0, block blk (rows k_blocks apart)
-  const int32_t* a_z;          // act.z of row m0
-  int64_t kb;
-  const int32_t* w_zw;         // w.zw / sv / scales at (blk, tile t)
-  const int32_t* w_sv;
-  const float* w_scales;
-  const uint8_t* w;            // this step's weights: unpacked scratch [groups][2][T][64] (4-bit) or b (8-bit)
-  int64_t w_stride;            // 8-bit: bytes between tiles in b
-  int64_t groups;              // 64-byte rows in this step
-  int64_t ahead;               // offset from a row's codes to the same codes 2 micro-kernels later (prefetched)
-  bool small_block;            // corrections as int16 pairs (block <= kSmallBlock)
-  bool first, last;            // first / last step of the block
-  float* f;                    // [rows][T][16] float block sums, row m0 first
-  int32_t* part;               // [rows][T][16] int32 partial sums (blocks split in several steps)
+  // 4-bit: low and high nibbles of `groups` 64-byte rows of T tiles as bytes 0..15, out[g][0][i] = low, out[g][1][i] =
+  // high; 8-bit: b itself (tiles tile_stride apart)
+  template <int Bits, int T>
+  static const uint8_t* weights(const uint8_t* b, int64_t tile_stride, int64_t groups, uint8_t* out) {
+    if constexpr (Bits == 8) {
+      return b;
+    } else {
+      const __m512i nibble = _mm512_set1_epi8(0x0F);
+      for (int64_t gi = 0; gi < groups; ++gi) {
+#pragma GCC unroll 16
+        for (int i = 0; i < T; ++i) {
+          const __m512i v = _mm512_loadu_si512(b + i * tile_stride + gi * 64);
+          _mm512_store_si512(out + (gi * 2 * T + i) * 64, _mm512_and_si512(v, nibble));
+          _mm512_store_si512(out + (gi * 2 * T + T + i) * 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble));
+        }
+      }
+      return out;
+    }
+  }
+
+  // y = fmadd(a_scale, F, bias) for the columns n0 .. n0 + 15 of row m that exist
+  static void store_tile(const GemmArgs& g, int64_t m, int64_t n0, const float* bias, const float* f) {
+    const __mmask16 mask = column_mask(n0, g.n);
+    const __m512 v = _mm512_fmadd_ps(_mm512_set1_ps(g.act->scale[m]), _mm512_load_ps(f),
+                                     _mm512_maskz_loadu_ps(mask, bias + n0));
+    store16(g.y, g.y_half, m * g.n + n0, v, mask);
+  }
 };
 
 // R rows x T tiles (rows r0..r0+R of the panel) for one k step: int32 accumulators in registers, then either parked
 // in `part` (more steps of this block to come) or corrected and folded into F.
 template <int Bits, int R, int T>
-HN_INLINE void panel_step(const Panel& p, int64_t r0) {
+void Avx512Micro::step(const PanelStep& p, int64_t r0) {
   const uint8_t* a[R];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) a[r] = p.a + (r0 + r) * p.lda;
@@ -235,111 +240,6 @@ HN_INLINE void panel_step(const Panel& p, int64_t r0) {
   }
 }
 
-template <int Bits, int R, int T>
-void panel_step_rest(const Panel& p, int64_t r0, int64_t rows) {
-  if constexpr (R > 0) {
-    if (rows == R)
-      panel_step<Bits, R, T>(p, r0);
-    else
-      panel_step_rest<Bits, R - 1, T>(p, r0, rows);
-  }
-}
-
-// Low and high nibbles of `groups` 64-byte rows of T tiles, as bytes 0..15: out[g][0][i] = low, out[g][1][i] = high.
-template <int T>
-void unpack_nibbles(const uint8_t* b, int64_t tile_stride, int64_t groups, uint8_t* out) {
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
-  for (int64_t gi = 0; gi < groups; ++gi) {
-#pragma GCC unroll 16
-    for (int i = 0; i < T; ++i) {
-      const __m512i v = _mm512_loadu_si512(b + i * tile_stride + gi * 64);
-      _mm512_store_si512(out + (gi * 2 * T + i) * 64, _mm512_and_si512(v, nibble));
-      _mm512_store_si512(out + (gi * 2 * T + T + i) * 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble));
-    }
-  }
-}
-
-// Rows m0..m1 (at most kMaxTaskRows) x T tiles at t, over the whole K, block by block: the block's weights are
-// unpacked once (4-bit) and shared by every R-row micro-tile of the panel, whose sums stay in L1.
-template <int Bits, int T>
-void int_panel(const GemmArgs& g, int64_t m0, int64_t m1, int64_t t) {
-  const WeightInfo& w = *g.w;
-  const ActInfo& act = *g.act;
-  const int64_t rows = m1 - m0;
-  const int64_t granule = Bits == 4 ? 8 : 4;
-  const BlockSplit split = split_block(w.block, granule);
-  alignas(64) float f[kMaxTaskRows * T * 16];
-  alignas(64) int32_t part[kMaxTaskRows * T * 16];
-  alignas(64) uint8_t scratch[Bits == 4 ? (kSubK / 8) * 2 * T * 64 : 64];
-  std::fill(f, f + rows * T * 16, 0.0f);
-  Panel p;
-  p.lda = act.lda;
-  p.ahead = 2 * kRows * act.lda;  // past the panel's last rows: prefetches of lines not read (harmless)
-  p.a_z = act.z.data() + m0;
-  p.kb = w.k_blocks;
-  p.w_stride = w.tile_stride;
-  p.groups = split.len / granule;
-  p.small_block = w.small_block;
-  p.f = f;
-  p.part = part;
-  const uint8_t* b = g.b + t * w.tile_stride;
-  for (int64_t blk = 0; blk < w.k_blocks; ++blk) {
-    const int64_t col = blk * w.n_pad + t * kTile;
-    p.a_pair = w.small_block ? act.pair.data() + m0 * w.k_blocks + blk : nullptr;
-    p.a_sc = act.sc.data() + m0 * w.k_blocks + blk;
-    p.w_zw = w.zw.data() + col;
-    p.w_sv = w.sv.data() + col;
-    p.w_scales = w.scales.data() + col;
-    for (int64_t s = 0; s < split.count; ++s) {
-      const int64_t k0 = blk * w.block + s * split.len;
-      p.a = act.a + m0 * act.lda + k0;
-      p.first = s == 0;
-      p.last = s == split.count - 1;
-      const uint8_t* bk = b + (k0 / granule) * 64;
-      if constexpr (Bits == 4) {
-        unpack_nibbles<T>(bk, w.tile_stride, p.groups, scratch);
-        p.w = scratch;
-      } else {
-        p.w = bk;
-      }
-      int64_t r = 0;
-      for (; r + kRows <= rows; r += kRows) panel_step<Bits, kRows, T>(p, r);
-      panel_step_rest<Bits, kRows - 1, T>(p, r, rows - r);
-    }
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t m = m0 + r;
-    const float* bias = g.bias + (m / g.rows_per_bias) * g.bias_stride;
-    const __m512 as = _mm512_set1_ps(act.scale[m]);
-    for (int i = 0; i < T; ++i) {
-      const int64_t n0 = (t + i) * kTile;
-      const __mmask16 mask = column_mask(n0, g.n);
-      const __m512 v = _mm512_fmadd_ps(as, _mm512_load_ps(f + (r * T + i) * 16), _mm512_maskz_loadu_ps(mask, bias + n0));
-      store16(g.y, g.y_half, m * g.n + n0, v, mask);
-    }
-  }
-}
-
-template <int Bits, int T>
-void int_panel_rest(const GemmArgs& g, int64_t m0, int64_t m1, int64_t t, int64_t tiles) {
-  if constexpr (T > 0) {
-    if (tiles == T)
-      int_panel<Bits, T>(g, m0, m1, t);
-    else
-      int_panel_rest<Bits, T - 1>(g, m0, m1, t, tiles);
-  }
-}
-
-template <int Bits>
-void int_gemm(const GemmArgs& g, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
-  for (int64_t r0 = m0; r0 < m1; r0 += kMaxTaskRows) {
-    const int64_t r1 = std::min(m1, r0 + kMaxTaskRows);
-    int64_t t = t0;
-    for (; t + kTiles <= t1; t += kTiles) int_panel<Bits, kTiles>(g, r0, r1, t);
-    int_panel_rest<Bits, kTiles - 1>(g, r0, r1, t, t1 - t);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // FloatMatMul: one column tile per zmm, each k's 16 codes pulled out of the 64-byte row by shifts
 // ---------------------------------------------------------------------------------------------------------------
@@ -433,12 +333,26 @@ void float_gemm(const FloatGemmArgs& g, int64_t m0, int64_t m1, int64_t t0, int6
   }
 }
 
-const IsaKernels kAvx512 = {Isa::kAvx512Vnni, quantize_row_avx512, int_gemm<4>, int_gemm<8>, float_gemm<4>,
-                            float_gemm<8>, 96, 8};
+constexpr int64_t kTaskRows = kMaxTaskRows, kTaskTiles = 8;  // rows x column tiles per matmul task (96: one panel)
 
 }  // namespace
 
-const IsaKernels* avx512vnni_kernels() { return &kAvx512; }
+const IsaKernels* avx512vnni_kernels() {
+  static const IsaKernels kernels = inherit(
+      {.isa = Isa::kAvx512Vnni,
+       .quantize_row = quantize_row_avx512,
+       .int_gemm4 = panel_int_gemm<Avx512Micro, 4>,
+       .int_gemm8 = panel_int_gemm<Avx512Micro, 8>,
+       .float_gemm4 = float_gemm<4>,
+       .float_gemm8 = float_gemm<8>,
+       .transform = {.center_scale_fwht = center_scale_fwht_avx512,  // transform_avx512.h
+                     .dense_left = dense_left_avx512,
+                     .column_mean = column_mean_avx512},
+       .rows_per_task = kTaskRows,
+       .tiles_per_task = kTaskTiles},
+      *avx2_kernels());  // the AVX2 build of the portable loops, the F16C conversions
+  return &kernels;
+}
 
 }  // namespace hadanorm
 

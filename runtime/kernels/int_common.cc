@@ -1,4 +1,4 @@
-// Shared parts of the integer kernels: per-weight sums, per-row activation sums, the path table.
+// Shared parts of the integer kernels: weight geometry, per-row activation sums, the choice of path table.
 
 #include <algorithm>
 #include <cstring>
@@ -35,43 +35,6 @@ WeightInfo weight_geometry(int bits, int64_t n, int64_t k_blocks, int64_t block)
   w.tile_stride = w.groups * 64;
   w.small_block = block <= kSmallBlock;
   return w;
-}
-
-HN_HOT void fill_weight_info(WeightInfo& w, const uint8_t* b, const float* scales, const void* zero_points) {
-  const size_t size = static_cast<size_t>(w.k_blocks * w.n_pad);
-  w.scales.assign(size, 0.0f);
-  w.zw.assign(size, 0);
-  w.sv.assign(size, 0);
-  for (int64_t blk = 0; blk < w.k_blocks; ++blk) {
-    for (int64_t n = 0; n < w.n; ++n) {
-      const int64_t i = blk * w.n + n;
-      w.scales[blk * w.n_pad + n] = scales[i];
-      w.zw[blk * w.n_pad + n] = w.bits == 4 ? static_cast<const uint8_t*>(zero_points)[i]
-                                            : static_cast<const int8_t*>(zero_points)[i];
-    }
-  }
-  const int64_t groups_per_block = w.block / (w.bits == 4 ? 8 : 4);
-  for (int64_t t = 0; t < w.tiles; ++t) {
-    for (int64_t blk = 0; blk < w.k_blocks; ++blk) {
-      int32_t su[kTile] = {};
-      const uint8_t* rows = b + t * w.tile_stride + blk * groups_per_block * 64;
-      for (int64_t g = 0; g < groups_per_block; ++g) {
-        const uint8_t* row = rows + g * 64;
-        for (int c = 0; c < kTile; ++c) {
-          int32_t s = 0;
-          for (int j = 0; j < 4; ++j) {
-            const uint8_t v = row[4 * c + j];
-            s += w.bits == 4 ? (v & 0x0F) + (v >> 4) : static_cast<int8_t>(v);
-          }
-          su[c] += s;
-        }
-      }
-      for (int c = 0; c < kTile; ++c) {
-        const int64_t i = blk * w.n_pad + t * kTile + c;
-        w.sv[i] = su[c] - w.zw[i] * static_cast<int32_t>(w.block);
-      }
-    }
-  }
 }
 
 void act_init(ActInfo& act, const uint8_t* codes, int64_t rows, int64_t k, const WeightInfo& w) {
@@ -128,6 +91,46 @@ void store_output(void* y, bool y_half, int64_t index, float value) {
     static_cast<float*>(y)[index] = value;
 }
 
+namespace {
+
+template <typename T>
+void take(T& field, T base) {
+  if (!field) field = base;
+}
+
+// Every function and task size set (a table that inherits from an incomplete one would crash only when called).
+bool complete(const IsaKernels& k) {
+  const TransformKernels& t = k.transform;
+  return k.quantize_row && k.int_gemm4 && k.int_gemm8 && k.float_gemm4 && k.float_gemm8 && k.fill_weight_info &&
+         t.center_scale_fwht && t.dense_left && t.column_mean && t.column_mean_half && t.center_scale &&
+         t.dense_right && t.fwht_across_rows && k.half.to_floats && k.half.to_halves && k.rows_per_task > 0 &&
+         k.tiles_per_task > 0;
+}
+
+}  // namespace
+
+IsaKernels inherit(IsaKernels own, const IsaKernels& base) {
+  take(own.quantize_row, base.quantize_row);
+  take(own.int_gemm4, base.int_gemm4);
+  take(own.int_gemm8, base.int_gemm8);
+  take(own.float_gemm4, base.float_gemm4);
+  take(own.float_gemm8, base.float_gemm8);
+  take(own.fill_weight_info, base.fill_weight_info);
+  TransformKernels& t = own.transform;
+  take(t.center_scale_fwht, base.transform.center_scale_fwht);
+  take(t.dense_left, base.transform.dense_left);
+  take(t.column_mean, base.transform.column_mean);
+  take(t.column_mean_half, base.transform.column_mean_half);
+  take(t.center_scale, base.transform.center_scale);
+  take(t.dense_right, base.transform.dense_right);
+  take(t.fwht_across_rows, base.transform.fwht_across_rows);
+  take(own.half.to_floats, base.half.to_floats);
+  take(own.half.to_halves, base.half.to_halves);
+  take(own.rows_per_task, base.rows_per_task);
+  take(own.tiles_per_task, base.tiles_per_task);
+  return own;
+}
+
 const IsaKernels& isa_kernels(Isa isa) {
   const IsaKernels* k = nullptr;
   switch (isa) {
@@ -138,7 +141,9 @@ const IsaKernels& isa_kernels(Isa isa) {
     case Isa::kNeonDot: k = neondot_kernels(); break;
     case Isa::kScalar: break;
   }
-  return k ? *k : *scalar_kernels();
+  if (!k) k = scalar_kernels();
+  if (!complete(*k)) fail("the kernel table of path ", isa_name(k->isa), " is incomplete (a bug in this build)");
+  return *k;
 }
 
 }  // namespace hadanorm

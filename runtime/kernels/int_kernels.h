@@ -16,7 +16,9 @@
 #include <cstdint>
 #include <vector>
 
+#include "half.h"
 #include "isa.h"
+#include "transform.h"
 
 namespace hadanorm {
 
@@ -44,7 +46,9 @@ struct WeightInfo {
 // The geometry of a weight from N, block size and bits (no data).
 WeightInfo weight_geometry(int bits, int64_t n, int64_t k_blocks, int64_t block);
 // Fill scales / zero points / sums of `info` (geometry set) from the packed codes b, float scales [k_blocks, n] and
-// zero points [k_blocks, n] (uint8 for 4-bit, int8 for 8-bit).
+// zero points [k_blocks, n] (uint8 for 4-bit, int8 for 8-bit). Integers: every path's build gives the same.
+using FillWeightFn = void (*)(WeightInfo& info, const uint8_t* b, const float* scales, const void* zero_points);
+// The scalar path's build (the ops call IsaKernels::fill_weight_info).
 void fill_weight_info(WeightInfo& info, const uint8_t* b, const float* scales, const void* zero_points);
 
 // Per-run activation data of rows [r0, r1): sums of codes per block and the correction pairs.
@@ -95,13 +99,24 @@ using FloatGemmFn = void (*)(const FloatGemmArgs&, int64_t m0, int64_t m1, int64
 using QuantizeRowFn = void (*)(const float* y, int64_t d, float qmax, bool half_scale, uint8_t* codes, float* scale,
                                uint8_t* zero_point);
 
+// Everything an op runs that depends on the instruction set, for one path. Every kernel takes its table once, when it
+// is created, from isa_kernels(select_isa()): HADANORM_KERNELS_ISA picks every function below, and nothing outside
+// these tables chooses code by CPU. The tables name their fields (designated initializers); a path that shares
+// functions with another lists its own and inherits the rest (inherit).
 struct IsaKernels {
-  Isa isa;
-  QuantizeRowFn quantize_row;
-  IntGemmFn int_gemm4, int_gemm8;
-  FloatGemmFn float_gemm4, float_gemm8;
-  int64_t rows_per_task, tiles_per_task;  // work split that suits the micro-kernels
+  Isa isa = Isa::kScalar;
+  QuantizeRowFn quantize_row = nullptr;
+  IntGemmFn int_gemm4 = nullptr, int_gemm8 = nullptr;
+  FloatGemmFn float_gemm4 = nullptr, float_gemm8 = nullptr;
+  FillWeightFn fill_weight_info = nullptr;
+  TransformKernels transform;  // the transform ops' row kernels (transform.h)
+  HalfKernels half;            // float16 tensors in and out
+  // the matmuls' work split that suits the micro-kernels: rows x column tiles per task
+  int64_t rows_per_task = 0, tiles_per_task = 0;
 };
+
+// `own` with every field it leaves unset (null, 0) taken from `base` (own.isa stays).
+IsaKernels inherit(IsaKernels own, const IsaKernels& base);
 
 // The kernels of a path (isa_supported(isa) must hold).
 const IsaKernels& isa_kernels(Isa isa);
@@ -109,10 +124,10 @@ const IsaKernels& isa_kernels(Isa isa);
 // Per-path tables (null when the path is not compiled for this target).
 const IsaKernels* scalar_kernels();
 const IsaKernels* avx2_kernels();
-const IsaKernels* avxvnni_kernels();
-const IsaKernels* avx512vnni_kernels();
-const IsaKernels* amx_kernels();  // IntMatMul on AMX tiles; quantize and FloatMatMul from avx512vnni
-const IsaKernels* neondot_kernels();
+const IsaKernels* avxvnni_kernels();     // IntMatMul with AVX-VNNI; the rest from avx2
+const IsaKernels* avx512vnni_kernels();  // the rest (portable loops, conversions, per-weight sums) from avx2
+const IsaKernels* amx_kernels();         // IntMatMul on AMX tiles; the rest from avx512vnni
+const IsaKernels* neondot_kernels();     // IntMatMul with sdot; the rest from scalar
 
 // Store helpers shared by the scalar paths: y[i] = value as float or half.
 void store_output(void* y, bool y_half, int64_t index, float value);

@@ -1,11 +1,13 @@
-// The scalar reference path of the integer kernels: the definitions of int_kernels.h written out, element by
-// element. Every vector path is tested bit for bit against it.
+// The scalar reference path (int_kernels.h): the definitions of the integer kernels written out, element by element,
+// and the baseline build of the portable loops (transform rows, per-weight sums) and float16 conversions. Every
+// vector path is tested against it (bit for bit where the tables' contracts say so).
 
 #include <cfloat>
 #include <cmath>
 
 #include "half.h"
 #include "int_kernels.h"
+#include "portable_loops.h"
 
 namespace hadanorm {
 
@@ -90,12 +92,27 @@ void float_gemm_scalar(const FloatGemmArgs& g, int64_t m0, int64_t m1, int64_t t
   }
 }
 
-const IsaKernels kScalar = {Isa::kScalar, quantize_row_scalar, int_gemm_scalar, int_gemm_scalar,
-                            float_gemm_scalar, float_gemm_scalar, 8, 4};
+constexpr int64_t kTaskRows = 8, kTaskTiles = 4;  // rows x column tiles per matmul task
+
+constexpr IsaKernels kScalar = {.isa = Isa::kScalar,
+                                .quantize_row = quantize_row_scalar,
+                                .int_gemm4 = int_gemm_scalar,
+                                .int_gemm8 = int_gemm_scalar,
+                                .float_gemm4 = float_gemm_scalar,
+                                .float_gemm8 = float_gemm_scalar,
+                                .fill_weight_info = fill_weight_rows,
+                                .transform = portable_transform_kernels<halves_to_floats>(),
+                                .half = {.to_floats = halves_to_floats, .to_halves = floats_to_halves},
+                                .rows_per_task = kTaskRows,
+                                .tiles_per_task = kTaskTiles};
 
 }  // namespace
 
 const IsaKernels* scalar_kernels() { return &kScalar; }
+
+void fill_weight_info(WeightInfo& info, const uint8_t* b, const float* scales, const void* zero_points) {
+  fill_weight_rows(info, b, scales, zero_points);
+}
 
 #if !defined(__x86_64__) || defined(HADANORM_SCALAR_ONLY)
 const IsaKernels* avx2_kernels() { return nullptr; }

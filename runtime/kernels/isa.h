@@ -1,4 +1,5 @@
-// Instruction-set paths of the integer kernels, detected at run time; no onnxruntime API.
+// Instruction-set paths of the kernel library, detected at run time; no onnxruntime API. Each path is one table of
+// functions (int_kernels.h, IsaKernels; the fused attention maps the path to its own, attention.h).
 //
 // HADANORM_KERNELS_ISA=scalar|avx2|avxvnni|avx512vnni|amx|neondot overrides the choice (a path this CPU lacks is
 // refused with an error). The scalar path is the reference every other path is tested against.

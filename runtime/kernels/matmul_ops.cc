@@ -8,7 +8,8 @@
 // b: uint8 [ceil(N/16), K_pad/8, 64] (4-bit, zero points uint8) or int8 [ceil(N/16), K_pad/4, 64] (8-bit, zero
 // points int8), K_pad = k_blocks * block_size, k_blocks = ceil(K / block_size) (graph_passes/int_packing.py). The
 // maths is in int_kernels.h. When b, scales and zero_points are constant initializers, the per-weight sums are
-// computed once when the kernel is created; otherwise on every run.
+// computed once when the kernel is created; otherwise on every run. Every CPU-dependent function comes from the
+// kernel's path table (isa_kernels(select_isa()): HADANORM_KERNELS_ISA).
 
 #include <memory>
 
@@ -52,8 +53,8 @@ struct MatMulKernel {
       WeightInfo w = weight_geometry(Bits, scales_shape[1], scales_shape[0], block);
       if (!weight_matches(w, shape_of(values[0]), shape_of(values[2]))) return;
       std::vector<float> storage;
-      fill_weight_info(w, static_cast<const uint8_t*>(values[0].GetTensorRawData()),
-                       float_data(values[1], Half, storage), values[2].GetTensorRawData());
+      kernels->fill_weight_info(w, static_cast<const uint8_t*>(values[0].GetTensorRawData()),
+                                float_data(values[1], Half, storage, kernels->half), values[2].GetTensorRawData());
       constant_weight = std::make_unique<WeightInfo>(std::move(w));
     }
   }
@@ -92,8 +93,8 @@ struct MatMulKernel {
       return *constant_weight;
     storage = std::move(geometry);
     std::vector<float> scale_storage;
-    fill_weight_info(storage, static_cast<const uint8_t*>(b.GetTensorRawData()),
-                     float_data(scales, Half, scale_storage), zps.GetTensorRawData());
+    kernels->fill_weight_info(storage, static_cast<const uint8_t*>(b.GetTensorRawData()),
+                              float_data(scales, Half, scale_storage, kernels->half), zps.GetTensorRawData());
     return storage;
   }
 
@@ -148,8 +149,8 @@ struct MatMulKernel {
     }
     args.rows_per_bias = std::max<int64_t>(a_shape[rank - 2], 1);
     std::vector<float> bias_storage, scale_storage;
-    args.bias = float_data(bias_value, Half, bias_storage);
-    const float* a_scale = float_data(scale_value, Half, scale_storage);
+    args.bias = float_data(bias_value, Half, bias_storage, kernels->half);
+    const float* a_scale = float_data(scale_value, Half, scale_storage, kernels->half);
     const uint8_t* codes = codes_value.GetTensorData<uint8_t>();
     const uint8_t* a_zp = zp_value.GetTensorData<uint8_t>();
 
@@ -176,7 +177,8 @@ struct MatMulKernel {
     std::vector<float> x(static_cast<size_t>(rows * w.k_pad), 0.0f);
     for (int64_t r = 0; r < rows; ++r) {
       if constexpr (Half)
-        halves_to_floats(static_cast<const uint16_t*>(x_value.GetTensorRawData()) + r * k, x.data() + r * w.k_pad, k);
+        kernels->half.to_floats(static_cast<const uint16_t*>(x_value.GetTensorRawData()) + r * k,
+                                x.data() + r * w.k_pad, k);
       else
         std::copy_n(x_value.GetTensorData<float>() + r * k, k, x.data() + r * w.k_pad);
     }

@@ -24,8 +24,8 @@ inline int env_threads() {
   return n > 0 ? n : 0;
 }
 
-// HADANORM_KERNELS_CALL_LOG=path: one line "<op type>" per kernel run (" <path>" appended for the integer ops when
-// HADANORM_KERNELS_CALL_LOG_ISA=1).
+// HADANORM_KERNELS_CALL_LOG=path: one line "<op type>" per kernel run (" <path>" appended when
+// HADANORM_KERNELS_CALL_LOG_ISA=1: the instruction-set path, or the attention path).
 inline void log_call(const char* op_type, const char* isa = nullptr) {
   const char* path = std::getenv("HADANORM_KERNELS_CALL_LOG");
   if (!path || !*path) return;
@@ -105,12 +105,14 @@ inline int64_t element_count(const std::vector<int64_t>& shape) {
   return n;
 }
 
-// The float32 data of a float or float16 tensor: the tensor itself, or a converted copy in `storage`.
-inline const float* float_data(const Ort::ConstValue& v, bool half, std::vector<float>& storage) {
+// The float32 data of a float or float16 tensor: the tensor itself, or a copy in `storage` converted by `convert`
+// (the kernel's path's HalfKernels).
+inline const float* float_data(const Ort::ConstValue& v, bool half, std::vector<float>& storage,
+                               const HalfKernels& convert) {
   if (!half) return v.GetTensorData<float>();
   const int64_t n = element_count(shape_of(v));
   storage.resize(static_cast<size_t>(n));
-  halves_to_floats(static_cast<const uint16_t*>(v.GetTensorRawData()), storage.data(), n);
+  convert.to_floats(static_cast<const uint16_t*>(v.GetTensorRawData()), storage.data(), n);
   return storage.data();
 }
 

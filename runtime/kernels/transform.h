@@ -27,20 +27,39 @@ struct Rotation {
 Rotation make_rotation(const float* h_left, const std::vector<int64_t>& left_shape, const float* h_right,
                        const std::vector<int64_t>& right_shape, int64_t d);
 
+// The row kernels of the transform for one instruction-set path (IsaKernels::transform): the portable loops of
+// portable_loops.h compiled for the path (scalar: baseline; avx2, avxvnni: AVX2 + FMA + F16C), and on the
+// avx512vnni and amx paths AVX-512 code for the first three below (transform_avx512.h; the others are the avx2
+// build). Every entry gives the scalar path's bits except dense_left on the AVX-512 paths, which uses fused
+// multiply-adds (the loops multiply, then add): within float32 rounding of it.
+struct TransformKernels {
+  // v = Sylvester(M) @ ((x - mean) * mul) row by row for v [K, M], M a power of two (mean may be null)
+  void (*center_scale_fwht)(const float* x, const float* mean, const float* mul, float* v, int64_t k,
+                            int64_t m) = nullptr;
+  // out = h_left @ v for v, out [K, M] row-major
+  void (*dense_left)(const float* v, const float* left, int64_t k, int64_t m, float* out) = nullptr;
+  // mean[c] = mean over the n rows (stride d) of column c, for c in [c0, c1); accumulated in double
+  void (*column_mean)(const float* x, int64_t n, int64_t d, int64_t c0, int64_t c1, float* mean) = nullptr;
+  // the same for float16 input (raw IEEE half bits)
+  void (*column_mean_half)(const uint16_t* x, int64_t n, int64_t d, int64_t c0, int64_t c1, float* mean) = nullptr;
+  // out = (x - mean) * mul for d floats (mean may be null)
+  void (*center_scale)(const float* x, const float* mean, const float* mul, float* out, int64_t d) = nullptr;
+  // each of the K rows of v [K, M]: row <- row @ h_right^T (tmp: M floats)
+  void (*dense_right)(float* v, int64_t k, int64_t m, const float* right_t, float* tmp) = nullptr;
+  // out = scale * Sylvester(K) @ v for v [K, M] (butterflies across the rows, in place on v, then the scale)
+  void (*fwht_across_rows)(float* v, int64_t k, int64_t m, float scale, float* out) = nullptr;
+};
+
 // Per-thread scratch: the [K, M] intermediate when h_left is dense, plus M floats for a dense h_right.
 struct Scratch {
   std::vector<float> block, tmp;
   Scratch(const Rotation* rot, int64_t d);
 };
 
-// One token: out = rotate((x - mean) * mul); mean may be null (no centering), rot may be null (no rotation).
-// `mul_rot` is mul with the Sylvester scale folded in (used when rotating with the fast transform).
-void transform_row(const float* x, const float* mean, const float* mul, const float* mul_rot, const Rotation* rot,
-                   float* out, Scratch& scratch, int64_t d);
-
-// mean[c] = mean over the n rows (stride d) of column c, for c in [c0, c1); accumulated in double.
-void column_mean(const float* x, int64_t n, int64_t d, int64_t c0, int64_t c1, float* mean);
-// The same for float16 input (raw IEEE half bits).
-void column_mean_half(const uint16_t* x, int64_t n, int64_t d, int64_t c0, int64_t c1, float* mean);
+// One token with the row kernels `kernels`: out = rotate((x - mean) * mul); mean may be null (no centering), rot may
+// be null (no rotation). `mul_rot` is mul with the Sylvester scale folded in (used when rotating with the fast
+// transform).
+void transform_row(const TransformKernels& kernels, const float* x, const float* mean, const float* mul,
+                   const float* mul_rot, const Rotation* rot, float* out, Scratch& scratch, int64_t d);
 
 }  // namespace hadanorm

@@ -6,7 +6,9 @@
 //   y = rotate((x - mean) * mul) (the parts the op names; see transform.h), mean_y = rotate(mean * mul)
 // The quantize ops do not write y: each token is quantized as it is transformed (int_kernels.h, QuantizeRowFn) to
 // codes uint8 [..., N, d], scale T [..., N, 1], zero_point uint8 [..., N, 1] (+ mean_y for the Center ops).
-// Tokens are split over onnxruntime's intra-op pool (or HADANORM_KERNELS_THREADS std::threads).
+// Tokens are split over onnxruntime's intra-op pool (or HADANORM_KERNELS_THREADS std::threads). Every function that
+// depends on the CPU (row kernels, quantizer, float16 conversions) comes from the kernel's path table
+// (isa_kernels(select_isa()): HADANORM_KERNELS_ISA).
 
 #include <cmath>
 #include <string>
@@ -45,8 +47,8 @@ struct TransformKernel {
       const int64_t bits = info.GetAttribute<int64_t>("bits");
       if (bits < 2 || bits > 8) fail("attribute bits=", bits, " is outside 2..8; re-quantize with hn-export");
       qmax = static_cast<float>((1 << bits) - 1);
-      kernels = &isa_kernels(select_isa());
     }
+    kernels = &isa_kernels(select_isa());
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
@@ -54,7 +56,8 @@ struct TransformKernel {
   }
 
   void Compute(OrtKernelContext* context) {
-    log_call(kName, Quant ? isa_name(kernels->isa) : nullptr);
+    log_call(kName, isa_name(kernels->isa));
+    const HalfKernels& half = kernels->half;
     Ort::KernelContext ctx(context);
     Ort::ConstValue x_value = ctx.GetInput(0);
     const std::vector<int64_t> x_shape = shape_of(x_value);
@@ -72,7 +75,7 @@ struct TransformKernel {
       if (mul_shape.size() != 1 || mul_shape[0] != d)
         fail("mul must have shape [", d, "] (the channel width of x ", shape_string(x_shape), "), got ",
              shape_string(mul_shape));
-      mul = float_data(mul_value, Half, mul_storage);
+      mul = float_data(mul_value, Half, mul_storage, half);
     }
     Rotation rotation;
     const Rotation* rot = nullptr;
@@ -80,8 +83,8 @@ struct TransformKernel {
     if constexpr (Rotate) {
       Ort::ConstValue hl = ctx.GetInput(2);
       Ort::ConstValue hr = ctx.GetInput(3);
-      rotation = make_rotation(float_data(hl, Half, left_storage), shape_of(hl), float_data(hr, Half, right_storage),
-                               shape_of(hr), d);
+      rotation = make_rotation(float_data(hl, Half, left_storage, half), shape_of(hl),
+                               float_data(hr, Half, right_storage, half), shape_of(hr), d);
       rot = &rotation;
       if (rotation.right_fwht) {
         mul_rot.resize(static_cast<size_t>(d));
@@ -113,7 +116,7 @@ struct TransformKernel {
       for (int64_t i = 0; i < rank - 2; ++i) mean_groups *= x_shape[i];
       mean.assign(static_cast<size_t>(mean_groups * d), 0.0f);
       if (n == 0) std::fill(mean.begin(), mean.end(), std::nanf(""));  // as ReduceMean over no tokens
-      compute_means(ctx, x, n > 0 ? rows / n : 0, n, d, mean.data());
+      compute_means(ctx, kernels->transform, x, n > 0 ? rows / n : 0, n, d, mean.data());
     }
     if (rows > 0 && d > 0) transform_rows(ctx, x, mean.data(), mul, mul_rot.data(), rot, out, d, n, rows);
 
@@ -123,8 +126,8 @@ struct TransformKernel {
       const int64_t mean_groups = d > 0 ? static_cast<int64_t>(mean.size()) / d : 0;
       for (int64_t g = 0; g < mean_groups; ++g) {
         float* dst = Half ? row.data() : reinterpret_cast<float*>(mean_y + g * d);
-        transform_row(mean.data() + g * d, nullptr, mul, mul_rot.data(), rot, dst, scratch, d);
-        if constexpr (Half) floats_to_halves(row.data(), mean_y + g * d, d);
+        transform_row(kernels->transform, mean.data() + g * d, nullptr, mul, mul_rot.data(), rot, dst, scratch, d);
+        if constexpr (Half) half.to_halves(row.data(), mean_y + g * d, d);
       }
     }
   }
@@ -140,6 +143,7 @@ struct TransformKernel {
                       const float* mul_rot, const Rotation* rot, const Outputs& out, int64_t d, int64_t n,
                       int64_t rows) const {
     const int64_t per_chunk = rows_per_chunk(d);
+    const HalfKernels& half = kernels->half;
     parallel_for(ctx, static_cast<size_t>(ceil_div(rows, per_chunk)), [&](size_t chunk) {
       Scratch scratch(rot, d);
       std::vector<float> xbuf(Half ? d : 0), ybuf((Half || Quant) ? d : 0);
@@ -148,7 +152,7 @@ struct TransformKernel {
       for (int64_t r = r0; r < r1; ++r) {
         const float* xr;
         if constexpr (Half) {
-          halves_to_floats(x + r * d, xbuf.data(), d);
+          half.to_floats(x + r * d, xbuf.data(), d);
           xr = xbuf.data();
         } else {
           xr = x + r * d;
@@ -156,7 +160,8 @@ struct TransformKernel {
         const float* yr;
         if constexpr (Mul) {
           float* dst = (Half || Quant) ? ybuf.data() : reinterpret_cast<float*>(out.y + r * d);
-          transform_row(xr, Center ? mean + (r / n) * d : nullptr, mul, mul_rot, rot, dst, scratch, d);
+          transform_row(kernels->transform, xr, Center ? mean + (r / n) * d : nullptr, mul, mul_rot, rot, dst,
+                        scratch, d);
           yr = dst;
         } else {
           yr = xr;  // Quantize: y = x
@@ -169,14 +174,14 @@ struct TransformKernel {
           else
             out.scale[r] = scale;
         } else if constexpr (Half) {
-          floats_to_halves(yr, out.y + r * d, d);
+          half.to_halves(yr, out.y + r * d, d);
         }
       }
     });
   }
 
-  static void compute_means(const Ort::KernelContext& ctx, const T* x, int64_t groups, int64_t n, int64_t d,
-                            float* mean) {
+  static void compute_means(const Ort::KernelContext& ctx, const TransformKernels& rows, const T* x, int64_t groups,
+                            int64_t n, int64_t d, float* mean) {
     if (groups == 0 || n == 0 || d == 0) return;
     const int64_t width = 256;
     const int64_t blocks = ceil_div(d, width);
@@ -184,9 +189,9 @@ struct TransformKernel {
       const int64_t g = static_cast<int64_t>(chunk) / blocks;
       const int64_t c0 = (static_cast<int64_t>(chunk) % blocks) * width;
       if constexpr (Half)
-        column_mean_half(x + g * n * d, n, d, c0, std::min(d, c0 + width), mean + g * d);
+        rows.column_mean_half(x + g * n * d, n, d, c0, std::min(d, c0 + width), mean + g * d);
       else
-        column_mean(x + g * n * d, n, d, c0, std::min(d, c0 + width), mean + g * d);
+        rows.column_mean(x + g * n * d, n, d, c0, std::min(d, c0 + width), mean + g * d);
     });
   }
 };

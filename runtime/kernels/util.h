@@ -7,13 +7,6 @@
 #include <string>
 #include <vector>
 
-// Hot loops the compiler vectorises are compiled twice (AVX2+FMA and baseline x86-64) and picked at load time.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(HADANORM_NO_CLONES)
-#define HN_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define HN_HOT
-#endif
-
 #if defined(__GNUC__)
 #define HN_INLINE __attribute__((always_inline)) inline
 #else

@@ -1,8 +1,7 @@
-// The AVX2 IntMatMul panel kernels (int_avx2.cc, int_avxvnni.cc), included after a `#pragma GCC target` and a
-// definition of HN_DPBUSD_YMM(acc, a, w) (the AVX-VNNI intrinsic; only the avxvnni source instantiates Kind 0).
-// A 64-byte row of the packed layout is two ymm halves of 8 columns x 4 k each. The scheme is the AVX-512 path's
-// (int_avx512.cc): per block, the tile's weights are unpacked once (4-bit) and shared by the R-row micro-kernels of
-// the panel, whose int32 sums (2 R ymm registers) are corrected and folded into float block sums F in L1.
+// The AVX2 IntMatMul micro-kernel (int_avx2.cc, int_avxvnni.cc) for the panel driver of int_panel.h, included after
+// a `#pragma GCC target` and a definition of HN_DPBUSD_YMM(acc, a, w) (the AVX-VNNI intrinsic; only the avxvnni
+// source instantiates Kind 0). A 64-byte row of the packed layout is two ymm halves of 8 columns x 4 k each; a panel
+// is one column tile, whose R-row micro-kernels keep their int32 sums in 2 R ymm registers.
 //
 // Without VNNI, u8 x s8 dot products of 4 take vpmaddubsw (u8 x s8 -> int16 pairs, saturating) + vpmaddwd (x 1 ->
 // int32): exact for 4-bit weights (2 * 255 * 15 < 2^15, also after adding the low- and high-nibble pairs); 8-bit
@@ -16,6 +15,7 @@
 #include <cstring>
 
 #include "int_kernels.h"
+#include "int_panel.h"
 #include "util.h"
 
 #ifndef HN_DPBUSD_YMM
@@ -66,38 +66,55 @@ inline __m256 load_partial(const float* p, int64_t count) {
   return _mm256_load_ps(tmp);
 }
 
-constexpr int64_t kMaxTaskRows = 96;  // rows_per_task must not exceed this
-constexpr int64_t kSubK = 128;
+// dot products (Kind: 0 = AVX-VNNI, 1 = vpmaddubsw for 4-bit, 2 = int16 vpmaddwd for 8-bit without VNNI)
+template <int Kind>
+struct Avx2Micro {
+  // rows: 2R int32 accumulators + weights + broadcasts within 16 ymm registers
+  static constexpr int kRows = Kind == 0 ? 4 : (Kind == 1 ? 3 : 2);
+  static constexpr int kTiles = 1;
+  template <int Bits>
+  static constexpr int64_t kGranule = Bits == 4 ? 8 : 4;
 
-struct BlockSplit {
-  int64_t count, len;
+  // R rows x the tile for one k step: int32 sums in registers, parked in `part` or corrected and folded into F
+  template <int Bits, int R, int T>
+  static HN_INLINE void step(const PanelStep& s, int64_t r0);
+
+  // 4-bit: low and high nibbles of `groups` rows as bytes 0..15 in scratch [groups][2][64]; 8-bit: b itself
+  template <int Bits, int T>
+  static const uint8_t* weights(const uint8_t* b, int64_t /*tile_stride*/, int64_t groups, uint8_t* scratch) {
+    static_assert(T == 1, "one column tile per panel");
+    if constexpr (Bits == 8) {
+      return b;
+    } else {
+      const __m256i nibble = _mm256_set1_epi8(0x0F);
+      for (int64_t gi = 0; gi < groups; ++gi)
+        for (int h = 0; h < 2; ++h) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + gi * 64 + 32 * h));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(scratch + gi * 128 + 32 * h), _mm256_and_si256(v, nibble));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(scratch + gi * 128 + 64 + 32 * h),
+                             _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble));
+        }
+      return scratch;
+    }
+  }
+
+  // y = fmadd(a_scale, F, bias) for the columns n0.. of row m that exist
+  static void store_tile(const GemmArgs& g, int64_t m, int64_t n0, const float* bias, const float* f) {
+    const __m256 as = _mm256_set1_ps(g.act->scale[m]);
+    for (int h = 0; h < 2; ++h) {
+      const int64_t nh = n0 + 8 * h;
+      const int64_t count = std::min<int64_t>(8, g.n - nh);
+      if (count <= 0) break;
+      const __m256 v = _mm256_fmadd_ps(as, _mm256_load_ps(f + 8 * h), load_partial(bias + nh, count));
+      store8(g.y, g.y_half, m * g.n + nh, v, count);
+    }
+  }
 };
-inline BlockSplit split_block(int64_t block, int64_t granule) {
-  int64_t count = (block + kSubK - 1) / kSubK;
-  while (block % count || (block / count) % granule) ++count;
-  return {count, block / count};
-}
 
-// Everything one k step of a panel (rows m0.., one 16-column tile) reads; see int_avx512.cc.
-struct Step {
-  const uint8_t* a;       // codes of row m0 at this step's k0
-  int64_t lda;
-  const int32_t* a_pair;  // act.pair of row m0, this block
-  const int32_t* a_sc;
-  const int32_t* a_z;     // act.z of row m0
-  int64_t kb;
-  const int32_t* w_zw;
-  const int32_t* w_sv;
-  const float* w_scales;
-  const uint8_t* w;       // 4-bit: unpacked scratch [groups][2][64]; 8-bit: b at this step
-  int64_t groups;
-  bool small_block, first, last;
-  float* f;               // [rows][16]
-  int32_t* part;          // [rows][16]
-};
-
-template <int Bits, int Kind, int R>
-HN_INLINE void panel_step(const Step& s, int64_t r0) {
+template <int Kind>
+template <int Bits, int R, int T>
+void Avx2Micro<Kind>::step(const PanelStep& s, int64_t r0) {
+  static_assert(T == 1, "one column tile per panel");
   float* __restrict f = s.f + r0 * 16;
   int32_t* __restrict part = s.part + r0 * 16;
   const uint8_t* a[R];
@@ -125,7 +142,6 @@ HN_INLINE void panel_step(const Step& s, int64_t r0) {
     for (int r = 0; r < R; ++r) c0[r] = c1[r] = _mm256_setzero_si256();
   }
 
-  // dot products (Kind: 0 = AVX-VNNI, 1 = vpmaddubsw for 4-bit, 2 = int16 vpmaddwd for 8-bit without VNNI)
   const uint8_t* __restrict wb = s.w;
   const int64_t groups = s.groups;
   if constexpr (Kind == 0) {
@@ -222,96 +238,6 @@ HN_INLINE void panel_step(const Step& s, int64_t r0) {
     float* fr = f + r * 16;
     _mm256_store_ps(fr, _mm256_fmadd_ps(s0, _mm256_cvtepi32_ps(c0[r]), _mm256_load_ps(fr)));
     _mm256_store_ps(fr + 8, _mm256_fmadd_ps(s1, _mm256_cvtepi32_ps(c1[r]), _mm256_load_ps(fr + 8)));
-  }
-}
-
-template <int Bits, int Kind, int R>
-void panel_step_rest(const Step& s, int64_t r0, int64_t rows) {
-  if constexpr (R > 0) {
-    if (rows == R)
-      panel_step<Bits, Kind, R>(s, r0);
-    else
-      panel_step_rest<Bits, Kind, R - 1>(s, r0, rows);
-  }
-}
-
-// micro-kernel rows: 2R int32 accumulators + weights + broadcasts within 16 ymm registers
-template <int Bits, int Kind>
-constexpr int rows_of() {
-  return Kind == 0 ? 4 : (Kind == 1 ? 3 : 2);
-}
-
-template <int Bits, int Kind>
-void int_panel(const GemmArgs& g, int64_t m0, int64_t m1, int64_t t) {
-  constexpr int R = rows_of<Bits, Kind>();
-  const WeightInfo& w = *g.w;
-  const ActInfo& act = *g.act;
-  const int64_t rows = m1 - m0;
-  const int64_t granule = Bits == 4 ? 8 : 4;
-  const BlockSplit split = split_block(w.block, granule);
-  alignas(64) float f[kMaxTaskRows * 16];
-  alignas(64) int32_t part[kMaxTaskRows * 16];
-  alignas(64) uint8_t scratch[Bits == 4 ? (kSubK / 8) * 128 : 64];
-  std::fill(f, f + rows * 16, 0.0f);
-  Step s;
-  s.lda = act.lda;
-  s.a_z = act.z.data() + m0;
-  s.kb = w.k_blocks;
-  s.groups = split.len / granule;
-  s.small_block = w.small_block;
-  s.f = f;
-  s.part = part;
-  const uint8_t* b = g.b + t * w.tile_stride;
-  const __m256i nibble = _mm256_set1_epi8(0x0F);
-  for (int64_t blk = 0; blk < w.k_blocks; ++blk) {
-    const int64_t col = blk * w.n_pad + t * kTile;
-    s.a_pair = w.small_block ? act.pair.data() + m0 * w.k_blocks + blk : nullptr;
-    s.a_sc = act.sc.data() + m0 * w.k_blocks + blk;
-    s.w_zw = w.zw.data() + col;
-    s.w_sv = w.sv.data() + col;
-    s.w_scales = w.scales.data() + col;
-    for (int64_t sub = 0; sub < split.count; ++sub) {
-      const int64_t k0 = blk * w.block + sub * split.len;
-      s.a = act.a + m0 * act.lda + k0;
-      s.first = sub == 0;
-      s.last = sub == split.count - 1;
-      const uint8_t* bk = b + (k0 / granule) * 64;
-      if constexpr (Bits == 4) {
-        for (int64_t gi = 0; gi < s.groups; ++gi)
-          for (int h = 0; h < 2; ++h) {
-            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bk + gi * 64 + 32 * h));
-            _mm256_store_si256(reinterpret_cast<__m256i*>(scratch + gi * 128 + 32 * h), _mm256_and_si256(v, nibble));
-            _mm256_store_si256(reinterpret_cast<__m256i*>(scratch + gi * 128 + 64 + 32 * h),
-                               _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble));
-          }
-        s.w = scratch;
-      } else {
-        s.w = bk;
-      }
-      int64_t r = 0;
-      for (; r + R <= rows; r += R) panel_step<Bits, Kind, R>(s, r);
-      panel_step_rest<Bits, Kind, R - 1>(s, r, rows - r);
-    }
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t m = m0 + r;
-    const float* bias = g.bias + (m / g.rows_per_bias) * g.bias_stride;
-    const __m256 as = _mm256_set1_ps(act.scale[m]);
-    for (int h = 0; h < 2; ++h) {
-      const int64_t n0 = t * kTile + 8 * h;
-      const int64_t count = std::min<int64_t>(8, g.n - n0);
-      if (count <= 0) break;
-      const __m256 v = _mm256_fmadd_ps(as, _mm256_load_ps(f + r * 16 + 8 * h), load_partial(bias + n0, count));
-      store8(g.y, g.y_half, m * g.n + n0, v, count);
-    }
-  }
-}
-
-template <int Bits, int Kind>
-void int_gemm(const GemmArgs& g, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
-  for (int64_t r0 = m0; r0 < m1; r0 += kMaxTaskRows) {
-    const int64_t r1 = std::min(m1, r0 + kMaxTaskRows);
-    for (int64_t t = t0; t < t1; ++t) int_panel<Bits, Kind>(g, r0, r1, t);
   }
 }
 

@@ -1,0 +1,271 @@
+// The loops the compiler vectorises (the online transform's row kernels, the per-weight sums of the matmuls), written
+// once and compiled by one source per instruction-set path, under that path's `#pragma GCC target`: int_scalar.cc
+// (baseline: the scalar path, neondot on aarch64) and int_avx2.cc (AVX2 + FMA + F16C: avx2, avxvnni, and what the
+// avx512vnni and amx paths do not replace). Everything here has internal linkage, one copy per including source.
+//
+// -ffp-contract=off (build.py) keeps every multiply and add separate and the compiler does not reassociate them, so
+// every build computes the same floats in the same order: bit-identical (tests/test_kernel_dispatch.py). A source
+// including this must include the standard headers below before its target pragma (their templates stay baseline).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "half.h"
+#include "int_kernels.h"
+#include "transform.h"
+#include "util.h"
+
+namespace hadanorm {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Transform rows
+// ---------------------------------------------------------------------------------------------------------------
+
+// out = (x - mean) * mul (mean may be null)
+void center_scale_row(const float* x, const float* mean, const float* mul, float* out, int64_t d) {
+  if (mean) {
+    for (int64_t i = 0; i < d; ++i) out[i] = (x[i] - mean[i]) * mul[i];
+  } else {
+    for (int64_t i = 0; i < d; ++i) out[i] = x[i] * mul[i];
+  }
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#define HN_VECTOR_EXT 1
+#pragma GCC diagnostic ignored "-Wpsabi"  // v8 never crosses a non-inlined call
+// 8 floats as one GCC vector (portable vector extension: one AVX register in the AVX2 build, two SSE ones else)
+typedef float v8 __attribute__((vector_size(32)));
+typedef int v8i __attribute__((vector_size(32)));
+HN_INLINE v8 load_v8(const float* p) {
+  v8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+HN_INLINE void store_v8(float* p, const v8& v) { std::memcpy(p, &v, sizeof v); }
+#endif
+
+// One butterfly stage of distance h >= 1 on a row of length m: (a, b) -> (a + b, a - b).
+HN_INLINE void butterfly_stage(float* row, int64_t m, int64_t h) {
+  for (int64_t i = 0; i < m; i += 2 * h) {
+    float* a = row + i;
+    float* b = row + i + h;
+    for (int64_t j = 0; j < h; ++j) {
+      const float u = a[j], w = b[j];
+      a[j] = u + w;
+      b[j] = u - w;
+    }
+  }
+}
+
+// Unnormalised in-place Walsh-Hadamard transform of each of the `rows` rows of length m (power of two), i.e.
+// row <- Sylvester(m) @ row. The stages of distance 1, 2, 4 (too short to vectorise as loops) run as one
+// 8-point transform in a vector register (shuffle + multiply-add per stage); the others as contiguous loops.
+void fwht_rows(float* v, int64_t rows, int64_t m) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = v + r * m;
+    int64_t h = 1;
+#ifdef HN_VECTOR_EXT
+    if (m >= 8) {
+      const v8i p1 = {1, 0, 3, 2, 5, 4, 7, 6}, p2 = {2, 3, 0, 1, 6, 7, 4, 5}, p4 = {4, 5, 6, 7, 0, 1, 2, 3};
+      const v8 s1 = {1, -1, 1, -1, 1, -1, 1, -1}, s2 = {1, 1, -1, -1, 1, 1, -1, -1};
+      const v8 s4 = {1, 1, 1, 1, -1, -1, -1, -1};
+      for (int64_t i = 0; i < m; i += 8) {
+        v8 x = load_v8(row + i);
+        x = __builtin_shuffle(x, p1) + s1 * x;  // out[i] = x[i ^ 1] +- x[i]: (a + b, a - b) per pair
+        x = __builtin_shuffle(x, p2) + s2 * x;
+        x = __builtin_shuffle(x, p4) + s4 * x;
+        store_v8(row + i, x);
+      }
+      h = 8;
+    }
+#endif
+    for (; h < m; h *= 2) butterfly_stage(row, m, h);
+  }
+}
+
+// v = Sylvester(M) @ ((x - mean) * mul) for each of the K rows of M floats
+void center_scale_fwht_rows(const float* x, const float* mean, const float* mul, float* v, int64_t k, int64_t m) {
+  center_scale_row(x, mean, mul, v, k * m);
+  fwht_rows(v, k, m);
+}
+
+// out = scale * Sylvester(K) @ v for v [K, M] (K a power of two): butterflies (a + b, a - b) between rows i and i + h,
+// h = 1, 2, 4, ..., in place on v, then the scale.
+void fwht_across_rows(float* v, int64_t k, int64_t m, float scale, float* out) {
+  for (int64_t h = 1; h < k; h *= 2)
+    for (int64_t i = 0; i < k; i += 2 * h)
+      for (int64_t j = i; j < i + h; ++j) {
+        float* a = v + j * m;
+        float* b = v + (j + h) * m;
+        for (int64_t c = 0; c < m; ++c) {
+          const float u = a[c], w = b[c];
+          a[c] = u + w;
+          b[c] = u - w;
+        }
+      }
+  for (int64_t i = 0; i < k * m; ++i) out[i] = v[i] * scale;
+}
+
+// out[k, :] = v[k, :] @ h_right^T for each of the K rows (tmp: M floats)
+void dense_right_rows(float* v, int64_t rows, int64_t m, const float* right_t, float* tmp) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = v + r * m;
+    std::fill(tmp, tmp + m, 0.0f);
+    for (int64_t j = 0; j < m; ++j) {
+      const float s = row[j];
+      const float* hrow = right_t + j * m;
+      for (int64_t i = 0; i < m; ++i) tmp[i] += s * hrow[i];
+    }
+    std::copy(tmp, tmp + m, row);
+  }
+}
+
+// out = h_left @ v for v, out [K, M] row-major: blocks of R output rows x C columns accumulated in registers.
+template <int R, int C>
+HN_INLINE void left_block(const float* __restrict v, const float* __restrict left, int64_t k, int64_t m,
+                          float* __restrict out, int64_t a0, int64_t c0) {
+#ifdef HN_VECTOR_EXT
+  if constexpr (C % 8 == 0) {
+    constexpr int V = C / 8;
+    v8 acc[R][V];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < V; ++c) acc[r][c] = v8{};
+    for (int64_t b = 0; b < k; ++b) {
+      v8 x[V];
+      for (int c = 0; c < V; ++c) x[c] = load_v8(v + b * m + c0 + 8 * c);
+      for (int r = 0; r < R; ++r) {
+        const float s = left[(a0 + r) * k + b];
+        for (int c = 0; c < V; ++c) acc[r][c] += s * x[c];
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < V; ++c) store_v8(out + (a0 + r) * m + c0 + 8 * c, acc[r][c]);
+    return;
+  }
+#endif
+  float acc[R][C] = {};
+  for (int64_t b = 0; b < k; ++b) {
+    const float* x = v + b * m + c0;
+    for (int r = 0; r < R; ++r) {
+      const float s = left[(a0 + r) * k + b];
+      for (int c = 0; c < C; ++c) acc[r][c] += s * x[c];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) out[(a0 + r) * m + c0 + c] = acc[r][c];
+}
+
+template <int C>
+HN_INLINE void left_columns(const float* v, const float* left, int64_t k, int64_t m, float* out) {
+  for (int64_t c0 = 0; c0 < m; c0 += C) {
+    int64_t a = 0;
+    for (; a + 4 <= k; a += 4) left_block<4, C>(v, left, k, m, out, a, c0);
+    for (; a < k; ++a) left_block<1, C>(v, left, k, m, out, a, c0);
+  }
+}
+
+void dense_left_rows(const float* v, const float* left, int64_t k, int64_t m, float* out) {
+  // 4 rows x 16 columns: 8 vector accumulators + 2 loads fit the 16 AVX registers (measured best of 2..12 x 8..32)
+  if (m % 16 == 0)
+    left_columns<16>(v, left, k, m, out);
+  else if (m % 8 == 0)
+    left_columns<8>(v, left, k, m, out);
+  else if (m % 4 == 0)
+    left_columns<4>(v, left, k, m, out);
+  else if (m % 2 == 0)
+    left_columns<2>(v, left, k, m, out);
+  else
+    left_columns<1>(v, left, k, m, out);
+}
+
+// mean[c] for c in [c0, c1): column sums over the n tokens, accumulated in double.
+void column_mean_rows(const float* x, int64_t n, int64_t d, int64_t c0, int64_t c1, float* mean) {
+  constexpr int64_t kBlock = 256;
+  double acc[kBlock];
+  for (int64_t b0 = c0; b0 < c1; b0 += kBlock) {
+    const int64_t w = std::min(kBlock, c1 - b0);
+    std::fill(acc, acc + w, 0.0);
+    for (int64_t t = 0; t < n; ++t) {
+      const float* row = x + t * d + b0;
+      for (int64_t i = 0; i < w; ++i) acc[i] += static_cast<double>(row[i]);
+    }
+    for (int64_t i = 0; i < w; ++i) mean[b0 + i] = static_cast<float>(acc[i] / static_cast<double>(n));
+  }
+}
+
+// The same for float16 input, converted with this path's ToFloats.
+template <HalvesToFloatsFn ToFloats>
+void column_mean_half_rows(const uint16_t* x, int64_t n, int64_t d, int64_t c0, int64_t c1, float* mean) {
+  constexpr int64_t kBlock = 256;
+  double acc[kBlock];
+  float row[kBlock];
+  for (int64_t b0 = c0; b0 < c1; b0 += kBlock) {
+    const int64_t w = std::min(kBlock, c1 - b0);
+    std::fill(acc, acc + w, 0.0);
+    for (int64_t t = 0; t < n; ++t) {
+      ToFloats(x + t * d + b0, row, w);
+      for (int64_t i = 0; i < w; ++i) acc[i] += static_cast<double>(row[i]);
+    }
+    for (int64_t i = 0; i < w; ++i) mean[b0 + i] = static_cast<float>(acc[i] / static_cast<double>(n));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Per-weight sums of the matmuls (int_kernels.h, FillWeightFn)
+// ---------------------------------------------------------------------------------------------------------------
+
+void fill_weight_rows(WeightInfo& w, const uint8_t* b, const float* scales, const void* zero_points) {
+  const size_t size = static_cast<size_t>(w.k_blocks * w.n_pad);
+  w.scales.assign(size, 0.0f);
+  w.zw.assign(size, 0);
+  w.sv.assign(size, 0);
+  for (int64_t blk = 0; blk < w.k_blocks; ++blk) {
+    for (int64_t n = 0; n < w.n; ++n) {
+      const int64_t i = blk * w.n + n;
+      w.scales[blk * w.n_pad + n] = scales[i];
+      w.zw[blk * w.n_pad + n] = w.bits == 4 ? static_cast<const uint8_t*>(zero_points)[i]
+                                            : static_cast<const int8_t*>(zero_points)[i];
+    }
+  }
+  const int64_t groups_per_block = w.block / (w.bits == 4 ? 8 : 4);
+  for (int64_t t = 0; t < w.tiles; ++t) {
+    for (int64_t blk = 0; blk < w.k_blocks; ++blk) {
+      int32_t su[kTile] = {};
+      const uint8_t* rows = b + t * w.tile_stride + blk * groups_per_block * 64;
+      for (int64_t g = 0; g < groups_per_block; ++g) {
+        const uint8_t* row = rows + g * 64;
+        for (int c = 0; c < kTile; ++c) {
+          int32_t s = 0;
+          for (int j = 0; j < 4; ++j) {
+            const uint8_t v = row[4 * c + j];
+            s += w.bits == 4 ? (v & 0x0F) + (v >> 4) : static_cast<int8_t>(v);
+          }
+          su[c] += s;
+        }
+      }
+      for (int c = 0; c < kTile; ++c) {
+        const int64_t i = blk * w.n_pad + t * kTile + c;
+        w.sv[i] = su[c] - w.zw[i] * static_cast<int32_t>(w.block);
+      }
+    }
+  }
+}
+
+// This source's build of the transform's row kernels; column_mean_half converts with ToFloats (the path's
+// HalfKernels::to_floats).
+template <HalvesToFloatsFn ToFloats>
+constexpr TransformKernels portable_transform_kernels() {
+  return {.center_scale_fwht = center_scale_fwht_rows,
+          .dense_left = dense_left_rows,
+          .column_mean = column_mean_rows,
+          .column_mean_half = column_mean_half_rows<ToFloats>,
+          .center_scale = center_scale_row,
+          .dense_right = dense_right_rows,
+          .fwht_across_rows = fwht_across_rows};
+}
+
+}  // namespace
+}  // namespace hadanorm

@@ -1,0 +1,153 @@
+// AVX-512 row kernels of the transform (transform.h, TransformKernels) for the avx512vnni and amx paths, included by
+// int_avx512.cc after its target pragma: the centering + scale + fast Walsh-Hadamard transform with the row in
+// registers and the token means (the same operations in the same order as the portable loops: bit-identical), and
+// the product by a dense h_left (the Paley factor of 1152 = 36 x 32 and 4608 = 36 x 128), which uses fused
+// multiply-adds and so may differ from the loops (multiply, then add) in the last bit. Shapes these do not handle run
+// the avx2 build of the loops.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "int_kernels.h"
+#include "transform.h"
+#include "util.h"
+
+namespace hadanorm {
+namespace {
+
+// AVX-512 h_left product: out = h_left @ v, R output rows x C zmm (16 columns each) accumulated in registers, over b
+// in order with fused multiply-adds: out[a, c] = fma(h[a, K-1], v[K-1, c], ... fma(h[a, 0], v[0, c], 0)).
+template <int R, int C>
+HN_INLINE void left_block512(const float* __restrict v, const float* __restrict left, int64_t k, int64_t m,
+                             float* __restrict out, int64_t a0, int64_t c0) {
+  __m512 acc[R][C];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  const float* lrow = left + a0 * k;
+  for (int64_t b = 0; b < k; ++b) {
+    __m512 x[C];
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) x[c] = _mm512_loadu_ps(v + b * m + c0 + 16 * c);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512 s = _mm512_set1_ps(lrow[r * k + b]);
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(s, x[c], acc[r][c]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + (a0 + r) * m + c0 + 16 * c, acc[r][c]);
+}
+
+template <int C>
+void left_columns512(const float* v, const float* left, int64_t k, int64_t m, float* out) {
+  constexpr int R = C >= 4 ? 6 : 12;  // 24 accumulators of the 32 zmm registers
+  for (int64_t c0 = 0; c0 < m; c0 += 16 * C) {
+    int64_t a = 0;
+    for (; a + R <= k; a += R) left_block512<R, C>(v, left, k, m, out, a, c0);
+    for (; a < k; ++a) left_block512<1, C>(v, left, k, m, out, a, c0);
+  }
+}
+
+// One in-register butterfly stage: lanes whose bit h is set take partner - self (the b of a butterfly), the others
+// partner + self (= self + partner).
+HN_INLINE __m512 fwht_stage512(__m512 r, __m512i perm, __mmask16 upper) {
+  const __m512 partner = _mm512_permutexvar_ps(perm, r);
+  return _mm512_mask_sub_ps(_mm512_add_ps(partner, r), upper, partner, r);
+}
+
+// AVX-512 centering, scale and the fast Walsh-Hadamard transform of each of the K rows of M = 16 * NV floats, the
+// row held in NV registers: the same operations in the same order as center_scale_row + fwht_rows (subtract,
+// multiply; butterflies (a + b, a - b) with h = 1, 2, 4, ...), so bit-identical to them (portable_loops.h).
+template <int NV>
+void center_scale_fwht512(const float* x, const float* mean, const float* mul, float* v, int64_t k) {
+  constexpr int64_t m = 16 * NV;
+  const __m512i p1 = _mm512_set_epi32(14, 15, 12, 13, 10, 11, 8, 9, 6, 7, 4, 5, 2, 3, 0, 1);
+  const __m512i p2 = _mm512_set_epi32(13, 12, 15, 14, 9, 8, 11, 10, 5, 4, 7, 6, 1, 0, 3, 2);
+  const __m512i p4 = _mm512_set_epi32(11, 10, 9, 8, 15, 14, 13, 12, 3, 2, 1, 0, 7, 6, 5, 4);
+  const __m512i p8 = _mm512_set_epi32(7, 6, 5, 4, 3, 2, 1, 0, 15, 14, 13, 12, 11, 10, 9, 8);
+  for (int64_t row = 0; row < k; ++row) {
+    __m512 r[NV];
+#pragma GCC unroll 16
+    for (int i = 0; i < NV; ++i) {
+      const int64_t off = row * m + 16 * i;
+      __m512 xv = _mm512_loadu_ps(x + off);
+      if (mean) xv = _mm512_sub_ps(xv, _mm512_loadu_ps(mean + off));
+      xv = _mm512_mul_ps(xv, _mm512_loadu_ps(mul + off));
+      xv = fwht_stage512(xv, p1, 0xAAAA);
+      xv = fwht_stage512(xv, p2, 0xCCCC);
+      xv = fwht_stage512(xv, p4, 0xF0F0);
+      r[i] = fwht_stage512(xv, p8, 0xFF00);
+    }
+#pragma GCC unroll 8
+    for (int h = 1; h < NV; h *= 2)
+#pragma GCC unroll 16
+      for (int i = 0; i < NV; ++i)
+        if ((i & h) == 0) {
+          const __m512 a = r[i], b = r[i + h];
+          r[i] = _mm512_add_ps(a, b);
+          r[i + h] = _mm512_sub_ps(a, b);
+        }
+#pragma GCC unroll 16
+    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(v + row * m + 16 * i, r[i]);
+  }
+}
+
+// The AVX-512 column means of 64 channels at a time: 8 zmm of double sums in registers over the tokens (per channel the
+// same double additions in the same order as the portable loop: bit-identical). Single thread, 512 tokens x
+// 4608: 0.41 -> 0.34 ms (the tokens' 9.4 MB come from L3 either way).
+void column_mean64_avx512(const float* x, int64_t n, int64_t d, float* mean) {
+  __m512d acc[8];
+  for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_pd();
+  for (int64_t t = 0; t < n; ++t) {
+    const float* row = x + t * d;
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) acc[i] = _mm512_add_pd(acc[i], _mm512_cvtps_pd(_mm256_loadu_ps(row + 8 * i)));
+  }
+  const __m512d count = _mm512_set1_pd(static_cast<double>(n));
+  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(mean + 8 * i, _mm512_cvtpd_ps(_mm512_div_pd(acc[i], count)));
+}
+
+// The AVX-512 centering + scale + h_right fast transform for row lengths 16..256; the avx2 loops for the others.
+void center_scale_fwht_avx512(const float* x, const float* mean, const float* mul, float* v, int64_t k, int64_t m) {
+  switch (m) {
+    case 16: return center_scale_fwht512<1>(x, mean, mul, v, k);
+    case 32: return center_scale_fwht512<2>(x, mean, mul, v, k);
+    case 64: return center_scale_fwht512<4>(x, mean, mul, v, k);
+    case 128: return center_scale_fwht512<8>(x, mean, mul, v, k);
+    case 256: return center_scale_fwht512<16>(x, mean, mul, v, k);
+    default: return avx2_kernels()->transform.center_scale_fwht(x, mean, mul, v, k, m);
+  }
+}
+
+// The AVX-512 h_left product for widths M that are a multiple of 16; the avx2 loops for the others.
+void dense_left_avx512(const float* v, const float* left, int64_t k, int64_t m, float* out) {
+  // 64 columns x 6 rows per block: measured 1.8x faster than 128 x 3 at M = 128 (single thread, 512 tokens x 4608:
+  // 2.2 -> 1.24 ms; 32 x 12: 1.35, 16 x 12: 1.49), the x loads shared by twice the rows
+  if (m % 64 == 0)
+    left_columns512<4>(v, left, k, m, out);
+  else if (m % 32 == 0)
+    left_columns512<2>(v, left, k, m, out);
+  else if (m % 16 == 0)
+    left_columns512<1>(v, left, k, m, out);
+  else
+    avx2_kernels()->transform.dense_left(v, left, k, m, out);
+}
+
+// Column means: 64 channels at a time in AVX-512, the rest with the avx2 loops.
+void column_mean_avx512(const float* x, int64_t n, int64_t d, int64_t c0, int64_t c1, float* mean) {
+  if (n > 0) {
+    for (; c0 + 64 <= c1; c0 += 64) column_mean64_avx512(x + c0, n, d, mean + c0);
+    if (c0 == c1) return;
+  }
+  avx2_kernels()->transform.column_mean(x, n, d, c0, c1, mean);
+}
+
+}  // namespace
+}  // namespace hadanorm
