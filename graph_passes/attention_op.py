@@ -13,15 +13,15 @@ holding more than one key block of scores per query row. ``mask`` (additive, bro
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.domain import HADANORM_DOMAIN, HADANORM_OPSET_VERSION
-from graph_passes.hadanorm_ops import FunctionBody
+from graph_passes.domain import HADANORM_DOMAIN
+from graph_passes.function_ops import FunctionBody
 
-_ONNX_OPSET = 21
 OP_TYPE = "Attention"
 
 
@@ -54,21 +54,26 @@ def build_function(masked: bool, layout: str = BHND) -> ir.Function:
     y = body.op("MatMul", [body.op("Softmax", [scores], axis=-1), v])
     if layout == BNHD:
         y = body.op("Transpose", [y], perm=_HEADS)
-    y.name = "y"
-    graph = ir.Graph(inputs, [y], nodes=body.nodes, opset_imports={"": _ONNX_OPSET}, name=OP_TYPE)
     attributes = [ir.Attr("scale", ir.AttributeType.FLOAT, 1.0),
                   ir.Attr("precision", ir.AttributeType.STRING, AttentionPrecision.FLOAT.value),
                   ir.Attr("layout", ir.AttributeType.STRING, layout)]
-    return ir.Function(HADANORM_DOMAIN, OP_TYPE, overload(masked, layout), graph=graph, attributes=attributes)
+    return body.function(OP_TYPE, inputs, [y], ("y",), overload(masked, layout), attributes)
 
 
-def ensure_function(model: ir.Model, masked: bool, layout: str = BHND) -> None:
-    """Add the op's function body (the overload of this form) and the domain import to the model (once)."""
-    model.opset_imports[HADANORM_DOMAIN] = HADANORM_OPSET_VERSION
-    model.graph.opset_imports[HADANORM_DOMAIN] = HADANORM_OPSET_VERSION
-    key = (HADANORM_DOMAIN, OP_TYPE, overload(masked, layout))
-    if key not in model.functions:
-        model.functions[key] = build_function(masked, layout)
+@dataclasses.dataclass(frozen=True)
+class AttentionForm:
+    """One form of the op (`graph_passes.function_ops.OpSpec`): masked or not, in either layout."""
+
+    masked: bool
+    layout: str = BHND
+    op_type = OP_TYPE
+
+    @property
+    def overload(self) -> str:
+        return overload(self.masked, self.layout)
+
+    def function(self) -> ir.Function:
+        return build_function(self.masked, self.layout)
 
 
 def attention_node(q: ir.Value, k: ir.Value, v: ir.Value, mask: ir.Value | None, scale: float,

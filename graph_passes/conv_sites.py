@@ -1,7 +1,8 @@
 """Conv sites in the token layout the site emitters work on (`graph_passes.emit`).
 
 The emitters transform and quantize tokens ``[..., N, C]`` (channels last). A 2-D convolution reads
-``x`` ``[B, C, H, W]``; its pixels are its tokens (`conv_tokens`, one view per site):
+``x`` ``[B, C, H, W]``; its pixels are its tokens (`conv_tokens`, one view per site; `pixel_tokens` writes the view
+for anything else that reads a conv input as tokens, such as calibration):
 
     t = Reshape(Transpose(x, [0, 2, 3, 1]), [0, -1, C])            [B, H*W, C]
 
@@ -35,15 +36,23 @@ class ConvTokens:
     nhwc_shape: ir.Value  # the shape of the [B, H, W, C] view (the way back)
 
 
+def pixel_tokens(seq: NodeSequence, x: ir.Value, token_shape: ir.Value,
+                 with_shape: bool = False) -> tuple[ir.Value, ir.Value | None]:
+    """``Reshape(Transpose(x, [0, 2, 3, 1]), token_shape)``: a ``[B, C, H, W]`` tensor's pixels as tokens (for a
+    conv input `token_shape` holds ``[0, -1, C]``), appended to `seq`; with the ``[B, H, W, C]`` view's shape (the
+    way back) when `with_shape`, else None."""
+    nhwc = seq.op("Transpose", [x], perm=[0, 2, 3, 1])
+    shape = seq.op("Shape", [nhwc]) if with_shape else None
+    return seq.op("Reshape", [nhwc, token_shape]), shape
+
+
 def conv_tokens(graph: ir.Graph, conv: ir.Node, site: str) -> ConvTokens:
     """The token view of `conv`'s input, inserted before `conv`."""
     x = conv.inputs[0]
     channels = int(conv.inputs[1].const_value.shape[1])
     seq = NodeSequence(f"{tensor_name(site)}.tokens")
-    nhwc = seq.op("Transpose", [x], perm=[0, 2, 3, 1])
-    shape = seq.op("Shape", [nhwc])
     target = add_initializer(graph, f"{tensor_name(site)}.token_shape", np.array([0, -1, channels], dtype=np.int64))
-    tokens = seq.op("Reshape", [nhwc, target])
+    tokens, shape = pixel_tokens(seq, x, target, with_shape=True)
     tokens.type = x.type
     dims = x.shape.dims if x.shape is not None else None
     if dims is not None and len(dims) == 4:

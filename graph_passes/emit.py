@@ -57,6 +57,9 @@ class MatMulSlot:
 class SiteEmitter(ir.passes.InPlacePass):
     """Writes `plans` (made for this model by `graph_passes.site_plan.plan_sites`); subclasses give the format."""
 
+    quantizes: bool | None = None  # True: writes quantized weights (plans made with a QuantConfig); False: float
+    # weights (the transform only; activation quantizers may still be asked for, as the sensitivity emitter does)
+
     def __init__(self, plans: Sequence[SitePlan]):
         super().__init__()
         self.plans = tuple(plans)
@@ -67,6 +70,16 @@ class SiteEmitter(ir.passes.InPlacePass):
                 raise ir.passes.PreconditionError(f"site {plan.name}: low-rank branches are not written yet")
             if any(lp.layer.node.graph is not model.graph for lp in plan.linears):
                 raise ir.passes.PreconditionError(f"the plan of site {plan.name} was made for another graph")
+            quantized = all(lp.weight.quantized is not None for lp in plan.linears)
+            floating = all(lp.weight.quantized is None for lp in plan.linears)
+            if self.quantizes is True and not quantized:
+                raise ir.passes.PreconditionError(
+                    f"site {plan.name}: {type(self).__name__} writes quantized plans, this one is float (plan the "
+                    "sites with a QuantConfig)")
+            if self.quantizes is False and not floating:
+                raise ir.passes.PreconditionError(
+                    f"site {plan.name}: {type(self).__name__} writes float plans, this one is quantized (plan the "
+                    "sites without a QuantConfig)")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.model, self.graph = model, model.graph
@@ -158,6 +171,8 @@ class SiteEmitter(ir.passes.InPlacePass):
 class TransformEmitter(SiteEmitter):
     """Float weights (``--transform-only``): the transform ops and ``W~`` (in place, or a copy when the weight is
     read outside the site); activations are not quantized."""
+
+    quantizes = False
 
     def quantize(self, index: int, plan: SitePlan, x: ir.Value, before: ir.Node) -> ir.Value:
         return x

@@ -37,9 +37,10 @@ from graph_passes.conv_sites import ConvTokens
 from graph_passes.domain import HADANORM_DOMAIN
 from graph_passes.emit import MatMulSlot, SiteInput
 from graph_passes.emit_qdq import QdqEmitter
+from graph_passes.function_ops import ensure_function
 from graph_passes.graph_utils import add_initializer, make_node, redirect_uses, shared_constant, tensor_name
 from graph_passes.insert_transforms import float_dtype, insert_transform, transform_inputs
-from graph_passes.int_ops import MatMulOp, QuantizeOp, ensure_function
+from graph_passes.int_ops import MatMulOp, QuantizeOp
 from graph_passes.int_packing import PackedWeight, pack, repack
 from graph_passes.methods import BiasCorrection
 from graph_passes.single_hadamard_weights import int8_parts, rotated_integer_weight

@@ -35,6 +35,8 @@ from graph_passes.static_act_quant import TimestepIndex, static_qdq
 
 
 class QdqEmitter(SiteEmitter):
+    quantizes = True
+
     def start(self) -> None:
         self.quantized: dict[int, ir.Value] = {}  # id(quantized tensor) -> its DequantizeLinear output
         self.timestep_index: TimestepIndex | None = None

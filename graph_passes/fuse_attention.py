@@ -27,7 +27,8 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.attention_op import BHND, BNHD, AttentionPrecision, attention_node, ensure_function
+from graph_passes.attention_op import BHND, BNHD, AttentionForm, AttentionPrecision, attention_node
+from graph_passes.function_ops import ensure_function
 from graph_passes.graph_utils import constant_array, redirect_uses
 
 logger = logging.getLogger(__name__)
@@ -298,29 +299,37 @@ class FuseAttentionPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         scan = find_attention(graph)
+        replaced_by: dict[int, ir.Value] = {}  # id(output of a rewritten attention) -> the Attention node's output
+
+        def current(value: ir.Value | None) -> ir.Value | None:
+            """A value a site recorded, or what replaced it when an earlier site's output was rewritten (an
+            attention whose q, k or v is the previous attention's output)."""
+            return replaced_by.get(id(value), value) if value is not None else None
+
         for i, site in enumerate(scan.sites):
             prefix = f"attention.{i}"
             new_nodes: list[ir.Node] = []
-            q = site.q
-            for j, factor in enumerate(site.q_factors):
+            q = current(site.q)
+            for j, factor in enumerate(map(current, site.q_factors)):
                 mul = ir.Node("", "Mul", [q, factor], name=f"{prefix}.q_factor{j}_Mul")
                 mul.outputs[0].name = f"{prefix}.q_factor{j}"
                 new_nodes.append(mul)
                 q = mul.outputs[0]
-            k = site.k_source
+            k = current(site.k_source)
             if site.k_perm is not None:
                 transpose = ir.Node("", "Transpose", [k], attributes=[ir.AttrInt64s("perm", site.k_perm)],
                                     name=f"{prefix}.k_Transpose")
                 transpose.outputs[0].name = f"{prefix}.k"
                 new_nodes.append(transpose)
                 k = transpose.outputs[0]
-            node = attention_node(q, k, site.v, site.mask, site.scale, self.precision, f"{prefix}_Attention",
-                                  site.layout)
+            node = attention_node(q, k, current(site.v), current(site.mask), site.scale, self.precision,
+                                  f"{prefix}_Attention", site.layout)
             new_nodes.append(node)
             graph.insert_before(site.output, new_nodes)
             replaced = site.merge if site.merge is not None else site.output
             redirect_uses(replaced.outputs[0], node.outputs[0])
-            ensure_function(model, site.mask is not None, site.layout)
+            replaced_by[id(replaced.outputs[0])] = node.outputs[0]
+            ensure_function(model, AttentionForm(site.mask is not None, site.layout))
         if scan.sites:
             logger.info("fused %d softmax attentions (%s); %d softmax left as they are", len(scan.sites),
                         self.precision.value, len(scan.unrecognised))

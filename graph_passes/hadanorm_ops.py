@@ -20,9 +20,8 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.domain import HADANORM_DOMAIN, HADANORM_OPSET_VERSION
-
-_ONNX_OPSET = 21
+from graph_passes.function_ops import FunctionBody
+from graph_passes.function_ops import ensure_function  # noqa: F401  (tests and benchmarks add bodies from here)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,46 +43,15 @@ class TransformOp:
     def input_names(self) -> tuple[str, ...]:
         return ("x", "mul", "h_left", "h_right") if self.rotate else ("x", "mul")
 
+    @property
+    def overload(self) -> str:
+        return ""
+
+    def function(self) -> ir.Function:
+        return build_function(self)
+
 
 ALL_OPS: tuple[TransformOp, ...] = tuple(TransformOp(c, r) for c in (False, True) for r in (False, True))
-
-
-class FunctionBody:
-    """Builds the nodes of one function body with unique value names."""
-
-    def __init__(self) -> None:
-        self.nodes: list[ir.Node] = []
-        self._count = 0
-
-    def op(self, op_type: str, inputs: list[ir.Value], **attrs) -> ir.Value:
-        self._count += 1
-        node = ir.Node("", op_type, inputs, attributes=ir.convenience.convert_attributes(attrs),
-                       name=f"n{self._count}_{op_type}")
-        node.outputs[0].name = f"v{self._count}_{op_type}"
-        self.nodes.append(node)
-        return node.outputs[0]
-
-    def ref_constant(self, attribute: str, ref_attr_name: str, type_: ir.AttributeType) -> ir.Value:
-        """A ``Constant`` whose value is the calling node's attribute `ref_attr_name`."""
-        self._count += 1
-        attr = ir.Attr(attribute, type_, None, ref_attr_name=ref_attr_name)
-        node = ir.Node("", "Constant", [], attributes=[attr], name=f"n{self._count}_Constant")
-        node.outputs[0].name = f"v{self._count}_{ref_attr_name}"
-        self.nodes.append(node)
-        return node.outputs[0]
-
-    def const(self, array: np.ndarray) -> ir.Value:
-        return self.op("Constant", [], value=ir.tensor(array))
-
-    def rotate(self, x: ir.Value, h_left: ir.Value, h_right: ir.Value) -> ir.Value:
-        shape = self.op("Shape", [x])
-        lead = self.op("Shape", [x], end=-1)
-        k = self.op("Shape", [h_left], start=0, end=1)
-        m = self.op("Shape", [h_right], start=0, end=1)
-        x4 = self.op("Reshape", [x, self.op("Concat", [lead, k, m], axis=0)])
-        right = self.op("MatMul", [x4, self.op("Transpose", [h_right], perm=[1, 0])])
-        both = self.op("MatMul", [h_left, right])
-        return self.op("Reshape", [both, shape])
 
 
 def transform_body(body: FunctionBody, spec: TransformOp, inputs: list[ir.Value]) -> list[ir.Value]:
@@ -100,17 +68,4 @@ def transform_body(body: FunctionBody, spec: TransformOp, inputs: list[ir.Value]
 def build_function(spec: TransformOp) -> ir.Function:
     inputs = [ir.Value(name=name) for name in spec.input_names]
     body = FunctionBody()
-    outputs = transform_body(body, spec, inputs)
-    for value, name in zip(outputs, ("y", "mean_y")):
-        value.name = name
-    graph = ir.Graph(inputs, outputs, nodes=body.nodes, opset_imports={"": _ONNX_OPSET}, name=spec.op_type)
-    return ir.Function(HADANORM_DOMAIN, spec.op_type, graph=graph, attributes=[])
-
-
-def ensure_function(model: ir.Model, spec: TransformOp) -> None:
-    """Add the op's function body and the domain import to the model (once)."""
-    model.opset_imports[HADANORM_DOMAIN] = HADANORM_OPSET_VERSION
-    model.graph.opset_imports[HADANORM_DOMAIN] = HADANORM_OPSET_VERSION
-    key = (HADANORM_DOMAIN, spec.op_type, "")
-    if key not in model.functions:
-        model.functions[key] = build_function(spec)
+    return body.function(spec.op_type, inputs, transform_body(body, spec, inputs), ("y", "mean_y"))

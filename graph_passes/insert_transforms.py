@@ -16,7 +16,8 @@ import onnx_ir as ir
 
 from graph_passes.domain import HADANORM_DOMAIN
 from graph_passes.graph_utils import add_initializer, make_node, tensor_name
-from graph_passes.hadanorm_ops import TransformOp, ensure_function
+from graph_passes.function_ops import ensure_function
+from graph_passes.hadanorm_ops import TransformOp
 from graph_passes.site_transforms import SiteTransform
 
 

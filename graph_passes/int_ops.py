@@ -31,10 +31,8 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.hadanorm_ops import FunctionBody, TransformOp, transform_body
-from graph_passes.domain import HADANORM_DOMAIN, HADANORM_OPSET_VERSION
-
-_ONNX_OPSET = 21
+from graph_passes.function_ops import FunctionBody
+from graph_passes.hadanorm_ops import TransformOp, transform_body
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +53,13 @@ class QuantizeOp:
     def num_outputs(self) -> int:
         return 4 if self.transform is not None and self.transform.center else 3
 
+    @property
+    def overload(self) -> str:
+        return ""
+
+    def function(self) -> ir.Function:
+        return build_function(self)
+
 
 @dataclasses.dataclass(frozen=True)
 class MatMulOp:
@@ -73,6 +78,13 @@ class MatMulOp:
         if self.integer_input:
             return ("codes", "a_scale", "a_zero_point", *weights, "bias")
         return ("x", *weights)
+
+    @property
+    def overload(self) -> str:
+        return ""
+
+    def function(self) -> ir.Function:
+        return build_function(self)
 
 
 QUANTIZE_OPS: tuple[QuantizeOp, ...] = (QuantizeOp(None),) + tuple(
@@ -159,17 +171,5 @@ def build_function(spec: QuantizeOp | MatMulOp) -> ir.Function:
     else:
         outputs = _matmul_body(body, spec, inputs)
         names, attributes = ("y",), ["block_size"]
-    # name the outputs; an output that is also an input of the body's last node keeps its node
-    for value, name in zip(outputs, names):
-        value.name = name
-    graph = ir.Graph(inputs, outputs, nodes=body.nodes, opset_imports={"": _ONNX_OPSET}, name=spec.op_type)
-    return ir.Function(HADANORM_DOMAIN, spec.op_type, graph=graph,
-                       attributes=[ir.Attr(a, ir.AttributeType.INT, None) for a in attributes])
-
-
-def ensure_function(model: ir.Model, spec: QuantizeOp | MatMulOp) -> None:
-    model.opset_imports[HADANORM_DOMAIN] = HADANORM_OPSET_VERSION
-    model.graph.opset_imports[HADANORM_DOMAIN] = HADANORM_OPSET_VERSION
-    key = (HADANORM_DOMAIN, spec.op_type, "")
-    if key not in model.functions:
-        model.functions[key] = build_function(spec)
+    return body.function(spec.op_type, inputs, outputs, names,
+                         attributes=[ir.Attr(a, ir.AttributeType.INT, None) for a in attributes])

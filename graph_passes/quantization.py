@@ -45,16 +45,30 @@ rows of one output column; ``B >= in`` is per output channel) is quantized over.
   lies below the 3- and 4-bit optima of Student-t(4) per-channel groups of 4608 weights (a few percent of the
   symmetric 3-bit ones sit at it); 2-bit heavy-tailed per-channel groups often want less (it costs them 0.1 to
   0.25 dB).
+
+* ``gptq`` / ``gptq-act-order``: GPTQ (`graph_passes.gptq`): the same grid as ``minmax`` (each group's min/max scale
+  and zero point), but each group's range is taken from the weights as GPTQ's error feedback left them when the group
+  is reached, and the rounding errors are spread over the input rows not yet quantized so as to minimise the output
+  error on the calibration data (the Hessian of the activation the weight multiplies, damping ``gptq_damp`` times
+  the mean of its diagonal). ``gptq-act-order`` quantizes the rows in decreasing Hessian diagonal, with the groups'
+  min/max parameters of the unquantized weight. Same integer layout as the other ranges; needs the calibration run's
+  Hessian (`quantize_weight`'s ``gptq``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+from typing import TYPE_CHECKING
 
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
+
+from graph_passes.weight_grid import asym_scale_zp, sym_scale
+
+if TYPE_CHECKING:
+    from graph_passes.gptq import GptqFactor
 
 
 class OutputFormat(enum.Enum):
@@ -70,6 +84,12 @@ class WeightRange(enum.Enum):
 
     MINMAX = "minmax"  # the group's full range
     MSE = "mse"  # the clipping ratio of `MSE_RATIOS` with the smallest squared error per group
+    GPTQ = "gptq"  # GPTQ error feedback over the calibration Hessian, min/max grid per group (`graph_passes.gptq`)
+    GPTQ_ACT_ORDER = "gptq-act-order"  # the same, rows in decreasing Hessian diagonal (static group parameters)
+
+    @property
+    def needs_hessian(self) -> bool:
+        return self in (WeightRange.GPTQ, WeightRange.GPTQ_ACT_ORDER)
 
 
 # 1.000, 0.995, ..., 0.950, 0.94, ..., 0.80, 0.78, ..., 0.50, 0.45, ..., 0.20, 0.18, ..., 0.10: 52 ratios,
@@ -92,11 +112,14 @@ class QuantConfig:
     # weights and activations of the sites outside the model's blocks (caption projection, timestep embedder,
     # adaLN-single, final projection, ...): the sensitive layers, 8-bit by default (they run on the same integer ops)
     outer_bits: int = 8
+    gptq_damp: float = 0.01  # GPTQ's percdamp: lambda = gptq_damp * mean(diag H)
 
     def __post_init__(self) -> None:
         for bits in (self.weight_bits, self.act_bits, self.outer_bits):
             if not 2 <= bits <= 8:
                 raise ValueError(f"bit width {bits} is outside 2..8")
+        if not 0.0 < self.gptq_damp < 1e3:
+            raise ValueError(f"gptq_damp {self.gptq_damp} is outside (0, 1000)")
 
     def for_site(self, outer: bool) -> "QuantConfig":
         """The configuration of one site: this one, or with `outer_bits` weights and activations outside the
@@ -149,19 +172,6 @@ def _block_reduce(w: np.ndarray, block: int, reduce) -> np.ndarray:
     return reduce(padded.reshape(blocks, block, w.shape[1]), axis=1)
 
 
-def _sym_scale(amax: np.ndarray, qmax: int, scale_dtype: np.dtype) -> np.ndarray:
-    scale = amax / qmax
-    return np.where(scale > 0, scale, 1.0).astype(scale_dtype)
-
-
-def _asym_scale_zp(wmin: np.ndarray, wmax: np.ndarray, qmax: int,
-                   scale_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    scale = (wmax - wmin) / qmax
-    scale = np.where(scale > 0, scale, 1.0).astype(scale_dtype)
-    zp = np.clip(np.round(-wmin / scale.astype(np.float64)), 0, qmax)
-    return scale, zp
-
-
 def _groups(w: np.ndarray, block: int) -> np.ndarray:
     """``W^T`` [in, out] (float64) -> [blocks * out, B] contiguous, group ``g = block_index * out + column``;
     the last block is padded with zeros (which quantize exactly to zero: no error, no change of range)."""
@@ -200,9 +210,9 @@ def mse_clip_ratios(weight_t: np.ndarray, config: QuantConfig, scale_dtype: np.d
             chunk, tc, qc = groups[g0:g1], t[: g1 - g0], q[: g1 - g0]
             # the scales (and zero points) of every ratio, by the same expressions as `quantize_weight`
             if sym:
-                scales = _sym_scale(ratios * amax[g0:g1], qmax, scale_dtype).astype(np.float64)
+                scales = sym_scale(ratios * amax[g0:g1], qmax, scale_dtype).astype(np.float64)
             else:
-                scales, zps = _asym_scale_zp(ratios * wmin[g0:g1], ratios * wmax[g0:g1], qmax, scale_dtype)
+                scales, zps = asym_scale_zp(ratios * wmin[g0:g1], ratios * wmax[g0:g1], qmax, scale_dtype)
                 scales = scales.astype(np.float64)
                 lows, highs = -zps[:, :, None], (qmax - zps)[:, :, None]
             inverse = (1.0 / scales)[:, :, None]
@@ -229,16 +239,26 @@ def _rowdot(x: np.ndarray) -> np.ndarray:
     return np.vecdot(x, x) if hasattr(np, "vecdot") else np.einsum("ij,ij->i", x, x)
 
 
-def quantize_weight(weight_t: np.ndarray, config: QuantConfig, scale_dtype: np.dtype) -> QuantizedWeight:
-    """Quantize ``W^T`` [in, out] (float64 maths; scales rounded to `scale_dtype` before the integers are set)."""
+def quantize_weight(weight_t: np.ndarray, config: QuantConfig, scale_dtype: np.dtype,
+                    gptq: "GptqFactor | None" = None) -> QuantizedWeight:
+    """Quantize ``W^T`` [in, out] (float64 maths; scales rounded to `scale_dtype` before the integers are set).
+    `gptq`: the factored Hessian of what the weight multiplies (``[in, in]``; required by the GPTQ ranges)."""
     w = np.asarray(weight_t, dtype=np.float64)
     block, bits = min(config.weight_block, w.shape[0]), config.weight_bits  # block >= in: per output channel
     _, np_type = container(bits, signed=config.weight_symmetric)
+    if config.weight_range.needs_hessian:
+        from graph_passes.gptq import gptq_codes
+
+        if gptq is None or gptq.upper.shape != (w.shape[0], w.shape[0]):
+            raise ValueError(f"--weight-range {config.weight_range.value} needs the [{w.shape[0]}, {w.shape[0]}] "
+                             "Hessian of the weight's input")
+        q, scale, zp = gptq_codes(w, gptq, block, bits, config.weight_symmetric, scale_dtype)
+        return QuantizedWeight(q.astype(np_type), scale, None if zp is None else zp.astype(np_type), block, bits)
     ratio = mse_clip_ratios(w, config, scale_dtype) if config.weight_range is WeightRange.MSE else None
     if config.weight_symmetric:
         qmax = 2 ** (bits - 1) - 1
         amax = _block_reduce(np.abs(w), block, np.max)
-        scale = _sym_scale(amax if ratio is None else ratio * amax, qmax, scale_dtype)
+        scale = sym_scale(amax if ratio is None else ratio * amax, qmax, scale_dtype)
         full = np.repeat(scale.astype(np.float64), block, axis=0)[: w.shape[0]]
         q = np.clip(np.round(w / full), -qmax, qmax)
         return QuantizedWeight(q.astype(np_type), scale, None, block, bits)
@@ -247,7 +267,7 @@ def quantize_weight(weight_t: np.ndarray, config: QuantConfig, scale_dtype: np.d
     wmax = np.maximum(_block_reduce(w, block, np.max), 0.0)
     if ratio is not None:
         wmin, wmax = ratio * wmin, ratio * wmax
-    scale, zp = _asym_scale_zp(wmin, wmax, qmax, scale_dtype)
+    scale, zp = asym_scale_zp(wmin, wmax, qmax, scale_dtype)
     full = np.repeat(scale.astype(np.float64), block, axis=0)[: w.shape[0]]
     full_zp = np.repeat(zp, block, axis=0)[: w.shape[0]]
     q = np.clip(np.round(w / full) + full_zp, 0, qmax)

@@ -8,6 +8,8 @@ what another pass wrote. Everything numeric is decided here, in float64 numpy, c
 * per linear, the weight the site's linears multiply: ``W~^T = H S W^T`` (``S W^T`` for a single Hadamard) cast
   to the weight's dtype, and, when quantizing, its integer codes and block scales (`QuantizedWeight`, the same
   integers in every output format) and the ``exact`` bias correction's int8 per-channel copy;
+* with ``--weight-range gptq``, the Hessian of what each weight multiplies (`graph_passes.gptq`: the site's Gram
+  from the calibration run, through the site's transform), factored once per site and shared by its linears;
 * the activation quantizer: bits, per-token dynamic or static per-timestep, and the static scales
   ``absmax[k] / (2^(b-1) - 1)`` (float64; the emitter casts them to the activation's dtype);
 * how ``W mu`` is restored for a centered site (`BiasCorrection`).
@@ -26,11 +28,13 @@ from collections.abc import Mapping
 import numpy as np
 
 from graph_passes.errors import GraphInputError
+from graph_passes.gptq import GptqFactor, conv_hessian, conv_key, site_hessian
 from graph_passes.linears import ActivationSite, LinearLayer, SiteSelection
 from graph_passes.methods import BiasCorrection, TransformOptions
 from graph_passes.quantization import (
     QuantConfig,
     QuantizedWeight,
+    WeightRange,
     quantize_weight,
     quantize_weight_per_channel_int8,
 )
@@ -144,7 +148,7 @@ def _act_spec(site: str, bits: int, act_scales: ActScaleTable | None) -> ActQuan
 
 
 def _plan_weight(layer: LinearLayer, transform: SiteTransform, config: QuantConfig | None, copy: bool,
-                 correction: bool) -> WeightPlan:
+                 correction: bool, gptq: GptqFactor | None = None) -> WeightPlan:
     array = layer.weight.const_value.numpy()
     kxk = layer.is_conv and not layer.is_pointwise
     if layer.is_pointwise:
@@ -162,10 +166,42 @@ def _plan_weight(layer: LinearLayer, transform: SiteTransform, config: QuantConf
         taps = int(np.prod(array.shape[2:]))
         block = min(config.weight_block, cin) * taps
         quantized = quantize_weight(fused.reshape(out, cin * taps).T, dataclasses.replace(config, weight_block=block),
-                                    dtype)
+                                    dtype, gptq)
         return WeightPlan("conv", copy, None, quantized, kernel_shape=array.shape)
     int8 = quantize_weight_per_channel_int8(fused, dtype) if correction else None
-    return WeightPlan("matmul", copy, None, quantize_weight(fused, config, dtype), int8)
+    return WeightPlan("matmul", copy, None, quantize_weight(fused, config, dtype, gptq), int8)
+
+
+class _SiteHessians:
+    """The GPTQ factors of one site, made when a weight first needs one: the site's token Hessian (MatMul linears,
+    1x1 convs) and each k x k conv's patch Hessian (`graph_passes.gptq`)."""
+
+    def __init__(self, site: ActivationSite, stats: Mapping[str, SiteStats], transform: SiteTransform,
+                 mode: BiasCorrection | None, config: QuantConfig):
+        self.site, self.transform, self.config = site, transform, config
+        self.gram = getattr(stats.get(site.activation.name), "gram", None)
+        if self.gram is None:
+            raise GraphInputError(f"site {site.name}: --weight-range {config.weight_range.value} needs the Hessian of "
+                                  f"activation {site.activation.name}; calibrate in the same run (saved --stats "
+                                  "files hold no Hessians)")
+        # exact bias correction multiplies the mean by its own int8 copy: the quantized weight sees x~ only
+        self.centered_only = mode is BiasCorrection.EXACT
+        self.token: GptqFactor | None = None
+
+    def factor(self, layer: LinearLayer) -> GptqFactor:
+        act_order = self.config.weight_range is WeightRange.GPTQ_ACT_ORDER
+        if layer.is_conv and not layer.is_pointwise:
+            key = conv_key(layer.node.name, layer.weight.name)
+            if key not in self.gram.patches:
+                raise GraphInputError(f"site {self.site.name}: no patch Hessian for conv {layer.node.name}; "
+                                      "calibrate in the same run")
+            taps = int(np.prod(layer.weight.const_value.shape[2:]))
+            hessian = conv_hessian(self.gram, key, self.transform, taps)
+            return GptqFactor.of(hessian, self.config.gptq_damp, act_order)
+        if self.token is None:
+            hessian = site_hessian(self.gram, self.transform, self.centered_only)
+            self.token = GptqFactor.of(hessian, self.config.gptq_damp, act_order)
+        return self.token
 
 
 def plan_sites(sites: list[ActivationSite], stats: Mapping[str, SiteStats], options: TransformOptions,
@@ -186,6 +222,8 @@ def plan_sites(sites: list[ActivationSite], stats: Mapping[str, SiteStats], opti
         else:
             act = ActQuantSpec(act_bits) if act_bits is not None else None
         mode = options.bias_correction if transform.center else None
+        hessians = _SiteHessians(site, stats, transform, mode, config) \
+            if config is not None and config.weight_range.needs_hessian else None
         own = {id(layer.node) for layer in site.linears}
         linears = []
         for layer in site.linears:
@@ -197,7 +235,8 @@ def plan_sites(sites: list[ActivationSite], stats: Mapping[str, SiteStats], opti
                 if copy:
                     logger.info("weight %s of site %s is shared outside the site: fusing a copy", layer.weight.name,
                                 site.name)
-                weights[key] = _plan_weight(layer, transform, config, copy, mode is BiasCorrection.EXACT)
+                weights[key] = _plan_weight(layer, transform, config, copy, mode is BiasCorrection.EXACT,
+                                            hessians.factor(layer) if hessians is not None else None)
             linears.append(LinearPlan(layer, weights[key]))
         if transform.op is not None:
             transformed_readers |= own

@@ -43,6 +43,7 @@ from typing import Any
 from hn_export.bundle_components import (DEFAULT_ENCODER_BITS, DEFAULT_ENCODER_BLOCK, check_encoder_options,
                                          convert_tokenizer, quantize_weights, text_encoder_graph, vae_decoder_graph)
 from hn_export.errors import UserError
+from hn_export.metadata_keys import BITS_KEY, FORMAT_KEY, METHOD_KEY, SIZE_KEY, SOURCE_KEY
 from hn_export.model_files import save_model
 from hn_export.quantize_job import QuantizeJob, run_quantize
 from runtime.bundle_manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, BundleFile, sha256_file
@@ -331,10 +332,10 @@ def _transformer_method(path: Path) -> dict[str, Any]:
     import onnx
 
     meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
-    bits = meta.get("hn_export.bits", "float")
+    bits = meta.get(BITS_KEY, "float")
     if bits == "float":
         return {"bits": 32, "method": "float32"}
-    return {"bits": bits, "method": meta.get("hn_export.method"), "format": meta.get("hn_export.format")}
+    return {"bits": bits, "method": meta.get(METHOD_KEY), "format": meta.get(FORMAT_KEY)}
 
 
 def run_bundle(job: BundleJob) -> BundleReport:
@@ -445,7 +446,7 @@ def _build(job: BundleJob, work: Path, staging: Path, stage, bar) -> BundleRepor
         fp_path = (work / name) if job.quantize is not None else (staging / name)
         written = export_transformer(model, fp_path, progress=False,
                                      latent_hw=(height // vae_scale, width // vae_scale),
-                                     metadata={"hn_export.source": source, "hn_export.size": f"{width}x{height}"})
+                                     metadata={SOURCE_KEY: source, SIZE_KEY: f"{width}x{height}"})
         bar.update(1)
         if job.quantize is not None:
             stage(f"quantize {name}")

@@ -21,8 +21,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from graph_passes.domain import ONNX_OPSET
 from hn_export.errors import UserError
-from hn_export.export import IR_VERSION, OPSET_VERSION, name_dynamic_dims, quiet_tracing
+from hn_export.export import name_dynamic_dims, quiet_tracing
+from hn_export.metadata_keys import ROLE_KEY, WEIGHT_BITS_KEY
+from hn_export.model_files import IR_VERSION
 from models.families import InputSpec
 
 logger = logging.getLogger(__name__)
@@ -42,7 +45,7 @@ def _trace(module, args: tuple, dynamic: tuple, names: list[str], output: str, s
 
     with quiet_tracing(), torch.no_grad():
         exported = torch.export.export(module, args, dynamic_shapes=dynamic, strict=False)
-        program = torch.onnx.export(exported, (), dynamo=True, opset_version=OPSET_VERSION, input_names=names,
+        program = torch.onnx.export(exported, (), dynamo=True, opset_version=ONNX_OPSET, input_names=names,
                                     output_names=[output], verbose=False, external_data=True)
     model = program.model
     name_dynamic_dims(model, specs)
@@ -70,7 +73,7 @@ def text_encoder_graph(encoder) -> ir.Model:
     specs = tuple(InputSpec(name, dims) for name in ENCODER_INPUTS)
     model = _trace(Encoder(encoder.float().eval()), (ids, mask), ({0: batch, 1: sequence}, {0: batch, 1: sequence}),
                    list(ENCODER_INPUTS), ENCODER_OUTPUT, specs)
-    model.metadata_props["hn_export.role"] = "text_encoder"
+    model.metadata_props[ROLE_KEY] = "text_encoder"
     return model
 
 
@@ -97,7 +100,7 @@ def vae_decoder_graph(vae) -> ir.Model:
                 3: torch.export.Dim("width", min=2, max=4095)},)
     specs = (InputSpec(VAE_INPUT, {0: "batch", 2: "height", 3: "width"}),)
     model = _trace(Decoder(vae.float().eval()), (example,), dynamic, [VAE_INPUT], VAE_OUTPUT, specs)
-    model.metadata_props["hn_export.role"] = "vae_decoder"
+    model.metadata_props[ROLE_KEY] = "vae_decoder"
     return model
 
 
@@ -131,7 +134,7 @@ def quantize_weights(model: ir.Model, bits: int, block_size: int = DEFAULT_ENCOD
     out = ir.serde.deserialize_model(quantized)
     out.ir_version = IR_VERSION
     out.metadata_props.update(metadata)
-    out.metadata_props["hn_export.weight_bits"] = str(bits)
+    out.metadata_props[WEIGHT_BITS_KEY] = str(bits)
     return out
 
 

@@ -14,6 +14,17 @@ are transformed: `graph_passes.conv_sites`). In the graph the input is viewed as
 to ``[tokens, d]`` for the max. The reductions run inside onnxruntime, so only ``d``-sized vectors leave the
 session per call (the full model has 196 sites; activations are never held); the host takes the max over calls.
 
+Hessians for GPTQ (``--weight-range gptq``, `graph_passes.gptq`; only when asked, for the job's sites): per activation
+the same run also returns its centered Gram ``sum_{l,n} (x_ln - mu_l)(x_ln - mu_l)^T`` ([d, d] float32, one Gemm on
+the centered tokens computed for ``centered_absmax``), its means ``mu_l`` and its shape; per k x k conv of those
+sites the Gram of its input's im2col patches (a depthwise one-hot Conv with the conv's pads, strides and dilations
+unfolds them, rows ``c * taps + t``). The host sums them in float64 (`graph_passes.gptq.ActivationGram`): the
+activations are still never held, but every call returns d x d floats per activation. Memory, the 28-block
+PixArt-Sigma (141 distinct 1152-wide block activations: 5 per block + the caption all blocks share; 28 4608-wide
+FFN-out ones): the float64 sums 141 x 1152^2 x 8 + 28 x 4608^2 x 8 = 1.50 + 4.76 = 6.25 GB, held until the
+weights are planned (plus the mean rows: 2 x 1152 float64 per call and activation, dense d x d past d rows), and
+each call's float32 Grams, 3.13 GB, alive while the host adds them.
+
 Default inputs walk denoising trajectories of the FP graph itself (see `hn_export.denoise`); ``--calib FILE.npz``
 supplies inputs instead. Statistics are saved with a hash of the model files, so a file made for another model is
 refused. Files written before the per-channel ``mean`` was dropped (it was never used) still load; the mean is
@@ -35,8 +46,9 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
+from graph_passes.gptq import ActivationGram, CalibratedStats, conv_key
 from graph_passes.graph_utils import NodeSequence, add_initializer
-from graph_passes.linears import ActivationSite, SiteSelection, find_activation_sites
+from graph_passes.linears import ActivationSite, LinearLayer, SiteSelection, find_activation_sites
 from graph_passes.site_transforms import SiteStats
 from hn_export.denoise import (
     DenoiseConfig,
@@ -146,13 +158,62 @@ class CalibrationStats:
         return cls(meta["model_hash"], {n: SiteStats(**s) for n, s in found.items()}, meta["calls"], meta["source"])
 
 
-def _add_stat_outputs(model: ir.Model) -> tuple[dict[str, str], list[ir.Node], list[ir.Value]]:
-    """Append the reductions of every linear input; returns output prefix -> activation name, and the nodes and
-    initializers added (to take them out again). The session runs them in onnxruntime's priority-based order
-    (`hn_export.ort_models.open_session`), which frees each activation once reduced."""
+@dataclasses.dataclass(frozen=True)
+class HessianRequest:
+    """Which Grams the calibration run collects for GPTQ: the activations of these sites, and their k x k convs'
+    patch Grams (keys `graph_passes.gptq.conv_key`)."""
+
+    activations: frozenset[str]
+    convs: frozenset[str]
+
+    @classmethod
+    def of(cls, sites: Iterable[ActivationSite]) -> HessianRequest:
+        sites = list(sites)
+        return cls(frozenset(site.activation.name for site in sites),
+                   frozenset(conv_key(lin.node.name, lin.weight.name) for site in sites for lin in site.linears
+                             if lin.is_conv and not lin.is_pointwise))
+
+
+_GRAM, _MEAN, _SHAPE, _PATCH = "gram", "mean", "shape", "patch:"  # output suffixes of the Gram outputs
+
+
+def _unfold_patches(graph: ir.Graph, seq: NodeSequence, x: ir.Value, conv: LinearLayer,
+                    name: str) -> tuple[ir.Value, list[ir.Value]]:
+    """The Gram of the im2col patches of a k x k conv's input x [B, C, H, W] (float): a depthwise Conv with one-hot
+    kernels [C * taps, 1, kh, kw] (output channel ``c * taps + t`` = channel c at tap t, the row order of the
+    quantized weight matrix), the conv's own pads / strides / dilations, then [pixels, C * taps] and ``P^T P``."""
+    weight = conv.weight.const_value
+    cin, kh, kw = weight.shape[1], weight.shape[2], weight.shape[3]
+    taps = kh * kw
+    onehot = np.zeros((cin * taps, 1, kh, kw), dtype=np.float32)
+    onehot.reshape(cin, taps, taps)[:, np.arange(taps), np.arange(taps)] = 1.0
+    kernel = add_initializer(graph, f"{name}.onehot", onehot)
+    rows = add_initializer(graph, f"{name}.rows", np.array([-1, cin * taps], dtype=np.int64))
+    attrs = {key: attr.value for key, attr in conv.node.attributes.items()
+             if key in ("pads", "strides", "dilations", "auto_pad")}
+    unfolded = seq.op("Conv", [x, kernel], group=cin, kernel_shape=[kh, kw], **attrs)
+    flat = seq.op("Reshape", [seq.op("Transpose", [unfolded], perm=[0, 2, 3, 1]), rows])
+    return seq.op("Gemm", [flat, flat], transA=1), [kernel, rows]
+
+
+def _add_stat_outputs(model: ir.Model, hessians: HessianRequest | None = None
+                      ) -> tuple[dict[str, str], list[ir.Node], list[ir.Value]]:
+    """Append the reductions of every linear input (and the Grams of `hessians`); returns output prefix ->
+    activation name, and the nodes and initializers added (to take them out again). The session runs them in
+    onnxruntime's priority-based order (`hn_export.ort_models.open_session`), which frees each activation once
+    reduced."""
     graph = model.graph
-    activations = {site.activation.name: (site.activation, site.is_conv, site.width)
-                   for site in find_activation_sites(model, ALL_LINEARS)}
+    all_sites = find_activation_sites(model, ALL_LINEARS)
+    activations = {site.activation.name: (site.activation, site.is_conv, site.width) for site in all_sites}
+    convs: dict[str, list[LinearLayer]] = {}
+    if hessians is not None:
+        missing = sorted(hessians.activations - set(activations))
+        if missing:
+            raise ValueError(f"no linear reads activation {missing[0]}: cannot collect its Hessian")
+        for site in all_sites:
+            for lin in site.linears:
+                if conv_key(lin.node.name, lin.weight.name) in hessians.convs:
+                    convs.setdefault(site.activation.name, []).append(lin)
     owners: dict[str, str] = {}
     seq = NodeSequence("hn_calib")
     first = add_initializer(graph, "hn_calib.axis0", np.array([0], dtype=np.int64))
@@ -164,7 +225,13 @@ def _add_stat_outputs(model: ir.Model) -> tuple[dict[str, str], list[ir.Node], l
         flat = seq.op("Flatten", [seq.op("Abs", [value])], axis=-1)
         return seq.op("ReduceMax", [flat, first], keepdims=0)
 
+    def output(value: ir.Value, name: str, dtype: ir.DataType = ir.DataType.FLOAT) -> None:
+        value.name = name
+        value.type = ir.TensorType(dtype)
+        graph.outputs.append(value)
+
     for i, (name, (x, is_conv, width)) in enumerate(activations.items()):
+        image = x
         if is_conv:  # [B, C, H, W] -> [B, H*W, C]
             pixels = add_initializer(graph, f"hn_calib.{i}.pixels", np.array([0, -1, width], dtype=np.int64))
             added.append(pixels)
@@ -172,12 +239,22 @@ def _add_stat_outputs(model: ir.Model) -> tuple[dict[str, str], list[ir.Node], l
         # [..., N, d] -> [1, ..., N, d]: rank >= 2 for every input, the same token axis -2 and leading indices
         xf = seq.op("Unsqueeze", [seq.op("Cast", [x], to=ir.DataType.FLOAT), first])
         mean_tok = seq.op("ReduceMean", [xf, tokens], keepdims=1)
-        values = (channel_absmax(xf), channel_absmax(seq.op("Sub", [xf, mean_tok])))
+        centered = seq.op("Sub", [xf, mean_tok])
+        values = (channel_absmax(xf), channel_absmax(centered))
         for value, stat in zip(values, _STATS):
-            value.name = f"hn_calib.{i}.{stat}"
-            value.type = ir.TensorType(ir.DataType.FLOAT)
-            graph.outputs.append(value)
+            output(value, f"hn_calib.{i}.{stat}")
         owners[f"hn_calib.{i}"] = name
+        if hessians is None or name not in hessians.activations:
+            continue
+        flat = seq.op("Flatten", [centered], axis=-1)  # [tokens, d]
+        output(seq.op("Gemm", [flat, flat], transA=1), f"hn_calib.{i}.{_GRAM}")
+        output(mean_tok, f"hn_calib.{i}.{_MEAN}")
+        output(seq.op("Shape", [xf]), f"hn_calib.{i}.{_SHAPE}", ir.DataType.INT64)
+        for j, conv in enumerate(convs.get(name, ())):
+            image_f = seq.op("Cast", [image], to=ir.DataType.FLOAT)
+            gram, inits = _unfold_patches(graph, seq, image_f, conv, f"hn_calib.{i}.{j}")
+            added.extend(inits)
+            output(gram, f"hn_calib.{i}.{_PATCH}{conv_key(conv.node.name, conv.weight.name)}")
     graph.extend(seq.nodes)
     return owners, seq.nodes, added
 
@@ -206,24 +283,56 @@ class _Accumulator:
     def __init__(self, owners: dict[str, str]):
         self.owners = owners
         self.values: dict[str, dict[str, np.ndarray]] = {}
+        self.grams: dict[str, ActivationGram] = {}
         self.calls = 0
+
+    def _nonfinite(self, prefix: str) -> UserError:
+        return UserError(f"activation {self.owners[prefix]} became NaN or inf during calibration",
+                         "check the model (an FP16 graph may overflow: calibrate the FP32 graph)")
 
     def add(self, outputs: dict[str, np.ndarray]) -> None:
         self.calls += 1
         for prefix in self.owners:
             new = {stat: outputs[f"{prefix}.{stat}"].astype(np.float64) for stat in _STATS}
             if not all(np.all(np.isfinite(v)) for v in new.values()):
-                raise UserError(f"activation {self.owners[prefix]} became NaN or inf during calibration",
-                                "check the model (an FP16 graph may overflow: calibrate the FP32 graph)")
+                raise self._nonfinite(prefix)
             old = self.values.get(prefix)
             if old is None:
                 self.values[prefix] = new
             else:
                 old["absmax"] = np.maximum(old["absmax"], new["absmax"])
                 old["centered_absmax"] = np.maximum(old["centered_absmax"], new["centered_absmax"])
+            gram = outputs.get(f"{prefix}.{_GRAM}")
+            if gram is not None:
+                self._add_gram(prefix, gram, outputs)
+
+    def _add_gram(self, prefix: str, gram: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
+        """Sum one call's Gram outputs into float64 (`graph_passes.gptq.ActivationGram`), in place."""
+        mean, shape = outputs[f"{prefix}.{_MEAN}"], outputs[f"{prefix}.{_SHAPE}"]
+        patches = {key[len(prefix) + len(_PATCH) + 1:]: value for key, value in outputs.items()
+                   if key.startswith(f"{prefix}.{_PATCH}")}
+        if not (np.all(np.isfinite(gram)) and np.all(np.isfinite(mean))
+                and all(np.all(np.isfinite(p)) for p in patches.values())):
+            raise self._nonfinite(prefix)
+        acc = self.grams.get(prefix)
+        if acc is None:
+            acc = self.grams[prefix] = ActivationGram(gram.shape[0], np.zeros(gram.shape))
+        acc.centered += gram  # float32 -> float64
+        acc.add_means(mean.reshape(-1, gram.shape[0]) * np.sqrt(float(shape[-2])))
+        acc.tokens += int(np.prod(shape[:-1]))
+        for key, patch in patches.items():
+            if key in acc.patches:
+                acc.patches[key] += patch
+            else:
+                acc.patches[key] = patch.astype(np.float64)
 
     def result(self) -> dict[str, SiteStats]:
-        return {name: SiteStats(**self.values[prefix]) for prefix, name in self.owners.items()}
+        out: dict[str, SiteStats] = {}
+        for prefix, name in self.owners.items():
+            gram = self.grams.get(prefix)
+            out[name] = SiteStats(**self.values[prefix]) if gram is None else \
+                CalibratedStats(**self.values[prefix], gram=gram)
+        return out
 
 
 def calibrate(
@@ -233,9 +342,11 @@ def calibrate(
     progress: bool = True,
     threads: int | None = None,
     model: ir.Model | None = None,
+    hessians: HessianRequest | None = None,
 ) -> CalibrationStats:
     """Statistics of every linear input of the FP graph at `model_path`. `model`: that graph already loaded (the
-    quantize job's); the reductions are added for the run and taken out again, so it comes back unchanged."""
+    quantize job's); the reductions are added for the run and taken out again, so it comes back unchanged.
+    `hessians`: also the Grams GPTQ needs (its activations' statistics are then `CalibratedStats`)."""
     from hn_export.graph_import import load_graph
 
     model = model if model is not None else load_graph(model_path)
@@ -244,9 +355,9 @@ def calibrate(
         family_of(sig)  # trajectories need the model's family: fail before any work
     outputs = len(model.graph.outputs)
     output = model.graph.outputs[0].name
-    owners, added_nodes, added_inits = _add_stat_outputs(model)
+    owners, added_nodes, added_inits = _add_stat_outputs(model, hessians)
     acc = _Accumulator(owners)
-    names = [f"{prefix}.{stat}" for prefix in owners for stat in _STATS]
+    names = [value.name for value in model.graph.outputs[outputs:]]
     with open_session(model, threads=threads, fuse_attention=True) as session:
         def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
             results = session.run([output, *names], feeds)
@@ -266,5 +377,8 @@ def calibrate(
                         bar.update(1)
             source = f"trajectories(samples={config.samples}, steps={config.steps}, seed={config.seed})"
     _remove_stat_outputs(model, outputs, added_nodes, added_inits)
-    logger.info("calibrated %d sites over %d calls", len(acc.result()), acc.calls)
-    return CalibrationStats(model_hash(model_path), acc.result(), acc.calls, source)
+    result = acc.result()
+    grams = sum(g.nbytes for g in acc.grams.values())
+    logger.info("calibrated %d sites over %d calls%s", len(result), acc.calls,
+                f"; Hessians of {len(acc.grams)} activations, {grams / 1e6:.1f} MB" if acc.grams else "")
+    return CalibrationStats(model_hash(model_path), result, acc.calls, source)

@@ -7,15 +7,15 @@
     hn-export bundle --checkpoint ./PixArt-Sigma-XL-2-1024-MS --sizes bins -o px_bins/   # diffusers' 33 bins
     hn-export bundle --checkpoint DIR --no-quantize -o px_fp32/         # every component in float: the reference
 
-The transformer quantize options are those of ``hn-export MODEL.onnx --w4a4`` (the same click options, `--format`
-defaulting to ``fused``) less the ones that name files (``--calib``, ``--stats``, ``--act-scales`` and their
-``--save-*``, which hold one size's data) and ``--transform-only``; each size is calibrated by the quantize job's
-own denoising trajectories. Bad input is one ``error:`` line, exit code 2, nothing written.
+The transformer quantize options are those of ``hn-export MODEL.onnx --w4a4``: the same option group
+(`hn_export.cli_quantize.QuantOptions`, `--format` defaulting to ``fused``), without the files of `QuantizeFiles`
+(``--calib``, ``--stats``, ``--act-scales`` and their ``--save-*``, which hold one size's data) and
+``--transform-only``; each size is calibrated by the quantize job's own denoising trajectories. Bad input is one
+``error:`` line, exit code 2, nothing written.
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import click
@@ -23,35 +23,10 @@ import click
 from graph_passes.quantization import OutputFormat
 from hn_export.bundle import DEFAULT_MAX_SEQUENCE_LENGTH, SIZES_BINS, BundleJob, parse_sizes, run_bundle
 from hn_export.bundle_components import DEFAULT_ENCODER_BITS, DEFAULT_ENCODER_BLOCK, ENCODER_BITS
-from hn_export.cli_quantize import quantize_command, quantize_job
+from hn_export.cli_quantize import QuantOptions, quant_options
 from hn_export.errors import UserError
-from hn_export.quantize_job import QuantizeJob
 
-# The quantize command's options that apply to a bundle's transformers (shared click objects: same names, help,
-# types and checks); --format defaults to fused here.
-QUANTIZE_OPTIONS = ("preset", "wbits", "abits", "every_linear", "outer_bits", "method", "alpha", "hadamard",
-                    "hadamard_block", "bias_correction", "weight_block", "asymmetric_weights", "output_format",
-                    "attention", "calib_samples", "calib_steps", "include", "exclude", "act_granularity",
-                    "weight_range", "seed")
-DEFAULT_FORMAT = OutputFormat.FUSED
-
-
-def _quantize_params() -> list[click.Parameter]:
-    params = []
-    for param in quantize_command.params:
-        if param.name not in QUANTIZE_OPTIONS:
-            continue
-        if param.name == "output_format":
-            param = copy.copy(param)
-            param.default = DEFAULT_FORMAT.value
-        params.append(param)
-    return params
-
-
-def quantize_job_from_options(opts: dict) -> QuantizeJob:
-    """The quantize command's options (`QUANTIZE_OPTIONS`) as a `QuantizeJob` template (model_path and output are
-    set per size), checked as the quantize command checks them, before any work."""
-    return quantize_job(Path("transformer.onnx"), Path("transformer.q.onnx"), **opts)
+DEFAULT_FORMAT = OutputFormat.FUSED  # --format defaults to fused here
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,15 +50,18 @@ def quantize_job_from_options(opts: dict) -> QuantizeJob:
 @click.option("--max-sequence-length", type=int, default=DEFAULT_MAX_SEQUENCE_LENGTH, show_default=True,
               help="Tokens the runtime keeps of a prompt (longer ones are truncated with a warning).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def bundle_command(checkpoint, pipeline_preset, preset_seed, output, sizes, no_quantize, encoder_bits, encoder_block,
-                   max_sequence_length, no_progress, **quantize_opts) -> None:
+@quant_options(default_format=DEFAULT_FORMAT)
+def bundle_command(checkpoint: Path | None, pipeline_preset: str | None, preset_seed: int, output: Path,
+                   sizes: str | None, no_quantize: bool, encoder_bits: str, encoder_block: int,
+                   max_sequence_length: int, no_progress: bool, quant: QuantOptions) -> None:
     """Write a text-to-image bundle (text encoder, W4A4 transformer, VAE decoder, tokenizer, scheduler) that
     `hn-run` runs with onnxruntime, numpy and tokenizers only."""
     given = [name for name, value in (("--checkpoint", checkpoint), ("--preset", pipeline_preset)) if value is not None]
     if len(given) != 1:
         raise UserError("give exactly one pipeline source" + (f", got {' and '.join(given)}" if given else ""),
                         "pass --checkpoint DIR or --preset NAME")
-    quantize = None if no_quantize else quantize_job_from_options(quantize_opts)
+    # the transformers' job template (model_path and output are set per size), checked as the quantize command's
+    quantize = None if no_quantize else quant.job(Path("transformer.onnx"), Path("transformer.q.onnx"))
     bins = sizes is not None and sizes.strip().lower() == SIZES_BINS
     job = BundleJob(output=output, checkpoint=checkpoint, preset=pipeline_preset, preset_seed=preset_seed,
                     sizes=() if bins else parse_sizes(sizes), bins=bins, quantize=quantize,
@@ -97,6 +75,3 @@ def bundle_command(checkpoint, pipeline_preset, preset_seed, output, sizes, no_q
         click.echo(f"{entry.role:13s} {entry.path} ({entry.bytes / 1e6:.2f} MB{', ' + detail if detail else ''})")
     click.echo(f"wrote {report.output}/ (sizes {', '.join(f'{w}x{h}' for w, h in report.sizes)}); run it with "
                f"hn-run {report.output} \"a prompt\" -o image.png")
-
-
-bundle_command.params.extend(_quantize_params())

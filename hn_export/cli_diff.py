@@ -9,11 +9,11 @@ from pathlib import Path
 
 import click
 
-from hn_export.denoise import DenoiseConfig, first_call_feeds, load_input_file
+from hn_export.denoise import first_call_feeds, load_input_file
 from hn_export import diff as diff_lib
 from hn_export.diff import compare_outputs
 from hn_export.evaluate import GraphRunner
-from hn_export.cli_options import FiniteFloatRange
+from hn_export.cli_options import Evaluation, FiniteFloatRange, option_group
 from hn_export.json_report import report_json
 from hn_export.model_files import check_output_path, input_files, load_model, write_atomic
 
@@ -21,9 +21,12 @@ from hn_export.model_files import check_output_path, input_files, load_model, wr
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("candidate", type=click.Path(path_type=Path))
 @click.argument("reference", type=click.Path(path_type=Path))
-@click.option("--steps", type=click.IntRange(0), default=20, show_default=True,
-              help="Denoising steps of the full run (0: single call only).")
-@click.option("--samples", type=click.IntRange(1), default=1, show_default=True, help="Seeded samples.")
+@option_group(
+    Evaluation, "evaluation",
+    click.option("--steps", type=click.IntRange(0), default=20, show_default=True,
+                 help="Denoising steps of the full run (0: single call only)."),
+    click.option("--samples", type=click.IntRange(1), default=1, show_default=True, help="Seeded samples."),
+    default_samples=1)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--inputs", "inputs_path", type=click.Path(path_type=Path),
               help="Single-call inputs (.npz named like the graph inputs) instead of seeded ones.")
@@ -33,14 +36,11 @@ from hn_export.model_files import check_output_path, input_files, load_model, wr
                    "(or NaN).")
 @click.option("--per-layer", "per_layer", is_flag=True, help="SQNR at every activation site (one call).")
 @click.option("--provider", help="Execution provider (CPU, CUDA, ...); default: the best available.")
-def diff_command(**kwargs) -> None:
+def diff_command(candidate: Path, reference: Path, evaluation: Evaluation, seed: int, inputs_path: Path | None,
+                 json_path: Path | None, min_sqnr: float | None, per_layer: bool, provider: str | None) -> None:
     """Run CANDIDATE and REFERENCE on identical inputs and compare their outputs."""
-    _diff(**kwargs)
-
-
-def _diff(candidate: Path, reference: Path, steps: int, samples: int, seed: int, inputs_path: Path | None,
-          json_path: Path | None, min_sqnr: float | None, per_layer: bool, provider: str | None) -> None:
-    config = DenoiseConfig(steps=steps, samples=samples, seed=seed)
+    config = evaluation.config(seed)
+    steps, samples = config.steps, config.samples
     if json_path is not None:  # before any work; the graphs' external data files are inputs too
         graphs = [file for path in (candidate, reference) for file in input_files(load_model(path, any_opset=True))]
         check_output_path(json_path, candidate, reference, inputs_path, *graphs, what="--json path")

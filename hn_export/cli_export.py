@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from hn_export.errors import UserError
+from hn_export.metadata_keys import DTYPE_KEY, SOURCE_KEY, TORCH_KEY, VERSION_KEY
 from hn_export.model_files import check_output_path
 from models.build import InitKind, ModelSource
 from models.families import family_of_preset
@@ -100,8 +101,8 @@ def export_command(preset, checkpoint, config_path, layers, sample_size, seed, i
             diffusers.logging.set_verbosity(level)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("%d parameters, %s", n_params, "float16" if fp16 else "float32")
-    metadata = {"hn_export.version": __version__, "hn_export.source": source.describe(),
-                "hn_export.dtype": "float16" if fp16 else "float32", "hn_export.torch": torch.__version__}
+    metadata = {VERSION_KEY: __version__, SOURCE_KEY: source.describe(), DTYPE_KEY: "float16" if fp16 else "float32",
+                TORCH_KEY: torch.__version__}
     files = export_transformer(model, output, fp16=fp16, with_mask=with_mask, progress=True, metadata=metadata)
     for f in files:
         click.echo(f"wrote {f} ({_size(f.stat().st_size)})")

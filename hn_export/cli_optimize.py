@@ -16,7 +16,8 @@ from hn_export.errors import UserError
 from hn_export.graph_import import load_graph
 from hn_export.model_files import check_output_path, input_files, save_model
 from hn_export.quantize_job import DEFAULT_FUSED_ATTENTION
-from runtime.domain import ATTENTION_KEY, HADANORM_DOMAIN, TRANSFORM_OPS_KEY
+from hn_export.metadata_keys import ATTENTION_KEY, TRANSFORM_OPS_KEY
+from runtime.domain import HADANORM_DOMAIN
 
 _CHOICES = {"fused": DEFAULT_FUSED_ATTENTION, "float": AttentionPrecision.FLOAT, "bf16": AttentionPrecision.BF16}
 

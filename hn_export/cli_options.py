@@ -1,28 +1,40 @@
-"""Options shared by the commands that quantize and evaluate several graphs (`compare`, `sensitivity`).
+"""Command-line options as typed groups, shared by the commands, and the checks every command runs before any work.
 
-Comma lists (``--methods none,hadanorm``, ``--bits w4a4,w6a6``; an empty list is refused) and the user input files
-``--calib FILE.npz`` and ``--inputs FILE.npz``, checked before any work with the one checker every command uses
+An option group is a frozen dataclass whose fields are click options: `option_group` adds the options to a command,
+which receives one instance per group (``QuantOptions`` of `hn_export.cli_quantize`, used by ``quantize`` and
+``bundle``; `Evaluation`, used by ``compare``, ``sensitivity`` and ``diff``; `EvaluationData`, used by ``compare`` and
+``sensitivity``; ``GridOptions`` of ``compare``). Each group is checked in one place, its constructor or the method
+that turns it into a job, which raises the one-line `UserError`.
+
+Also here: comma lists (``--methods none,hadanorm``, ``--bits w4a4,w6a6``; an empty list is refused), the user input
+files ``--calib FILE.npz`` and ``--inputs FILE.npz``, checked before any work with the one checker every command uses
 (`hn_export.input_arrays.load_input_file`), so a bad file fails with one line and nothing is written; the weight
-block check of the output formats (`check_format_block`, also used by the quantize command), the Hadamard block
-(`check_hadamard_block`) and `FiniteFloatRange` (a float option that refuses NaN and infinities).
+block check of the output formats (`check_format_block`), the Hadamard block (`check_hadamard_block`), `EnumChoice`
+(a click.Choice over an enum's values that hands the command the member) and `FiniteFloatRange` (a float option that
+refuses NaN and infinities).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import click
 
 from graph_passes.quantization import OutputFormat, QuantConfig
-from hn_export.denoise import ModelSignature, load_input_file
+from hn_export.compare import EvaluationInputs
+from hn_export.denoise import DenoiseConfig, ModelSignature, load_input_file
 from hn_export.errors import UserError
 from hn_export.graph_import import check_float_graph
 from hn_export.model_files import load_model
 
 E = TypeVar("E", bound=Enum)
+F = TypeVar("F", bound=Callable[..., Any])
 
 CALIB_HELP = ("Calibration inputs (.npz with hidden_states, timestep, encoder_hidden_states; first axis = samples) "
               "instead of denoising trajectories; --calib-samples/--calib-steps are then unused.")
@@ -30,6 +42,47 @@ INPUTS_HELP = ("Evaluation inputs (.npz named like the graph inputs, rows in (un
                "classifier-free-guidance pipeline calls the transformer): the single call runs the rows as stored; "
                "each pair's caption embeddings condition one denoising sample (from seeded latents), so the pairs "
                "set the sample count.")
+
+
+def option_group(cls: type, name: str, *options: Callable[[F], F], **fixed: Any) -> Callable[[F], F]:
+    """A decorator adding `options` (``click.option`` decorators, in the order ``--help`` lists them) to a command
+    that receives them as one frozen dataclass: parameter `name` = ``cls(**values, **fixed)``, built once click has
+    parsed and range-checked every option, before the command body runs. The fields of `cls` are exactly the
+    options' parameters and the `fixed` values."""
+
+    def collect(command: F) -> F:
+        @functools.wraps(command)
+        def run(*args, **kwargs):
+            values = {field: kwargs.pop(field) for field in params}
+            return command(*args, **kwargs, **{name: cls(**values, **fixed)})
+
+        for option in reversed(options):  # as if stacked above the command in this order
+            run = option(run)
+        return run  # type: ignore[return-value]
+
+    def probe() -> None: ...
+
+    for option in options:
+        option(probe)
+    params = list(dict.fromkeys(p.name for p in probe.__click_params__))  # type: ignore[attr-defined]
+    fields = [f.name for f in dataclasses.fields(cls)]
+    if sorted([*params, *fixed]) != sorted(fields):
+        raise TypeError(f"{cls.__name__} has fields {fields}; its options and fixed values give {[*params, *fixed]}")
+    return collect
+
+
+class EnumChoice(click.Choice):
+    """click.Choice over an enum's values (help, metavar and errors as click.Choice's) that hands the command the
+    member: a new member is a new choice by itself."""
+
+    def __init__(self, enum_type: type[Enum]) -> None:
+        super().__init__([member.value for member in enum_type])
+        self.enum_type = enum_type
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, self.enum_type):
+            return value
+        return self.enum_type(super().convert(value, param, ctx))
 
 
 class FiniteFloatRange(click.FloatRange):
@@ -74,39 +127,87 @@ def parse_bits(text: str) -> list[QuantConfig]:
     return out
 
 
-def input_file_options(command):
-    """``--calib FILE.npz`` and ``--inputs FILE.npz`` (parameters ``calib_inputs``, ``inputs_path``)."""
-    command = click.option("--inputs", "inputs_path", type=click.Path(path_type=Path), help=INPUTS_HELP)(command)
-    return click.option("--calib", "calib_inputs", type=click.Path(path_type=Path), help=CALIB_HELP)(command)
-
-
 def samples_option(default: int):
     """``--samples N``; None when not given, so that it can be checked against ``--inputs``."""
     return click.option("--samples", type=click.IntRange(1), default=None,
                         help=f"Seeded samples [default: {default}; with --inputs: the file's pairs].")
 
 
-def check_model_and_inputs(model: Path, calib_inputs: Path | None, inputs_path: Path | None,
-                           samples: int | None) -> tuple[ModelSignature, dict | None]:
-    """Load MODEL's signature and check both input files against it, before any work.
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """How many denoising steps and seeded samples each graph is run for (``--steps``, ``--samples``)."""
 
-    Returns the signature and the checked ``--inputs`` arrays (None without the option)."""
-    loaded = load_model(model, any_opset=True)  # lazy: weights stay on disk
-    check_float_graph(loaded, str(model))
-    sig = ModelSignature.of(loaded)
-    if calib_inputs is not None:
-        load_input_file(calib_inputs, sig, "calibration input file")
-    if inputs_path is None:
-        return sig, None
-    if samples is not None:
-        raise UserError("--samples and --inputs both given",
-                        "drop --samples: the file's (unconditional, conditional) pairs are the samples")
-    feeds = load_input_file(inputs_path, sig, "inputs file")  # shapes, dtypes, equal row counts, finite
-    count = next((int(feeds[name].shape[0]) for name in sig.batched if name in feeds), 0)
-    if count == 0 or count % 2:
-        raise UserError(f"inputs file {inputs_path} holds {count} rows; they are taken in (unconditional, "
-                        "conditional) pairs", "pass an even, nonzero number of rows")
-    return sig, feeds
+    steps: int
+    samples: int | None  # None: not given (the command's default, or with --inputs the file's pairs)
+    default_samples: int
+
+    def config(self, seed: int) -> DenoiseConfig:
+        return DenoiseConfig(steps=self.steps, samples=self.samples or self.default_samples, seed=seed)
+
+
+def evaluation_options(default_samples: int):
+    """``--steps`` and ``--samples`` (compare, sensitivity) as an `Evaluation`, parameter ``evaluation``."""
+    return option_group(
+        Evaluation, "evaluation",
+        click.option("--steps", type=click.IntRange(1), default=20, show_default=True, help="Denoising steps."),
+        samples_option(default_samples),
+        default_samples=default_samples)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationData:
+    """What the graphs of compare and sensitivity are calibrated and run on: ``--calib FILE.npz`` (else
+    ``--calib-samples`` denoising trajectories of ``--calib-steps`` steps) and ``--inputs FILE.npz`` (else seeded
+    inputs)."""
+
+    calib_inputs: Path | None
+    inputs_path: Path | None
+    calib_samples: int
+    calib_steps: int
+
+    def check(self, model: Path, samples: int | None) -> tuple[ModelSignature, dict | None]:
+        """Load MODEL's signature and check both input files against it (and ``--samples``), before any work.
+
+        Returns the signature and the checked ``--inputs`` arrays (None without the option)."""
+        loaded = load_model(model, any_opset=True)  # lazy: weights stay on disk
+        check_float_graph(loaded, str(model))
+        sig = ModelSignature.of(loaded)
+        if self.calib_inputs is not None:
+            load_input_file(self.calib_inputs, sig, "calibration input file")
+        if self.inputs_path is None:
+            return sig, None
+        if samples is not None:
+            raise UserError("--samples and --inputs both given",
+                            "drop --samples: the file's (unconditional, conditional) pairs are the samples")
+        feeds = load_input_file(self.inputs_path, sig, "inputs file")  # shapes, dtypes, equal row counts, finite
+        count = next((int(feeds[name].shape[0]) for name in sig.batched if name in feeds), 0)
+        if count == 0 or count % 2:
+            raise UserError(f"inputs file {self.inputs_path} holds {count} rows; they are taken in (unconditional, "
+                            "conditional) pairs", "pass an even, nonzero number of rows")
+        return sig, feeds
+
+    def evaluation_inputs(self, config: DenoiseConfig, feeds: dict | None) -> EvaluationInputs:
+        """The inputs every graph runs on: the checked ``--inputs`` arrays (`check`), else seeded ones."""
+        return EvaluationInputs(config, feeds, f"file:{self.inputs_path.name}" if feeds is not None else "seeded")
+
+    def calibration(self, seed: int) -> DenoiseConfig:
+        return DenoiseConfig(steps=self.calib_steps, samples=self.calib_samples, seed=seed)
+
+    def calibration_report(self, seed: int) -> dict:
+        """The calibration as reports record it: the file, or the trajectories."""
+        if self.calib_inputs is not None:
+            return {"file": self.calib_inputs.name}
+        return dataclasses.asdict(self.calibration(seed))
+
+
+evaluation_data_options = option_group(
+    EvaluationData, "data",
+    click.option("--calib", "calib_inputs", type=click.Path(path_type=Path), help=CALIB_HELP),
+    click.option("--inputs", "inputs_path", type=click.Path(path_type=Path), help=INPUTS_HELP),
+    click.option("--calib-samples", type=click.IntRange(1), default=2, show_default=True),
+    click.option("--calib-steps", type=click.IntRange(1), default=20, show_default=True),
+)
+"""``--calib``, ``--inputs``, ``--calib-samples``, ``--calib-steps`` as an `EvaluationData`, parameter ``data``."""
 
 
 def check_format_block(fmt: OutputFormat, block: int, weight_bits: int) -> None:

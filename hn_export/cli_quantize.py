@@ -1,7 +1,13 @@
-"""`hn-export MODEL.onnx --w4a4 ...`: transform and quantize an FP ONNX graph."""
+"""`hn-export MODEL.onnx --w4a4 ...`: transform and quantize an FP ONNX graph.
+
+Two option groups (`hn_export.cli_options.option_group`): `QuantOptions` (`quant_options`; ``hn-export bundle``
+takes them too) and `QuantizeFiles` (the files only this command reads and writes). `QuantOptions.job` checks them
+and builds the `QuantizeJob`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
@@ -11,7 +17,13 @@ from graph_passes.linears import SiteSelection
 from graph_passes.methods import BiasCorrection, Method, TransformOptions
 from graph_passes.quantization import OutputFormat, QuantConfig, WeightRange
 from graph_passes.static_act_quant import ActGranularity
-from hn_export.cli_options import FiniteFloatRange, check_format_block, check_hadamard_block
+from hn_export.cli_options import (
+    EnumChoice,
+    FiniteFloatRange,
+    check_format_block,
+    check_hadamard_block,
+    option_group,
+)
 from hn_export.denoise import DenoiseConfig
 from hn_export.errors import UserError
 from hn_export.quantize_job import AttentionChoice, QuantizeJob, default_output, run_quantize
@@ -19,88 +31,180 @@ from hn_export.quantize_job import AttentionChoice, QuantizeJob, default_output,
 _PRESET_BITS = {"w4a4": (4, 4), "w6a6": (6, 6), "w8a8": (8, 8)}
 
 
-def _enum_choice(enum_type) -> click.Choice:
-    return click.Choice([m.value for m in enum_type])
+@dataclasses.dataclass(frozen=True)
+class QuantizeFiles:
+    """The files of one quantize run (the quantize command's; a bundle calibrates each size itself): calibration
+    inputs, saved statistics, a per-timestep activation scale table. ``--calib`` and ``--stats`` exclude each
+    other."""
+
+    calib_inputs: Path | None = None
+    stats_path: Path | None = None  # reuse saved statistics
+    save_stats: Path | None = None
+    act_scales_path: Path | None = None  # a per-timestep activation scale table to use (else calibrated)
+    save_act_scales: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.calib_inputs is not None and self.stats_path is not None:
+            raise UserError("--calib and --stats both given", "pass one: inputs to calibrate on, or saved statistics")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantOptions:
+    """How a transformer is quantized: bit widths, method and transform, weight quantizer, output format, attention,
+    calibration trajectories, site selection, activation granularity (the quantize command's options that
+    ``hn-export bundle`` takes too). `job` checks them and builds the `QuantizeJob`."""
+
+    preset: str | None  # w4a4 (None), w6a6, w8a8
+    wbits: int | None  # overrides the preset
+    abits: int | None
+    every_linear: bool
+    outer_bits: int
+    method: Method
+    alpha: float
+    hadamard: HadamardMode | None  # None: the method's default
+    hadamard_block: int | None
+    bias_correction: BiasCorrection
+    weight_block: int
+    asymmetric_weights: bool
+    output_format: OutputFormat
+    attention: AttentionChoice
+    calib_samples: int
+    calib_steps: int
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    act_granularity: ActGranularity
+    weight_range: WeightRange
+    seed: int
+
+    def job(self, model: Path, output: Path | None, files: QuantizeFiles = QuantizeFiles(),
+            transform_only: bool = False, progress: bool = True) -> QuantizeJob:
+        """The quantize job of these options, checked in one place before any work: the quantize command and
+        `hn-export bundle` (per transformer size) both build theirs here."""
+        granularity = ActGranularity.TIMESTEP if files.act_scales_path is not None else self.act_granularity
+        w_default, a_default = _PRESET_BITS[self.preset or "w4a4"]
+        if self.weight_block < 1:
+            raise UserError(f"--weight-block {self.weight_block} must be positive", "use e.g. 128")
+        fmt = self.output_format
+        check_format_block(fmt, self.weight_block, self.wbits or w_default)
+        check_hadamard_block(self.hadamard_block)
+        if self.outer_bits != 8 and not self.every_linear:
+            raise UserError(f"--outer-bits {self.outer_bits} applies to the linears outside the blocks, which only "
+                            "--every-linear quantizes", "add --every-linear, or drop --outer-bits")
+        if granularity is ActGranularity.TIMESTEP and fmt is OutputFormat.FUSED:
+            raise UserError("--act-granularity timestep cannot be written as --format fused (its integer kernels "
+                            "quantize activations per token)", "use --format qdq or nbits")
+        if granularity is ActGranularity.TIMESTEP and transform_only:
+            raise UserError("--act-granularity timestep / --act-scales quantize activations, --transform-only does "
+                            "not", "drop one of them")
+        quant = None if transform_only else QuantConfig(
+            weight_bits=self.wbits or w_default, act_bits=self.abits or a_default, weight_block=self.weight_block,
+            weight_symmetric=not self.asymmetric_weights, format=fmt, weight_range=self.weight_range,
+            outer_bits=self.outer_bits)
+        return QuantizeJob(
+            model_path=model,
+            output=output or default_output(model, quant),
+            transform=TransformOptions(method=self.method, alpha=self.alpha, hadamard=self.hadamard,
+                                       hadamard_block=self.hadamard_block, bias_correction=self.bias_correction,
+                                       seed=self.seed),
+            quant=quant,
+            selection=SiteSelection(include=self.include or SiteSelection().include, exclude=self.exclude,
+                                    explicit=bool(self.include), outer_linears=self.every_linear),
+            calibration=DenoiseConfig(samples=self.calib_samples, steps=self.calib_steps, seed=self.seed),
+            calib_inputs=files.calib_inputs,
+            stats_path=files.stats_path,
+            save_stats=files.save_stats,
+            progress=progress,
+            act_granularity=granularity,
+            act_scales_path=files.act_scales_path,
+            save_act_scales=files.save_act_scales,
+            attention=self.attention,
+        )
+
+
+def quant_options(default_format: OutputFormat = OutputFormat.QDQ):
+    """The `QuantOptions` options (parameter ``quant``); `default_format`: the ``--format`` default."""
+    return option_group(
+        QuantOptions, "quant",
+        click.option("--w4a4", "preset", flag_value="w4a4", help="4-bit weights and activations (default)."),
+        click.option("--w6a6", "preset", flag_value="w6a6", help="6-bit weights and activations."),
+        click.option("--w8a8", "preset", flag_value="w8a8", help="8-bit weights and activations."),
+        click.option("--wbits", type=click.IntRange(2, 8), help="Weight bits (2-8); overrides the preset."),
+        click.option("--abits", type=click.IntRange(2, 8), help="Activation bits (2-8); overrides the preset."),
+        click.option("--every-linear", is_flag=True,
+                     help="Also make every linear outside the model's blocks a site (caption projection, timestep "
+                          "embedder, adaLN-single, final projection), at --outer-bits."),
+        click.option("--outer-bits", type=click.IntRange(2, 8), default=8, show_default=True,
+                     help="Weight and activation bits of the linears outside the model's blocks that --every-linear "
+                          "selects (caption projection, timestep embedder, adaLN-single, final projection)."),
+        click.option("--method", type=EnumChoice(Method), default=Method.HADANORM.value, show_default=True),
+        click.option("--alpha", type=FiniteFloatRange(0.0, 1.0), default=0.5, show_default=True,
+                     help="SmoothQuant migration strength."),
+        click.option("--hadamard", type=EnumChoice(HadamardMode),
+                     help="full: H_K (x) H_2^n; block: block-diagonal Hadamard. Default: full, block for --method "
+                          "hqdm."),
+        click.option("--hadamard-block", type=int,
+                     help="Block size of --hadamard block (default 128; 32 for --method hqdm, as HQ-DM)."),
+        click.option("--bias-correction", type=EnumChoice(BiasCorrection), default=BiasCorrection.FLOAT_TOKEN.value,
+                     show_default=True, help="How centered sites add W mu back."),
+        click.option("--weight-block", type=int, default=128, show_default=True,
+                     help="Weight quantization block size."),
+        click.option("--asymmetric-weights", is_flag=True, help="Asymmetric (zero-point) weight quantization."),
+        click.option("--format", "output_format", type=EnumChoice(OutputFormat), default=default_format.value,
+                     show_default=True,
+                     help="qdq: portable Q/DQ graph (float MatMuls); nbits: MatMulNBits, stock onnxruntime, int4 "
+                          "weights in memory; fused: hadanorm integer kernels (build the library; function bodies "
+                          "otherwise)."),
+        click.option("--attention", type=EnumChoice(AttentionChoice), default=AttentionChoice.AUTO.value,
+                     show_default=True,
+                     help="Softmax attention: fuse it into hadanorm::Attention (tiled, O(N) memory) at float or bf16 "
+                          "precision, or keep it (none); auto: bf16 for --format fused, none otherwise."),
+        click.option("--calib-samples", type=click.IntRange(1), default=2, show_default=True,
+                     help="Denoising trajectories for calibration."),
+        click.option("--calib-steps", type=click.IntRange(1), default=20, show_default=True,
+                     help="Denoising steps per calibration trajectory."),
+        click.option("--include", multiple=True, help="Module-path regex of linears to quantize (repeatable)."),
+        click.option("--exclude", multiple=True, help="Module-path regex of linears to leave in float (repeatable)."),
+        click.option("--act-granularity", type=EnumChoice(ActGranularity), default=ActGranularity.TOKEN.value,
+                     show_default=True,
+                     help="token: per-token dynamic asymmetric activations; timestep: static per-tensor symmetric, one "
+                          "scale per sampling timestep chosen in the graph from the timestep input (HQ-DM)."),
+        click.option("--weight-range", type=EnumChoice(WeightRange), default=WeightRange.MINMAX.value,
+                     show_default=True,
+                     help="Weight range per block: min/max, the clipping that minimises the squared error (MSE "
+                          "search), or GPTQ's error feedback over the calibration Hessian on the min/max grid "
+                          "(gptq; gptq-act-order: rows by decreasing Hessian diagonal)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of Hadamard signs and calibration."),
+    )
+
+
+quantize_files_options = option_group(
+    QuantizeFiles, "files",
+    click.option("--calib", "calib_inputs", type=click.Path(path_type=Path),
+                 help="Calibration inputs (.npz with hidden_states, timestep, encoder_hidden_states)."),
+    click.option("--stats", "stats_path", type=click.Path(path_type=Path), help="Reuse saved calibration statistics."),
+    click.option("--save-stats", type=click.Path(path_type=Path), help="Save the calibration statistics here."),
+    click.option("--act-scales", "act_scales_path", type=click.Path(path_type=Path),
+                 help="Per-timestep activation scale table (JSON, one value per --calib-steps step and site) instead "
+                      "of calibrating it; implies --act-granularity timestep."),
+    click.option("--save-act-scales", type=click.Path(path_type=Path), help="Save the per-timestep scale table here."),
+)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--w4a4", "preset", flag_value="w4a4", help="4-bit weights and activations (default).")
-@click.option("--w6a6", "preset", flag_value="w6a6", help="6-bit weights and activations.")
-@click.option("--w8a8", "preset", flag_value="w8a8", help="8-bit weights and activations.")
-@click.option("--wbits", type=click.IntRange(2, 8), help="Weight bits (2-8); overrides the preset.")
-@click.option("--abits", type=click.IntRange(2, 8), help="Activation bits (2-8); overrides the preset.")
-@click.option("--every-linear", is_flag=True,
-              help="Also make every linear outside the model's blocks a site (caption projection, timestep embedder, "
-                   "adaLN-single, final projection), at --outer-bits.")
-@click.option("--outer-bits", type=click.IntRange(2, 8), default=8, show_default=True,
-              help="Weight and activation bits of the linears outside the model's blocks that --every-linear "
-                   "selects (caption projection, timestep embedder, adaLN-single, final projection).")
+@quant_options()
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output .onnx (default MODEL.w4a4.onnx).")
-@click.option("--method", type=_enum_choice(Method), default=Method.HADANORM.value, show_default=True)
-@click.option("--alpha", type=FiniteFloatRange(0.0, 1.0), default=0.5, show_default=True,
-              help="SmoothQuant migration strength.")
-@click.option("--hadamard", type=_enum_choice(HadamardMode),
-              help="full: H_K (x) H_2^n; block: block-diagonal Hadamard. Default: full, block for --method hqdm.")
-@click.option("--hadamard-block", type=int,
-              help="Block size of --hadamard block (default 128; 32 for --method hqdm, as HQ-DM).")
-@click.option("--bias-correction", type=_enum_choice(BiasCorrection), default=BiasCorrection.FLOAT_TOKEN.value,
-              show_default=True, help="How centered sites add W mu back.")
-@click.option("--weight-block", type=int, default=128, show_default=True, help="Weight quantization block size.")
-@click.option("--asymmetric-weights", is_flag=True, help="Asymmetric (zero-point) weight quantization.")
-@click.option("--format", "output_format", type=_enum_choice(OutputFormat), default=OutputFormat.QDQ.value,
-              show_default=True,
-              help="qdq: portable Q/DQ graph (float MatMuls); nbits: MatMulNBits, stock onnxruntime, int4 weights "
-                   "in memory; fused: hadanorm integer kernels (build the library; function bodies otherwise).")
-@click.option("--attention", type=_enum_choice(AttentionChoice), default=AttentionChoice.AUTO.value,
-              show_default=True,
-              help="Softmax attention: fuse it into hadanorm::Attention (tiled, O(N) memory) at float or bf16 "
-                   "precision, or keep it (none); auto: bf16 for --format fused, none otherwise.")
-@click.option("--calib", "calib_inputs", type=click.Path(path_type=Path),
-              help="Calibration inputs (.npz with hidden_states, timestep, encoder_hidden_states).")
-@click.option("--calib-samples", type=click.IntRange(1), default=2, show_default=True,
-              help="Denoising trajectories for calibration.")
-@click.option("--calib-steps", type=click.IntRange(1), default=20, show_default=True,
-              help="Denoising steps per calibration trajectory.")
-@click.option("--stats", "stats_path", type=click.Path(path_type=Path), help="Reuse saved calibration statistics.")
-@click.option("--save-stats", type=click.Path(path_type=Path), help="Save the calibration statistics here.")
-@click.option("--include", multiple=True, help="Module-path regex of linears to quantize (repeatable).")
-@click.option("--exclude", multiple=True, help="Module-path regex of linears to leave in float (repeatable).")
-@click.option("--act-granularity", type=_enum_choice(ActGranularity), default=ActGranularity.TOKEN.value,
-              show_default=True,
-              help="token: per-token dynamic asymmetric activations; timestep: static per-tensor symmetric, one scale "
-                   "per sampling timestep chosen in the graph from the timestep input (HQ-DM).")
-@click.option("--act-scales", "act_scales_path", type=click.Path(path_type=Path),
-              help="Per-timestep activation scale table (JSON, one value per --calib-steps step and site) instead of "
-                   "calibrating it; implies --act-granularity timestep.")
-@click.option("--save-act-scales", type=click.Path(path_type=Path), help="Save the per-timestep scale table here.")
-@click.option("--weight-range", type=_enum_choice(WeightRange), default=WeightRange.MINMAX.value, show_default=True,
-              help="Weight range per block: min/max, or the clipping that minimises the squared error (MSE search).")
+@quantize_files_options
 @click.option("--transform-only", is_flag=True, help="Insert and fuse the transforms, no quantization.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of Hadamard signs and calibration.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def quantize_command(model: Path, preset, wbits, abits, every_linear, outer_bits, output, method, alpha, hadamard,
-                     hadamard_block,
-                     bias_correction, weight_block, asymmetric_weights, output_format, attention, calib_inputs, calib_samples, calib_steps,
-                     stats_path, save_stats, include, exclude, act_granularity, act_scales_path, save_act_scales,
-                     weight_range, transform_only, seed, no_progress) -> None:
+def quantize_command(model: Path, quant: QuantOptions, output: Path | None, files: QuantizeFiles,
+                     transform_only: bool, no_progress: bool) -> None:
     """Quantize MODEL.onnx (W4A4 with HadaNorm by default)."""
-    if calib_inputs is not None and stats_path is not None:
-        raise UserError("--calib and --stats both given", "pass one: inputs to calibrate on, or saved statistics")
-    job = quantize_job(model, output, preset=preset, wbits=wbits, abits=abits, every_linear=every_linear,
-                       outer_bits=outer_bits, method=method, alpha=alpha, hadamard=hadamard,
-                       hadamard_block=hadamard_block, bias_correction=bias_correction, weight_block=weight_block,
-                       asymmetric_weights=asymmetric_weights, output_format=output_format, attention=attention,
-                       calib_samples=calib_samples, calib_steps=calib_steps, include=include, exclude=exclude,
-                       act_granularity=act_granularity, weight_range=weight_range, seed=seed,
-                       calib_inputs=calib_inputs, stats_path=stats_path, save_stats=save_stats,
-                       act_scales_path=act_scales_path, save_act_scales=save_act_scales,
-                       transform_only=transform_only, progress=not no_progress)
-    quant = job.quant
+    job = quant.job(model, output, files, transform_only, progress=not no_progress)
     report = run_quantize(job)
-    bits = f"{quant.label.upper()} ({quant.format.value})" if quant else "transform only"
-    click.echo(f"{method} {bits}: {report.sites} activation sites, {report.linears} linears")
-    if quant:
+    bits = f"{job.quant.label.upper()} ({job.quant.format.value})" if job.quant else "transform only"
+    click.echo(f"{quant.method.value} {bits}: {report.sites} activation sites, {report.linears} linears")
+    if job.quant:
         ratio = report.weight_bytes_after / max(report.weight_bytes_before, 1)
         click.echo(f"site weights: {report.weight_bytes_before / 1e6:.2f} MB -> {report.weight_bytes_after / 1e6:.2f} MB"
                    f" ({ratio:.3f}x)")
@@ -111,56 +215,6 @@ def quantize_command(model: Path, preset, wbits, abits, every_linear, outer_bits
         click.echo(f"attention: {report.attention}")
     for path in report.files:
         click.echo(f"wrote {path}")
-    if quant and quant.format is OutputFormat.QDQ:
+    if job.quant and job.quant.format is OutputFormat.QDQ:
         click.echo("note: --format qdq simulates the integer maths with float MatMuls (portable, slower than FP32 in "
                    "onnxruntime); to deploy, use --format fused (hadanorm kernels) or --format nbits (stock onnxruntime)")
-
-
-def quantize_job(model: Path, output: Path | None, *, preset, wbits, abits, every_linear, outer_bits, method, alpha,
-                 hadamard, hadamard_block, bias_correction, weight_block, asymmetric_weights, output_format, attention,
-                 calib_samples, calib_steps, include, exclude, act_granularity, weight_range, seed, calib_inputs=None,
-                 stats_path=None, save_stats=None, act_scales_path=None, save_act_scales=None,
-                 transform_only=False, progress=True) -> QuantizeJob:
-    """The quantize options (this command's click parameters, by name) as a `QuantizeJob`, checked in one place
-    before any work: the quantize command and `hn-export bundle` (per transformer size) both build theirs here."""
-    granularity = ActGranularity.TIMESTEP if act_scales_path is not None else ActGranularity(act_granularity)
-    w_default, a_default = _PRESET_BITS[preset or "w4a4"]
-    if weight_block < 1:
-        raise UserError(f"--weight-block {weight_block} must be positive", "use e.g. 128")
-    fmt = OutputFormat(output_format)
-    check_format_block(fmt, weight_block, wbits or w_default)
-    check_hadamard_block(hadamard_block)
-    if outer_bits != 8 and not every_linear:
-        raise UserError(f"--outer-bits {outer_bits} applies to the linears outside the blocks, which only "
-                        "--every-linear quantizes", "add --every-linear, or drop --outer-bits")
-    if granularity is ActGranularity.TIMESTEP and fmt is OutputFormat.FUSED:
-        raise UserError("--act-granularity timestep cannot be written as --format fused (its integer kernels "
-                        "quantize activations per token)", "use --format qdq or nbits")
-    if granularity is ActGranularity.TIMESTEP and transform_only:
-        raise UserError("--act-granularity timestep / --act-scales quantize activations, --transform-only does not",
-                        "drop one of them")
-    quant = None if transform_only else QuantConfig(
-        weight_bits=wbits or w_default, act_bits=abits or a_default, weight_block=weight_block,
-        weight_symmetric=not asymmetric_weights, format=fmt, weight_range=WeightRange(weight_range),
-        outer_bits=outer_bits)
-    include = tuple(include or ())
-    return QuantizeJob(
-        model_path=model,
-        output=output or default_output(model, quant),
-        transform=TransformOptions(method=Method(method), alpha=alpha,
-                                   hadamard=HadamardMode(hadamard) if hadamard else None,
-                                   hadamard_block=hadamard_block, bias_correction=BiasCorrection(bias_correction),
-                                   seed=seed),
-        quant=quant,
-        selection=SiteSelection(include=include or SiteSelection().include, exclude=tuple(exclude or ()),
-                                explicit=bool(include), outer_linears=every_linear),
-        calibration=DenoiseConfig(samples=calib_samples, steps=calib_steps, seed=seed),
-        calib_inputs=calib_inputs,
-        stats_path=stats_path,
-        save_stats=save_stats,
-        progress=progress,
-        act_granularity=granularity,
-        act_scales_path=act_scales_path,
-        save_act_scales=save_act_scales,
-        attention=AttentionChoice(attention),
-    )

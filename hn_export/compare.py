@@ -108,7 +108,7 @@ def grid(methods: list[Method], quants: list[QuantConfig], biases: list[BiasCorr
 @dataclasses.dataclass(frozen=True)
 class EvaluationInputs:
     """The inputs every graph of one comparison runs on: seeded (``feeds`` None) or a user file's checked arrays
-    (`hn_export.cli_options.check_model_and_inputs`: rows in (unconditional, conditional) pairs)."""
+    (`hn_export.cli_options.EvaluationData.check`: rows in (unconditional, conditional) pairs)."""
 
     config: DenoiseConfig  # steps; seed of the starting latents; samples when seeded
     feeds: dict[str, np.ndarray] | None = None

@@ -7,7 +7,7 @@ becomes the scheduler's model output (a learned-sigma half is dropped, as the di
 DPM-Solver++ 2M with the released scheduler settings, guidance 4.5, random T5-sized caption embeddings.
 
 The family of a graph is its ``hn_export.family`` metadata (written by `hn-export export`), else the family whose
-inputs the graph has (graphs from other exporters).
+inputs the graph has (graphs from other exporters): `hn_export.families.graph_family`.
 """
 
 from __future__ import annotations
@@ -19,32 +19,16 @@ import numpy as np
 import onnx_ir as ir
 
 from hn_export.errors import UserError
+from hn_export.families import graph_family
 from hn_export.input_arrays import load_input_file  # noqa: F401  (the one checker; re-exported)
 from models.errors import ModelInputError
-from models.families import FAMILIES, ModelFamily, Signature, family_of_inputs, supported
+from models.families import FAMILIES, ModelFamily, Signature, supported
 from models.families.base import DenoiseSettings
 from runtime.denoiser import batched_inputs
 
 RunFn = Callable[[dict[str, np.ndarray]], np.ndarray]
-FAMILY_KEY = "hn_export.family"  # the metadata key hn_export.export writes
 
 DenoiseConfig = DenoiseSettings  # steps, samples, guidance_scale (None: the family's), seed, caption_length
-
-
-def graph_family(model: ir.Model) -> ModelFamily | None:
-    """The family named in the graph's metadata, else the one whose inputs the graph has, else None. Where several
-    families have the same input names (PixArt-Sigma and Sana; DiT and the UNet), the one whose role rules name the
-    most of the graph's layers wins (registry order on a tie, e.g. module paths lost by the exporter)."""
-    name = model.metadata_props.get(FAMILY_KEY)
-    if name in FAMILIES:
-        return FAMILIES[name]
-    names = {v.name for v in model.graph.inputs if v.name}
-    matches = [fam for fam in FAMILIES.values() if fam.matches_inputs(names)]
-    if len(matches) <= 1:
-        return matches[0] if matches else family_of_inputs(names)
-    from hn_export.families import best_named  # imports this module: import here
-
-    return best_named(model, matches)[0]
 
 
 @dataclasses.dataclass(frozen=True)

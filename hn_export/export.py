@@ -44,17 +44,16 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
+from graph_passes.domain import ONNX_OPSET
 from graph_passes.fix_noop_squeeze import FixNoopSqueezePass
-from hn_export.denoise import FAMILY_KEY
-from hn_export.model_files import check_output_path, save_model
+from hn_export.metadata_keys import FAMILY_KEY
+from hn_export.model_files import IR_VERSION, check_output_path, save_model
 from models.build import family_of_model
 from models.errors import ModelInputError
 from models.families import InputSpec, ModelFamily
 
 logger = logging.getLogger(__name__)
 
-OPSET_VERSION = 21
-IR_VERSION = 10
 OUTPUT_NAME = "sample"
 EXAMPLE_BATCH = 2  # not 0 or 1: torch.export specialises those sizes
 EXAMPLE_CAPTION_LENGTH = 9  # an odd size that no other dimension of the model has
@@ -206,7 +205,7 @@ def to_onnx(model: nn.Module, *, fp16: bool = False, with_mask: bool = False, pr
             exported,
             (),
             dynamo=True,
-            opset_version=OPSET_VERSION,
+            opset_version=ONNX_OPSET,
             input_names=names,
             output_names=[OUTPUT_NAME],
             verbose=False,

@@ -1,5 +1,8 @@
 """The bridge between model families (`models.families`) and the model-agnostic graph passes.
 
+`graph_family(model)`: the family of an ONNX graph, named in its metadata (``hn_export.family``, written by
+`hn-export export`) or matched by its inputs.
+
 `selection_for(model, selection)` fills the `SiteSelection`'s role table from the graph's family: the family named
 in the graph's metadata or matched by its inputs; for graphs that match no family by inputs, the family whose role
 rules name the most of the graph's linears. Where no rule names any block linear (module paths that cannot be
@@ -16,8 +19,8 @@ import onnx_ir as ir
 
 from graph_passes.linears import SiteSelection, find_linears
 from graph_passes.site_roles import RoleRule, RoleTable
-from hn_export.denoise import graph_family
-from models.families import FAMILIES, ModelFamily
+from hn_export.metadata_keys import FAMILY_KEY
+from models.families import FAMILIES, ModelFamily, family_of_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +36,20 @@ def best_named(model: ir.Model, candidates: list[ModelFamily]) -> tuple[ModelFam
     paths = [linear.module_path for linear in find_linears(model)]
     scored = [(fam, sum(role_table(fam).site_of(p) is not None for p in paths)) for fam in candidates]
     return max(scored, key=lambda item: item[1]) if scored else (None, 0)
+
+
+def graph_family(model: ir.Model) -> ModelFamily | None:
+    """The family named in the graph's metadata, else the one whose inputs the graph has, else None. Where several
+    families have the same input names (PixArt-Sigma and Sana; DiT and the UNet), the one whose role rules name the
+    most of the graph's layers wins (registry order on a tie, e.g. module paths lost by the exporter)."""
+    name = model.metadata_props.get(FAMILY_KEY)
+    if name in FAMILIES:
+        return FAMILIES[name]
+    names = {v.name for v in model.graph.inputs if v.name}
+    matches = [fam for fam in FAMILIES.values() if fam.matches_inputs(names)]
+    if len(matches) <= 1:
+        return matches[0] if matches else family_of_inputs(names)
+    return best_named(model, matches)[0]
 
 
 def roles_for(model: ir.Model) -> RoleTable | None:

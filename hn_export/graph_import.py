@@ -40,12 +40,12 @@ from graph_passes.fix_noop_squeeze import FixNoopSqueezePass
 from graph_passes.gemm_to_matmul import GemmToMatMulPass
 from hn_export import model_files
 from hn_export.errors import UserError
+from hn_export.metadata_keys import BITS_KEY, METHOD_KEY
 from runtime.domain import HADANORM_DOMAIN
 
 logger = logging.getLogger(__name__)
 
 OPSET = model_files.MAX_OPSET  # 21: blocked QuantizeLinear
-IR_VERSION = model_files.MAX_IR_VERSION  # 10
 
 
 def import_graph(model: ir.Model, source: str = "the model") -> ir.Model:
@@ -73,7 +73,7 @@ def import_graph(model: ir.Model, source: str = "the model") -> ir.Model:
         GemmToMatMulPass()(model)
     except ir.passes.PassError as exc:  # a failed pre- or postcondition: one line
         raise UserError(f"{source}: {from_pass_error(exc)}") from None
-    model.ir_version = IR_VERSION
+    model.ir_version = model_files.IR_VERSION
     return model
 
 
@@ -96,9 +96,9 @@ QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantiz
 def check_float_graph(model: ir.Model, source: str) -> None:
     """Refuse a graph that is already quantized (by hn-export, or Q/DQ or integer ops of another tool): quantizing
     or calibrating it again would stack a second rounding on the first."""
-    method = model.metadata_props.get("hn_export.method")
+    method = model.metadata_props.get(METHOD_KEY)
     if method is not None:
-        bits = model.metadata_props.get("hn_export.bits", "?")
+        bits = model.metadata_props.get(BITS_KEY, "?")
         raise UserError(f"{source} was already quantized by hn-export (method {method}, {bits})",
                         "pass the float graph it was made from (the one `hn-export export` wrote)")
     found = sorted({node.op_type for node in model.graph.all_nodes() if node.op_type in QUANTIZED_OPS

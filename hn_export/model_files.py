@@ -26,6 +26,7 @@ import onnx
 import onnx.external_data_helper
 import onnx_ir as ir
 
+from graph_passes.domain import ONNX_OPSET
 from hn_export.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -33,8 +34,8 @@ logger = logging.getLogger(__name__)
 # Protobuf cannot hold more than 2 GiB; keep a margin for the graph itself.
 EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
 # What the passes write (blocked QuantizeLinear needs opset 21) and what onnxruntime 1.20+ loads.
-MIN_OPSET, MAX_OPSET = 21, 21
-MAX_IR_VERSION = 10
+MIN_OPSET = MAX_OPSET = ONNX_OPSET
+IR_VERSION = 10  # the IR version hn-export writes; newer ones are refused
 SMALL_EXTERNAL_TENSOR_BYTES = 4096
 
 
@@ -115,9 +116,9 @@ def _check_versions(model: ir.Model, path: Path, check_opset: bool = True) -> No
             f"{path} uses ONNX opset {opset}; hn-export reads and writes opset {MIN_OPSET}",
             "re-export with `hn-export export` (opset 21) or convert it with onnx.version_converter",
         )
-    if model.ir_version > MAX_IR_VERSION:
+    if model.ir_version > IR_VERSION:
         raise UserError(
-            f"{path} has ONNX IR version {model.ir_version}, newer than {MAX_IR_VERSION}, which hn-export writes and "
+            f"{path} has ONNX IR version {model.ir_version}, newer than {IR_VERSION}, which hn-export writes and "
             "onnxruntime 1.20+ loads",
             "re-export with `hn-export export` or save it with ir_version 10",
         )

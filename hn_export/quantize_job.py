@@ -18,12 +18,22 @@ from graph_passes.pipeline import quantize_model
 from graph_passes.quantization import OutputFormat, QuantConfig
 from graph_passes.static_act_quant import ActGranularity
 from hn_export.act_scales import calibrate_act_scales, load_act_scales, save_act_scales
-from hn_export.calibration import CalibrationStats, calibrate, model_hash
+from hn_export.calibration import CalibrationStats, HessianRequest, calibrate, model_hash
 from hn_export.denoise import DenoiseConfig, ModelSignature, load_input_file
 from hn_export.errors import UserError
 from hn_export.graph_import import check_float_graph, load_graph
 from hn_export.model_files import check_output_path, input_files, save_model
-from runtime.domain import ATTENTION_KEY, FORMAT_KEY, HADANORM_DOMAIN, TRANSFORM_OPS_KEY
+from hn_export.metadata_keys import (
+    ACT_GRANULARITY_KEY,
+    ATTENTION_KEY,
+    BIAS_CORRECTION_KEY,
+    BITS_KEY,
+    FORMAT_KEY,
+    METHOD_KEY,
+    SESSION_CONFIG_KEY,
+    TRANSFORM_OPS_KEY,
+)
+from runtime.domain import HADANORM_DOMAIN
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +138,11 @@ def check_outputs(job: QuantizeJob, *inputs: Path | None) -> None:
             written[path.resolve()] = f"{option} path"
 
 
+def _holds_hessians(stats: CalibrationStats, sites) -> bool:
+    """Statistics in memory (compare's) that carry the Gram of every site's activation."""
+    return all(getattr(stats.sites.get(site.activation.name), "gram", None) is not None for site in sites)
+
+
 def run_quantize(job: QuantizeJob) -> QuantizeReport:
     inputs = (job.model_path, job.calib_inputs, job.stats_path, job.act_scales_path)
     check_outputs(job, *inputs)
@@ -146,14 +161,22 @@ def run_quantize(job: QuantizeJob) -> QuantizeReport:
     act_scales = None
     if timestep and job.act_scales_path is not None:  # the table, before any calibration
         act_scales = load_act_scales(job.act_scales_path, model, sites, job.calibration.steps)
+    # --weight-range gptq: the Hessians of the sites' activations, from this run's calibration (never saved)
+    hessians = HessianRequest.of(sites) if job.quant is not None and job.quant.weight_range.needs_hessian else None
+    if hessians is not None and job.stats_path is not None:
+        raise UserError(f"--weight-range {job.quant.weight_range.value} needs the Hessians of a calibration run, "
+                        "which --stats files do not hold", "drop --stats (--save-stats still saves the statistics)")
     stats = CalibrationStats(model_hash="", sites={}, calls=0, source="none (the method needs no statistics)")
-    if job.transform.method.recipe.smooth:
-        if job.stats is not None:
+    if job.transform.method.recipe.smooth or hessians is not None:
+        if job.stats is not None and (hessians is None or _holds_hessians(job.stats, sites)):
             stats = job.stats
         elif job.stats_path is not None:
             stats = CalibrationStats.load(job.stats_path, expected_hash=model_hash(job.model_path), sites=sites)
         else:
-            stats = calibrate(job.model_path, job.calibration, job.calib_inputs, progress=job.progress, model=model)
+            stats = calibrate(job.model_path, job.calibration, job.calib_inputs, progress=job.progress, model=model,
+                              hessians=hessians)
+            if hessians is not None:
+                stats.source += "; GPTQ Hessians"
         if job.save_stats is not None:
             stats.save(job.save_stats)
     calibration = stats.source
@@ -174,15 +197,15 @@ def run_quantize(job: QuantizeJob) -> QuantizeReport:
     main, extra = _weight_bytes(model)
     ops = sorted({n.op_type for n in model.graph if n.domain == HADANORM_DOMAIN})
     model.metadata_props[TRANSFORM_OPS_KEY] = ",".join(ops)
-    model.metadata_props["hn_export.method"] = job.transform.method.value
-    model.metadata_props["hn_export.bits"] = job.quant.label if job.quant else "float"
+    model.metadata_props[METHOD_KEY] = job.transform.method.value
+    model.metadata_props[BITS_KEY] = job.quant.label if job.quant else "float"
     if job.quant is not None:
-        model.metadata_props["hn_export.act_granularity"] = job.act_granularity.value
-    model.metadata_props["hn_export.bias_correction"] = job.transform.bias_correction.value
+        model.metadata_props[ACT_GRANULARITY_KEY] = job.act_granularity.value
+    model.metadata_props[BIAS_CORRECTION_KEY] = job.transform.bias_correction.value
     model.metadata_props[FORMAT_KEY] = job.quant.format.value if job.quant else "float"
     precisions = attention_precisions(model.graph)  # the nodes' own, also those of an input that had them
     model.metadata_props[ATTENTION_KEY] = precisions
-    model.metadata_props["hn_export.onnxruntime_session_config"] = (
+    model.metadata_props[SESSION_CONFIG_KEY] = (
         "session.disable_quant_qdq=1 (see runtime.session: default fusions change the numbers or fail)"
     )
     fused = len(fused_attentions(model.graph))

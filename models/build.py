@@ -11,7 +11,7 @@ float32. The family (`models.families`) comes from the preset name or from the c
 
 Random weights are the diffusers initialisation drawn under ``torch.manual_seed(seed)`` inside
 `torch.random.fork_rng` (the caller's global RNG is untouched; the same seed gives identical weights). With
-``init=InitKind.DIT_STATS`` (the default for presets and configs) `models.dit_stats.plant_dit_stats` then plants
+``init=InitKind.DIT_STATS`` (the default for presets and configs) `models.planting.plant_dit_stats` then plants
 DiT-like activation statistics (the family's recipe); ``InitKind.PLAIN`` keeps the plain initialisation. ``init`` does not apply to
 checkpoints (their weights are real).
 

@@ -49,6 +49,7 @@ class PipelinePreset:
     vae: Mapping[str, Any]  # AutoencoderKL keyword arguments
     vocab_size: int  # SentencePiece pieces (the tokenizer adds 100 sentinel ids, as T5's)
     max_sequence_length: int = 300
+    embedding_rows: int | None = None  # T5's embedding rows when more than the tokenizer's ids (T5-XXL: 32128)
 
 
 TINY_T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
@@ -59,11 +60,32 @@ TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_blo
                 up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64, scaling_factor=0.13025,
                 force_upcast=False)
 
+# T5-XXL (google/t5-v1_1-xxl, PixArt-Sigma's text encoder: 4.76 B parameters with the 32128-row embedding) and
+# SDXL's VAE (PixArt-Sigma's), as configs.
+T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, relative_attention_num_buckets=32,
+              relative_attention_max_distance=128, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+              layer_norm_epsilon=1e-6, is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False)
+SDXL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024, scaling_factor=0.13025,
+                force_upcast=False)
+
 PIPELINE_PRESETS: dict[str, PipelinePreset] = {
     "tiny": PipelinePreset(
         "PixArt-Sigma test pipeline: the `tiny` transformer (2 blocks, 72 wide, 8x8 latent), a 2-layer 32-wide T5 "
         "encoder, a 4-level VAE (8 to 16 channels, 64x64 images), a SentencePiece tokenizer of about 100 pieces",
         transformer_preset="tiny", text_encoder=TINY_T5, vae=TINY_VAE, vocab_size=256),
+    "pixart-sigma-512": PipelinePreset(
+        "PixArt-Sigma 512 px at full size: the XL-2 transformer (28 blocks, 1152 wide), T5-XXL's architecture "
+        "(24 layers, 4096 wide, 32128 embedding rows: 19 GB in float32), SDXL's VAE",
+        transformer_preset="pixart-sigma-512", text_encoder=T5_XXL, vae=SDXL_VAE, vocab_size=256,
+        embedding_rows=32128),
+    "pixart-sigma-512-t5-2layers": PipelinePreset(
+        "PixArt-Sigma 512 px at full size except the text encoder's depth: T5-XXL's width and embedding with 2 of its "
+        "24 layers (0.52 B parameters), the XL-2 transformer, SDXL's VAE: the device-side stages at real size on a "
+        "24 GB machine",
+        transformer_preset="pixart-sigma-512", text_encoder={**T5_XXL, "num_layers": 2}, vae=SDXL_VAE,
+        vocab_size=256, embedding_rows=32128),
 }
 
 _SUBJECTS = ("cat", "dog", "fox", "horse", "robot", "lighthouse", "castle", "mountain", "river", "forest", "city",
@@ -158,7 +180,7 @@ def write_pipeline_folder(name: str, folder: Path, seed: int = 0) -> Path:
                               f"transformer's caption_channels {width}", "fix the preset")
     with tempfile.TemporaryDirectory(prefix=".hn-tokenizer-") as tmp:
         tokenizer = build_tokenizer(Path(tmp), preset.vocab_size)
-        encoder = build_text_encoder(preset.text_encoder, len(tokenizer), seed + 1)
+        encoder = build_text_encoder(preset.text_encoder, max(len(tokenizer), preset.embedding_rows or 0), seed + 1)
         vae = build_vae(preset.vae, seed + 2)
         scheduler = DPMSolverMultistepScheduler(**PIXART_SIGMA_SCHEDULER)
         pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=transformer,

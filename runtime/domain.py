@@ -1,6 +1,9 @@
-"""The custom operator domain of HadaNorm's online transforms and integer ops, and the model metadata keys.
+"""The custom operator domain of HadaNorm's online transforms and integer ops, and the model metadata keys the
+device reads.
 
-Defined once here, where the device side lives; ``graph_passes`` writes these ops and keys.
+The keys are defined once, here, where they are read (`hn_export` writes them, `hn_export.metadata_keys`). The
+domain is declared again by `graph_passes.domain` for what the passes write (the two packages import neither from
+the other; tests/test_import_guards.py checks that the two agree).
 """
 
 HADANORM_DOMAIN = "hadanorm"

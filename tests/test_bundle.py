@@ -308,3 +308,18 @@ def test_preset_and_checkpoint_both_or_neither(tmp_path, hn_cli):
     result = hn_cli("bundle", "--preset", "huge", "-o", tmp_path / "o")
     assert result.exit_code == 2 and "unknown pipeline preset 'huge'" in result.err
     _no_output(tmp_path / "o")
+
+
+@pytest.mark.parametrize("name", ["tiny", "pixart-sigma-512", "pixart-sigma-512-t5-2layers"])
+def test_pipeline_presets_fit_their_transformer(name):
+    """Each pipeline preset's T5 width is its transformer preset's caption_channels, and the full-size ones keep
+    T5-XXL's 32128-row embedding (checked from the configs: nothing is built)."""
+    from models.pipelines import PIPELINE_PRESETS
+    from models.presets import PRESETS
+
+    preset = PIPELINE_PRESETS[name]
+    transformer = PRESETS[preset.transformer_preset].config
+    assert preset.text_encoder["d_model"] == transformer["caption_channels"]
+    if name != "tiny":
+        assert preset.embedding_rows == 32128 and preset.text_encoder["d_model"] == 4096
+        assert preset.vae["scaling_factor"] == 0.13025 and len(preset.vae["block_out_channels"]) == 4

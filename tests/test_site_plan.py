@@ -19,12 +19,12 @@ import pytest
 from graph_passes.emit_fused import FusedEmitter
 from graph_passes.emit_nbits import NBitsEmitter
 from graph_passes.emit_qdq import QdqEmitter
-from graph_passes.int_packing import PackedWeight, unpack_codes
 from graph_passes.linears import find_activation_sites
 from graph_passes.methods import BiasCorrection, Method, TransformOptions
 from graph_passes.pipeline import quantize_model
 from graph_passes.quantization import OutputFormat, QuantConfig
 from graph_passes.site_plan import SitePlan, plan_sites
+from tests.format_codes import assert_same_int4_codes
 from tests.graphs import dit_like_input, mlp_model
 from tests.roles import ALL_PIXART
 from tests.test_passes import calibration_stats
@@ -77,19 +77,7 @@ def _array(model: ir.Model, name: str) -> np.ndarray:
 @pytest.mark.parametrize("weight", ["w_up", "w_side", "w_down"])
 def test_three_formats_store_the_same_integers(weight):
     qdq, nbits, fused = (_quantized(fmt) for fmt in OutputFormat)
-    q = _array(qdq, f"{weight}.q4").astype(np.int64)  # int4, symmetric: [K, N]
-    scale = _array(qdq, f"{weight}.q4.scale")
-    k, n = q.shape
-    # MatMulNBits: [N, k_blocks, 8] bytes, low nibble first, zero point 8
-    b = _array(nbits, f"{weight}.q4.nbits").astype(np.int64)
-    codes = np.stack([b & 15, b >> 4], axis=-1).reshape(n, -1).T[:k] - 8
-    assert np.array_equal(codes, q)
-    assert np.array_equal(_array(nbits, f"{weight}.q4.nbits_scales"), scale.T)
-    # IntMatMul4: the hadanorm packed layout, unsigned nibbles with zero point 8
-    packed = PackedWeight(_array(fused, f"{weight}.q4.packed4"), _array(fused, f"{weight}.q4.scales"),
-                          _array(fused, f"{weight}.q4.zero_points"), 4, 16, k, n)
-    assert np.array_equal(unpack_codes(packed) - 8, q) and np.all(packed.zero_points == 8)
-    assert np.array_equal(packed.scales, scale)
+    assert_same_int4_codes(qdq, nbits, fused, weight)
 
 
 @pytest.mark.parametrize("emitter", [QdqEmitter, NBitsEmitter, FusedEmitter])

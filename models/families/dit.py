@@ -40,7 +40,7 @@
   file's timesteps and class labels are whole numbers in range: a label outside the embedding table fails inside
   onnxruntime's Gather).
 
-``--init dit-stats`` (`DiTFamily.plant_stats`): the `models.dit_stats` pieces on DiT's modules (see there for the
+``--init dit-stats`` (`DiTFamily.plant_stats`): the `models.planting` pieces on DiT's modules (see there for the
 distributions): block embedders tied to block 0's (as in the released checkpoint); residual offsets and massive
 channels into ``pos_embed.proj`` bias; q/k x 3; adaLN-Zero rows (shift, scale with outlier channels, gates of order 1)
 as the bias of every ``norm1.linear`` with 0.1 x its weight; FFN up-projection bias and outlier rows; the output
@@ -176,7 +176,7 @@ class DiTFamily(ModelFamily):
         """DiT-like statistics (see the module docstring); deterministic for `seed`, global RNG untouched."""
         import torch
 
-        from models.dit_stats import (
+        from models.planting import (
             modulation_rows,
             plant_adaln_linear,
             plant_ffn_up,

@@ -191,7 +191,7 @@ class FluxFamily(ModelFamily):
         return (sample_size // 2) ** 2
 
     def plant_stats(self, model, seed: int, offsets: bool) -> None:
-        """The DiT-like recipe of `models.dit_stats` on Flux's modules:
+        """The DiT-like recipe of `models.planting` on Flux's modules:
 
         - residual streams: ``x_embedder`` bias (image tokens) gets the planted per-channel offsets and massive
           channels; ``context_embedder`` (text tokens) the projection offsets and outlier rows;
@@ -208,7 +208,7 @@ class FluxFamily(ModelFamily):
         """
         import torch
 
-        from models.dit_stats import (
+        from models.planting import (
             modulation_rows,
             plant_adaln_linear,
             plant_ffn_up,

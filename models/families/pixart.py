@@ -121,7 +121,7 @@ class PixArtFamily(ModelFamily):
         kwargs["interpolation_scale"] = default_interpolation_scale(sample_size)
 
     def plant_stats(self, model, seed: int, offsets: bool) -> None:
-        from models.dit_stats import plant_dit_stats
+        from models.planting import plant_dit_stats
 
         plant_dit_stats(model, seed, offsets=offsets)
 

@@ -169,7 +169,7 @@ class SanaFamily(ModelFamily):
                                   "input and use the SCM scheduler", "export a Sana model without guidance_embeds")
 
     def plant_stats(self, model, seed: int, offsets: bool) -> None:
-        """The DiT-like recipe of `models.dit_stats` on Sana's modules:
+        """The DiT-like recipe of `models.planting` on Sana's modules:
 
         - residual stream: ``patch_embed.proj`` bias (Sana has no positional embedding) gets the planted per-channel
           offsets and massive channels (`plant_residual_offsets`); they reach the self-attention and FFN inputs
@@ -225,7 +225,7 @@ class SanaFamily(ModelFamily):
         """
         import torch
 
-        from models.dit_stats import (
+        from models.planting import (
             modulation_rows,
             plant_ffn_up,
             plant_projection_outliers,

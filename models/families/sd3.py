@@ -170,7 +170,7 @@ class SD3Family(ModelFamily):
                 f"pass --sample-size {limit} or less")
 
     def plant_stats(self, model, seed: int, offsets: bool) -> None:
-        """The DiT-like recipe of `models.dit_stats` on SD3's modules:
+        """The DiT-like recipe of `models.planting` on SD3's modules:
 
         - residual streams: ``pos_embed.proj`` bias (image tokens) gets the planted per-channel offsets and massive
           channels; ``context_embedder`` (text tokens) the projection offsets and outlier rows;
@@ -186,7 +186,7 @@ class SD3Family(ModelFamily):
         """
         import torch
 
-        from models.dit_stats import (
+        from models.planting import (
             modulation_rows,
             plant_adaln_linear,
             plant_ffn_up,

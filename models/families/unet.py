@@ -63,8 +63,8 @@
 - Graphs without ``hn_export.family`` metadata that have exactly these inputs are taken as DiT graphs (DiT's inputs
   have the same names and DiT comes first in the registry); `hn-export export` always writes the metadata.
 
-``--init dit-stats`` (`UNetFamily.plant_stats`, draws from `models.dit_stats.planting_generator`): the pieces of
-`models.dit_stats` on a UNet's modules. Every GroupNorm in front of a site (res blocks' ``norm1`` -> SiLU -> conv1,
+``--init dit-stats`` (`UNetFamily.plant_stats`, draws from `models.planting.planting_generator`): the pieces of
+`models.planting` on a UNet's modules. Every GroupNorm in front of a site (res blocks' ``norm1`` -> SiLU -> conv1,
 ``norm2`` -> SiLU -> conv2, attentions' ``group_norm`` -> q/k/v) gets adaLN-like affine parameters from
 `modulation_rows`: weight 1 + N(0, 0.15) with n = max(2, 1 %) outlier channels at +-U(6, 12), bias +-lognormal(0.25,
 1.0) per channel (mean offsets, which the SiLU turns into skewed channels); ``conv_in``'s bias gets the residual
@@ -309,11 +309,11 @@ class UNetFamily(ModelFamily):
         self._check_layers(int(cfg.layers_per_block))
 
     def plant_stats(self, model, seed: int, offsets: bool) -> None:
-        """UNet activation statistics from the `models.dit_stats` pieces (see the module docstring); deterministic
+        """UNet activation statistics from the `models.planting` pieces (see the module docstring); deterministic
         for `seed`, global RNG untouched."""
         import torch
 
-        from models.dit_stats import (
+        from models.planting import (
             modulation_rows,
             plant_projection_outliers,
             plant_residual_offsets,
