@@ -46,6 +46,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
+from graph_passes.conv_sites import pixel_tokens
 from graph_passes.gptq import ActivationGram, CalibratedStats, conv_key
 from graph_passes.graph_utils import NodeSequence, add_initializer
 from graph_passes.linears import ActivationSite, LinearLayer, SiteSelection, find_activation_sites
@@ -192,7 +193,7 @@ def _unfold_patches(graph: ir.Graph, seq: NodeSequence, x: ir.Value, conv: Linea
     attrs = {key: attr.value for key, attr in conv.node.attributes.items()
              if key in ("pads", "strides", "dilations", "auto_pad")}
     unfolded = seq.op("Conv", [x, kernel], group=cin, kernel_shape=[kh, kw], **attrs)
-    flat = seq.op("Reshape", [seq.op("Transpose", [unfolded], perm=[0, 2, 3, 1]), rows])
+    flat = pixel_tokens(seq, unfolded, rows)[0]
     return seq.op("Gemm", [flat, flat], transA=1), [kernel, rows]
 
 
@@ -235,7 +236,7 @@ def _add_stat_outputs(model: ir.Model, hessians: HessianRequest | None = None
         if is_conv:  # [B, C, H, W] -> [B, H*W, C]
             pixels = add_initializer(graph, f"hn_calib.{i}.pixels", np.array([0, -1, width], dtype=np.int64))
             added.append(pixels)
-            x = seq.op("Reshape", [seq.op("Transpose", [x], perm=[0, 2, 3, 1]), pixels])
+            x = pixel_tokens(seq, x, pixels)[0]
         # [..., N, d] -> [1, ..., N, d]: rank >= 2 for every input, the same token axis -2 and leading indices
         xf = seq.op("Unsqueeze", [seq.op("Cast", [x], to=ir.DataType.FLOAT), first])
         mean_tok = seq.op("ReduceMean", [xf, tokens], keepdims=1)
