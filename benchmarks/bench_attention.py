@@ -1,7 +1,7 @@
 """hadanorm::Attention alone, per kernel path, side by side (interleaved rounds in one process).
 
     python benchmarks/bench_attention.py [--tokens 1024] [--heads 16] [--dim 72] [--batch 2] [--rounds 5]
-        [--paths scalar,avx2,avx512vnni,amx] [--threads 2]
+        [--paths scalar,avx2,avx512vnni,amx] [--precisions float,bf16] [--threads 2]
 
 One op, q/k/v [batch, tokens, heads, dim] (layout bnhd, as the pass writes PixArt's), scale 1/sqrt(dim), no mask;
 each path (`HADANORM_KERNELS_ISA`) at float and at bf16 precision (a path without AMX tiles computes float for bf16:
@@ -45,6 +45,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--paths", default="scalar,avx2,avx512vnni,amx")
+    p.add_argument("--precisions", default="float,bf16", help="comma-separated: float, bf16")
     args = p.parse_args()
     library = library_path()
     if library is None:
@@ -53,7 +54,7 @@ def main() -> None:
     feeds = {n: rng.standard_normal((args.batch, args.tokens, args.heads, args.dim)).astype(np.float32) for n in "qkv"}
     sessions = {}
     for isa in args.paths.split(","):
-        for precision in ("float", "bf16"):
+        for precision in args.precisions.split(","):
             with kernel_isa(isa):
                 path = attention_path(library, precision)
                 if path is None or path.startswith("error"):

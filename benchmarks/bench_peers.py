@@ -78,6 +78,8 @@ GRAPHS = {g.key: g for g in (
           "hn", "hn-w4a8-all", False),
     Graph("hn-w4a4-all-block", "hn-export `--w4a4 --format fused --every-linear --hadamard block` (block-diagonal "
           "Hadamard, blocks of 128)", "hn", "hn-w4a4-all-block", False),
+    Graph("hn-w4a4-all-block-lr32", "hn-export `--w4a4 --format fused --every-linear --hadamard block --low-rank 32` "
+          "(a rank-32 float branch beside each weight)", "hn", "hn-w4a4-all-block-lr32", False),
     Graph("hn-w4a4-fattn", "hn-export `--w4a4 --format fused --attention float` (fp32 fused attention)", "hn",
           "hn-w4a4-fattn", False),
     Graph("hn-w4a4-noattn", "hn-export `--w4a4 --format fused --attention none` (MatMul -> Softmax -> MatMul)", "hn",
@@ -244,6 +246,7 @@ def prepare(folder: Path, preset: str, layers: int, seed: int, keys: list[str], 
         selection = ["--every-linear"] if every else []
         attention = {"noattn": ["--attention", "none"], "fattn": ["--attention", "float"]}.get(parts[-1], [])
         rotation = ["--hadamard", "block"] if "block" in parts else []
+        rotation += [opt for part in parts if part.startswith("lr") for opt in ("--low-rank", part[2:])]
         stats_file = folder / "calibration-stats-all.npz" if every else stats
         calib = ["--stats", str(stats_file)] if stats_file.exists() else ["--save-stats", str(stats_file)]
         return hn + ["quantize", str(fp32), *bits, *selection, *attention, *rotation, "--format", "fused", "--seed",

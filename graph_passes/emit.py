@@ -29,7 +29,7 @@ import onnx_ir as ir
 
 from graph_passes.bias_correction import add_mean_product, add_mean_row, with_mean_token
 from graph_passes.conv_sites import ConvTokens, conv_tokens, pointwise_matmul, read_view
-from graph_passes.graph_utils import add_initializer, redirect_uses, tensor_name
+from graph_passes.graph_utils import add_initializer, make_node, redirect_uses, tensor_name
 from graph_passes.insert_transforms import insert_rotate_back, insert_transform
 from graph_passes.methods import BiasCorrection
 from graph_passes.site_plan import LinearPlan, SitePlan, WeightPlan
@@ -66,8 +66,6 @@ class SiteEmitter(ir.passes.InPlacePass):
 
     def requires(self, model: ir.Model) -> None:
         for plan in self.plans:
-            if plan.low_rank is not None:
-                raise ir.passes.PreconditionError(f"site {plan.name}: low-rank branches are not written yet")
             if any(lp.layer.node.graph is not model.graph for lp in plan.linears):
                 raise ir.passes.PreconditionError(f"the plan of site {plan.name} was made for another graph")
             quantized = all(lp.weight.quantized is not None for lp in plan.linears)
@@ -95,7 +93,8 @@ class SiteEmitter(ir.passes.InPlacePass):
     def emit_site(self, index: int, plan: SitePlan) -> None:
         first = plan.linears[0].layer.node
         view = conv_tokens(self.graph, first, plan.name) if plan.site.is_conv else None
-        site_in = self.site_input(index, plan, view.tokens if view is not None else first.inputs[0], view, first)
+        raw = view.tokens if view is not None else first.inputs[0]  # the activation before the transform
+        site_in = self.site_input(index, plan, raw, view, first)
         for i, lp in enumerate(plan.linears):
             node = lp.layer.node
             if lp.layer.is_conv and not lp.layer.is_pointwise:
@@ -106,7 +105,29 @@ class SiteEmitter(ir.passes.InPlacePass):
                 slot = MatMulSlot(*pointwise_matmul(self.graph, node, view), lp.layer.bias)
             else:
                 slot = MatMulSlot(node, lp.layer.bias_add, lp.layer.bias)
+                if lp.weight.low_rank is not None:
+                    self.low_rank_branch(plan, lp.weight, raw, slot)
             self.matmul(plan, i, lp, slot, site_in)
+
+    def low_rank_branch(self, plan: SitePlan, weight: WeightPlan, raw: ir.Value, slot: MatMulSlot) -> None:
+        """``y' = y + (raw @ left) @ right`` after the linear's output (its bias Add's, when it has one), written
+        before the format rewrites the linear: the rewrite redirects every reader of that output, the branch's Add
+        included (`graph_passes.low_rank`)."""
+        branch = weight.low_rank
+        key = ("low_rank", id(weight))
+        if key not in self.weights:
+            stem = self.weight_name(plan, weight, slot.node)
+            self.weights[key] = (add_initializer(self.graph, f"{stem}.low_rank_left", branch.left),
+                                 add_initializer(self.graph, f"{stem}.low_rank_right", branch.right))
+        left, right = self.weights[key]
+        last = slot.bias_add if slot.bias_add is not None else slot.node
+        out, name = last.outputs[0], tensor_name(slot.node.name)
+        down = make_node("MatMul", [raw, left], f"{name}.low_rank.down")
+        up = make_node("MatMul", [down.outputs[0], right], f"{name}.low_rank.up")
+        add = make_node("Add", [out, up.outputs[0]], f"{name}.low_rank.add")
+        add.outputs[0].type = out.type
+        redirect_uses(out, add.outputs[0], keep=[add])
+        self.graph.insert_after(last, [down, up, add])
 
     def site_input(self, index: int, plan: SitePlan, tokens: ir.Value, view: ConvTokens | None,
                    before: ir.Node) -> SiteInput:

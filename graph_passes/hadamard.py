@@ -167,6 +167,13 @@ class KroneckerHadamard:
         out = np.einsum("ak,bm,kmo->abo", self.left, self.right, ws.reshape(k, m, -1), optimize=True)
         return out.reshape(ws.shape)
 
+    def unrotate_weight_rows(self, w: np.ndarray) -> np.ndarray:
+        """matrix().T @ w for w of shape [d, out] (the inverse rotation), without forming the d x d matrix."""
+        k, m = self.left.shape[0], self.right.shape[0]
+        w = np.asarray(w, dtype=np.float64)
+        out = np.einsum("ka,mb,kmo->abo", self.left, self.right, w.reshape(k, m, -1), optimize=True)
+        return out.reshape(w.shape) * self._sign_vector()[:, None]
+
 
 # A power-of-two width is split as Sylvester(d / M) (x) Sylvester(M) with M at most this (the same matrix: Sylvester
 # orders multiply under the Kronecker product), so no factor is a large dense matrix in the graph (4096: 16 x 256,

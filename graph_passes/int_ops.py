@@ -18,6 +18,11 @@ Center ops, ``mean_y`` T ``[..., 1, d]`` (the transformed mean token, as the tra
 `graph_passes.int_packing` (4-bit or 8-bit container) and ``bias`` ``[N]`` or ``[..., 1, N]``. The kernel library
 computes ``sum (c - z)(u - zw)`` exactly in int32 per block and applies the scales once per block.
 
+``IntMatMul{4,8}LowRank`` (two more inputs ``t`` ``[..., M, r]``, ``right`` ``[r, N]``): the same plus ``t @ right``, a
+low-rank branch's second product (`graph_passes.fuse_matmul_low_rank`); ``IntMatMul{4,8}[LowRank]Gelu``: then
+``Gelu(approximate="tanh")`` (`graph_passes.fuse_matmul_activation`). The kernel applies both to each task's output
+while it is in cache.
+
 ``FloatMatMul4`` / ``FloatMatMul8`` (``x, b, scales, zero_points``): ``y = x @ w`` for a float ``x`` (the bias
 correction's mean token).
 
@@ -27,11 +32,14 @@ The function bodies dequantize and run a float MatMul: stock onnxruntime runs th
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.function_ops import FunctionBody
+from graph_passes.domain import HADANORM_DOMAIN
+from graph_passes.function_ops import FunctionBody, ensure_function
+from graph_passes.graph_utils import redirect_uses
 from graph_passes.hadanorm_ops import TransformOp, transform_body
 
 
@@ -61,22 +69,36 @@ class QuantizeOp:
         return build_function(self)
 
 
+class MatMulActivation(enum.Enum):
+    """What an integer matmul applies to its output (``IntMatMul{4,8}`` + suffix)."""
+
+    NONE = ""
+    GELU_TANH = "Gelu"  # ONNX Gelu(approximate="tanh"), fused by graph_passes.fuse_matmul_activation
+
+
 @dataclasses.dataclass(frozen=True)
 class MatMulOp:
-    """``IntMatMul{4,8}`` (quantized activation codes) or ``FloatMatMul{4,8}`` (float activation)."""
+    """``IntMatMul{4,8}[LowRank][Gelu]`` (quantized activation codes) or ``FloatMatMul{4,8}`` (float activation)."""
 
     bits: int  # weight container: 4 or 8
     integer_input: bool
+    activation: MatMulActivation = MatMulActivation.NONE
+    low_rank: bool = False  # two more inputs t [..., M, r], right [r, N]: y += t @ right (before the activation)
+
+    def __post_init__(self) -> None:
+        if (self.activation is not MatMulActivation.NONE or self.low_rank) and not self.integer_input:
+            raise ValueError("only IntMatMul takes an activation or a low-rank term")
 
     @property
     def op_type(self) -> str:
-        return ("Int" if self.integer_input else "Float") + f"MatMul{self.bits}"
+        return (("Int" if self.integer_input else "Float") + f"MatMul{self.bits}" + ("LowRank" if self.low_rank else "")
+                + self.activation.value)
 
     @property
     def input_names(self) -> tuple[str, ...]:
         weights = ("b", "scales", "zero_points")
         if self.integer_input:
-            return ("codes", "a_scale", "a_zero_point", *weights, "bias")
+            return ("codes", "a_scale", "a_zero_point", *weights, "bias") + (("t", "right") if self.low_rank else ())
         return ("x", *weights)
 
     @property
@@ -90,6 +112,9 @@ class MatMulOp:
 QUANTIZE_OPS: tuple[QuantizeOp, ...] = (QuantizeOp(None),) + tuple(
     QuantizeOp(TransformOp(c, r)) for c in (False, True) for r in (False, True))
 MATMUL_OPS: tuple[MatMulOp, ...] = tuple(MatMulOp(b, i) for b in (4, 8) for i in (True, False))
+FUSED_EPILOGUE_OPS: tuple[MatMulOp, ...] = tuple(
+    MatMulOp(b, True, act, lr) for b in (4, 8) for act in MatMulActivation for lr in (False, True)
+    if act is not MatMulActivation.NONE or lr)
 
 
 def _i64(*values: int) -> np.ndarray:
@@ -153,11 +178,16 @@ def _dequantized_weight(body: FunctionBody, spec: MatMulOp, b: ir.Value, scales:
 
 def _matmul_body(body: FunctionBody, spec: MatMulOp, inputs: list[ir.Value]) -> list[ir.Value]:
     if spec.integer_input:
-        codes, a_scale, a_zp, b, scales, zps, bias = inputs
+        codes, a_scale, a_zp, b, scales, zps, bias = inputs[:7]
         w = _dequantized_weight(body, spec, b, scales, zps, codes)
         a = body.op("Mul", [body.op("Sub", [body.op("CastLike", [codes, scales]), body.op("CastLike", [a_zp, scales])]),
                             a_scale])
-        return [body.op("Add", [body.op("MatMul", [a, w]), bias])]
+        y = body.op("Add", [body.op("MatMul", [a, w]), bias])
+        if spec.low_rank:
+            y = body.op("Add", [y, body.op("MatMul", inputs[7:9])])
+        if spec.activation is MatMulActivation.GELU_TANH:
+            y = body.op("Gelu", [y], approximate="tanh")
+        return [y]
     x, b, scales, zps = inputs
     return [body.op("MatMul", [x, _dequantized_weight(body, spec, b, scales, zps, x)])]
 
@@ -173,3 +203,20 @@ def build_function(spec: QuantizeOp | MatMulOp) -> ir.Function:
         names, attributes = ("y",), ["block_size"]
     return body.function(spec.op_type, inputs, outputs, names,
                          attributes=[ir.Attr(a, ir.AttributeType.INT, None) for a in attributes])
+
+
+def replace_matmul(model: ir.Model, node: ir.Node, spec: MatMulOp, inputs: list[ir.Value], output: ir.Value,
+                   removed: list[ir.Node]) -> ir.Node:
+    """Write ``spec`` (an epilogue form of the integer matmul `node`, same attributes) reading `inputs`, in place of
+    `output` (its readers and name move to the new op), after `output`'s producer; then remove `removed` (`node`
+    and what the epilogue absorbed). The new node's name ends in its op type, as the emitters name theirs."""
+    ensure_function(model, spec)
+    graph = model.graph
+    new = ir.Node(HADANORM_DOMAIN, spec.op_type, inputs, attributes=list(node.attributes.values()),
+                  name=f"{node.name.removesuffix(node.op_type)}{spec.op_type}" if node.name else None)
+    graph.insert_after(output.producer(), new)
+    name = output.name
+    redirect_uses(output, new.outputs[0])
+    graph.remove(removed, safe=True)
+    new.outputs[0].name = name
+    return new

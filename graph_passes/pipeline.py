@@ -1,4 +1,5 @@
-"""The W-A quantization pipeline: plan every site, write the plans in one format, [fused attention], clean up.
+"""The W-A quantization pipeline: plan every site, write the plans in one format, [fused matmul epilogues: low-rank
+branches, then Gelu (fused format)], [fused attention], clean up.
 
 `quantize_model` finds the activation sites (unless the caller did), computes one `SitePlan` per site
 (`graph_passes.site_plan.plan_sites`: transform, weight integers, activation quantizer, bias correction) and runs
@@ -29,6 +30,8 @@ from graph_passes.emit_nbits import NBitsEmitter
 from graph_passes.emit_qdq import QdqEmitter
 from graph_passes.errors import from_pass_error
 from graph_passes.fuse_attention import FuseAttentionPass
+from graph_passes.fuse_matmul_activation import FuseMatMulActivationPass
+from graph_passes.fuse_matmul_low_rank import FuseMatMulLowRankPass
 from graph_passes.gated_activation_quant import GatedEmitter
 from graph_passes.linears import ActivationSite, SiteSelection, find_activation_sites
 from graph_passes.methods import TransformOptions
@@ -51,6 +54,7 @@ def build_pipeline(emitter: SiteEmitter, attention: AttentionPrecision | None = 
     attention by ``hadanorm::Attention`` at that precision (None: keep them)."""
     return ir.passes.PassManager([
         emitter,
+        *([FuseMatMulLowRankPass(), FuseMatMulActivationPass()] if isinstance(emitter, FusedEmitter) else []),
         *([FuseAttentionPass(attention)] if attention is not None else []),
         *cleanup_passes(),
     ])

@@ -113,6 +113,7 @@ class QuantConfig:
     # adaLN-single, final projection, ...): the sensitive layers, 8-bit by default (they run on the same integer ops)
     outer_bits: int = 8
     gptq_damp: float = 0.01  # GPTQ's percdamp: lambda = gptq_damp * mean(diag H)
+    low_rank: int = 0  # rank of the float branch beside each quantized MatMul weight (graph_passes.low_rank); 0: none
 
     def __post_init__(self) -> None:
         for bits in (self.weight_bits, self.act_bits, self.outer_bits):
@@ -120,6 +121,8 @@ class QuantConfig:
                 raise ValueError(f"bit width {bits} is outside 2..8")
         if not 0.0 < self.gptq_damp < 1e3:
             raise ValueError(f"gptq_damp {self.gptq_damp} is outside (0, 1000)")
+        if self.low_rank < 0:
+            raise ValueError(f"low_rank {self.low_rank} is negative")
 
     def for_site(self, outer: bool) -> "QuantConfig":
         """The configuration of one site: this one, or with `outer_bits` weights and activations outside the

@@ -10,6 +10,8 @@ what another pass wrote. Everything numeric is decided here, in float64 numpy, c
   integers in every output format) and the ``exact`` bias correction's int8 per-channel copy;
 * with ``--weight-range gptq``, the Hessian of what each weight multiplies (`graph_passes.gptq`: the site's Gram
   from the calibration run, through the site's transform), factored once per site and shared by its linears;
+* with ``--low-rank R``, per MatMul weight the rank-R float branch (`graph_passes.low_rank`): the residual is what
+  is quantized;
 * the activation quantizer: bits, per-token dynamic or static per-timestep, and the static scales
   ``absmax[k] / (2^(b-1) - 1)`` (float64; the emitter casts them to the activation's dtype);
 * how ``W mu`` is restored for a centered site (`BiasCorrection`).
@@ -30,6 +32,7 @@ import numpy as np
 from graph_passes.errors import GraphInputError
 from graph_passes.gptq import GptqFactor, conv_hessian, conv_key, site_hessian
 from graph_passes.linears import ActivationSite, LinearLayer, SiteSelection
+from graph_passes.low_rank import LowRankBranch, split_low_rank
 from graph_passes.methods import BiasCorrection, TransformOptions
 from graph_passes.quantization import (
     QuantConfig,
@@ -77,21 +80,13 @@ class WeightPlan:
     quantized: QuantizedWeight | None  # ``W~^T`` (a conv: [in * kh * kw, out]) in blocks; None without quantization
     correction: QuantizedWeight | None = None  # ``exact`` bias correction: int8 per output channel of ``W~^T``
     kernel_shape: tuple[int, ...] = ()  # "conv": the kernel's shape
+    low_rank: LowRankBranch | None = None  # ``--low-rank``: the float branch; `quantized` then holds the residual
 
 
 @dataclasses.dataclass(frozen=True)
 class LinearPlan:
     layer: LinearLayer  # the linear in the FP graph (its node, weight, bias)
     weight: WeightPlan
-
-
-@dataclasses.dataclass(frozen=True)
-class LowRankBranch:
-    """Room for a float low-rank branch ``y += (x L) R`` beside the quantized linear (issue 21); no plan has one
-    yet and the emitters refuse one."""
-
-    left: np.ndarray  # [in, r]
-    right: np.ndarray  # [r, out]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +98,6 @@ class SitePlan:
     linears: tuple[LinearPlan, ...]  # in the site's order
     act: ActQuantSpec | None  # None: activations stay float (transform only, calibration probes)
     bias_correction: BiasCorrection | None  # centered sites: how ``W mu`` is restored; None otherwise
-    low_rank: LowRankBranch | None = None
 
     @property
     def name(self) -> str:
@@ -168,8 +162,12 @@ def _plan_weight(layer: LinearLayer, transform: SiteTransform, config: QuantConf
         quantized = quantize_weight(fused.reshape(out, cin * taps).T, dataclasses.replace(config, weight_block=block),
                                     dtype, gptq)
         return WeightPlan("conv", copy, None, quantized, kernel_shape=array.shape)
+    branch = None
+    if config.low_rank > 0 and not layer.is_pointwise:
+        exact = array if transform.op is None else transform.fuse_weight(array)
+        fused, branch = split_low_rank(exact, transform, config.low_rank, dtype)
     int8 = quantize_weight_per_channel_int8(fused, dtype) if correction else None
-    return WeightPlan("matmul", copy, None, quantize_weight(fused, config, dtype, gptq), int8)
+    return WeightPlan("matmul", copy, None, quantize_weight(fused, config, dtype, gptq), int8, low_rank=branch)
 
 
 class _SiteHessians:
@@ -222,6 +220,10 @@ def plan_sites(sites: list[ActivationSite], stats: Mapping[str, SiteStats], opti
         else:
             act = ActQuantSpec(act_bits) if act_bits is not None else None
         mode = options.bias_correction if transform.center else None
+        if config is not None and config.low_rank > 0 and transform.rotate_back:
+            raise GraphInputError(f"site {site.name}: --low-rank needs the weight that is quantized to be the one the "
+                                  "branch approximates; a single-Hadamard method (hqdm) quantizes it unrotated in "
+                                  "integer parts: use another --method, or drop --low-rank")
         hessians = _SiteHessians(site, stats, transform, mode, config) \
             if config is not None and config.weight_range.needs_hessian else None
         own = {id(layer.node) for layer in site.linears}

@@ -16,6 +16,7 @@ The transformer quantize options are those of ``hn-export MODEL.onnx --w4a4``: t
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
@@ -23,6 +24,7 @@ import click
 from graph_passes.quantization import OutputFormat
 from hn_export.bundle import DEFAULT_MAX_SEQUENCE_LENGTH, SIZES_BINS, BundleJob, parse_sizes, run_bundle
 from hn_export.bundle_components import DEFAULT_ENCODER_BITS, DEFAULT_ENCODER_BLOCK, ENCODER_BITS
+from hn_export.cli_options import RayOptions, ray_options
 from hn_export.cli_quantize import QuantOptions, quant_options
 from hn_export.errors import UserError
 
@@ -51,9 +53,10 @@ DEFAULT_FORMAT = OutputFormat.FUSED  # --format defaults to fused here
               help="Tokens the runtime keeps of a prompt (longer ones are truncated with a warning).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @quant_options(default_format=DEFAULT_FORMAT)
+@ray_options
 def bundle_command(checkpoint: Path | None, pipeline_preset: str | None, preset_seed: int, output: Path,
                    sizes: str | None, no_quantize: bool, encoder_bits: str, encoder_block: int,
-                   max_sequence_length: int, no_progress: bool, quant: QuantOptions) -> None:
+                   max_sequence_length: int, no_progress: bool, quant: QuantOptions, ray_options: RayOptions) -> None:
     """Write a text-to-image bundle (text encoder, W4A4 transformer, VAE decoder, tokenizer, scheduler) that
     `hn-run` runs with onnxruntime, numpy and tokenizers only."""
     given = [name for name, value in (("--checkpoint", checkpoint), ("--preset", pipeline_preset)) if value is not None]
@@ -67,7 +70,10 @@ def bundle_command(checkpoint: Path | None, pipeline_preset: str | None, preset_
                     sizes=() if bins else parse_sizes(sizes), bins=bins, quantize=quantize,
                     encoder_bits=None if no_quantize else int(encoder_bits), encoder_block=encoder_block,
                     max_sequence_length=max_sequence_length, progress=not no_progress)
-    report = run_bundle(job)
+    with ray_options.cluster() as cluster:  # each size's calibration as a map-reduce on it
+        if quantize is not None:
+            job = dataclasses.replace(job, quantize=dataclasses.replace(quantize, cluster=cluster))
+        report = run_bundle(job)
     for line in report.quantize_summaries:
         click.echo(line)
     for entry in report.files:

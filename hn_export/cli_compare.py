@@ -15,6 +15,7 @@ from hn_export.cli_options import (
     EnumChoice,
     Evaluation,
     EvaluationData,
+    RayOptions,
     check_format_block,
     check_hadamard_block,
     evaluation_data_options,
@@ -22,6 +23,8 @@ from hn_export.cli_options import (
     option_group,
     parse_bits,
     parse_list,
+    parse_ranks,
+    ray_options,
 )
 from hn_export.compare import REPORT_FILES, CompareConfig, GridPoint, run_compare, table_markdown, write_results
 from hn_export.compare import grid as grid_points
@@ -46,14 +49,16 @@ class GridOptions:
     hadamard_block: int | None
     act_granularities: str
     weight_ranges: str
+    low_ranks: str
     weight_block: int
     asymmetric_weights: bool
 
     def points(self) -> list[GridPoint]:
         """Every point of the grid, checked before any work (one line for the first bad option)."""
-        quants = [dataclasses.replace(q, format=f, weight_range=r, weight_block=self.weight_block,
+        quants = [dataclasses.replace(q, format=f, weight_range=r, low_rank=rank, weight_block=self.weight_block,
                                       weight_symmetric=not self.asymmetric_weights) for q in parse_bits(self.bits)
                   for r in parse_list(self.weight_ranges, WeightRange, "--weight-ranges")
+                  for rank in parse_ranks(self.low_ranks)
                   for f in parse_list(self.formats, OutputFormat, "--formats")]
         check_hadamard_block(self.hadamard_block)
         for quant in quants:  # a block the format cannot hold: one line before any work
@@ -90,7 +95,9 @@ grid_options = option_group(
     click.option("--act-granularities", default="token", show_default=True,
                  help="Comma list of activation granularities (token, timestep), or all."),
     click.option("--weight-ranges", default="minmax", show_default=True,
-                 help="Comma list of weight ranges (minmax, mse), or all."),
+                 help="Comma list of weight ranges (minmax, mse, gptq, gptq-act-order), or all."),
+    click.option("--low-ranks", default="0", show_default=True,
+                 help="Comma list of low-rank branch ranks (as `hn-export MODEL --low-rank`; 0: none)."),
     click.option("--weight-block", type=click.IntRange(1), default=128, show_default=True,
                  help="Weight quantization block (at least the width: per output channel)."),
     click.option("--asymmetric-weights", is_flag=True, help="Asymmetric (zero-point) weights at every point."),
@@ -108,8 +115,10 @@ grid_options = option_group(
 @click.option("--keep-models", type=click.Path(path_type=Path), help="Keep the quantized graphs in this folder.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-progress", is_flag=True)
+@ray_options
 def compare_command(model: Path, grid: GridOptions, evaluation: Evaluation, reference: Path | None, out_dir: Path,
-                    data: EvaluationData, keep_models: Path | None, seed: int, no_progress: bool) -> None:
+                    data: EvaluationData, keep_models: Path | None, seed: int, no_progress: bool,
+                    ray_options: RayOptions) -> None:
     """Quantize MODEL with each method and bit width; SQNR against the reference graph."""
     points = grid.points()
     # fail fast with a clear message, before any work: the model, both input files, the reference
@@ -119,6 +128,9 @@ def compare_command(model: Path, grid: GridOptions, evaluation: Evaluation, refe
                           "reference")
     input_paths = (model, reference, data.calib_inputs, data.inputs_path)  # every output path, before any work
     check_output_folder(out_dir, REPORT_FILES, *input_paths)
+    if keep_models is not None and ray_options.ray is not None:
+        raise UserError("--keep-models with --ray: the quantized graphs are built on the cluster's nodes",
+                        "drop --keep-models, or quantize the points to keep with `hn-export MODEL --w4a4 ...`")
     if keep_models is not None:
         check_output_folder(keep_models, [], *input_paths, what="--keep-models")
         for point in points:
@@ -137,7 +149,8 @@ def compare_command(model: Path, grid: GridOptions, evaluation: Evaluation, refe
     )
     if keep_models is not None:
         keep_models.mkdir(parents=True, exist_ok=True)
-    results = run_compare(model, points, reference, config)
+    with ray_options.cluster() as cluster:
+        results = run_compare(model, points, reference, config, cluster)
     meta = {"model": model.name, "reference": (reference or model).name, "steps": evaluation.steps,
             "samples": inputs.samples, "inputs": inputs.source, "calibration": data.calibration_report(seed),
             "seed": seed, "hadamard": grid.hadamard.value if grid.hadamard else "method default",

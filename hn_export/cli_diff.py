@@ -9,11 +9,12 @@ from pathlib import Path
 
 import click
 
-from hn_export.denoise import first_call_feeds, load_input_file
+from hn_export.compare import EvaluationInputs
+from hn_export.denoise import ModelSignature, first_call_feeds, load_input_file
 from hn_export import diff as diff_lib
-from hn_export.diff import compare_outputs
+from hn_export.diff import check_pair, compare_outputs
 from hn_export.evaluate import GraphRunner
-from hn_export.cli_options import Evaluation, FiniteFloatRange, option_group
+from hn_export.cli_options import Evaluation, FiniteFloatRange, RayOptions, option_group, ray_options
 from hn_export.json_report import report_json
 from hn_export.model_files import check_output_path, input_files, load_model, write_atomic
 
@@ -36,24 +37,34 @@ from hn_export.model_files import check_output_path, input_files, load_model, wr
                    "(or NaN).")
 @click.option("--per-layer", "per_layer", is_flag=True, help="SQNR at every activation site (one call).")
 @click.option("--provider", help="Execution provider (CPU, CUDA, ...); default: the best available.")
+@ray_options
 def diff_command(candidate: Path, reference: Path, evaluation: Evaluation, seed: int, inputs_path: Path | None,
-                 json_path: Path | None, min_sqnr: float | None, per_layer: bool, provider: str | None) -> None:
+                 json_path: Path | None, min_sqnr: float | None, per_layer: bool, provider: str | None,
+                 ray_options: RayOptions) -> None:
     """Run CANDIDATE and REFERENCE on identical inputs and compare their outputs."""
     config = evaluation.config(seed)
     steps, samples = config.steps, config.samples
     if json_path is not None:  # before any work; the graphs' external data files are inputs too
         graphs = [file for path in (candidate, reference) for file in input_files(load_model(path, any_opset=True))]
         check_output_path(json_path, candidate, reference, inputs_path, *graphs, what="--json path")
-    with GraphRunner(reference, provider=provider) as ref, GraphRunner(candidate, provider=provider) as cand:
-        feeds = load_input_file(inputs_path, ref.signature, "inputs file", single_call=True) if inputs_path else None
-        results = compare_outputs(cand, ref, config, feeds)
-        implementations = {"candidate": cand.denoiser.implementation, "reference": ref.denoiser.implementation}
-        click.echo(f"candidate {candidate.name} ({implementations['candidate']}, {cand.denoiser.providers[0]}) vs "
-                   f"reference {reference.name} ({implementations['reference']})")
-        if feeds is None:
-            layer_feeds = first_call_feeds(ref.signature, config, 0)
-        else:
-            layer_feeds = feeds
+    with ray_options.cluster() as cluster:
+        if cluster is None:
+            with GraphRunner(reference, provider=provider) as ref, GraphRunner(candidate, provider=provider) as cand:
+                sig = ref.signature
+                feeds = load_input_file(inputs_path, sig, "inputs file", single_call=True) if inputs_path else None
+                results = compare_outputs(cand, ref, config, feeds)
+                implementations = {"candidate": cand.denoiser.implementation,
+                                   "reference": ref.denoiser.implementation}
+                runs_on = cand.denoiser.providers[0]
+        else:  # the same outputs, one task per graph and sample
+            sig = ModelSignature.of(load_model(reference, "reference", any_opset=True))
+            feeds = load_input_file(inputs_path, sig, "inputs file", single_call=True) if inputs_path else None
+            check_pair(sig, ModelSignature.of(load_model(candidate, "candidate", any_opset=True)), config, feeds)
+            results, implementations, runs_on = cluster.diff(candidate, reference, EvaluationInputs(config), feeds,
+                                                             provider, True)
+    click.echo(f"candidate {candidate.name} ({implementations['candidate']}, {runs_on}) vs "
+               f"reference {reference.name} ({implementations['reference']})")
+    layer_feeds = first_call_feeds(sig, config, 0) if feeds is None else feeds
     click.echo(f"{'output':<28} {'SQNR (dB)':>10} {'cosine':>10} {'max abs':>11} {'rel L2':>10}")
     for name, comp in results.items():
         label = "sample, one call" if name == "single_call" else f"latents after {steps} steps"

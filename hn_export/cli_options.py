@@ -16,6 +16,7 @@ refuses NaN and infinities).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -27,6 +28,8 @@ from typing import Any, TypeVar
 import click
 
 from graph_passes.quantization import OutputFormat, QuantConfig
+from hn_export.cluster.address import parse_address
+from hn_export.cluster.ray_session import Cluster
 from hn_export.compare import EvaluationInputs
 from hn_export.denoise import DenoiseConfig, ModelSignature, load_input_file
 from hn_export.errors import UserError
@@ -125,6 +128,20 @@ def parse_bits(text: str) -> list[QuantConfig]:
     if not out:
         raise UserError(f"--bits {text!r} names no bit width", "e.g. --bits w4a4,w6a6")
     return out
+
+
+def parse_ranks(text: str) -> list[int]:
+    """``0,16,32`` -> low-rank branch ranks (``--low-ranks``), each a whole number >= 0."""
+    ranks = []
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        if not item.isdigit():
+            raise UserError(f"--low-ranks item {item!r} is not a whole number >= 0", "e.g. --low-ranks 0,16,32")
+        ranks.append(int(item))
+    if not ranks:
+        raise UserError(f"--low-ranks {text!r} names no rank", "e.g. --low-ranks 0,16,32")
+    return list(dict.fromkeys(ranks))
 
 
 def samples_option(default: int):
@@ -227,3 +244,42 @@ def check_hadamard_block(block: int | None) -> None:
     if block is not None and (block < 1 or block & (block - 1)):
         raise UserError(f"--hadamard-block {block} is not a power of two", "use --hadamard-block 32, 64 or 128")
 
+
+
+@dataclasses.dataclass(frozen=True)
+class RayOptions:
+    """``--ray ADDRESS``: run the command's calibration (a map-reduce over trajectories) and its grids (one task per
+    graph x sample) on a Ray cluster (`hn_export.cluster`), with the same results; ``--ray-shared-files`` and
+    ``--ray-task-cpus`` say how the tasks read the model and how many CPUs each takes. Without ``--ray`` nothing
+    imports ray."""
+
+    ray: str | None
+    ray_shared_files: bool
+    ray_task_cpus: int
+
+    def __post_init__(self) -> None:
+        if self.ray is not None:
+            parse_address(self.ray)  # one line before any work
+        elif self.ray_shared_files or self.ray_task_cpus != 1:
+            raise UserError("--ray-shared-files / --ray-task-cpus apply to a Ray cluster", "add --ray ADDRESS")
+
+    def cluster(self) -> contextlib.AbstractContextManager[Cluster | None]:
+        """The cluster for the command's work (connected on entry, released on exit); None without ``--ray``."""
+        if self.ray is None:
+            return contextlib.nullcontext()
+        return Cluster(parse_address(self.ray), self.ray_shared_files, self.ray_task_cpus)
+
+
+ray_options = option_group(
+    RayOptions, "ray_options",
+    click.option("--ray", metavar="ADDRESS",
+                 help="Run on a Ray cluster: HOST:PORT (its head, as `ray start --head` prints it), auto (the cluster "
+                      "this machine is attached to) or local (start one on this machine). Needs pip install -e "
+                      "'.[cluster]' on every node."),
+    click.option("--ray-shared-files", is_flag=True,
+                 help="With --ray: the model lies on a filesystem every node mounts at the same path; tasks read it "
+                      "there instead of receiving it through Ray's object store (once per node)."),
+    click.option("--ray-task-cpus", type=click.IntRange(1), default=1, show_default=True,
+                 help="With --ray: CPUs each task takes on its node (and the threads of its onnxruntime session)."),
+)
+"""``--ray``, ``--ray-shared-files``, ``--ray-task-cpus`` as a `RayOptions`, parameter ``ray_options``."""

@@ -20,9 +20,11 @@ from graph_passes.static_act_quant import ActGranularity
 from hn_export.cli_options import (
     EnumChoice,
     FiniteFloatRange,
+    RayOptions,
     check_format_block,
     check_hadamard_block,
     option_group,
+    ray_options,
 )
 from hn_export.denoise import DenoiseConfig
 from hn_export.errors import UserError
@@ -74,6 +76,7 @@ class QuantOptions:
     exclude: tuple[str, ...]
     act_granularity: ActGranularity
     weight_range: WeightRange
+    low_rank: int
     seed: int
 
     def job(self, model: Path, output: Path | None, files: QuantizeFiles = QuantizeFiles(),
@@ -99,7 +102,7 @@ class QuantOptions:
         quant = None if transform_only else QuantConfig(
             weight_bits=self.wbits or w_default, act_bits=self.abits or a_default, weight_block=self.weight_block,
             weight_symmetric=not self.asymmetric_weights, format=fmt, weight_range=self.weight_range,
-            outer_bits=self.outer_bits)
+            outer_bits=self.outer_bits, low_rank=self.low_rank)
         return QuantizeJob(
             model_path=model,
             output=output or default_output(model, quant),
@@ -173,6 +176,9 @@ def quant_options(default_format: OutputFormat = OutputFormat.QDQ):
                      help="Weight range per block: min/max, the clipping that minimises the squared error (MSE "
                           "search), or GPTQ's error feedback over the calibration Hessian on the min/max grid "
                           "(gptq; gptq-act-order: rows by decreasing Hessian diagonal)."),
+        click.option("--low-rank", type=click.IntRange(0), default=0, show_default=True,
+                     help="Rank of a float branch beside each quantized MatMul weight (SVDQuant): the weight's largest "
+                          "directions in float, the residual quantized; 0: none."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of Hadamard signs and calibration."),
     )
 
@@ -197,11 +203,13 @@ quantize_files_options = option_group(
 @quantize_files_options
 @click.option("--transform-only", is_flag=True, help="Insert and fuse the transforms, no quantization.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@ray_options
 def quantize_command(model: Path, quant: QuantOptions, output: Path | None, files: QuantizeFiles,
-                     transform_only: bool, no_progress: bool) -> None:
+                     transform_only: bool, no_progress: bool, ray_options: RayOptions) -> None:
     """Quantize MODEL.onnx (W4A4 with HadaNorm by default)."""
     job = quant.job(model, output, files, transform_only, progress=not no_progress)
-    report = run_quantize(job)
+    with ray_options.cluster() as cluster:
+        report = run_quantize(dataclasses.replace(job, cluster=cluster))
     bits = f"{job.quant.label.upper()} ({job.quant.format.value})" if job.quant else "transform only"
     click.echo(f"{quant.method.value} {bits}: {report.sites} activation sites, {report.linears} linears")
     if job.quant:

@@ -10,9 +10,11 @@ from graph_passes.methods import Method
 from hn_export.cli_options import (
     Evaluation,
     EvaluationData,
+    RayOptions,
     evaluation_data_options,
     evaluation_options,
     parse_list,
+    ray_options,
 )
 from hn_export.model_files import check_output_folder
 from hn_export.sensitivity import REPORT_FILES, aggregate, run_sensitivity, write_results
@@ -28,15 +30,18 @@ from hn_export.sensitivity import REPORT_FILES, aggregate, run_sensitivity, writ
               show_default=True, help="Folder for sensitivity.json and sensitivity.png.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-progress", is_flag=True)
+@ray_options
 def sensitivity_command(model: Path, methods: str, abits: int, evaluation: Evaluation, data: EvaluationData,
-                        out_dir: Path, seed: int, no_progress: bool) -> None:
+                        out_dir: Path, seed: int, no_progress: bool, ray_options: RayOptions) -> None:
     """Turn on one activation quantizer at a time (weights float); SQNR at the end of denoising."""
     chosen = parse_list(methods, Method, "--methods")
     _, feeds = data.check(model, evaluation.samples)  # before any work
     check_output_folder(out_dir, REPORT_FILES, model, data.calib_inputs, data.inputs_path)
     inputs = data.evaluation_inputs(evaluation.config(seed + 1000), feeds)
-    results = run_sensitivity(model, chosen, abits, inputs.config, data.calibration(seed), progress=not no_progress,
-                              calib_inputs=data.calib_inputs, inputs=inputs)
+    with ray_options.cluster() as cluster:
+        results = run_sensitivity(model, chosen, abits, inputs.config, data.calibration(seed),
+                                  progress=not no_progress, calib_inputs=data.calib_inputs, inputs=inputs,
+                                  cluster=cluster)
     agg = aggregate(results)
     header = f"{'role':<22}" + "".join(f"{m:>13}" for m in agg["by_role"])
     click.echo(f"A{abits} sensitivity (end-of-denoising SQNR, dB, mean over blocks)")

@@ -28,8 +28,8 @@ from graph_passes.methods import BiasCorrection, Method, TransformOptions
 from graph_passes.quantization import OutputFormat, QuantConfig, WeightRange
 from graph_passes.static_act_quant import ActGranularity
 from hn_export.calibration import CalibrationStats, calibrate
-from hn_export.denoise import DenoiseConfig, denoise
-from hn_export.evaluate import Evaluation, GraphRunner, final_latents, single_call_outputs
+from hn_export.denoise import DenoiseConfig, denoise, first_call_feeds
+from hn_export.evaluate import Evaluation, GraphRunner
 from hn_export.json_report import report_json
 from hn_export.metrics import Comparison
 from hn_export.model_files import write_atomic
@@ -53,10 +53,12 @@ class GridPoint:
 
     @property
     def bits(self) -> str:
-        """``w4a4``, or ``w4a4-fused`` for a format other than qdq, ``-mse`` for the MSE weight range."""
-        fmt = self.quant.format
-        mse = "-mse" if self.quant.weight_range is WeightRange.MSE else ""
-        return self.quant.label + mse + ("" if fmt is OutputFormat.QDQ else f"-{fmt.value}")
+        """``w4a4``; ``-mse`` / ``-gptq`` / ``-gptq-act-order`` for a weight range other than min/max, ``-r16`` for a
+        low-rank branch, ``-fused`` for a format other than qdq (``w4a4-gptq-r16-fused``)."""
+        quant, fmt = self.quant, self.quant.format
+        weight_range = "" if quant.weight_range is WeightRange.MINMAX else f"-{quant.weight_range.value}"
+        low_rank = f"-r{quant.low_rank}" if quant.low_rank else ""
+        return quant.label + weight_range + low_rank + ("" if fmt is OutputFormat.QDQ else f"-{fmt.value}")
 
     @property
     def label(self) -> str:
@@ -83,6 +85,7 @@ class GridResult:
             "bias_correction": self.point.bias_correction.value if self.point.method.recipe.center else None,
             "act_granularity": self.point.act_granularity.value,
             "weight_range": self.point.quant.weight_range.value,
+            "low_rank": self.point.quant.low_rank,
             "bits": self.point.bits,
             "format": self.point.quant.format.value,
             "implementation": self.implementation,
@@ -105,6 +108,9 @@ def grid(methods: list[Method], quants: list[QuantConfig], biases: list[BiasCorr
     return points
 
 
+OUTPUTS = ("single_call", "end_of_denoising")  # what a comparison measures (`EvaluationInputs.sample_outputs`)
+
+
 @dataclasses.dataclass(frozen=True)
 class EvaluationInputs:
     """The inputs every graph of one comparison runs on: seeded (``feeds`` None) or a user file's checked arrays
@@ -123,34 +129,49 @@ class EvaluationInputs:
         assert self.feeds is not None
         return {k: v[2 * index:2 * index + 2] for k, v in self.feeds.items()}
 
-    def single_call(self, runner: GraphRunner) -> np.ndarray:
-        """One call per sample: the seeded latents at a mid-schedule timestep, or the file's rows two at a time."""
+    def sample_outputs(self, runner: GraphRunner, index: int,
+                       outputs: tuple[str, ...] = OUTPUTS) -> dict[str, np.ndarray]:
+        """Sample `index`'s single-call output and / or final latents (`outputs`): the unit of work of a grid task
+        (`hn_export.cluster.grid_tasks`); `gather_samples` puts the samples together as `reference` does."""
+        out = {}
+        if "single_call" in outputs:  # one call: the seeded latents at a mid-schedule timestep, or the file's pair
+            out["single_call"] = runner(first_call_feeds(runner.signature, self.config, index)) \
+                if self.feeds is None else runner(self._pair(index))
+        if "end_of_denoising" in outputs:
+            out["end_of_denoising"] = self._final_latents(runner, index)
+        return out
+
+    def _final_latents(self, runner: GraphRunner, index: int) -> np.ndarray:
         if self.feeds is None:
-            return single_call_outputs(runner, runner.signature, self.config)
-        return np.concatenate([runner(self._pair(i)) for i in range(self.samples)])
+            return denoise(runner, runner.signature, self.config, index)
+        # the file's conditioning (captions, pooled text, class labels, ...): every input but latents and time
+        conditions = {k: v for k, v in self._pair(index).items() if k not in ("hidden_states", "timestep")}
+
+        def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+            return runner({**feeds, **conditions})  # the seeded trajectory, the file's captions
+
+        return denoise(run, runner.signature, self.config, index)
 
     def final_latents(self, runner: GraphRunner) -> np.ndarray:
         """The final latents of every sample's denoising run."""
-        if self.feeds is None:
-            return final_latents(runner, runner.signature, self.config)
-        out = []
-        for index in range(self.samples):
-            pair = self._pair(index)
-            # the file's conditioning (captions, pooled text, class labels, ...): every input but latents and time
-            conditions = {k: v for k, v in pair.items() if k not in ("hidden_states", "timestep")}
-
-            def run(feeds: dict[str, np.ndarray], conditions=conditions) -> np.ndarray:
-                return runner({**feeds, **conditions})  # the seeded trajectory, the file's captions
-
-            out.append(denoise(run, runner.signature, self.config, index))
-        return np.concatenate(out)
+        return np.concatenate([self._final_latents(runner, i) for i in range(self.samples)])
 
     def reference(self, runner: GraphRunner) -> dict[str, np.ndarray]:
-        return {"single_call": self.single_call(runner), "end_of_denoising": self.final_latents(runner)}
+        return gather_samples([self.sample_outputs(runner, i) for i in range(self.samples)])
 
     def evaluate(self, runner: GraphRunner, reference: dict[str, np.ndarray]) -> Evaluation:
-        return Evaluation(Comparison.of(reference["single_call"], self.single_call(runner)),
-                          Comparison.of(reference["end_of_denoising"], self.final_latents(runner)))
+        return compare_outputs(reference, self.reference(runner))
+
+
+def gather_samples(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per-sample outputs (in sample order) -> each output over the samples that have it."""
+    keys = dict.fromkeys(key for sample in samples for key in sample)
+    return {key: np.concatenate([sample[key] for sample in samples if key in sample]) for key in keys}
+
+
+def compare_outputs(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> Evaluation:
+    return Evaluation(Comparison.of(reference["single_call"], outputs["single_call"]),
+                      Comparison.of(reference["end_of_denoising"], outputs["end_of_denoising"]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,12 +186,27 @@ class CompareConfig:
     attention: AttentionChoice = AttentionChoice.AUTO  # --attention (fused graphs: bf16 by default)
 
 
-def run_compare(model: Path, points: list[GridPoint], reference: Path | None, config: CompareConfig) -> list[GridResult]:
+def point_job(model: Path, out: Path, point: GridPoint, config: CompareConfig, stats: CalibrationStats | None,
+              calib_inputs: Path | None = None) -> QuantizeJob:
+    """The quantize job of one grid point (`calib_inputs`: where this machine reads ``--calib``, for the points
+    that calibrate again: GPTQ's Hessians)."""
+    transform = dataclasses.replace(config.transform, method=point.method, bias_correction=point.bias_correction)
+    return QuantizeJob(model, out, transform, point.quant, stats=stats, progress=False,
+                       calibration=config.calibration, calib_inputs=calib_inputs or config.calib_inputs,
+                       act_granularity=point.act_granularity, attention=config.attention)
+
+
+def run_compare(model: Path, points: list[GridPoint], reference: Path | None, config: CompareConfig,
+                cluster=None) -> list[GridResult]:
+    """`cluster` (`hn_export.cluster.Cluster`): calibrate as a map-reduce and run the grid as tasks, one per graph
+    and sample; the results are the same."""
     needs_stats = any(p.method.recipe.smooth for p in points)
     stats: CalibrationStats | None = None
     if needs_stats:
-        stats = calibrate(model, config.calibration, config.calib_inputs, progress=config.progress)
+        stats = calibrate(model, config.calibration, config.calib_inputs, progress=config.progress, cluster=cluster)
     inputs = config.inputs or EvaluationInputs(config.evaluation)
+    if cluster is not None:
+        return cluster.compare(model, points, reference, config, inputs, stats)
     with GraphRunner(reference or model) as ref:
         ref_out = inputs.reference(ref)
     results = []
@@ -179,11 +215,7 @@ def run_compare(model: Path, points: list[GridPoint], reference: Path | None, co
         for point in tqdm(points, desc="compare", unit="model", disable=not config.progress):
             start = time.perf_counter()
             out = folder / f"{model.name.removesuffix('.onnx')}.{point.file_stem}.onnx"
-            transform = dataclasses.replace(config.transform, method=point.method,
-                                            bias_correction=point.bias_correction)
-            run_quantize(QuantizeJob(model, out, transform, point.quant, stats=stats, progress=False,
-                                     calibration=config.calibration, calib_inputs=config.calib_inputs,
-                                     act_granularity=point.act_granularity, attention=config.attention))
+            run_quantize(point_job(model, out, point, config, stats))
             with GraphRunner(out) as runner:
                 evaluation = inputs.evaluate(runner, ref_out)
                 implementation = runner.denoiser.implementation

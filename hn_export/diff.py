@@ -18,7 +18,7 @@ import onnx_ir as ir
 from graph_passes.linears import find_activation_sites
 from hn_export.families import selection_for
 from hn_export.input_arrays import check_same_inputs
-from hn_export.denoise import DenoiseConfig
+from hn_export.denoise import DenoiseConfig, ModelSignature
 from hn_export.errors import UserError
 from hn_export.evaluate import GraphRunner, final_latents, single_call_outputs
 from hn_export.metrics import Comparison
@@ -39,11 +39,7 @@ def compare_outputs(candidate: GraphRunner, reference: GraphRunner, config: Deno
                     feeds: dict[str, np.ndarray] | None) -> dict[str, Comparison]:
     """Single call (the given feeds, else seeded ones) and, with steps > 0, end of denoising."""
     sig = reference.signature
-    check_same_inputs(sig, candidate.signature, "candidate")
-    if not sig.family and (feeds is None or config.steps > 0):
-        raise UserError(f"the reference's inputs {sorted(sig.shapes)} match no supported model family, so diff "
-                        "cannot make seeded inputs or run a denoising loop",
-                        "pass --inputs FILE.npz (named like the graph inputs) and --steps 0")
+    check_pair(sig, candidate.signature, config, feeds)
     if feeds is not None:
         single = Comparison.of(reference(feeds), candidate(feeds))
     else:
@@ -54,6 +50,16 @@ def compare_outputs(candidate: GraphRunner, reference: GraphRunner, config: Deno
         out["end_of_denoising"] = Comparison.of(final_latents(reference, sig, config),
                                                 final_latents(candidate, candidate.signature, config))
     return out
+
+
+def check_pair(sig: ModelSignature, candidate: ModelSignature, config: DenoiseConfig,
+               feeds: dict[str, np.ndarray] | None) -> None:
+    """The two graphs take the same inputs, and seeded inputs or a denoising loop have the reference's family."""
+    check_same_inputs(sig, candidate, "candidate")
+    if not sig.family and (feeds is None or config.steps > 0):
+        raise UserError(f"the reference's inputs {sorted(sig.shapes)} match no supported model family, so diff "
+                        "cannot make seeded inputs or run a denoising loop",
+                        "pass --inputs FILE.npz (named like the graph inputs) and --steps 0")
 
 
 def _with_outputs(model: ir.Model, names: list[str]) -> None:

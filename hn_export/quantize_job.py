@@ -18,7 +18,7 @@ from graph_passes.pipeline import quantize_model
 from graph_passes.quantization import OutputFormat, QuantConfig
 from graph_passes.static_act_quant import ActGranularity
 from hn_export.act_scales import calibrate_act_scales, load_act_scales, save_act_scales
-from hn_export.calibration import CalibrationStats, HessianRequest, calibrate, model_hash
+from hn_export.calibration import CalibrationStats, HessianRequest, ShardMap, calibrate, model_hash
 from hn_export.denoise import DenoiseConfig, ModelSignature, load_input_file
 from hn_export.errors import UserError
 from hn_export.graph_import import check_float_graph, load_graph
@@ -29,9 +29,11 @@ from hn_export.metadata_keys import (
     BIAS_CORRECTION_KEY,
     BITS_KEY,
     FORMAT_KEY,
+    LOW_RANK_KEY,
     METHOD_KEY,
     SESSION_CONFIG_KEY,
     TRANSFORM_OPS_KEY,
+    WEIGHT_RANGE_KEY,
 )
 from runtime.domain import HADANORM_DOMAIN
 
@@ -77,6 +79,7 @@ class QuantizeJob:
     act_scales_path: Path | None = None  # a per-timestep activation scale table to use (else calibrated)
     save_act_scales: Path | None = None
     attention: AttentionChoice = AttentionChoice.AUTO
+    cluster: ShardMap | None = None  # --ray: calibrate as a map-reduce on it (`hn_export.cluster.Cluster`)
 
 
 @dataclasses.dataclass
@@ -174,7 +177,7 @@ def run_quantize(job: QuantizeJob) -> QuantizeReport:
             stats = CalibrationStats.load(job.stats_path, expected_hash=model_hash(job.model_path), sites=sites)
         else:
             stats = calibrate(job.model_path, job.calibration, job.calib_inputs, progress=job.progress, model=model,
-                              hessians=hessians)
+                              hessians=hessians, cluster=job.cluster)
             if hessians is not None:
                 stats.source += "; GPTQ Hessians"
         if job.save_stats is not None:
@@ -201,6 +204,8 @@ def run_quantize(job: QuantizeJob) -> QuantizeReport:
     model.metadata_props[BITS_KEY] = job.quant.label if job.quant else "float"
     if job.quant is not None:
         model.metadata_props[ACT_GRANULARITY_KEY] = job.act_granularity.value
+        model.metadata_props[WEIGHT_RANGE_KEY] = job.quant.weight_range.value
+        model.metadata_props[LOW_RANK_KEY] = str(job.quant.low_rank)
     model.metadata_props[BIAS_CORRECTION_KEY] = job.transform.bias_correction.value
     model.metadata_props[FORMAT_KEY] = job.quant.format.value if job.quant else "float"
     precisions = attention_precisions(model.graph)  # the nodes' own, also those of an input that had them

@@ -43,7 +43,9 @@ class SiteSensitivity:
     implementation: str = ""  # what ran the gated graph (runtime.Denoiser.implementation)
 
 
-class _MaskedRunner(GraphRunner):
+class MaskedRunner(GraphRunner):
+    """A gated graph run with one mask (`graph_passes.gated_activation_quant`): quantizer ``i`` on for ``e_i``."""
+
     def __init__(self, path: Path, mask: np.ndarray):
         super().__init__(path)
         self.mask = mask
@@ -52,38 +54,59 @@ class _MaskedRunner(GraphRunner):
         return super().__call__({**feeds, MASK_INPUT: self.mask.astype(self.signature.dtype)})
 
 
+@dataclasses.dataclass(frozen=True)
+class Quantizer:
+    """One activation quantizer of a gated graph (its mask index is its position in `gated_graph`'s list)."""
+
+    site: str
+    role: str
+    block: int | None
+
+
+def gated_graph(model_path: Path, method: Method, act_bits: int, stats: CalibrationStats | None,
+                transform: TransformOptions, path: Path) -> list[Quantizer]:
+    """Write `method`'s gated graph of the FP graph to `path`; returns its quantizers in mask order."""
+    model = load_graph(model_path)
+    options = dataclasses.replace(transform, method=method)
+    plan = quantize_model(model, stats.sites if stats else {}, options, None, selection_for(model),
+                          gated_act_bits=act_bits)
+    save_model(model, path)
+    return [Quantizer(site.name, site.role, site.block) for site in plan.sites]
+
+
+def mask_of(quantizers: list[Quantizer], index: int) -> np.ndarray:
+    mask = np.zeros(len(quantizers))
+    mask[index] = 1.0
+    return mask
+
+
 def run_sensitivity(model_path: Path, methods: list[Method], act_bits: int, config: DenoiseConfig,
                     calibration: DenoiseConfig, transform: TransformOptions = TransformOptions(),
                     progress: bool = True, calib_inputs: Path | None = None,
-                    inputs: EvaluationInputs | None = None) -> list[SiteSensitivity]:
+                    inputs: EvaluationInputs | None = None, cluster=None) -> list[SiteSensitivity]:
     """`config` sets the denoising runs (seeded unless `inputs` is given); `calib_inputs` replaces the calibration
-    trajectories of `calibration`."""
+    trajectories of `calibration`. `cluster` (`hn_export.cluster.Cluster`): calibrate as a map-reduce and run each
+    (method, quantizer, sample) as a task; the results are the same."""
     stats: CalibrationStats | None = None
     if any(m.recipe.smooth for m in methods):
-        stats = calibrate(model_path, calibration, calib_inputs, progress=progress)
+        stats = calibrate(model_path, calibration, calib_inputs, progress=progress, cluster=cluster)
     inputs = inputs or EvaluationInputs(config)
+    if cluster is not None:
+        return cluster.sensitivity(model_path, methods, act_bits, stats, transform, inputs, progress)
     with GraphRunner(model_path) as ref:
         reference = inputs.final_latents(ref)
     results: list[SiteSensitivity] = []
     with tempfile.TemporaryDirectory(prefix="hn-export-sensitivity-") as tmp:
         for method in methods:
-            model = load_graph(model_path)
-            options = dataclasses.replace(transform, method=method)
-            plan = quantize_model(model, stats.sites if stats else {}, options, None, selection_for(model),
-                                  gated_act_bits=act_bits)
             path = Path(tmp) / f"{method.value}.gated.onnx"
-            save_model(model, path)
-            del model
-            sites = plan.sites
-            for i, site in enumerate(tqdm(sites, desc=f"sensitivity {method.value}", unit="quantizer",
-                                          disable=not progress)):
-                mask = np.zeros(len(sites))
-                mask[i] = 1.0
-                with _MaskedRunner(path, mask) as runner:
+            quantizers = gated_graph(model_path, method, act_bits, stats, transform, path)
+            for i, q in enumerate(tqdm(quantizers, desc=f"sensitivity {method.value}", unit="quantizer",
+                                       disable=not progress)):
+                with MaskedRunner(path, mask_of(quantizers, i)) as runner:
                     latents = inputs.final_latents(runner)
                     implementation = runner.denoiser.implementation
-                results.append(SiteSensitivity(method.value, site.name, site.role, site.block,
-                                               sqnr_db(reference, latents), implementation))
+                results.append(SiteSensitivity(method.value, q.site, q.role, q.block, sqnr_db(reference, latents),
+                                               implementation))
             path.unlink()
     return results
 

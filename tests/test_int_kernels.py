@@ -190,6 +190,32 @@ def test_quantize_edge_rows(library, isas):
             np.testing.assert_array_equal(g, e)
 
 
+
+def test_quantize_near_ties(library, isas):
+    """Values within a few ulp of a half-integer multiple of the scale, where y * (1 / scale) and the IEEE quotient
+    y / scale can round to different integers: the AVX-512 quantizer's reciprocal path must redo those vectors with
+    the division (bit-identical to the scalar path and to numpy's definition)."""
+    rng = np.random.default_rng(7)
+    for bits in (4, 8):
+        qmax = 2**bits - 1
+        rows = []
+        for _ in range(24):
+            lo, hi = -rng.uniform(0.1, 3.0), rng.uniform(0.1, 3.0)
+            scale = max((F32(hi) - F32(lo)) / F32(qmax), np.finfo(F32).tiny)
+            k = rng.integers(-qmax // 2, qmax // 2, size=1152).astype(np.float64) + 0.5
+            y = (k * np.float64(scale)).astype(F32)  # near k + 0.5 times the scale, then nudged by -3..3 ulp
+            y = y + rng.integers(-3, 4, size=y.shape).astype(F32) * np.spacing(np.abs(y)).astype(F32)
+            y[0], y[1] = F32(lo), F32(hi)  # the row's range, so the scale is the one above
+            rows.append(np.clip(y, F32(lo), F32(hi)))
+        x = np.stack(rows)[None].astype(F32)
+        got = run_every_path(library, isas, one_node_model("Quantize", {"x": x}, {},
+                                                           ["codes", "scale", "zero_point"], bits=bits), {"x": x})
+        for g, e in zip(got, quantize_reference(x, bits, half_scale=False)):
+            np.testing.assert_array_equal(g, e)
+        y, scale = x.astype(F32), got[1]
+        offsets = np.abs(y / scale - np.rint(y / scale))
+        assert np.mean(offsets > 0.5 - 2**-12) > 0.5  # the case is what it claims: most values sit near a tie
+
 # ---------------------------------------------------------------------------------------------------------------
 # IntMatMul / FloatMatMul
 # ---------------------------------------------------------------------------------------------------------------

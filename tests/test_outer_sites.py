@@ -19,10 +19,13 @@ from tests.test_cli_quantize import EVAL, FAST_CALIB, reference, single_call_sqn
 EVERY_LINEAR = ("--every-linear",)  # the linears outside the blocks too (the 4-channel patch conv stays float)
 
 
-def hadanorm_ops(path) -> collections.Counter:
+def hadanorm_ops(path, fused_gelu: bool = False) -> collections.Counter:
+    """(op type, bits attribute) counts; the integer matmuls with a fused Gelu count as their matmul unless
+    `fused_gelu` (graph_passes.fuse_matmul_activation)."""
     model = onnx.load(str(path))
     return collections.Counter(
-        (n.op_type, next((a.i for a in n.attribute if a.name == "bits"), None))
+        (n.op_type if fused_gelu else n.op_type.removesuffix("Gelu"),
+         next((a.i for a in n.attribute if a.name == "bits"), None))
         for n in model.graph.node if n.domain == "hadanorm")
 
 
@@ -42,6 +45,8 @@ def test_outer_sites_at_outer_bits(hn_cli, tiny_onnx, tmp_path, kernel_library):
     ops = hadanorm_ops(fused)
     # 2 blocks x 10 in-block linears at 4 bits (7 sites), 6 outer linears at 8 bits (one site each)
     assert ops[("IntMatMul4", None)] == 20 and ops[("IntMatMul8", None)] == 6
+    gelu = hadanorm_ops(fused, fused_gelu=True)  # each block's ff.in and the caption projection's linear_1
+    assert gelu[("IntMatMul4Gelu", None)] == 2 and gelu[("IntMatMul8Gelu", None)] == 1
     assert sum(v for (op, bits), v in ops.items() if op.endswith("Quantize") and bits == 8) == 6
     assert sum(v for (op, bits), v in ops.items() if op.endswith("Quantize") and bits == 4) == 14
     assert weight_containers(qdq) == {onnx.TensorProto.INT8: 6, onnx.TensorProto.INT4: 20}

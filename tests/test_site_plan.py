@@ -44,7 +44,7 @@ def test_plan_is_frozen_and_complete():
     up = plans[0]
     assert [lp.layer.module_path for lp in up.linears] == ["up", "side"]
     assert up.act.bits == 4 and up.act.static is None and up.bias_correction is BiasCorrection.FLOAT_TOKEN
-    assert up.transform.center and up.transform.hadamard is not None and up.low_rank is None
+    assert up.transform.center and up.transform.hadamard is not None and all(lp.weight.low_rank is None for lp in up.linears)
     weight = up.linears[0].weight
     assert weight.quantized.bits == 4 and weight.quantized.q.shape == (72, 288) and weight.fused is None
     assert weight.quantized.scale.shape == (-(-72 // 16), 288) and weight.correction is None

@@ -64,8 +64,14 @@ uint8_t* unpack_buffer(int64_t bytes) {
 }
 
 // The block sums of one micro-tile (RA x 16 rows x tb column tiles), stored from the C tiles, with the corrections
-// -(zw * sum c + z * sum (u - zw)) added and folded into F = fmadd(scales, float(I), F), as in int_avx512.cc.
-template <int RA>
+// -(zw * sum c + z * sum (u - zw)) added and folded into F = fmadd(scales, float(I), F), as in int_avx512.cc. First:
+// the first block, F = fmadd(scales, float(I), 0) without reading F (no zero fill of F per panel: the same bits).
+template <bool First>
+HN_INLINE __m512 previous(const float* f) {
+  return First ? _mm512_setzero_ps() : _mm512_load_ps(f);
+}
+
+template <int RA, bool First>
 HN_INLINE void fold_block(const GemmArgs& g, const int32_t* c, float* f, int64_t m0, int64_t t, int tb, int64_t blk) {
   const WeightInfo& w = *g.w;
   const ActInfo& act = *g.act;
@@ -84,15 +90,15 @@ HN_INLINE void fold_block(const GemmArgs& g, const int32_t* c, float* f, int64_t
         const __m512i i0 = _mm512_add_epi32(_mm512_madd_epi16(wp0, pr), _mm512_load_si512(c + r * kCols));
         const __m512i i1 = _mm512_add_epi32(_mm512_madd_epi16(wp1, pr), _mm512_load_si512(c + r * kCols + 16));
         float* fr = f + r * kCols;
-        _mm512_store_ps(fr, _mm512_fmadd_ps(s0, _mm512_cvtepi32_ps(i0), _mm512_load_ps(fr)));
-        _mm512_store_ps(fr + 16, _mm512_fmadd_ps(s1, _mm512_cvtepi32_ps(i1), _mm512_load_ps(fr + 16)));
+        _mm512_store_ps(fr, _mm512_fmadd_ps(s0, _mm512_cvtepi32_ps(i0), previous<First>(fr)));
+        _mm512_store_ps(fr + 16, _mm512_fmadd_ps(s1, _mm512_cvtepi32_ps(i1), previous<First>(fr + 16)));
       }
     } else {
       for (int64_t r = 0; r < kRows; ++r) {
         const __m512i pr = _mm512_set1_epi32(ap[r * w.k_blocks]);
         const __m512i i0 = _mm512_add_epi32(_mm512_madd_epi16(wp0, pr), _mm512_load_si512(c + r * kCols));
         float* fr = f + r * kCols;
-        _mm512_store_ps(fr, _mm512_fmadd_ps(s0, _mm512_cvtepi32_ps(i0), _mm512_load_ps(fr)));
+        _mm512_store_ps(fr, _mm512_fmadd_ps(s0, _mm512_cvtepi32_ps(i0), previous<First>(fr)));
       }
     }
     return;
@@ -107,9 +113,17 @@ HN_INLINE void fold_block(const GemmArgs& g, const int32_t* c, float* f, int64_t
                                             _mm512_mullo_epi32(sv, _mm512_set1_epi32(act.z[m])));
       const __m512i sum = _mm512_sub_epi32(_mm512_load_si512(c + r * kCols + i * 16), corr);
       float* fr = f + r * kCols + i * 16;
-      _mm512_store_ps(fr, _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(sum), _mm512_load_ps(fr)));
+      _mm512_store_ps(fr, _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(sum), previous<First>(fr)));
     }
   }
+}
+
+template <int RA>
+HN_INLINE void fold(const GemmArgs& g, const int32_t* c, float* f, int64_t m0, int64_t t, int tb, int64_t blk) {
+  if (blk == 0)
+    fold_block<RA, true>(g, c, f, m0, t, tb, blk);
+  else
+    fold_block<RA, false>(g, c, f, m0, t, tb, blk);
 }
 
 constexpr int64_t kMaxPairs = 8;  // column tile pairs per task (tiles_per_task <= 16)
@@ -167,7 +181,6 @@ void amx_panel(const GemmArgs& g, int64_t m0, int64_t t0, int64_t t1, const Weig
   const int64_t pairs = ws.pairs;
   alignas(64) int32_t c[2][kMicro];
   alignas(64) float f[kMaxPairs * kMicro];
-  std::fill(f, f + pairs * kMicro, 0.0f);
   const uint8_t* a = act.a + m0 * act.lda;
   const int64_t lda = act.lda, steps = w.block / kstep;
   constexpr int64_t stride = kCols * 4;  // bytes per row of a C buffer
@@ -208,8 +221,8 @@ void amx_panel(const GemmArgs& g, int64_t m0, int64_t t0, int64_t t1, const Weig
           for (int64_t l = 0; l < w.block; l += 64) _mm_prefetch(reinterpret_cast<const char*>(next + r * lda + l), _MM_HINT_T0);
       }
       if (pending_pair >= 0)
-        fold_block<RA>(g, c[parity ^ 1], f + pending_pair * kMicro, m0, t0 + 2 * pending_pair,
-                       t0 + 2 * pending_pair + 1 < t1 ? 2 : 1, pending_blk);
+        fold<RA>(g, c[parity ^ 1], f + pending_pair * kMicro, m0, t0 + 2 * pending_pair,
+                 t0 + 2 * pending_pair + 1 < t1 ? 2 : 1, pending_blk);
       int32_t* cp = c[parity];
       _tile_stored(0, cp, stride);
       if (two) _tile_stored(1, cp + 16, stride);
@@ -222,8 +235,8 @@ void amx_panel(const GemmArgs& g, int64_t m0, int64_t t0, int64_t t1, const Weig
       parity ^= 1;
     }
   }
-  fold_block<RA>(g, c[parity ^ 1], f + pending_pair * kMicro, m0, t0 + 2 * pending_pair,
-                 t0 + 2 * pending_pair + 1 < t1 ? 2 : 1, pending_blk);
+  fold<RA>(g, c[parity ^ 1], f + pending_pair * kMicro, m0, t0 + 2 * pending_pair,
+           t0 + 2 * pending_pair + 1 < t1 ? 2 : 1, pending_blk);
   for (int64_t r = 0; r < kRows; ++r) {  // y = fmadd(a_scale, F, bias), row by row
     const int64_t m = m0 + r;
     const float* bias = g.bias + (m / g.rows_per_bias) * g.bias_stride;

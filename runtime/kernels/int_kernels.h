@@ -99,6 +99,13 @@ using FloatGemmFn = void (*)(const FloatGemmArgs&, int64_t m0, int64_t m1, int64
 using QuantizeRowFn = void (*)(const float* y, int64_t d, float qmax, bool half_scale, uint8_t* codes, float* scale,
                                uint8_t* zero_point);
 
+// In place on n floats: the matmul epilogue's activation (portable_loops.h, GeluTanh).
+using ActivationFn = void (*)(float* y, int64_t n);
+// For rows i in [0, rows) and c in [0, n): y[i * ldy + c] += sum_j t[i * ldt + j] right[j * ldr + c], the sum in j order
+// with fmas from 0, then one add: the low-rank epilogue (portable_loops.h, low_rank_add_rows).
+using LowRankAddFn = void (*)(float* y, int64_t ldy, const float* t, int64_t ldt, int64_t rows, const float* right,
+                              int64_t r, int64_t ldr, int64_t n);
+
 // Everything an op runs that depends on the instruction set, for one path. Every kernel takes its table once, when it
 // is created, from isa_kernels(select_isa()): HADANORM_KERNELS_ISA picks every function below, and nothing outside
 // these tables chooses code by CPU. The tables name their fields (designated initializers); a path that shares
@@ -109,6 +116,8 @@ struct IsaKernels {
   IntGemmFn int_gemm4 = nullptr, int_gemm8 = nullptr;
   FloatGemmFn float_gemm4 = nullptr, float_gemm8 = nullptr;
   FillWeightFn fill_weight_info = nullptr;
+  ActivationFn gelu_tanh = nullptr;  // IntMatMul{4,8}[LowRank]Gelu's epilogue
+  LowRankAddFn low_rank_add = nullptr;  // IntMatMul{4,8}LowRank[Gelu]'s epilogue
   TransformKernels transform;  // the transform ops' row kernels (transform.h)
   HalfKernels half;            // float16 tensors in and out
   // the matmuls' work split that suits the micro-kernels: rows x column tiles per task

@@ -1,5 +1,6 @@
-// onnxruntime kernels of IntMatMul4 / IntMatMul8 (quantized activation codes x packed weight) and FloatMatMul4 /
-// FloatMatMul8 (float activation x packed weight), attribute block_size, for float32 and float16 T.
+// onnxruntime kernels of IntMatMul4 / IntMatMul8 (quantized activation codes x packed weight; IntMatMul{4,8}LowRank:
+// plus t @ right; IntMatMul{4,8}[LowRank]Gelu: then gelu with the tanh approximation) and FloatMatMul4 / FloatMatMul8
+// (float activation x packed weight), attribute block_size, for float32 and float16 T.
 //
 //   IntMatMul:   codes uint8 [..., M, K], a_scale T [..., M, 1], a_zero_point uint8 [..., M, 1], b, scales T
 //                [k_blocks, N], zero_points [k_blocks, N], bias T [N] or [..., 1, N]  ->  y T [..., M, N]
@@ -20,17 +21,24 @@ namespace hadanorm {
 
 namespace {
 
-template <int Bits, bool IntInput>
+template <int Bits, bool IntInput, bool Gelu, bool LowRank>
 constexpr const char* matmul_name() {
+  if constexpr (IntInput && LowRank && Gelu) return Bits == 4 ? "IntMatMul4LowRankGelu" : "IntMatMul8LowRankGelu";
+  if constexpr (IntInput && LowRank) return Bits == 4 ? "IntMatMul4LowRank" : "IntMatMul8LowRank";
+  if constexpr (IntInput && Gelu) return Bits == 4 ? "IntMatMul4Gelu" : "IntMatMul8Gelu";
   if constexpr (IntInput) return Bits == 4 ? "IntMatMul4" : "IntMatMul8";
   return Bits == 4 ? "FloatMatMul4" : "FloatMatMul8";
 }
 
-template <int Bits, bool IntInput, bool Half>
+// The epilogues of IntMatMul{4,8}[LowRank][Gelu], on each task's output rows while they are in this core's cache:
+// LowRank: y += t @ right (inputs 7 and 8: t [..., M, r], right [r, N]; IsaKernels::low_rank_add), then Gelu: gelu with
+// the tanh approximation (IsaKernels::gelu_tanh).
+template <int Bits, bool IntInput, bool Half, bool Gelu = false, bool LowRank = false>
 struct MatMulKernel {
-  static constexpr const char* kName = matmul_name<Bits, IntInput>();
+  static_assert(IntInput || !(Gelu || LowRank), "only the integer matmuls take an epilogue");
+  static constexpr const char* kName = matmul_name<Bits, IntInput, Gelu, LowRank>();
   static constexpr size_t kWeight = IntInput ? 3 : 1;  // index of b; scales and zero_points follow
-  static constexpr size_t kInputs = IntInput ? 7 : 4;
+  static constexpr size_t kInputs = IntInput ? (LowRank ? 9 : 7) : 4;
   static constexpr int64_t kGranule = Bits == 4 ? 8 : 4;  // k rows per 64-byte row
   using T = std::conditional_t<Half, uint16_t, float>;
 
@@ -168,8 +176,61 @@ struct MatMulKernel {
     args.y = y;
     args.y_half = Half;
     args.n = w.n;
+    LowRankTerm term;
+    if constexpr (LowRank) term = low_rank_term(ctx, a_shape, w.n);
     const IntGemmFn gemm = Bits == 4 ? kernels->int_gemm4 : kernels->int_gemm8;
-    run_tasks(ctx, rows, w.tiles, [&](int64_t m0, int64_t m1, int64_t t0, int64_t t1) { gemm(args, m0, m1, t0, t1); });
+    run_tasks(ctx, rows, w.tiles, [&](int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
+      gemm(args, m0, m1, t0, t1);
+      if constexpr (Gelu || LowRank) epilogue(y, w.n, m0, m1, t0 * kTile, std::min(w.n, t1 * kTile), term);
+    });
+  }
+
+  struct LowRankTerm {
+    std::vector<float> t_storage, right_storage;
+    const float* t = nullptr;      // [rows, r]
+    const float* right = nullptr;  // [r, n]
+    int64_t r = 0;
+  };
+
+  LowRankTerm low_rank_term(const Ort::KernelContext& ctx, const std::vector<int64_t>& a_shape, int64_t n) const {
+    LowRankTerm term;
+    Ort::ConstValue t_value = ctx.GetInput(7), right_value = ctx.GetInput(8);
+    const std::vector<int64_t> right_shape = shape_of(right_value);
+    if (right_shape.size() != 2 || right_shape[1] != n)
+      fail("right must have shape [r, ", n, "] (N of the weight), got ", shape_string(right_shape));
+    term.r = right_shape[0];
+    std::vector<int64_t> t_shape = a_shape;
+    t_shape.back() = term.r;
+    if (shape_of(t_value) != t_shape)
+      fail("t must have shape ", shape_string(t_shape), " (codes ", shape_string(a_shape), " with r = ", term.r,
+           " columns), got ", shape_string(shape_of(t_value)));
+    term.t = float_data(t_value, Half, term.t_storage, kernels->half);
+    term.right = float_data(right_value, Half, term.right_storage, kernels->half);
+    return term;
+  }
+
+  // rows [m0, m1) x columns [c0, c1) of y [rows, n]: y += t @ right (LowRank), then gelu (Gelu)
+  void epilogue(void* y, int64_t n, int64_t m0, int64_t m1, int64_t c0, int64_t c1, const LowRankTerm& term) const {
+    if (c1 <= c0) return;
+    const int64_t width = c1 - c0;
+    // rows m0 .. m0 + rows of y as floats: y itself (float32), else a float copy (ld = width)
+    auto apply = [&](float* rows_y, int64_t ld, int64_t m, int64_t rows) {
+      if constexpr (LowRank)
+        kernels->low_rank_add(rows_y, ld, term.t + m * term.r, term.r, rows, term.right + c0, term.r, n, width);
+      if constexpr (Gelu)
+        for (int64_t i = 0; i < rows; ++i) kernels->gelu_tanh(rows_y + i * ld, width);
+    };
+    if constexpr (Half) {
+      std::vector<float> row(static_cast<size_t>(width));
+      uint16_t* yh = static_cast<uint16_t*>(y);
+      for (int64_t m = m0; m < m1; ++m) {
+        kernels->half.to_floats(yh + m * n + c0, row.data(), width);
+        apply(row.data(), width, m, 1);
+        kernels->half.to_halves(row.data(), yh + m * n + c0, width);
+      }
+    } else {
+      apply(static_cast<float*>(y) + m0 * n + c0, n, m0, m1 - m0);
+    }
   }
 
   void float_matmul(const Ort::KernelContext& ctx, const Ort::ConstValue& x_value, int64_t rows, int64_t k,
@@ -206,9 +267,10 @@ struct MatMulKernel {
   }
 };
 
-template <int Bits, bool IntInput, bool Half>
-struct MatMulOp : Ort::CustomOpBase<MatMulOp<Bits, IntInput, Half>, MatMulKernel<Bits, IntInput, Half>, true> {
-  using Kernel = MatMulKernel<Bits, IntInput, Half>;
+template <int Bits, bool IntInput, bool Half, bool Gelu = false, bool LowRank = false>
+struct MatMulOp : Ort::CustomOpBase<MatMulOp<Bits, IntInput, Half, Gelu, LowRank>,
+                                    MatMulKernel<Bits, IntInput, Half, Gelu, LowRank>, true> {
+  using Kernel = MatMulKernel<Bits, IntInput, Half, Gelu, LowRank>;
 
   OrtStatusPtr CreateKernelV2(const OrtApi& /*api*/, const OrtKernelInfo* info, void** kernel) const {
     return status_of(Kernel::kName, [&] { *kernel = new Kernel(Ort::ConstKernelInfo(info)); });
@@ -241,9 +303,18 @@ struct MatMulOps {
   MatMulOp<8, true, Half> int8;
   MatMulOp<4, false, Half> float4;
   MatMulOp<8, false, Half> float8;
+  MatMulOp<4, true, Half, true> int4_gelu;
+  MatMulOp<8, true, Half, true> int8_gelu;
+  MatMulOp<4, true, Half, false, true> int4_low_rank;
+  MatMulOp<8, true, Half, false, true> int8_low_rank;
+  MatMulOp<4, true, Half, true, true> int4_low_rank_gelu;
+  MatMulOp<8, true, Half, true, true> int8_low_rank_gelu;
 
   void add_to(Ort::CustomOpDomain& domain) {
-    for (OrtCustomOp* op : std::initializer_list<OrtCustomOp*>{&int4, &int8, &float4, &float8}) domain.Add(op);
+    for (OrtCustomOp* op : std::initializer_list<OrtCustomOp*>{&int4, &int8, &float4, &float8, &int4_gelu, &int8_gelu,
+                                                               &int4_low_rank, &int8_low_rank, &int4_low_rank_gelu,
+                                                               &int8_low_rank_gelu})
+      domain.Add(op);
   }
 };
 

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "gelu_tanh.h"
 #include "half.h"
 #include "int_kernels.h"
 #include "transform.h"
@@ -252,6 +253,65 @@ void fill_weight_rows(WeightInfo& w, const uint8_t* b, const float* scales, cons
       }
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The matmul epilogue's activation
+// ---------------------------------------------------------------------------------------------------------------
+
+// gelu(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (ONNX Gelu, approximate="tanh"), in place on n floats,
+// with only IEEE-exact operations (+, *, fma, compares, integer bit arithmetic) so that every build and the AVX-512
+// version (gelu_avx512.h) give the same bits:
+//   u = x * fma(c1, x * x, c0), c0 = sqrt(2/pi), c1 = c0 * 0.044715; u clamped to [-k, k], k = 7.90531110763549805
+//   tanh(u) = u p(u^2) / q(u^2): Eigen's rational approximation (float, odd degree 13 over even degree 6), Horner
+//   with fmas; 1 / q by three Newton steps r = fma(r, fma(-q, r, 1), r) from the bit-pattern estimate
+//   0x7EF311C3 - bits(q) (q in [0.0049, 0.91]: positive and normal; relative error 12% -> 1.4e-2 -> 2e-4 -> 4e-8)
+//   t = +-1 where u was clamped; y = fma(h, t, h), h = 0.5 x
+// Within a few ulp of tanh's; measured against onnxruntime's Gelu in tests/test_matmul_activation.py.
+HN_INLINE float gelu_tanh_value(float x) {
+  using G = GeluTanh;
+  float u = x * __builtin_fmaf(G::c1, x * x, G::c0);
+  u = u < G::clamp ? u : G::clamp;    // minps / maxps semantics (the second operand when either is NaN)
+  u = u > -G::clamp ? u : -G::clamp;
+  const float u2 = u * u;
+  float p = __builtin_fmaf(u2, G::a13, G::a11);
+  p = __builtin_fmaf(u2, p, G::a9);
+  p = __builtin_fmaf(u2, p, G::a7);
+  p = __builtin_fmaf(u2, p, G::a5);
+  p = __builtin_fmaf(u2, p, G::a3);
+  p = __builtin_fmaf(u2, p, G::a1);
+  p = u * p;
+  float q = __builtin_fmaf(u2, G::b6, G::b4);
+  q = __builtin_fmaf(u2, q, G::b2);
+  q = __builtin_fmaf(u2, q, G::b0);
+  uint32_t qb;
+  std::memcpy(&qb, &q, 4);
+  qb = G::magic - qb;
+  float r;
+  std::memcpy(&r, &qb, 4);
+  r = __builtin_fmaf(r, __builtin_fmaf(-q, r, 1.0f), r);
+  r = __builtin_fmaf(r, __builtin_fmaf(-q, r, 1.0f), r);
+  r = __builtin_fmaf(r, __builtin_fmaf(-q, r, 1.0f), r);
+  float t = p * r;
+  t = u == G::clamp ? 1.0f : (u == -G::clamp ? -1.0f : t);  // +-1 exactly where u was clamped (p * r is 2.4e-7 off)
+  const float h = 0.5f * x;
+  return __builtin_fmaf(h, t, h);
+}
+
+void gelu_tanh_row(float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = gelu_tanh_value(y[i]);
+}
+
+// The low-rank epilogue of IntMatMul{4,8}LowRank (int_kernels.h, LowRankAddFn); gelu_avx512.h has the AVX-512
+// version (register blocked, the same bits).
+void low_rank_add_rows(float* y, int64_t ldy, const float* t, int64_t ldt, int64_t rows, const float* right, int64_t r,
+                       int64_t ldr, int64_t n) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t c = 0; c < n; ++c) {
+      float s = 0.0f;
+      for (int64_t j = 0; j < r; ++j) s = __builtin_fmaf(t[i * ldt + j], right[j * ldr + c], s);
+      y[i * ldy + c] = y[i * ldy + c] + s;
+    }
 }
 
 // This source's build of the transform's row kernels; column_mean_half converts with ToFloats (the path's

@@ -8,7 +8,6 @@ measured 0 to 2.5e-7 on these graphs (float32 unit roundoff 6e-8 times a rotatio
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import onnx_ir as ir
@@ -20,7 +19,6 @@ from graph_passes.gated_activation_quant import GatedEmitter
 from graph_passes.linears import SiteSelection
 from graph_passes.methods import BiasCorrection, Method
 from graph_passes.quantization import QuantConfig
-from graph_passes.site_plan import LowRankBranch
 from tests.passes._helpers import check, linear, op_counts, ops, parse_model, plans, rel_l2, run, tokens
 
 TOLERANCE = 1e-5
@@ -161,14 +159,6 @@ def test_requires_plans_of_this_graph():
     other, _, _ = linear(72, 64)
     with pytest.raises(ir.passes.PreconditionError, match="^the plan of site lin was made for another graph$"):
         TransformEmitter(site_plans)(other)
-
-
-def test_requires_no_low_rank_branch():
-    model, _, _ = linear(72, 64)
-    plan = plans(model, {"x": tokens(72)}, None)[0]
-    branch = LowRankBranch(np.zeros((72, 2), np.float32), np.zeros((2, 64), np.float32))
-    with pytest.raises(ir.passes.PreconditionError, match="^site lin: low-rank branches are not written yet$"):
-        TransformEmitter([dataclasses.replace(plan, low_rank=branch)])(model)
 
 
 def test_no_plans_no_change():
