@@ -31,16 +31,32 @@ def _only_reader(value: ir.Value) -> ir.Node | None:
     return uses[0].node if len(uses) == 1 and not value.is_graph_output() else None
 
 
-def _branch_product(add: ir.Node, main: ir.Value) -> ir.Node | None:
-    """The ``MatMul(t, right)`` that `add` adds to `main` (``right`` a constant 2-D weight), read only there."""
+def _constant_2d(value: ir.Value | None) -> tuple[int, int] | None:
+    if value is None or value.const_value is None or len(value.const_value.shape) != 2:
+        return None
+    return tuple(int(d) for d in value.const_value.shape)
+
+
+def _branch_product(add: ir.Node, matmul: ir.Node) -> ir.Node | None:
+    """The ``MatMul(t, right)`` that `add` adds to `matmul`'s output, when it is a low-rank branch as the emitters
+    write it: ``right`` a constant [r, N] (N the matmul's output width), ``t = MatMul(x, left)`` with ``x`` the
+    activation the matmul's site reads and ``left`` a constant [K, r]; read only there. Anything else (another
+    broadcast shape, another product) stays as it is: the kernel's epilogue takes exactly [..., M, r] x [r, N]."""
+    main = matmul.outputs[0]
     if add.domain not in ("", "ai.onnx") or add.op_type != "Add" or len(add.inputs) != 2:
         return None
     other = add.inputs[1] if add.inputs[0] is main else add.inputs[0]
     product = other.producer() if other is not None else None
     if product is None or product.op_type != "MatMul" or product.domain not in ("", "ai.onnx"):
         return None
-    right = product.inputs[1]
-    if right is None or right.const_value is None or len(right.const_value.shape) != 2 or _only_reader(other) is None:
+    right, scales = _constant_2d(product.inputs[1]), _constant_2d(matmul.inputs[4])
+    if right is None or scales is None or right[1] != scales[1] or _only_reader(other) is None:
+        return None
+    down = product.inputs[0].producer() if product.inputs[0] is not None else None
+    if down is None or down.op_type != "MatMul" or down.domain not in ("", "ai.onnx"):
+        return None
+    left = _constant_2d(down.inputs[1])
+    if left is None or left[1] != right[0] or _only_reader(product.inputs[0]) is None:
         return None
     return product
 
@@ -56,7 +72,7 @@ class FuseMatMulLowRankPass(ir.passes.InPlacePass):
             if bits is None:
                 continue
             add = _only_reader(node.outputs[0])
-            product = _branch_product(add, node.outputs[0]) if add is not None else None
+            product = _branch_product(add, node) if add is not None else None
             if product is None:
                 continue
             replace_matmul(model, node, MatMulOp(bits, True, low_rank=True), [*node.inputs, *product.inputs],

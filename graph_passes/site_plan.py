@@ -164,8 +164,11 @@ def _plan_weight(layer: LinearLayer, transform: SiteTransform, config: QuantConf
         return WeightPlan("conv", copy, None, quantized, kernel_shape=array.shape)
     branch = None
     if config.low_rank > 0 and not layer.is_pointwise:
-        exact = array if transform.op is None else transform.fuse_weight(array)
-        fused, branch = split_low_rank(exact, transform, config.low_rank, dtype)
+        exact = np.asarray(array if transform.op is None else transform.fuse_weight(array), np.float64)
+        grid = dataclasses.replace(config, weight_range=WeightRange.MINMAX)  # the decision's measure: min/max codes
+        residual, branch = split_low_rank(exact, transform, config.low_rank, dtype,
+                                          lambda m: quantize_weight(m, grid, dtype).dequantize())
+        fused = residual if branch is not None else fused
     int8 = quantize_weight_per_channel_int8(fused, dtype) if correction else None
     return WeightPlan("matmul", copy, None, quantize_weight(fused, config, dtype, gptq), int8, low_rank=branch)
 
@@ -243,4 +246,8 @@ def plan_sites(sites: list[ActivationSite], stats: Mapping[str, SiteStats], opti
         if transform.op is not None:
             transformed_readers |= own
         plans.append(SitePlan(site, transform, tuple(linears), act, mode))
+    if quant is not None and quant.low_rank > 0:
+        kept = sum(1 for p in plans for lp in p.linears if lp.weight.low_rank is not None)
+        logger.info("low-rank branch (rank %d) kept on %d of %d linears (the others: no lower weight error)",
+                    quant.low_rank, kept, sum(len(p.linears) for p in plans))
     return tuple(plans)

@@ -303,7 +303,9 @@ class CalibrationShard:
 
     @property
     def label(self) -> str:
-        what, items = ("trajectory", self.samples) if self.samples else ("--calib batch", range(len(self.batches)))
+        # split: shard i holds batch i alone; unsplit: shard 0 holds batches 0, 1, ...
+        what, items = (("trajectory", self.samples) if self.samples
+                       else ("--calib batch", range(self.index, self.index + len(self.batches))))
         return f"{what} {items[0]}" if len(items) == 1 else f"shard {self.index} ({len(items)} {what}s)"
 
 

@@ -63,7 +63,11 @@ class GridOptions:
         check_hadamard_block(self.hadamard_block)
         for quant in quants:  # a block the format cannot hold: one line before any work
             check_format_block(quant.format, self.weight_block, quant.weight_bits)
-        points = grid_points(parse_list(self.methods, Method, "--methods"), quants,
+        methods = parse_list(self.methods, Method, "--methods")
+        if Method.HQDM in methods and any(q.low_rank for q in quants):
+            raise UserError("--low-ranks above 0 need the quantized weight to be the transformed one; --methods hqdm "
+                            "quantizes it unrotated", "run hqdm in a grid with --low-ranks 0")
+        points = grid_points(methods, quants,
                              parse_list(self.bias_corrections, BiasCorrection, "--bias-corrections"),
                              parse_list(self.act_granularities, ActGranularity, "--act-granularities"))
         if not points:

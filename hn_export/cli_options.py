@@ -136,7 +136,7 @@ def parse_ranks(text: str) -> list[int]:
     for item in (i.strip() for i in text.split(",")):
         if not item:
             continue
-        if not item.isdigit():
+        if not (item.isascii() and item.isdigit()):
             raise UserError(f"--low-ranks item {item!r} is not a whole number >= 0", "e.g. --low-ranks 0,16,32")
         ranks.append(int(item))
     if not ranks:

@@ -99,6 +99,13 @@ class QuantOptions:
         if granularity is ActGranularity.TIMESTEP and transform_only:
             raise UserError("--act-granularity timestep / --act-scales quantize activations, --transform-only does "
                             "not", "drop one of them")
+        if self.low_rank and transform_only:
+            raise UserError(f"--low-rank {self.low_rank} splits the weight that is quantized, --transform-only "
+                            "quantizes nothing", "drop one of them")
+        if self.low_rank and self.method is Method.HQDM:
+            raise UserError(f"--low-rank {self.low_rank} needs the quantized weight to be the transformed one; "
+                            "--method hqdm quantizes it unrotated in integer parts", "use another --method, or drop "
+                            "--low-rank")
         quant = None if transform_only else QuantConfig(
             weight_bits=self.wbits or w_default, act_bits=self.abits or a_default, weight_block=self.weight_block,
             weight_symmetric=not self.asymmetric_weights, format=fmt, weight_range=self.weight_range,

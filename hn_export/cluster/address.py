@@ -31,7 +31,7 @@ def parse_address(text: str) -> ClusterAddress:
     if value.lower() in (LOCAL, AUTO):
         return ClusterAddress(value.lower())
     host, sep, port = value.rpartition(":")
-    if sep and host and port.isdigit() and 0 < int(port) < 65536 and not any(c.isspace() for c in host):
+    if sep and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536 and not any(c.isspace() for c in host):
         return ClusterAddress(f"{host}:{int(port)}")
     raise UserError(f"--ray {text!r} is not a cluster address",
                     "pass HOST:PORT (the head node's GCS address, as `ray start --head` prints it), auto (the "

@@ -52,3 +52,25 @@ def test_rank_zero_nothing_to_fuse():
     model = mlp()
     FusedEmitter(plans(model, {"x": tokens(72)}, dataclasses.replace(W4A4_R8, low_rank=0)))(model)
     assert not FuseMatMulLowRankPass()(model).modified
+
+
+def test_other_products_left_alone():
+    """An Add of the matmul's output and a product that is not a low-rank branch (here ``c @ wc`` of two constants,
+    broadcast over the batch) is not fused: the kernel's epilogue takes exactly [..., M, r] x [r, N]."""
+    from graph_passes.graph_utils import add_initializer, make_node, redirect_uses
+
+    model = mlp()
+    feeds = {"x": tokens(72)}
+    FusedEmitter(plans(model, feeds, dataclasses.replace(W4A4_R8, low_rank=0)))(model)
+    graph = model.graph
+    matmul = next(n for n in graph if n.name == "ff.in.IntMatMul4")
+    rng = np.random.default_rng(1)
+    c = add_initializer(graph, "c", rng.standard_normal((32, 8)).astype(np.float32))
+    wc = add_initializer(graph, "wc", rng.standard_normal((8, 96)).astype(np.float32))
+    product = make_node("MatMul", [c, wc], "foreign")
+    add = make_node("Add", [matmul.outputs[0], product.outputs[0]], "foreign_add")
+    redirect_uses(matmul.outputs[0], add.outputs[0], keep=[add])
+    graph.insert_after(matmul, [product, add])
+    before = run(model, feeds)[0]
+    assert not FuseMatMulLowRankPass()(model).modified
+    assert rel_l2(run(model, feeds)[0], before) == 0.0

@@ -125,3 +125,30 @@ def test_no_branch_at_rank_zero(fmt):
     model, _, _ = dominant_linear()
     site_plans = plans(model, {"x": tokens(72)}, dataclasses.replace(W4A4_R8, low_rank=0))
     assert site_plans[0].linears[0].weight.low_rank is None
+
+
+def test_branch_kept_only_where_it_lowers_the_weight_error():
+    """A wide weight with no low-rank part and flat entries (uniform, 1152 x 1152: torch's default Linear init, so
+    the synthetic presets' weights): the rank-16 SVD removes little and widens the residual's block ranges (measured
+    weight error 1.38 -> 1.57), so it keeps no branch and quantizes the weight itself; the dominant weight keeps one.
+    The refinement (refit to W - Q(R)) never raises the weight error (`split_low_rank`)."""
+    from graph_passes.low_rank import split_low_rank
+    from graph_passes.quantization import quantize_weight
+    from graph_passes.site_transforms import SiteTransform
+
+    def dequantized(m):
+        return quantize_weight(m, dataclasses.replace(W4A4_R8, weight_block=128), np.dtype(np.float32)).dequantize()
+
+    flat = np.random.default_rng(4).uniform(-1.0, 1.0, (1152, 1152)) / 34
+    identity = SiteTransform(center=False, inv_scale=np.ones(1152), hadamard=None)
+    residual, branch = split_low_rank(flat, identity, 16, np.dtype(np.float32), dequantized)
+    assert branch is None and np.array_equal(residual, flat)
+    model, wt, _ = dominant_linear()
+    (plan,) = plans(model, {"x": tokens(72)}, W4A4_R8)
+    assert plan.linears[0].weight.low_rank is not None
+    fused = plan.transform.fuse_weight(wt)
+    errors = []
+    for steps in (0, 1):
+        residual, branch = split_low_rank(fused, plan.transform, 8, np.dtype(np.float32), dequantized, steps)
+        errors.append(np.linalg.norm(dequantized(residual) + (fused - residual) - fused))
+    assert errors[1] <= errors[0] < np.linalg.norm(dequantized(fused) - fused)
