@@ -444,7 +444,11 @@ class ShardCalibrator:
         self.owners, nodes, inits = _add_stat_outputs(model, self.hessians)
         self._stack.callback(_remove_stat_outputs, model, outputs, nodes, inits)
         self.names = [value.name for value in model.graph.outputs[outputs:]]
-        self.session = self._stack.enter_context(open_session(model, threads=self.threads, fuse_attention=True))
+        try:
+            self.session = self._stack.enter_context(open_session(model, threads=self.threads, fuse_attention=True))
+        except BaseException:
+            self._stack.close()  # the caller's model without the reductions again
+            raise
         return self
 
     def __exit__(self, *exc) -> None:

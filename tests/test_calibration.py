@@ -232,3 +232,21 @@ def test_calibrating_a_loaded_model_leaves_it_unchanged(tiny_onnx):
     before = ir.serde.serialize_model(model).SerializeToString()
     stats = calibrate(tiny_onnx, DenoiseConfig(samples=1, steps=2), progress=False, model=model)
     assert stats.sites and ir.serde.serialize_model(model).SerializeToString() == before
+
+
+def test_session_failure_leaves_the_model_as_it_was(tiny_onnx, monkeypatch):
+    """ShardCalibrator adds its reduction outputs to the caller's model; when the session cannot be opened they
+    are taken out again before the error propagates (the model is the caller's, and may be written next)."""
+    import hn_export.calibration as calibration
+
+    model = ir.load(str(tiny_onnx))
+    outputs, nodes = [v.name for v in model.graph.outputs], len(model.graph)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no session here")
+
+    monkeypatch.setattr(calibration, "open_session", refuse)
+    with pytest.raises(RuntimeError, match="no session here"):
+        with calibration.ShardCalibrator(model, DenoiseConfig(samples=1, steps=1)):
+            pass
+    assert [v.name for v in model.graph.outputs] == outputs and len(model.graph) == nodes
