@@ -109,12 +109,6 @@ class MatMulOp:
         return build_function(self)
 
 
-QUANTIZE_OPS: tuple[QuantizeOp, ...] = (QuantizeOp(None),) + tuple(
-    QuantizeOp(TransformOp(c, r)) for c in (False, True) for r in (False, True))
-MATMUL_OPS: tuple[MatMulOp, ...] = tuple(MatMulOp(b, i) for b in (4, 8) for i in (True, False))
-FUSED_EPILOGUE_OPS: tuple[MatMulOp, ...] = tuple(
-    MatMulOp(b, True, act, lr) for b in (4, 8) for act in MatMulActivation for lr in (False, True)
-    if act is not MatMulActivation.NONE or lr)
 
 
 def _i64(*values: int) -> np.ndarray:

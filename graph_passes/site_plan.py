@@ -149,9 +149,10 @@ def _plan_weight(layer: LinearLayer, transform: SiteTransform, config: QuantConf
         array = np.ascontiguousarray(array[:, :, 0, 0].T)  # the 1x1 conv as the MatMul it becomes
     dtype = array.dtype
     if transform.op is None:
-        fused = array
-    else:
-        fused = (transform.fuse_conv_weight(array) if kxk else transform.fuse_weight(array)).astype(dtype)
+        exact = fused = array
+    else:  # float64, cast at the end (the low-rank split below works on the float64 weight)
+        exact = transform.fuse_conv_weight(array) if kxk else transform.fuse_weight(array)
+        fused = exact.astype(dtype)
     if config is None:
         return WeightPlan("conv" if kxk else "matmul", copy, fused if transform.op is not None else None, None,
                           kernel_shape=array.shape if kxk else ())
@@ -164,7 +165,6 @@ def _plan_weight(layer: LinearLayer, transform: SiteTransform, config: QuantConf
         return WeightPlan("conv", copy, None, quantized, kernel_shape=array.shape)
     branch = None
     if config.low_rank > 0 and not layer.is_pointwise:
-        exact = np.asarray(array if transform.op is None else transform.fuse_weight(array), np.float64)
         grid = dataclasses.replace(config, weight_range=WeightRange.MINMAX)  # the decision's measure: min/max codes
         residual, branch = split_low_rank(exact, transform, config.low_rank, dtype,
                                           lambda m: quantize_weight(m, grid, dtype).dequantize())

@@ -1,5 +1,5 @@
 // AVX-512 versions of the matmul epilogue's gelu and low-rank term (portable_loops.h, gelu_tanh_value and
-// low_rank_add_row): the same IEEE operations in the same order, 16 lanes at a time (bit-identical to the scalar
+// low_rank_add_rows): the same IEEE operations in the same order, 16 lanes at a time (bit-identical to the scalar
 // path), included by int_avx512.cc after its target pragma.
 #pragma once
 

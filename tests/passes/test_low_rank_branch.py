@@ -23,7 +23,7 @@ from graph_passes.emit_nbits import NBitsEmitter
 from graph_passes.emit_qdq import QdqEmitter
 from graph_passes.errors import GraphInputError
 from graph_passes.methods import Method
-from graph_passes.quantization import OutputFormat, QuantConfig
+from graph_passes.quantization import QuantConfig
 from tests.passes._helpers import (copy_model, linear_text, ops, parse_model, per_token_qdq, plans, quantizer_input,
                                    rel_l2, run, sqnr_db, tokens)
 
@@ -120,12 +120,19 @@ def test_refused_with_a_single_hadamard():
               hadamard_block=32)
 
 
-@pytest.mark.parametrize("fmt", list(OutputFormat))
-def test_no_branch_at_rank_zero(fmt):
+@pytest.mark.parametrize("emitter", [QdqEmitter, NBitsEmitter, FusedEmitter])
+def test_no_branch_at_rank_zero(emitter):
+    """Rank 0 (the default): no branch planned, and each format writes the very graph it writes without the option."""
     model, _, _ = dominant_linear()
-    site_plans = plans(model, {"x": tokens(72)}, dataclasses.replace(W4A4_R8, low_rank=0))
+    x = tokens(72)
+    site_plans = plans(model, {"x": x}, dataclasses.replace(W4A4_R8, low_rank=0))
     assert site_plans[0].linears[0].weight.low_rank is None
-
+    emitter(site_plans)(model)
+    plain, _, _ = dominant_linear()
+    emitter(plans(plain, {"x": x}, QuantConfig(4, 4, weight_block=16)))(plain)
+    assert [(n.op_type, n.name) for n in model.graph] == [(n.op_type, n.name) for n in plain.graph]
+    assert not [n for n in model.graph if "low_rank" in (n.name or "")]
+    assert rel_l2(run(model, {"x": x})[0], run(plain, {"x": x})[0]) == 0.0
 
 def test_branch_kept_only_where_it_lowers_the_weight_error():
     """A wide weight with no low-rank part and flat entries (uniform, 1152 x 1152: torch's default Linear init, so
