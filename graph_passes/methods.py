@@ -19,12 +19,17 @@ activation is rotated by a block-diagonal Sylvester Hadamard (blocks of 32, no r
 back; the weight is quantized in its own domain ("prevents the amplification of weight outliers"). In integer form
 ``y = Q(x H_n^T) (H_raw W_int^T) s_x s_w / sqrt(32)`` with ``H_raw W_int^T`` exact integers (the ``fused`` format,
 `graph_passes.emit_fused`). Its default Hadamard is ``block`` of 32 (`Method.default_hadamard`).
+
+The SmoothQuant exponent (``--alpha``) of the smoothing methods is one number for every site (`TransformOptions.alpha`
+a float), or ``--alpha auto`` (`AlphaSearch`): per site the alpha of a small grid with the least output error on the
+calibration data (`graph_passes.alpha_search`), which resolves it to `SiteAlphas` before the transforms are planned.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 
 from graph_passes.hadamard import HadamardMode
 
@@ -67,6 +72,40 @@ _RECIPES: dict[Method, Recipe] = {
 }
 
 
+# ``--alpha auto``'s default grid: around SmoothQuant's 0.5, towards the weights (0.3) and the activations (0.8)
+DEFAULT_ALPHA_GRID: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+@dataclasses.dataclass(frozen=True)
+class AlphaSearch:
+    """``--alpha auto``: each smoothed site takes the alpha of `grid` whose transform gives the least output error
+    on the calibration data (`graph_passes.alpha_search`); resolved to `SiteAlphas` before any transform is planned.
+    The grid: distinct finite numbers in [0, 1], in the order given (ties go to the earlier one)."""
+
+    grid: tuple[float, ...] = DEFAULT_ALPHA_GRID
+
+    def __post_init__(self) -> None:
+        if not self.grid:
+            raise ValueError("the alpha grid is empty")
+        if any(not (math.isfinite(a) and 0.0 <= a <= 1.0) for a in self.grid):
+            raise ValueError(f"alpha grid {self.grid}: every alpha is a finite number in [0, 1]")
+        if len(set(self.grid)) != len(self.grid):
+            raise ValueError(f"alpha grid {self.grid} repeats a value")
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteAlphas:
+    """The alphas an `AlphaSearch` chose: (site name, alpha) pairs in site order."""
+
+    chosen: tuple[tuple[str, float], ...]
+
+    def __getitem__(self, site: str) -> float:
+        for name, alpha in self.chosen:
+            if name == site:
+                return alpha
+        raise KeyError(site)
+
+
 class BiasCorrection(enum.Enum):
     """How ``W mu`` is computed for centered sites (see DEVELOPERS.md and the W4A4 issue)."""
 
@@ -78,7 +117,7 @@ class BiasCorrection(enum.Enum):
 @dataclasses.dataclass(frozen=True)
 class TransformOptions:
     method: Method = Method.HADANORM
-    alpha: float = 0.5
+    alpha: float | AlphaSearch | SiteAlphas = 0.5  # one for every site; --alpha auto; what auto chose per site
     hadamard: HadamardMode | None = None  # None: the method's default (`Method.default_hadamard`)
     hadamard_block: int | None = None  # None: the method's default
     bias_correction: BiasCorrection = BiasCorrection.FLOAT_TOKEN
@@ -87,6 +126,18 @@ class TransformOptions:
     @property
     def hadamard_mode(self) -> HadamardMode:
         return self.hadamard if self.hadamard is not None else self.method.default_hadamard[0]
+
+    def alpha_of(self, site: str) -> float:
+        """The SmoothQuant exponent of `site`; an unresolved `AlphaSearch` is a programming error."""
+        if isinstance(self.alpha, SiteAlphas):
+            try:
+                return self.alpha[site]
+            except KeyError:
+                raise ValueError(f"--alpha auto chose no alpha for site {site}") from None
+        if isinstance(self.alpha, AlphaSearch):
+            raise ValueError("--alpha auto is resolved per site (graph_passes.alpha_search) before transforms are "
+                             "planned")
+        return self.alpha
 
     @property
     def block(self) -> int:

@@ -4,7 +4,8 @@ The plan is the contract between the planning step and the emitters (`graph_pass
 modules): an emitter receives the plans in its constructor and writes them in one format; it never reads back
 what another pass wrote. Everything numeric is decided here, in float64 numpy, cast at the end:
 
-* the site's transform ``x~ = H S^-1 (x - mu)`` (`graph_passes.site_transforms.plan_site_transform`);
+* the site's transform ``x~ = H S^-1 (x - mu)`` (`graph_passes.site_transforms.plan_site_transform`; with
+  ``--alpha auto`` the options carry the alpha chosen per site, `graph_passes.alpha_search`);
 * per linear, the weight the site's linears multiply: ``W~^T = H S W^T`` (``S W^T`` for a single Hadamard) cast
   to the weight's dtype, and, when quantizing, its integer codes and block scales (`QuantizedWeight`, the same
   integers in every output format) and the ``exact`` bias correction's int8 per-channel copy;
@@ -141,8 +142,11 @@ def _act_spec(site: str, bits: int, act_scales: ActScaleTable | None) -> ActQuan
     return ActQuantSpec(bits, ActGranularity.TIMESTEP, static)
 
 
-def _plan_weight(layer: LinearLayer, transform: SiteTransform, config: QuantConfig | None, copy: bool,
-                 correction: bool, gptq: GptqFactor | None = None) -> WeightPlan:
+def plan_weight(layer: LinearLayer, transform: SiteTransform, config: QuantConfig | None, copy: bool,
+                correction: bool, gptq: GptqFactor | None = None) -> WeightPlan:
+    """One stored weight of a site: fused by `transform` (float64, cast to the weight's dtype), quantized by
+    `config` (the GPTQ ranges with `gptq`), with the ``exact`` bias correction's int8 copy when `correction`
+    (`graph_passes.alpha_search` plans its candidates here too, so it measures the weights the graph stores)."""
     array = layer.weight.const_value.numpy()
     kxk = layer.is_conv and not layer.is_pointwise
     if layer.is_pointwise:
@@ -240,8 +244,8 @@ def plan_sites(sites: list[ActivationSite], stats: Mapping[str, SiteStats], opti
                 if copy:
                     logger.info("weight %s of site %s is shared outside the site: fusing a copy", layer.weight.name,
                                 site.name)
-                weights[key] = _plan_weight(layer, transform, config, copy, mode is BiasCorrection.EXACT,
-                                            hessians.factor(layer) if hessians is not None else None)
+                weights[key] = plan_weight(layer, transform, config, copy, mode is BiasCorrection.EXACT,
+                                           hessians.factor(layer) if hessians is not None else None)
             linears.append(LinearPlan(layer, weights[key]))
         if transform.op is not None:
             transformed_readers |= own

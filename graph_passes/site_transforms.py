@@ -7,6 +7,8 @@ For a site with linears ``W_1..W_k`` (stacked ``W`` with rows = output channels)
     W~^T  = H S W^T                                             (offline, float64; ONNX stores W^T as [in, out])
 
 so that ``W~ x~ = W (x - mu)`` exactly. Scales are clipped to [1e-5, 1e5] and channels with zero statistics get 1.
+``alpha`` is one number for every site, or with ``--alpha auto`` the one chosen for the site
+(`TransformOptions.alpha_of`, `graph_passes.alpha_search`).
 
 Single-Hadamard recipes (HQ-DM) rotate the activation, quantize it and rotate it back, ``x^ = Q(x~) H``: the weight
 takes ``S`` only, ``W~^T = S W^T``. A convolution weight ``W[out, in, kh, kw]`` is fused tap by tap (its input
@@ -102,7 +104,7 @@ def plan_site_transform(
         if stats is None:
             raise ValueError(f"site {site.name} needs calibration statistics for SmoothQuant scales")
         act = stats.centered_absmax if center else stats.absmax
-        inv_scale = smoothing_inv_scale(act, weight_input_absmax(site), options.alpha)
+        inv_scale = smoothing_inv_scale(act, weight_input_absmax(site), options.alpha_of(site.name))
     hadamard = None
     if recipe.rotate:
         seed = None if options.seed is None or recipe.single else options.seed + site_index

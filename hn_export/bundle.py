@@ -40,6 +40,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import onnx_ir as ir
+
 from hn_export.bundle_components import (DEFAULT_ENCODER_BITS, DEFAULT_ENCODER_BLOCK, check_encoder_options,
                                          convert_tokenizer, quantize_weights, text_encoder_graph, vae_decoder_graph)
 from hn_export.errors import UserError
@@ -221,6 +223,22 @@ def _load_text_encoder(folder: Path):
     model = _load("text encoder", folder, lambda: T5EncoderModel.from_pretrained(
         folder / "text_encoder", local_files_only=True, torch_dtype=torch.float32))
     return model.float().eval()
+
+
+def _text_encoder(folder: Path, bits: int | None, block: int) -> ir.Model:
+    """The text encoder's graph, weight-only quantized when `bits` is set. A safetensors checkpoint is streamed a
+    tensor at a time (`hn_export.encoder_stream`: the graph's weights are read, and quantized, only when it is saved;
+    the same graph and weights as the loaded path, tested); any other is loaded whole into torch."""
+    source = folder / "text_encoder"
+    if (source / "model.safetensors").is_file() or (source / "model.safetensors.index.json").is_file():
+        from hn_export.encoder_stream import nbits_weights, stream_text_encoder_graph
+
+        graph = stream_text_encoder_graph(folder)
+        return graph if bits is None else nbits_weights(graph, bits, block)
+    encoder = _load_text_encoder(folder)
+    graph = text_encoder_graph(encoder)
+    del encoder
+    return graph if bits is None else quantize_weights(graph, bits, block)
 
 
 def _load_vae(folder: Path):
@@ -468,14 +486,9 @@ def _build(job: BundleJob, work: Path, staging: Path, stage, bar) -> BundleRepor
     del model
 
     stage("text encoder")
-    encoder = _load_text_encoder(folder)
-    graph = text_encoder_graph(encoder)
-    del encoder
-    if job.encoder_bits is not None:
-        graph = quantize_weights(graph, job.encoder_bits, job.encoder_block)
-        method = f"weight-only int{job.encoder_bits} (MatMulNBits, block {job.encoder_block}, symmetric)"
-    else:
-        method = "float32"
+    graph = _text_encoder(folder, job.encoder_bits, job.encoder_block)
+    method = "float32" if job.encoder_bits is None else \
+        f"weight-only int{job.encoder_bits} (MatMulNBits, block {job.encoder_block}, symmetric)"
     written = save_model(graph, staging / "text_encoder.onnx")
     del graph
     entries += _graph_entries(staging, written, "text_encoder", bits=job.encoder_bits or 32, method=method)

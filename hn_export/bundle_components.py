@@ -40,21 +40,24 @@ DEFAULT_ENCODER_BITS = 8
 DEFAULT_ENCODER_BLOCK = 128
 
 
-def _trace(module, args: tuple, dynamic: tuple, names: list[str], output: str, specs: tuple[InputSpec, ...]):
+def _trace(module, args: tuple, dynamic: tuple, names: list[str], output: str, specs: tuple[InputSpec, ...],
+           optimize: bool = True):
     import torch
 
     with quiet_tracing(), torch.no_grad():
         exported = torch.export.export(module, args, dynamic_shapes=dynamic, strict=False)
         program = torch.onnx.export(exported, (), dynamo=True, opset_version=ONNX_OPSET, input_names=names,
-                                    output_names=[output], verbose=False, external_data=True)
+                                    output_names=[output], verbose=False, external_data=True, optimize=optimize)
     model = program.model
     name_dynamic_dims(model, specs)
     model.ir_version = IR_VERSION
     return model
 
 
-def text_encoder_graph(encoder) -> ir.Model:
-    """A transformers ``T5EncoderModel`` (float32, eval) as an onnx_ir Model with dynamic batch and sequence."""
+def text_encoder_graph(encoder, optimize: bool = True) -> ir.Model:
+    """A transformers ``T5EncoderModel`` (float32, eval) as an onnx_ir Model with dynamic batch and sequence.
+    ``optimize=False``: without the exporter's optimizer (`hn_export.encoder_stream` exports a weightless module on
+    the meta device and optimizes after its weights are made lazy)."""
     import torch
 
     class Encoder(torch.nn.Module):
@@ -72,7 +75,7 @@ def text_encoder_graph(encoder) -> ir.Model:
     dims = {0: "batch", 1: "sequence"}
     specs = tuple(InputSpec(name, dims) for name in ENCODER_INPUTS)
     model = _trace(Encoder(encoder.float().eval()), (ids, mask), ({0: batch, 1: sequence}, {0: batch, 1: sequence}),
-                   list(ENCODER_INPUTS), ENCODER_OUTPUT, specs)
+                   list(ENCODER_INPUTS), ENCODER_OUTPUT, specs, optimize)
     model.metadata_props[ROLE_KEY] = "text_encoder"
     return model
 

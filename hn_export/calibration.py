@@ -25,6 +25,17 @@ FFN-out ones): the float64 sums 141 x 1152^2 x 8 + 28 x 4608^2 x 8 = 1.50 + 4.76
 weights are planned (plus the mean rows: 2 x 1152 float64 per call and activation, dense d x d past d rows), and
 each call's float32 Grams, 3.13 GB, alive while the host adds them.
 
+Token samples for ``--alpha auto`` (`graph_passes.alpha_search`; only when asked, for the job's sites): per call and
+activation, ``k`` rows of the flattened tokens ``[T, d]`` (``T`` = every index but the channel), gathered inside the
+graph so only ``k x d`` floats leave the session, and for centering methods the same rows of the centered tokens
+``x - mu_l``. Rows are stratified: row ``i`` is ``floor(f_i T)`` with ``f_i = (i + u_i) / k`` (clamped to ``T - 1``),
+``u_i`` uniform from a generator seeded by (seed, trajectory, step) or (seed, ``--calib`` batch), fed as one graph
+input per call; so the rows are distinct when ``k <= T`` and cover the batch, and the same seed picks the same rows
+whichever shard or node runs the call. ``k = max(1, 256 // calls)`` (`SampleRequest.for_calls`): at most 256 rows per
+activation when there are at most 256 calls (the default 40 calls: 6 rows each, 240), one per call beyond. Memory,
+the 28-block PixArt-Sigma with a centering method (x and x - mu rows, float32): 240 x (141 x 1152 + 28 x 4608) x 4 x 2
+= 560 MB, held until the alphas are chosen (a non-centering method: half).
+
 A map-reduce: `ShardCalibrator` runs a shard of the calls (trajectories, or batches of the ``--calib`` file) and
 returns its reductions (`ShardStats`), `reduce_shards` merges them in shard order. On this machine all calls are
 one shard, summed call by call as ever; with ``--ray`` (`hn_export.cluster`) each trajectory (each batch) is a shard
@@ -55,6 +66,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
+from graph_passes.alpha_search import TokenSample
 from graph_passes.conv_sites import pixel_tokens
 from graph_passes.gptq import ActivationGram, CalibratedStats, conv_key
 from graph_passes.graph_utils import NodeSequence, add_initializer
@@ -97,6 +109,8 @@ class CalibrationStats:
     sites: dict[str, SiteStats]  # keyed by activation tensor name
     calls: int
     source: str  # "trajectories(samples=..., steps=..., seed=...)" or "file:NAME"
+    # token rows for --alpha auto (`SampleRequest`), keyed by activation tensor name; never saved
+    samples: dict[str, TokenSample] = dataclasses.field(default_factory=dict)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the statistics (.npz) atomically (`hn_export.model_files.write_atomic`)."""
@@ -184,7 +198,39 @@ class HessianRequest:
                              if lin.is_conv and not lin.is_pointwise))
 
 
+SAMPLE_BUDGET = 256  # token rows per activation (at most, while calls <= budget: `SampleRequest.for_calls`)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleRequest:
+    """Which token samples the calibration run collects for ``--alpha auto``: rows of these activations, also
+    centered for those in `centered`, `per_call` rows per call (`for_calls` sets it from the run's call count)."""
+
+    activations: frozenset[str]
+    centered: frozenset[str]
+    per_call: int = 1
+    budget: int = SAMPLE_BUDGET
+
+    @classmethod
+    def of(cls, sites: Iterable[ActivationSite], center: bool) -> SampleRequest:
+        """The samples of `sites`; `center`: the method centers (sites that can be centered also get x - mu)."""
+        sites = list(sites)
+        return cls(frozenset(site.activation.name for site in sites),
+                   frozenset(site.activation.name for site in sites if center and site.can_center))
+
+    def for_calls(self, calls: int) -> SampleRequest:
+        return dataclasses.replace(self, per_call=max(1, self.budget // max(calls, 1)))
+
+    def fractions(self, seed: int, *call: int) -> np.ndarray:
+        """The row fractions ``(i + u_i) / k`` of one call (float32 [k]), keyed by the call (trajectory and step, or
+        ``--calib`` batch): the same call gets the same rows in any shard."""
+        u = np.random.default_rng([seed, *call]).random(self.per_call)
+        return ((np.arange(self.per_call) + u) / self.per_call).astype(np.float32)
+
+
 _GRAM, _MEAN, _SHAPE, _PATCH = "gram", "mean", "shape", "patch:"  # output suffixes of the Gram outputs
+_ROWS, _CENTERED_ROWS = "rows", "centered_rows"  # output suffixes of the token samples
+SAMPLE_INPUT = "hn_calib.sample_fractions"  # the graph input of the sample rows' fractions (float [k])
 
 
 def _unfold_patches(graph: ir.Graph, seq: NodeSequence, x: ir.Value, conv: LinearLayer,
@@ -206,12 +252,12 @@ def _unfold_patches(graph: ir.Graph, seq: NodeSequence, x: ir.Value, conv: Linea
     return seq.op("Gemm", [flat, flat], transA=1), [kernel, rows]
 
 
-def _add_stat_outputs(model: ir.Model, hessians: HessianRequest | None = None
+def _add_stat_outputs(model: ir.Model, hessians: HessianRequest | None = None, samples: SampleRequest | None = None
                       ) -> tuple[dict[str, str], list[ir.Node], list[ir.Value]]:
-    """Append the reductions of every linear input (and the Grams of `hessians`); returns output prefix ->
-    activation name, and the nodes and initializers added (to take them out again). The session runs them in
-    onnxruntime's priority-based order (`hn_export.ort_models.open_session`), which frees each activation once
-    reduced."""
+    """Append the reductions of every linear input (and the Grams of `hessians`, the token rows of `samples`: one
+    more graph input, `SAMPLE_INPUT`); returns output prefix -> activation name, and the nodes and initializers
+    added (to take them out again). The session runs them in onnxruntime's priority-based order
+    (`hn_export.ort_models.open_session`), which frees each activation once reduced."""
     graph = model.graph
     all_sites = find_activation_sites(model, ALL_LINEARS)
     activations = {site.activation.name: (site.activation, site.is_conv, site.width) for site in all_sites}
@@ -224,11 +270,29 @@ def _add_stat_outputs(model: ir.Model, hessians: HessianRequest | None = None
             for lin in site.linears:
                 if conv_key(lin.node.name, lin.weight.name) in hessians.convs:
                     convs.setdefault(site.activation.name, []).append(lin)
+    if samples is not None:
+        missing = sorted(samples.activations - set(activations))
+        if missing:
+            raise ValueError(f"no linear reads activation {missing[0]}: cannot sample its tokens")
     owners: dict[str, str] = {}
     seq = NodeSequence("hn_calib")
     first = add_initializer(graph, "hn_calib.axis0", np.array([0], dtype=np.int64))
     tokens = add_initializer(graph, "hn_calib.axis_tokens", np.array([-2], dtype=np.int64))
     added = [first, tokens]
+    fractions = None
+    if samples is not None:
+        fractions = ir.Value(name=SAMPLE_INPUT, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([None]))
+        graph.inputs.append(fractions)
+        one = add_initializer(graph, "hn_calib.one", np.array([1], dtype=np.int64))
+        added.append(one)
+
+    def sample_rows(flats: list[ir.Value]) -> list[ir.Value]:
+        """The rows ``min(floor(f T), T - 1)`` of each [T, d] tensor of `flats` (all with the same T)."""
+        count = seq.op("Shape", [flats[0]], start=0, end=1)  # [1]: T
+        scaled = seq.op("Mul", [fractions, seq.op("Cast", [count], to=ir.DataType.FLOAT)])
+        index = seq.op("Cast", [seq.op("Floor", [scaled])], to=ir.DataType.INT64)
+        index = seq.op("Min", [index, seq.op("Sub", [count, one])])
+        return [seq.op("Gather", [flat, index], axis=0) for flat in flats]
 
     def channel_absmax(value: ir.Value) -> ir.Value:
         """max |value| over every axis but the last: flatten to [tokens, d], reduce axis 0."""
@@ -254,9 +318,17 @@ def _add_stat_outputs(model: ir.Model, hessians: HessianRequest | None = None
         for value, stat in zip(values, _STATS):
             output(value, f"hn_calib.{i}.{stat}")
         owners[f"hn_calib.{i}"] = name
+        flat = None
+        if samples is not None and name in samples.activations:
+            flats = [seq.op("Flatten", [xf], axis=-1)]  # [tokens, d]
+            if name in samples.centered:
+                flat = seq.op("Flatten", [centered], axis=-1)
+                flats.append(flat)
+            for value, suffix in zip(sample_rows(flats), (_ROWS, _CENTERED_ROWS)):
+                output(value, f"hn_calib.{i}.{suffix}")
         if hessians is None or name not in hessians.activations:
             continue
-        flat = seq.op("Flatten", [centered], axis=-1)  # [tokens, d]
+        flat = flat if flat is not None else seq.op("Flatten", [centered], axis=-1)  # [tokens, d]
         output(seq.op("Gemm", [flat, flat], transA=1), f"hn_calib.{i}.{_GRAM}")
         output(mean_tok, f"hn_calib.{i}.{_MEAN}")
         output(seq.op("Shape", [xf]), f"hn_calib.{i}.{_SHAPE}", ir.DataType.INT64)
@@ -269,11 +341,13 @@ def _add_stat_outputs(model: ir.Model, hessians: HessianRequest | None = None
     return owners, seq.nodes, added
 
 
-def _remove_stat_outputs(model: ir.Model, outputs: int, nodes: list[ir.Node], initializers: list[ir.Value]) -> None:
+def _remove_stat_outputs(model: ir.Model, inputs: int, outputs: int, nodes: list[ir.Node],
+                         initializers: list[ir.Value]) -> None:
     """Undo `_add_stat_outputs`: the graph is as it was loaded."""
     graph = model.graph
     del graph.outputs[outputs:]
     graph.remove(nodes, safe=True)
+    del graph.inputs[inputs:]
     for init in initializers:
         graph.initializers.pop(init.name)
 
@@ -326,11 +400,13 @@ def calibration_shards(config: DenoiseConfig, inputs: Path | None, sig: ModelSig
 @dataclasses.dataclass
 class ShardStats:
     """The per-site reductions of some calls (one shard, or several merged), keyed by activation name: the channel
-    maxima (float64) and, for the Hessian request's activations, the float64 Gram sums."""
+    maxima (float64), for the Hessian request's activations the float64 Gram sums, and for the sample request's
+    the token rows of each call (float32, in call order)."""
 
     values: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
     grams: dict[str, ActivationGram] = dataclasses.field(default_factory=dict)
     calls: int = 0
+    samples: dict[str, list[TokenSample]] = dataclasses.field(default_factory=dict)
 
     def add(self, outputs: dict[str, np.ndarray], owners: dict[str, str]) -> None:
         """One call's outputs (output prefix -> activation name: `owners`)."""
@@ -343,6 +419,12 @@ class ShardStats:
             gram = outputs.get(f"{prefix}.{_GRAM}")
             if gram is not None:
                 self._add_gram(prefix, name, gram, outputs)
+            rows = outputs.get(f"{prefix}.{_ROWS}")
+            if rows is not None:
+                centered = outputs.get(f"{prefix}.{_CENTERED_ROWS}")
+                if not (np.all(np.isfinite(rows)) and (centered is None or np.all(np.isfinite(centered)))):
+                    raise _nonfinite(name)
+                self.samples.setdefault(name, []).append(TokenSample(rows, centered))
 
     def _max(self, name: str, new: dict[str, np.ndarray]) -> None:
         old = self.values.get(name)
@@ -374,6 +456,8 @@ class ShardStats:
         self.calls += later.calls
         for name, values in later.values.items():
             self._max(name, values)
+        for name, rows in later.samples.items():  # the later shard's calls come after this one's
+            self.samples.setdefault(name, []).extend(rows)
         for name, gram in later.grams.items():
             acc = self.grams.get(name)
             if acc is None:
@@ -394,6 +478,10 @@ class ShardStats:
     def sites(self) -> dict[str, SiteStats]:
         return {name: SiteStats(**values) if name not in self.grams else
                 CalibratedStats(**values, gram=self.grams[name]) for name, values in self.values.items()}
+
+    def token_samples(self) -> dict[str, TokenSample]:
+        """Each sampled activation's rows over all calls, in call order (float32)."""
+        return {name: TokenSample.concatenate(parts) for name, parts in self.samples.items()}
 
 
 def _nonfinite(name: str) -> UserError:
@@ -427,22 +515,23 @@ def reduce_shards(results: Iterable[ShardStats]) -> ShardStats:
 
 
 class ShardCalibrator:
-    """The map step: the FP graph with the reductions of every linear input (and the Grams of `hessians`) in one
-    onnxruntime session; `run` calibrates one shard. A context manager: the reductions are taken out of `model`
-    again on exit."""
+    """The map step: the FP graph with the reductions of every linear input (and the Grams of `hessians`, the token
+    rows of `samples`) in one onnxruntime session; `run` calibrates one shard. A context manager: the reductions are
+    taken out of `model` again on exit."""
 
     def __init__(self, model: ir.Model, config: DenoiseConfig, hessians: HessianRequest | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, samples: SampleRequest | None = None):
         self.model, self.config, self.hessians, self.threads = model, config, hessians, threads
+        self.samples = samples
         self.sig = ModelSignature.of(model)
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> ShardCalibrator:
         model = self.model
-        outputs = len(model.graph.outputs)
+        inputs, outputs = len(model.graph.inputs), len(model.graph.outputs)
         self.output = model.graph.outputs[0].name
-        self.owners, nodes, inits = _add_stat_outputs(model, self.hessians)
-        self._stack.callback(_remove_stat_outputs, model, outputs, nodes, inits)
+        self.owners, nodes, inits = _add_stat_outputs(model, self.hessians, self.samples)
+        self._stack.callback(_remove_stat_outputs, model, inputs, outputs, nodes, inits)
         self.names = [value.name for value in model.graph.outputs[outputs:]]
         try:
             self.session = self._stack.enter_context(open_session(model, threads=self.threads, fuse_attention=True))
@@ -457,26 +546,34 @@ class ShardCalibrator:
 
     def run(self, shard: CalibrationShard, on_call: Callable[[], None] = lambda: None) -> ShardStats:
         stats = ShardStats()
+        call: list[int] = []  # the current call's key: (0, trajectory, step) or (1, --calib batch)
 
         def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+            if self.samples is not None:
+                feeds = {**feeds, SAMPLE_INPUT: self.samples.fractions(self.config.seed, *call)}
             results = self.session.run([self.output, *self.names], feeds)
             stats.add(dict(zip(self.names, results[1:])), self.owners)
             on_call()
+            if call[0] == 0:
+                call[2] += 1
             return results[0]
 
-        for feeds in shard.batches:
+        for j, feeds in enumerate(shard.batches):
+            call[:] = [1, shard.index + j]  # batch i of the file is shard.index + j split or not
             run(feeds)
         for index in shard.samples:
+            call[:] = [0, index, 0]
             for _ in trajectory(run, self.sig, self.config, index):
                 pass
         return stats
 
 
 def _local_shards(model: ir.Model, config: DenoiseConfig, shards: list[CalibrationShard],
-                  hessians: HessianRequest | None, threads: int | None, progress: bool) -> Iterator[ShardStats]:
+                  hessians: HessianRequest | None, threads: int | None, progress: bool,
+                  samples: SampleRequest | None = None) -> Iterator[ShardStats]:
     """The map step on this machine: every shard through one session, in order."""
     total = sum(shard.calls(config) for shard in shards)
-    with ShardCalibrator(model, config, hessians, threads) as calibrator, \
+    with ShardCalibrator(model, config, hessians, threads, samples) as calibrator, \
             tqdm(total=total, desc="calibrating", unit="call", disable=not progress) as bar:
         for shard in shards:
             yield calibrator.run(shard, lambda: bar.update(1))
@@ -487,7 +584,8 @@ class ShardMap(Protocol):
     order of `shards`, whatever order they finish in."""
 
     def calibration_shards(self, model_path: Path, config: DenoiseConfig, shards: list[CalibrationShard],
-                           hessians: HessianRequest | None, progress: bool) -> Iterator[ShardStats]: ...
+                           hessians: HessianRequest | None, progress: bool,
+                           samples: SampleRequest | None = None) -> Iterator[ShardStats]: ...
 
 
 def calibrate(
@@ -499,10 +597,12 @@ def calibrate(
     model: ir.Model | None = None,
     hessians: HessianRequest | None = None,
     cluster: ShardMap | None = None,
+    samples: SampleRequest | None = None,
 ) -> CalibrationStats:
     """Statistics of every linear input of the FP graph at `model_path`. `model`: that graph already loaded (the
     quantize job's); the reductions are added for the run and taken out again, so it comes back unchanged.
-    `hessians`: also the Grams GPTQ needs (its activations' statistics are then `CalibratedStats`).
+    `hessians`: also the Grams GPTQ needs (its activations' statistics are then `CalibratedStats`). `samples`: also
+    token rows of these activations (``--alpha auto``; `CalibrationStats.samples`), `per_call` set from the calls.
 
     A map-reduce (`ShardCalibrator`, `reduce_shards`): on this machine all calls are one shard; with `cluster`
     (`hn_export.cluster`) each trajectory (each ``--calib`` batch) is a shard run by a task on the graph at
@@ -515,10 +615,12 @@ def calibrate(
     if inputs is None:
         family_of(sig)  # trajectories need the model's family: fail before any work
     shards = calibration_shards(config, inputs, sig, split=cluster is not None)
+    if samples is not None:
+        samples = samples.for_calls(sum(shard.calls(config) for shard in shards))
     if cluster is None:
-        results = _local_shards(model, config, shards, hessians, threads, progress)
+        results = _local_shards(model, config, shards, hessians, threads, progress, samples)
     else:
-        results = cluster.calibration_shards(model_path, config, shards, hessians, progress)
+        results = cluster.calibration_shards(model_path, config, shards, hessians, progress, samples=samples)
     try:
         total = reduce_shards(results)
     finally:  # a failed reduce stops the map (its session, its queued tasks) at once
@@ -527,6 +629,10 @@ def calibrate(
         f"trajectories(samples={config.samples}, steps={config.steps}, seed={config.seed})"
     result = total.sites()
     grams = sum(g.nbytes for g in total.grams.values())
-    logger.info("calibrated %d sites over %d calls%s", len(result), total.calls,
-                f"; Hessians of {len(total.grams)} activations, {grams / 1e6:.1f} MB" if total.grams else "")
-    return CalibrationStats(model_hash(model_path), result, total.calls, source)
+    rows = total.token_samples()
+    sampled = sum(sample.nbytes for sample in rows.values())
+    logger.info("calibrated %d sites over %d calls%s%s", len(result), total.calls,
+                f"; Hessians of {len(total.grams)} activations, {grams / 1e6:.1f} MB" if total.grams else "",
+                f"; token samples of {len(rows)} activations ({samples.per_call} rows per call), {sampled / 1e6:.1f} MB"
+                if samples is not None else "")
+    return CalibrationStats(model_hash(model_path), result, total.calls, source, rows)

@@ -8,13 +8,14 @@ and builds the `QuantizeJob`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import click
 
 from graph_passes.hadamard import HadamardMode
 from graph_passes.linears import SiteSelection
-from graph_passes.methods import BiasCorrection, Method, TransformOptions
+from graph_passes.methods import DEFAULT_ALPHA_GRID, AlphaSearch, BiasCorrection, Method, TransformOptions
 from graph_passes.quantization import OutputFormat, QuantConfig, WeightRange
 from graph_passes.static_act_quant import ActGranularity
 from hn_export.cli_options import (
@@ -31,6 +32,49 @@ from hn_export.errors import UserError
 from hn_export.quantize_job import AttentionChoice, QuantizeJob, default_output, run_quantize
 
 _PRESET_BITS = {"w4a4": (4, 4), "w6a6": (6, 6), "w8a8": (8, 8)}
+_GRID_TEXT = ",".join(f"{a:g}" for a in DEFAULT_ALPHA_GRID)
+
+
+class AlphaChoice(FiniteFloatRange):
+    """``--alpha``: a finite number in [0, 1], or ``auto`` (an `AlphaSearch` on the default grid)."""
+
+    name = "float|auto"
+
+    def __init__(self) -> None:
+        super().__init__(0.0, 1.0)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, AlphaSearch) or (isinstance(value, str) and value.strip().lower() == "auto"):
+            return value if isinstance(value, AlphaSearch) else AlphaSearch()
+        if isinstance(value, str):
+            try:
+                float(value)
+            except ValueError:
+                self.fail(f"{value!r} is neither a number in [0, 1] nor auto", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+def parse_alpha_grid(text: str) -> AlphaSearch:
+    """``--alpha-grid 0.2,0.5,0.8``: distinct finite numbers in [0, 1], at least one."""
+    example = "e.g. --alpha-grid 0.2,0.5,0.8"
+    grid = []
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        try:
+            value = float(item) if item.isascii() else None
+        except ValueError:
+            value = None
+        if value is None:
+            raise UserError(f"--alpha-grid item {item!r} is not a number", example)
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise UserError(f"--alpha-grid item {item!r} is not a finite number in [0, 1]", example)
+        if value in grid:
+            raise UserError(f"--alpha-grid {text!r} repeats {item}", example)
+        grid.append(value)
+    if not grid:
+        raise UserError(f"--alpha-grid {text!r} names no alpha", example)
+    return AlphaSearch(tuple(grid))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +106,8 @@ class QuantOptions:
     every_linear: bool
     outer_bits: int
     method: Method
-    alpha: float
+    alpha: float | AlphaSearch  # --alpha A, or auto
+    alpha_grid: str | None  # --alpha-grid: the grid of --alpha auto (None: the default)
     hadamard: HadamardMode | None  # None: the method's default
     hadamard_block: int | None
     bias_correction: BiasCorrection
@@ -102,6 +147,12 @@ class QuantOptions:
         if self.low_rank and transform_only:
             raise UserError(f"--low-rank {self.low_rank} splits the weight that is quantized, --transform-only "
                             "quantizes nothing", "drop one of them")
+        alpha = self.alpha
+        if self.alpha_grid is not None:
+            if not isinstance(alpha, AlphaSearch):
+                raise UserError(f"--alpha-grid {self.alpha_grid} is the grid of --alpha auto, not of --alpha {alpha:g}",
+                                "add --alpha auto, or drop --alpha-grid")
+            alpha = parse_alpha_grid(self.alpha_grid)
         if self.low_rank and self.method is Method.HQDM:
             raise UserError(f"--low-rank {self.low_rank} needs the quantized weight to be the transformed one; "
                             "--method hqdm quantizes it unrotated in integer parts", "use another --method, or drop "
@@ -113,7 +164,7 @@ class QuantOptions:
         return QuantizeJob(
             model_path=model,
             output=output or default_output(model, quant),
-            transform=TransformOptions(method=self.method, alpha=self.alpha, hadamard=self.hadamard,
+            transform=TransformOptions(method=self.method, alpha=alpha, hadamard=self.hadamard,
                                        hadamard_block=self.hadamard_block, bias_correction=self.bias_correction,
                                        seed=self.seed),
             quant=quant,
@@ -147,8 +198,13 @@ def quant_options(default_format: OutputFormat = OutputFormat.QDQ):
                      help="Weight and activation bits of the linears outside the model's blocks that --every-linear "
                           "selects (caption projection, timestep embedder, adaLN-single, final projection)."),
         click.option("--method", type=EnumChoice(Method), default=Method.HADANORM.value, show_default=True),
-        click.option("--alpha", type=FiniteFloatRange(0.0, 1.0), default=0.5, show_default=True,
-                     help="SmoothQuant migration strength."),
+        click.option("--alpha", type=AlphaChoice(), default=0.5, show_default=True,
+                     help="SmoothQuant migration strength in [0, 1], or auto: per site the alpha of a grid (default "
+                          f"{_GRID_TEXT}; --alpha-grid) with the least output error on calibration token samples, "
+                          "weights and activations quantized (recorded in the model metadata, hn_export.alpha). "
+                          "Methods without smoothing (none, quarot, dyncenter, hqdm) ignore it."),
+        click.option("--alpha-grid", help="Comma list of the alphas --alpha auto tries (each in [0, 1]), e.g. "
+                                          "0.2,0.5,0.8."),
         click.option("--hadamard", type=EnumChoice(HadamardMode),
                      help="full: H_K (x) H_2^n; block: block-diagonal Hadamard. Default: full, block for --method "
                           "hqdm."),

@@ -1,30 +1,35 @@
-"""The quantize job behind `hn-export MODEL.onnx --w4a4`: load, calibrate (or reuse statistics), rewrite, save."""
+"""The quantize job behind `hn-export MODEL.onnx --w4a4`: load, calibrate (or reuse statistics), [choose the alphas
+of ``--alpha auto``], rewrite, save."""
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import logging
 from pathlib import Path
 
 import onnx_ir as ir
 
+from graph_passes.alpha_search import choose_alphas
 from graph_passes.attention_op import AttentionPrecision, attention_precisions, fused_attentions
 from graph_passes.hadamard import hadamard_factors
 from graph_passes.linears import SiteSelection, find_activation_sites
 from hn_export.families import selection_for
-from graph_passes.methods import TransformOptions
+from graph_passes.methods import AlphaSearch, SiteAlphas, TransformOptions
 from graph_passes.pipeline import quantize_model
 from graph_passes.quantization import OutputFormat, QuantConfig
+from graph_passes.site_plan import outer_sites
 from graph_passes.static_act_quant import ActGranularity
 from hn_export.act_scales import calibrate_act_scales, load_act_scales, save_act_scales
-from hn_export.calibration import CalibrationStats, HessianRequest, ShardMap, calibrate, model_hash
+from hn_export.calibration import CalibrationStats, HessianRequest, SampleRequest, ShardMap, calibrate, model_hash
 from hn_export.denoise import DenoiseConfig, ModelSignature, load_input_file
 from hn_export.errors import UserError
 from hn_export.graph_import import check_float_graph, load_graph
 from hn_export.model_files import check_output_path, input_files, save_model
 from hn_export.metadata_keys import (
     ACT_GRANULARITY_KEY,
+    ALPHA_KEY,
     ATTENTION_KEY,
     BIAS_CORRECTION_KEY,
     BITS_KEY,
@@ -146,8 +151,33 @@ def _holds_hessians(stats: CalibrationStats, sites) -> bool:
     return all(getattr(stats.sites.get(site.activation.name), "gram", None) is not None for site in sites)
 
 
+def _holds_samples(stats: CalibrationStats, request: SampleRequest) -> bool:
+    """Statistics in memory that carry the token samples `request` asks for (centered ones included)."""
+    return all(name in stats.samples and (name not in request.centered or stats.samples[name].centered is not None)
+               for name in request.activations)
+
+
+def searches_alpha(job: QuantizeJob) -> bool:
+    """``--alpha auto`` with a method that smooths (without smoothing there is no alpha: it has no effect)."""
+    return isinstance(job.transform.alpha, AlphaSearch) and job.transform.method.recipe.smooth
+
+
+def check_alpha_search(job: QuantizeJob) -> None:
+    """``--alpha auto`` needs quantized weights and activations to measure, and the token samples of this run's
+    calibration (one line, before any work; the quantize command and the bundle both reach it here)."""
+    if not isinstance(job.transform.alpha, AlphaSearch):
+        return
+    if job.quant is None:
+        raise UserError("--alpha auto chooses the alpha with the least quantization error, --transform-only "
+                        "quantizes nothing", "drop one of them (or pass a number to --alpha)")
+    if searches_alpha(job) and job.stats_path is not None:
+        raise UserError("--alpha auto needs token samples of a calibration run, which --stats files do not hold",
+                        "drop --stats (--save-stats still saves the statistics), or pass a number to --alpha")
+
+
 def run_quantize(job: QuantizeJob) -> QuantizeReport:
     inputs = (job.model_path, job.calib_inputs, job.stats_path, job.act_scales_path)
+    check_alpha_search(job)
     check_outputs(job, *inputs)
     model = load_graph(job.model_path)  # any exporter: opset converted, exporter fixes, Gemm linears as MatMul
     check_outputs(job, *inputs, *input_files(model))  # the input's external data files too
@@ -169,25 +199,36 @@ def run_quantize(job: QuantizeJob) -> QuantizeReport:
     if hessians is not None and job.stats_path is not None:
         raise UserError(f"--weight-range {job.quant.weight_range.value} needs the Hessians of a calibration run, "
                         "which --stats files do not hold", "drop --stats (--save-stats still saves the statistics)")
+    # --alpha auto: token samples of the sites' activations, from this run's calibration (never saved)
+    samples = SampleRequest.of(sites, job.transform.method.recipe.center) if searches_alpha(job) else None
     stats = CalibrationStats(model_hash="", sites={}, calls=0, source="none (the method needs no statistics)")
     if job.transform.method.recipe.smooth or hessians is not None:
-        if job.stats is not None and (hessians is None or _holds_hessians(job.stats, sites)):
+        if job.stats is not None and (hessians is None or _holds_hessians(job.stats, sites)) \
+                and (samples is None or _holds_samples(job.stats, samples)):
             stats = job.stats
         elif job.stats_path is not None:
             stats = CalibrationStats.load(job.stats_path, expected_hash=model_hash(job.model_path), sites=sites)
         else:
             stats = calibrate(job.model_path, job.calibration, job.calib_inputs, progress=job.progress, model=model,
-                              hessians=hessians, cluster=job.cluster)
+                              hessians=hessians, cluster=job.cluster, samples=samples)
             if hessians is not None:
                 stats.source += "; GPTQ Hessians"
+            if samples is not None:
+                stats.source += "; token samples for --alpha auto"
         if job.save_stats is not None:
             stats.save(job.save_stats)
     calibration = stats.source
+    transform = job.transform
+    if samples is not None:
+        transform = dataclasses.replace(transform, alpha=choose_alphas(
+            sites, stats.sites, stats.samples, transform, job.quant, outer_sites(sites, selection)))
+        if stats is not job.stats:
+            stats.samples = {}  # this run's: not needed past the choice (560 MB at 28 PixArt blocks)
     if timestep:
         if act_scales is not None:
             calibration += f"; activation scales from {job.act_scales_path.name}"
         else:
-            act_scales = calibrate_act_scales(model, sites, stats.sites, job.transform, selection, job.calibration,
+            act_scales = calibrate_act_scales(model, sites, stats.sites, transform, selection, job.calibration,
                                               job.calib_inputs, job.progress)
             source = f"file:{job.calib_inputs.name}" if job.calib_inputs else \
                 f"trajectories(samples={job.calibration.samples}, steps={job.calibration.steps})"
@@ -195,7 +236,7 @@ def run_quantize(job: QuantizeJob) -> QuantizeReport:
         if job.save_act_scales is not None:
             save_act_scales(act_scales, job.save_act_scales)
     attention = job.attention.resolve(job.quant)
-    quantize_model(model, stats.sites, job.transform, job.quant, selection, sites=sites, act_scales=act_scales,
+    quantize_model(model, stats.sites, transform, job.quant, selection, sites=sites, act_scales=act_scales,
                    attention=attention)
     main, extra = _weight_bytes(model)
     ops = sorted({n.op_type for n in model.graph if n.domain == HADANORM_DOMAIN})
@@ -206,6 +247,8 @@ def run_quantize(job: QuantizeJob) -> QuantizeReport:
         model.metadata_props[ACT_GRANULARITY_KEY] = job.act_granularity.value
         model.metadata_props[WEIGHT_RANGE_KEY] = job.quant.weight_range.value
         model.metadata_props[LOW_RANK_KEY] = str(job.quant.low_rank)
+    if isinstance(transform.alpha, SiteAlphas):  # --alpha auto's choice per site (a number given: no entry)
+        model.metadata_props[ALPHA_KEY] = json.dumps(dict(transform.alpha.chosen), separators=(",", ":"))
     model.metadata_props[BIAS_CORRECTION_KEY] = job.transform.bias_correction.value
     model.metadata_props[FORMAT_KEY] = job.quant.format.value if job.quant else "float"
     precisions = attention_precisions(model.graph)  # the nodes' own, also those of an input that had them

@@ -8,7 +8,10 @@ the released PixArt-Sigma ones (``model_index.json``, ``text_encoder/``, ``token
 
 - transformer: the preset's architecture, seeded (`models.build.build_transformer`, ``dit-stats`` init);
 - text encoder: a `transformers.T5EncoderModel` (T5 v1.1 layout: gated GELU, no biases, relative position buckets),
-  width = the transformer's ``caption_channels``, weights drawn under ``torch.manual_seed(seed + 1)``;
+  width = the transformer's ``caption_channels``, weights drawn under ``torch.manual_seed(seed + 1)``; a preset with
+  ``encoder_per_layer`` (full T5-XXL: 19 GB in float32, more than a 24 GB machine holds beside the rest) builds and
+  saves it a layer at a time instead (`write_text_encoder_per_layer`: T5's own initialisation, layer k >= 1 under
+  its own seed), as sharded safetensors;
 - VAE: an `AutoencoderKL` with four levels (a scale factor of 8, as SDXL's), ``scaling_factor`` 0.13025 (SDXL's),
   weights under ``torch.manual_seed(seed + 2)``;
 - tokenizer: a SentencePiece unigram model trained here (``sentencepiece`` package, one thread: the same bytes every
@@ -50,6 +53,7 @@ class PipelinePreset:
     vocab_size: int  # SentencePiece pieces (the tokenizer adds 100 sentinel ids, as T5's)
     max_sequence_length: int = 300
     embedding_rows: int | None = None  # T5's embedding rows when more than the tokenizer's ids (T5-XXL: 32128)
+    encoder_per_layer: bool = False  # build and save the text encoder a layer at a time (write_text_encoder_per_layer)
 
 
 TINY_T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
@@ -79,7 +83,13 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
         "PixArt-Sigma 512 px at full size: the XL-2 transformer (28 blocks, 1152 wide), T5-XXL's architecture "
         "(24 layers, 4096 wide, 32128 embedding rows: 19 GB in float32), SDXL's VAE",
         transformer_preset="pixart-sigma-512", text_encoder=T5_XXL, vae=SDXL_VAE, vocab_size=256,
-        embedding_rows=32128),
+        embedding_rows=32128, encoder_per_layer=True),
+    "pixart-sigma-1024": PipelinePreset(
+        "PixArt-Sigma 1024 px at full size (the released PixArt-Sigma-XL-2-1024-MS's architectures): the XL-2 "
+        "transformer (28 blocks, 1152 wide, 128 x 128 latent), T5-XXL (24 layers, 4096 wide, 32128 embedding rows; "
+        "built and saved a layer at a time), SDXL's VAE",
+        transformer_preset="pixart-sigma-1024", text_encoder=T5_XXL, vae=SDXL_VAE, vocab_size=256,
+        embedding_rows=32128, encoder_per_layer=True),
     "pixart-sigma-512-t5-2layers": PipelinePreset(
         "PixArt-Sigma 512 px at full size except the text encoder's depth: T5-XXL's width and embedding with 2 of its "
         "24 layers (0.52 B parameters), the XL-2 transformer, SDXL's VAE: the device-side stages at real size on a "
@@ -154,6 +164,53 @@ def build_text_encoder(config: Mapping[str, Any], vocab_size: int, seed: int):
     return model.eval()
 
 
+def write_text_encoder_per_layer(folder: Path, config: Mapping[str, Any], vocab_size: int, seed: int) -> Path:
+    """A seeded T5 encoder written to `folder` (``config.json``, ``model-0000k-of-0000n.safetensors`` per layer,
+    ``model.safetensors.index.json``) a layer at a time: the embedding, layer 0 (the one with the relative position
+    bias) and the final norm from ``T5EncoderModel(num_layers=1)`` under ``torch.manual_seed(seed)``, layer k >= 1 a
+    ``T5Block`` under ``torch.manual_seed(seed + 7919 k)``, every one initialised by T5's ``_init_weights``. Peak
+    memory: the embedding and one layer (T5-XXL: 0.5 + 0.8 GB). ``T5EncoderModel.from_pretrained`` reads it."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import T5Config, T5EncoderModel
+    from transformers.models.t5.modeling_t5 import T5Block
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    full = T5Config(vocab_size=vocab_size, **config)
+    layers = int(full.num_layers)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        first = T5EncoderModel(T5Config(vocab_size=vocab_size, **{**config, "num_layers": 1})).eval()
+    shards: list[dict[str, torch.Tensor]] = [{k: v for k, v in first.state_dict().items()
+                                               if k != "encoder.embed_tokens.weight"}]  # tied to shared.weight
+    names = [f"model-{i + 1:05d}-of-{layers:05d}.safetensors" for i in range(layers)]
+    weight_map: dict[str, str] = {}
+    total = 0
+
+    def write(index: int, tensors: dict[str, torch.Tensor]) -> None:
+        nonlocal total
+        tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+        save_file(tensors, str(folder / names[index]), metadata={"format": "pt"})
+        for key, value in tensors.items():
+            weight_map[key] = names[index]
+            total += value.numel() * value.element_size()
+
+    write(0, shards.pop())
+    for k in range(1, layers):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 7919 * k)
+            block = T5Block(full, has_relative_attention_bias=False, layer_idx=k).eval()
+            block.apply(first._init_weights)
+        write(k, {f"encoder.block.{k}.{name}": value for name, value in block.state_dict().items()})
+        del block
+    full.architectures = ["T5EncoderModel"]
+    full.save_pretrained(folder)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+    return folder
+
+
 def build_vae(config: Mapping[str, Any], seed: int):
     import torch
     from diffusers import AutoencoderKL
@@ -180,7 +237,8 @@ def write_pipeline_folder(name: str, folder: Path, seed: int = 0) -> Path:
                               f"transformer's caption_channels {width}", "fix the preset")
     with tempfile.TemporaryDirectory(prefix=".hn-tokenizer-") as tmp:
         tokenizer = build_tokenizer(Path(tmp), preset.vocab_size)
-        encoder = build_text_encoder(preset.text_encoder, max(len(tokenizer), preset.embedding_rows or 0), seed + 1)
+        rows = max(len(tokenizer), preset.embedding_rows or 0)
+        encoder = None if preset.encoder_per_layer else build_text_encoder(preset.text_encoder, rows, seed + 1)
         vae = build_vae(preset.vae, seed + 2)
         scheduler = DPMSolverMultistepScheduler(**PIXART_SIGMA_SCHEDULER)
         pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=transformer,
@@ -195,6 +253,12 @@ def write_pipeline_folder(name: str, folder: Path, seed: int = 0) -> Path:
         finally:
             diffusers.logging.set_verbosity(level)
             tlogging.enable_progress_bar()
+        if encoder is None:  # written a layer at a time, and named in model_index.json as save_pretrained names it
+            write_text_encoder_per_layer(folder / "text_encoder", preset.text_encoder, rows, seed + 1)
+            index_path = folder / "model_index.json"
+            index = json.loads(index_path.read_text())
+            index["text_encoder"] = ["transformers", "T5EncoderModel"]
+            index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         spiece = folder / "tokenizer" / "spiece.model"
         if not spiece.is_file():  # a tokenizer that does not copy its vocabulary file on save
             shutil.copyfile(Path(tmp) / "spiece.model", spiece)

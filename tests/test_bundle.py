@@ -310,7 +310,7 @@ def test_preset_and_checkpoint_both_or_neither(tmp_path, hn_cli):
     _no_output(tmp_path / "o")
 
 
-@pytest.mark.parametrize("name", ["tiny", "pixart-sigma-512", "pixart-sigma-512-t5-2layers"])
+@pytest.mark.parametrize("name", ["tiny", "pixart-sigma-512", "pixart-sigma-512-t5-2layers", "pixart-sigma-1024"])
 def test_pipeline_presets_fit_their_transformer(name):
     """Each pipeline preset's T5 width is its transformer preset's caption_channels, and the full-size ones keep
     T5-XXL's 32128-row embedding (checked from the configs: nothing is built)."""

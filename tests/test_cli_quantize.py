@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 
 from graph_passes.methods import Method
-from hn_export.denoise import DenoiseConfig
-from hn_export.evaluate import GraphRunner, evaluate, reference_outputs
+from hn_export.evaluate import GraphRunner, evaluate
 from tests.graphs import mlp_model, serialize
+from tests.single_call import EVAL, single_call_reference, single_call_sqnr
 
 FAST_CALIB = ("--calib-samples", "1", "--calib-steps", "3", "--no-progress")
-EVAL = DenoiseConfig(steps=4, samples=1, seed=7)
 
 # Single-call SQNR (dB) of the quantized tiny model against its FP32 graph (EVAL, FAST_CALIB), measured on the
 # 2-core CPU machine with onnxruntime 1.31.1. Default W4A4 hadanorm: 20.73; the same with Hadamard-sign and
@@ -35,13 +34,7 @@ def within_measured(sqnr: float, measured: float) -> bool:
 
 @pytest.fixture(scope="module")
 def reference(tiny_onnx):
-    with GraphRunner(tiny_onnx) as runner:
-        return reference_outputs(runner, EVAL, with_denoising=False)
-
-
-def single_call_sqnr(path: Path, reference) -> float:
-    with GraphRunner(path) as runner:
-        return evaluate(runner, reference, EVAL).single_call.sqnr_db
+    return single_call_reference(tiny_onnx)
 
 
 def test_default_output_name_and_quality(hn_cli, tiny_onnx, tmp_path, reference):

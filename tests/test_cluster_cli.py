@@ -13,13 +13,14 @@ import pytest
 
 from graph_passes.gptq import ActivationGram
 from graph_passes.linears import find_activation_sites
-from hn_export.calibration import (HessianRequest, ShardCalibrator, ShardStats, calibrate, reduce_shards)
+from hn_export.calibration import HessianRequest, ShardStats, calibrate, reduce_shards
 from hn_export.cli import cli
 from hn_export.cluster.address import parse_address
 from hn_export.denoise import DenoiseConfig
 from hn_export.errors import UserError
 from hn_export.families import selection_for
 from hn_export.graph_import import load_graph
+from tests.local_shards import LocalShards
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("quantize", "compare", "sensitivity", "diff", "bundle")
@@ -108,15 +109,6 @@ def test_without_ray_nothing_imports_ray(tiny_onnx, tmp_path):
 
 
 # ---- the map-reduce on this machine ---------------------------------------------------------------------------
-
-class LocalShards:
-    """A `hn_export.calibration.ShardMap` that runs the cluster's shards (one per trajectory) here, last first."""
-
-    def calibration_shards(self, model_path, config, shards, hessians, progress):
-        with ShardCalibrator(load_graph(model_path), config, hessians) as calibrator:
-            done = {shard.index: calibrator.run(shard) for shard in reversed(shards)}
-        return iter([done[shard.index] for shard in shards])
-
 
 def test_split_shards_reduce_like_one_shard(tiny_onnx):
     model = load_graph(tiny_onnx)

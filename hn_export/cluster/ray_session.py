@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from hn_export.calibration import CalibrationShard, HessianRequest, ShardStats
+from hn_export.calibration import CalibrationShard, HessianRequest, SampleRequest, ShardStats
 from hn_export.cluster import calibration_tasks, grid_tasks, tasks
 from hn_export.cluster.address import ClusterAddress
 from hn_export.cluster.node_files import CHUNK_BYTES, FileSet, cleanup, ship
@@ -133,11 +133,12 @@ class Cluster:
 
     # -- the work -----------------------------------------------------------------------------------------------
     def calibration_shards(self, model_path: Path, config: DenoiseConfig, shards: list[CalibrationShard],
-                           hessians: HessianRequest | None, progress: bool) -> Iterator[ShardStats]:
+                           hessians: HessianRequest | None, progress: bool,
+                           samples: SampleRequest | None = None) -> Iterator[ShardStats]:
         """`hn_export.calibration.ShardMap`: one task per shard, results in shard order."""
         files = self.ship_model(model_path)
         refs, labels = calibration_tasks.submit(self.remote(calibration_tasks.calibration_task), files, config,
-                                                shards, hessians, self.task_cpus)
+                                                shards, hessians, self.task_cpus, samples)
         return self.gather(refs, labels, "calibrating", progress)
 
     def compare(self, *args) -> list:
