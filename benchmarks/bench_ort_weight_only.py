@@ -1,7 +1,7 @@
 """onnxruntime's own 4-bit weight-only quantizers as reference rows next to `hn-export compare` (issue 21).
 
     python benchmarks/bench_ort_weight_only.py FP32.onnx OUT_DIR [--calib FILE.npz] [--inputs FILE.npz]
-        [--steps 20] [--samples 2] [--calib-samples 2] [--calib-steps 20] [--seed 0]
+        [--steps 20] [--samples 2] [--calib-samples 2] [--calib-steps 20] [--seed 0] [--rows ort-rtn,ort-gptq]
 
 Writes ``OUT_DIR/ort-rtn.onnx`` (``MatMulNBitsQuantizer`` as a user calls it: 4 bits, block 128, symmetric,
 accuracy_level 4, its default round-to-nearest) and ``OUT_DIR/ort-gptq.onnx`` (the same with
@@ -11,6 +11,10 @@ trajectories, `--calib-samples` x `--calib-steps` calls), evaluates both against
 `hn-export compare` evaluates its points (one call and the end of `--steps` denoising steps; seeded inputs with
 compare's held-out seed ``--seed + 1000``, or ``--inputs FILE.npz`` pairs) and writes ``OUT_DIR/ort.json``. Every MatMul with a constant weight is quantized
 (onnxruntime's choice; hn-export's default quantizes the block linears only).
+
+``--rows`` picks the rows (default ``ort-rtn,ort-gptq``, the two above); ``ort-w8a8`` adds ``OUT_DIR/ort-w8a8.onnx``,
+onnxruntime's ``quantize_dynamic`` as ``benchmarks/bench_peers.py`` calls it (MatMul/Gemm, QInt8 weights, uint8
+dynamic activations), evaluated the same way.
 """
 
 from __future__ import annotations
@@ -81,6 +85,16 @@ def quantize(src: Path, dst: Path, feeds=None) -> None:
     quant.model.save_model_to_file(str(dst), use_external_data_format=True)
 
 
+def quantize_w8a8(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(src, dst, op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8,
+                     use_external_data_format=True)
+
+
+ROWS = ("ort-rtn", "ort-gptq", "ort-w8a8")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path)
@@ -92,13 +106,19 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=2)
     parser.add_argument("--calib-steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rows", default="ort-rtn,ort-gptq", help=f"comma list of {', '.join(ROWS)}")
     args = parser.parse_args()
+    rows_wanted = [r for r in args.rows.split(",") if r]
+    if not rows_wanted or any(r not in ROWS for r in rows_wanted):
+        parser.error(f"--rows: a comma list of {', '.join(ROWS)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    graphs = {"ort-rtn": args.out / "ort-rtn.onnx", "ort-gptq": args.out / "ort-gptq.onnx"}
-    if not graphs["ort-rtn"].exists():
+    graphs = {name: args.out / f"{name}.onnx" for name in rows_wanted}
+    if "ort-rtn" in graphs and not graphs["ort-rtn"].exists():
         quantize(args.model, graphs["ort-rtn"])
-    if not graphs["ort-gptq"].exists():
+    if "ort-gptq" in graphs and not graphs["ort-gptq"].exists():
         quantize(args.model, graphs["ort-gptq"], calibration_feeds(args.model, args))
+    if "ort-w8a8" in graphs and not graphs["ort-w8a8"].exists():
+        quantize_w8a8(args.model, graphs["ort-w8a8"])
     config = DenoiseConfig(steps=args.steps, samples=args.samples, seed=args.seed + 1000)  # held out, as compare
     if args.inputs is not None:
         sig = ModelSignature.of(load_model(args.model))
