@@ -27,6 +27,7 @@ from hn_export.bundle_components import DEFAULT_ENCODER_BITS, DEFAULT_ENCODER_BL
 from hn_export.cli_options import RayOptions, ray_options
 from hn_export.cli_quantize import QuantOptions, quant_options
 from hn_export.errors import UserError
+from models.pipelines import PIPELINE_PRESETS
 
 DEFAULT_FORMAT = OutputFormat.FUSED  # --format defaults to fused here
 
@@ -36,7 +37,7 @@ DEFAULT_FORMAT = OutputFormat.FUSED  # --format defaults to fused here
               help="Local diffusers PixArtSigmaPipeline folder (model_index.json, text_encoder/, tokenizer/, "
                    "transformer/, vae/, scheduler/); never downloads.")
 @click.option("--preset", "pipeline_preset", metavar="NAME",
-              help="A pipeline built from seeded weights (models.pipelines): tiny.")
+              help="A pipeline built from seeded weights (models.pipelines): " + ", ".join(PIPELINE_PRESETS) + ".")
 @click.option("--preset-seed", type=int, default=0, show_default=True, help="Seed of the --preset weights.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="Bundle folder to write (new, empty, or an older bundle, replaced at the end).")
