@@ -5,7 +5,7 @@
 # cells benchmarks/low-rank/ left open, with its evaluation settings (--formats fused --steps 20 --seed 0; PixArt 2
 # samples, calibration 2 x 20 steps; the shapes DiT on its own calib.npz / eval.npz); the table of old and new runs:
 # python benchmarks/weight-grid/make_table.py -> benchmarks/weight-grid/README.md.
-# Usage: bash benchmarks/run_weight_grid.sh [shapes|pixart|shapes16|pixart-gptq|all] [SHAPES_CHECKPOINT]
+# Usage: bash benchmarks/run_weight_grid.sh [shapes|pixart|shapes16|pixart-r16|pixart-gptq|all] [SHAPES_CHECKPOINT]
 #   shapes: the trained shapes DiT (benchmarks/trained_dit), the full grid in one compare run (72 points), and
 #           bench_ort_weight_only.py --rows ort-rtn,ort-gptq,ort-w8a8
 #   pixart: pixart-sigma-256, 4 blocks, dit-stats, seed 0: none / quarot / sdcb / hadanorm x mse x rank 0, 32 x W4A4,
@@ -15,6 +15,8 @@
 #   shapes16: the shapes DiT's noise check: hadanorm x w4a4,w4a8 x minmax,mse,gptq x 0,16,32 and onnxruntime W8A8
 #           evaluated on 16 caption pairs (make_inputs.py --eval-pairs 16: the same calib.npz, the 4 pairs of
 #           eval.npz and 12 more) instead of 4
+#   pixart-r16: none / quarot / sdcb / hadanorm x minmax, mse x rank 16 x W4A4, W4A8 (16 points; hadanorm minmax
+#           r16 repeats a cell of benchmarks/low-rank/, a check)
 #   pixart-gptq: none / quarot / sdcb x gptq x rank 0, 32 x W4A4, W4A8 (12 points, each calibrating again)
 #   -> benchmarks/weight-grid/<model>[-<part>]/ (table.md, results.json, sqnr.png of compare; ort.json; time*.txt)
 set -euo pipefail
@@ -70,6 +72,16 @@ if [ "$part" = shapes16 ] || [ "$part" = all ]; then
   python benchmarks/bench_ort_weight_only.py "$work/shapes/model.onnx" "$work/shapes16/ort" \
     --calib "$work/shapes16/calib.npz" --inputs "$work/shapes16/eval.npz" --steps 20 --seed 0 --rows ort-w8a8
   cp "$work/shapes16/ort/ort.json" "$out/ort.json"
+fi
+
+if [ "$part" = pixart-r16 ] || [ "$part" = all ]; then  # rank 16 at min/max and mse for every method
+  out=$root/pixart-sigma-256-4blocks-r16
+  mkdir -p "$out" "$work/px"
+  [ -f "$work/px/fp32.onnx" ] || hn-export export --preset pixart-sigma-256 --layers 4 --seed 0 --init dit-stats \
+    -o "$work/px/fp32.onnx"
+  timed "$out/time-compare.txt" hn-export compare "$work/px/fp32.onnx" --methods none,quarot,sdcb,hadanorm \
+    --bits w4a4,w4a8 --weight-ranges minmax,mse --low-ranks 16 --samples 2 --calib-samples 2 --calib-steps 20 \
+    "${common[@]}" --out "$out"
 fi
 
 if [ "$part" = pixart-gptq ] || [ "$part" = all ]; then

@@ -44,6 +44,8 @@ MODELS = {
              f"`{WG} pixart`, second compare (none,quarot,sdcb x w4a8 x minmax x 0,32)"),
             ("k", "benchmarks/weight-grid/pixart-sigma-256-4blocks-gptq/results.json",
              f"`{WG} pixart-gptq` (none,quarot,sdcb x w4a4,w4a8 x gptq x 0,32)"),
+            ("m", "benchmarks/weight-grid/pixart-sigma-256-4blocks-r16/results.json",
+             f"`{WG} pixart-r16` (none,quarot,sdcb,hadanorm x w4a4,w4a8 x minmax,mse x 16)"),
         ],
         "ort": [
             ("e", "benchmarks/weight-grid/pixart-sigma-256-4blocks/ort.json",
