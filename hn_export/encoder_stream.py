@@ -181,11 +181,31 @@ def stream_text_encoder_graph(folder: Path) -> ir.Model:
     return model
 
 
+class _PackedPair:
+    """One weight's packed codes (0) and scales (1), quantized when the first is read and dropped once both have
+    been: the writer holds one weight's pair at a time (a cache per weight would keep every pair until the save
+    ends: 4.7 GB for T5-XXL at int8)."""
+
+    def __init__(self, quantize: Callable[[], tuple[np.ndarray, np.ndarray]]):
+        self._quantize = quantize
+        self._pair: tuple[np.ndarray, np.ndarray] | None = None
+        self._left: set[int] = set()
+
+    def take(self, index: int) -> np.ndarray:
+        if self._pair is None:
+            self._pair, self._left = self._quantize(), {0, 1}
+        value = self._pair[index]
+        self._left.discard(index)
+        if not self._left:
+            self._pair = None
+        return value
+
+
 def nbits_weights(model: ir.Model, bits: int, block_size: int) -> ir.Model:
     """Every ``MatMul`` whose second input is a constant 2-D float weight (lazy or not) becomes
     ``com.microsoft.MatMulNBits`` (symmetric blocks of `block_size` along K): the node ``MatMulNBitsQuantizer``
     writes, with its quantizer's packed weight ``<W>_Q<bits>`` [N, K / block, block * bits / 8] and scales
-    ``<W>_scales`` [N, K / block], both lazy (one weight quantized at a time, the pair cached)."""
+    ``<W>_scales`` [N, K / block], both lazy (one weight quantized at a time, `_PackedPair`)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                 DefaultWeightOnlyQuantizer)
 
@@ -207,20 +227,18 @@ def nbits_weights(model: ir.Model, bits: int, block_size: int) -> ir.Model:
         rows, cols = (int(d) for d in weight.const_value.shape)
         source = weight.const_value
 
-        @functools.lru_cache(maxsize=1)
-        def packed_pair(source=source):
-            packed, scales, _ = quantizer.qbits_block_quant(source.numpy().astype(np.float32, copy=False))
-            return packed, scales
+        pair = _PackedPair(lambda source=source: quantizer.qbits_block_quant(
+            source.numpy().astype(np.float32, copy=False))[:2])
 
         k_blocks = (rows + block_size - 1) // block_size
         blob = (block_size * bits + 7) // 8
         q = ir.Value(name=f"{weight.name}_Q{bits}", shape=ir.Shape((cols, k_blocks, blob)),
                      type=ir.TensorType(ir.DataType.UINT8))
-        q.const_value = ir.LazyTensor(lambda p=packed_pair, n=q.name: ir.tensor(p()[0], name=n), ir.DataType.UINT8,
+        q.const_value = ir.LazyTensor(lambda n=q.name, pair=pair: ir.tensor(pair.take(0), name=n), ir.DataType.UINT8,
                                       ir.Shape((cols, k_blocks, blob)), name=q.name)
         s = ir.Value(name=f"{weight.name}_scales", shape=ir.Shape((cols, k_blocks)),
                      type=ir.TensorType(ir.DataType.FLOAT))
-        s.const_value = ir.LazyTensor(lambda p=packed_pair, n=s.name: ir.tensor(p()[1], name=n), ir.DataType.FLOAT,
+        s.const_value = ir.LazyTensor(lambda n=s.name, pair=pair: ir.tensor(pair.take(1), name=n), ir.DataType.FLOAT,
                                       ir.Shape((cols, k_blocks)), name=s.name)
         graph.register_initializer(q)
         graph.register_initializer(s)
