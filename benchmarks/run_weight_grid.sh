@@ -5,7 +5,7 @@
 # cells benchmarks/low-rank/ left open, with its evaluation settings (--formats fused --steps 20 --seed 0; PixArt 2
 # samples, calibration 2 x 20 steps; the shapes DiT on its own calib.npz / eval.npz); the table of old and new runs:
 # python benchmarks/weight-grid/make_table.py -> benchmarks/weight-grid/README.md.
-# Usage: bash benchmarks/run_weight_grid.sh [shapes|pixart|shapes16|pixart-r16|pixart-gptq|all] [SHAPES_CHECKPOINT]
+# Usage: bash benchmarks/run_weight_grid.sh [shapes|pixart|shapes16|pixart-r16|pixart-gptq|pixart-gptq-r16|all] [SHAPES_CHECKPOINT]
 #   shapes: the trained shapes DiT (benchmarks/trained_dit), the full grid in one compare run (72 points), and
 #           bench_ort_weight_only.py --rows ort-rtn,ort-gptq,ort-w8a8
 #   pixart: pixart-sigma-256, 4 blocks, dit-stats, seed 0: none / quarot / sdcb / hadanorm x mse x rank 0, 32 x W4A4,
@@ -18,6 +18,7 @@
 #   pixart-r16: none / quarot / sdcb / hadanorm x minmax, mse x rank 16 x W4A4, W4A8 (16 points; hadanorm minmax
 #           r16 repeats a cell of benchmarks/low-rank/, a check)
 #   pixart-gptq: none / quarot / sdcb x gptq x rank 0, 32 x W4A4, W4A8 (12 points, each calibrating again)
+#   pixart-gptq-r16: none / quarot / sdcb x gptq x rank 16 x W4A4, W4A8 (6 points: the grid's last PixArt rows)
 #   -> benchmarks/weight-grid/<model>[-<part>]/ (table.md, results.json, sqnr.png of compare; ort.json; time*.txt)
 set -euo pipefail
 part=${1:-all}
@@ -91,5 +92,15 @@ if [ "$part" = pixart-gptq ] || [ "$part" = all ]; then
     -o "$work/px/fp32.onnx"
   timed "$out/time-compare.txt" hn-export compare "$work/px/fp32.onnx" --methods none,quarot,sdcb \
     --bits w4a4,w4a8 --weight-ranges gptq --low-ranks 0,32 --samples 2 --calib-samples 2 --calib-steps 20 \
+    "${common[@]}" --out "$out"
+fi
+
+if [ "$part" = pixart-gptq-r16 ] || [ "$part" = all ]; then
+  out=$root/pixart-sigma-256-4blocks-gptq-r16
+  mkdir -p "$out" "$work/px"
+  [ -f "$work/px/fp32.onnx" ] || hn-export export --preset pixart-sigma-256 --layers 4 --seed 0 --init dit-stats \
+    -o "$work/px/fp32.onnx"
+  timed "$out/time-compare.txt" hn-export compare "$work/px/fp32.onnx" --methods none,quarot,sdcb \
+    --bits w4a4,w4a8 --weight-ranges gptq --low-ranks 16 --samples 2 --calib-samples 2 --calib-steps 20 \
     "${common[@]}" --out "$out"
 fi

@@ -1,5 +1,7 @@
-"""`hn-export bundle`: a local diffusers PixArt-Sigma pipeline folder (or a pipeline preset) -> the folder a device
-needs to make images with onnxruntime, numpy and ``tokenizers`` only (`runtime.pipeline.TextToImage`).
+"""`hn-export bundle`: a local diffusers PixArt-Sigma or Stable Diffusion 3 pipeline folder (or a pipeline preset) ->
+the folder a device needs to make images with onnxruntime, numpy and ``tokenizers`` only
+(`runtime.pipeline.TextToImage`). SD3's three text encoders and tokenizers: `hn_export.bundle_sd3`; the layout below
+is PixArt-Sigma's.
 
 Bundle layout (`runtime.bundle_manifest` describes ``bundle.json``)::
 
@@ -42,8 +44,10 @@ from typing import Any
 
 import onnx_ir as ir
 
+from hn_export import bundle_sd3
 from hn_export.bundle_components import (DEFAULT_ENCODER_BITS, DEFAULT_ENCODER_BLOCK, check_encoder_options,
-                                         convert_tokenizer, quantize_weights, text_encoder_graph, vae_decoder_graph)
+                                         convert_tokenizer, load_component, quantize_weights, read_json,
+                                         text_encoder_graph, vae_decoder_graph)
 from hn_export.errors import UserError
 from hn_export.metadata_keys import BITS_KEY, FORMAT_KEY, METHOD_KEY, SIZE_KEY, SOURCE_KEY
 from hn_export.model_files import save_model
@@ -52,10 +56,15 @@ from runtime.bundle_manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, Bundl
 
 logger = logging.getLogger(__name__)
 
-PIPELINES = {"PixArtSigmaPipeline": "pixart-sigma"}  # diffusers pipeline class -> family bundled
-COMPONENTS = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
+# diffusers pipeline class -> family bundled
+PIPELINES = {"PixArtSigmaPipeline": "pixart-sigma", "StableDiffusion3Pipeline": "sd3"}
+COMPONENTS = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")  # PixArt-Sigma's
+FAMILY_COMPONENTS = {"pixart-sigma": COMPONENTS, "sd3": bundle_sd3.COMPONENTS}
 DEFAULT_MAX_SEQUENCE_LENGTH = 300  # PixArtSigmaPipeline's default
+FAMILY_MAX_SEQUENCE_LENGTH = {"pixart-sigma": DEFAULT_MAX_SEQUENCE_LENGTH,
+                              "sd3": bundle_sd3.DEFAULT_MAX_SEQUENCE_LENGTH}
 DEFAULT_STEPS = 20
+FAMILY_STEPS = {"pixart-sigma": DEFAULT_STEPS, "sd3": bundle_sd3.DEFAULT_STEPS}  # each pipeline's default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +78,7 @@ class BundleJob:
     quantize: QuantizeJob | None = None  # the transformer's quantize job (model_path/output are set per size)
     encoder_bits: int | None = DEFAULT_ENCODER_BITS  # None: float32
     encoder_block: int = DEFAULT_ENCODER_BLOCK
-    max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH
+    max_sequence_length: int | None = None  # T5's tokens; None: the pipeline's default (PixArt 300, SD3 256)
     progress: bool = True
 
 
@@ -114,17 +123,6 @@ def parse_sizes(text: str | None) -> tuple[tuple[int, int], ...]:
 
 
 # ------------------------------------------------------------------------------------------------- input checks
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{what} {path} is not readable JSON ({type(exc).__name__})",
-                        "pass a diffusers pipeline folder written by save_pretrained") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{what} {path} is not a JSON object", "pass a diffusers pipeline folder")
-    return data
-
-
 def check_pipeline_folder(folder: Path) -> dict[str, Any]:
     """A local diffusers pipeline folder of a bundled pipeline class; returns its model_index.json."""
     folder = Path(folder)
@@ -139,16 +137,18 @@ def check_pipeline_folder(folder: Path) -> dict[str, Any]:
             else ""
         raise UserError(f"checkpoint folder {folder} has no model_index.json{hint}",
                         "pass a diffusers pipeline folder (PixArtSigmaPipeline.save_pretrained writes one)")
-    index = _read_json(index_path, "pipeline index")
+    index = read_json(index_path, "pipeline index")
     name = index.get("_class_name")
     if name not in PIPELINES:
         raise UserError(f"checkpoint {folder} is a {name or 'pipeline of unknown class'}; hn-export bundle supports "
-                        f"{', '.join(PIPELINES)}", "pass a PixArt-Sigma pipeline folder")
-    for component in COMPONENTS:
+                        f"{', '.join(PIPELINES)}", "pass a PixArt-Sigma or Stable Diffusion 3 pipeline folder")
+    components = FAMILY_COMPONENTS[PIPELINES[name]]
+    for component in components:
         if not (folder / component).is_dir():
-            raise UserError(f"checkpoint folder {folder} has no {component}/ folder",
-                            "copy the whole pipeline (text_encoder/, tokenizer/, transformer/, vae/, scheduler/)")
-    scheduler = _read_json(folder / "scheduler" / "scheduler_config.json", "scheduler config") \
+            missing = "" if component != "text_encoder_3" else " (SD3 without T5 is not bundled)"
+            raise UserError(f"checkpoint folder {folder} has no {component}/ folder{missing}",
+                            f"copy the whole pipeline ({', '.join(c + '/' for c in components)})")
+    scheduler = read_json(folder / "scheduler" / "scheduler_config.json", "scheduler config") \
         if (folder / "scheduler" / "scheduler_config.json").is_file() else None
     if scheduler is None:
         raise UserError(f"checkpoint folder {folder} has no scheduler/scheduler_config.json",
@@ -159,7 +159,7 @@ def check_pipeline_folder(folder: Path) -> dict[str, Any]:
         scheduler_from_config(scheduler)
     except SchedulerConfigError as exc:
         raise UserError(f"scheduler in {folder}: {exc}", "the device runs runtime.schedulers' numpy schedulers: use "
-                        "PixArt-Sigma's released scheduler settings") from None
+                        "the pipeline's released scheduler settings") from None
     return index
 
 
@@ -184,35 +184,7 @@ def check_bundle_output(output: Path, *inputs: Path | None) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- loading
-def _load(what: str, folder: Path, loader):
-    import diffusers
-
-    level = diffusers.logging.get_verbosity()
-    diffusers.logging.set_verbosity_error()
-    try:
-        from transformers.utils import logging as tlogging
-
-        tlevel = tlogging.get_verbosity()
-        tlogging.set_verbosity_error()
-        tlogging.disable_progress_bar()
-    except ImportError:
-        tlogging = None
-    try:
-        return loader()
-    except UserError:
-        raise
-    except Exception as exc:  # torch / safetensors / transformers raise many types for bad files
-        first = " ".join(str(exc).split())[:200]
-        raise UserError(f"cannot load the {what} in {folder} ({type(exc).__name__}: {first})",
-                        "check that the pipeline folder is complete and its weights match the configs") from None
-    finally:
-        diffusers.logging.set_verbosity(level)
-        if tlogging is not None:
-            tlogging.set_verbosity(tlevel)
-            tlogging.enable_progress_bar()
-
-
-def _load_text_encoder(folder: Path):
+def _load_text_encoder(folder: Path, subfolder: str = "text_encoder"):
     try:
         from transformers import T5EncoderModel
     except ImportError:
@@ -220,22 +192,23 @@ def _load_text_encoder(folder: Path):
                         "pip install 'hn-export[pipeline]'") from None
     import torch
 
-    model = _load("text encoder", folder, lambda: T5EncoderModel.from_pretrained(
-        folder / "text_encoder", local_files_only=True, torch_dtype=torch.float32))
+    model = load_component("text encoder", folder, lambda: T5EncoderModel.from_pretrained(
+        folder / subfolder, local_files_only=True, torch_dtype=torch.float32))
     return model.float().eval()
 
 
-def _text_encoder(folder: Path, bits: int | None, block: int) -> ir.Model:
-    """The text encoder's graph, weight-only quantized when `bits` is set. A safetensors checkpoint is streamed a
-    tensor at a time (`hn_export.encoder_stream`: the graph's weights are read, and quantized, only when it is saved;
-    the same graph and weights as the loaded path, tested); any other is loaded whole into torch."""
-    source = folder / "text_encoder"
+def _text_encoder(folder: Path, subfolder: str, bits: int | None, block: int) -> ir.Model:
+    """The T5 text encoder's graph (``FOLDER/SUBFOLDER``), weight-only quantized when `bits` is set. A safetensors
+    checkpoint is streamed a tensor at a time (`hn_export.encoder_stream`: the graph's weights are read, and
+    quantized, only when it is saved; the same graph and weights as the loaded path, tested); any other is loaded
+    whole into torch."""
+    source = folder / subfolder
     if (source / "model.safetensors").is_file() or (source / "model.safetensors.index.json").is_file():
         from hn_export.encoder_stream import nbits_weights, stream_text_encoder_graph
 
-        graph = stream_text_encoder_graph(folder)
+        graph = stream_text_encoder_graph(folder, subfolder)
         return graph if bits is None else nbits_weights(graph, bits, block)
-    encoder = _load_text_encoder(folder)
+    encoder = _load_text_encoder(folder, subfolder)
     graph = text_encoder_graph(encoder)
     del encoder
     return graph if bits is None else quantize_weights(graph, bits, block)
@@ -245,11 +218,11 @@ def _load_vae(folder: Path):
     import torch
     from diffusers import AutoencoderKL
 
-    return _load("VAE", folder, lambda: AutoencoderKL.from_pretrained(
+    return load_component("VAE", folder, lambda: AutoencoderKL.from_pretrained(
         folder / "vae", local_files_only=True, torch_dtype=torch.float32, low_cpu_mem_usage=False)).float().eval()
 
 
-def _load_transformer(folder: Path):
+def _load_transformer(folder: Path, expected: str = "pixart-sigma"):
     from models.build import ModelSource, build_transformer
     from models.errors import ModelInputError
 
@@ -260,9 +233,9 @@ def _load_transformer(folder: Path):
     from models.build import family_of_model
 
     family = family_of_model(model)
-    if family.name != "pixart-sigma":
-        raise UserError(f"the transformer in {folder} is a {family.name} model, not PixArt-Sigma",
-                        "pass a PixArt-Sigma pipeline folder")
+    if family.name != expected:
+        raise UserError(f"the transformer in {folder} is a {family.name} model, not the {expected} model its "
+                        "pipeline names", "pass a consistent pipeline folder")
     return model
 
 
@@ -293,6 +266,9 @@ def _check_sizes(sizes: Sequence[tuple[int, int]], model, vae_scale: int) -> lis
     family = family_of_model(model)
     limit = (family.max_latent_side or family.max_sample_size) * vae_scale
     for width, height in sizes:
+        if not family.any_latent_hw and (width, height) != (own, own):
+            raise UserError(f"size {width}x{height}: the {family.name} transformer is exported at its own size only "
+                            f"({own}x{own})", f"use --sizes {own}x{own} (or leave --sizes out)")
         if width % step or height % step:
             raise UserError(f"size {width}x{height} is not a multiple of {step} pixels (VAE factor {vae_scale} x "
                             f"patch {patch})", f"use multiples of {step}, e.g. {own}x{own}")
@@ -363,14 +339,14 @@ def run_bundle(job: BundleJob) -> BundleReport:
         raise UserError("give exactly one of --checkpoint DIR and --preset NAME", "pass one of them")
     if job.encoder_bits is not None:
         check_encoder_options(job.encoder_bits, job.encoder_block)
-    if job.max_sequence_length < 1:
+    if job.max_sequence_length is not None and job.max_sequence_length < 1:
         raise UserError(f"--max-sequence-length {job.max_sequence_length} must be positive", "use e.g. 300")
     if job.preset is not None:
-        from models.pipelines import pipeline_preset
+        from models.pipeline_presets import check_pipeline_preset
         from models.errors import ModelInputError
 
         try:
-            pipeline_preset(job.preset)
+            check_pipeline_preset(job.preset)
         except ModelInputError as exc:
             raise UserError(exc.problem, exc.fix) from None
     else:
@@ -418,10 +394,10 @@ def _replace_folder(staging: Path, output: Path, work: Path) -> None:
 
 def _build(job: BundleJob, work: Path, staging: Path, stage, bar) -> BundleReport:
     if job.preset is not None:
-        from models.pipelines import write_pipeline_folder
+        from models.pipeline_presets import write_preset_folder
 
         stage(f"build preset {job.preset}")
-        folder = write_pipeline_folder(job.preset, work / "pipeline", seed=job.preset_seed)
+        folder = write_preset_folder(job.preset, work / "pipeline", seed=job.preset_seed)
         index = check_pipeline_folder(folder)
         source = f"pipeline preset {job.preset} (seed {job.preset_seed})"
     else:
@@ -430,10 +406,17 @@ def _build(job: BundleJob, work: Path, staging: Path, stage, bar) -> BundleRepor
         source = f"checkpoint {folder.resolve().name}"
     bar.update(1)
     entries: list[BundleFile] = []
+    family_name = PIPELINES[index["_class_name"]]
+    sd3 = family_name == "sd3"
+    max_length = job.max_sequence_length or FAMILY_MAX_SEQUENCE_LENGTH[family_name]
 
     stage("tokenizer")
-    tokens = convert_tokenizer(folder / "tokenizer", staging / "tokenizer.json")
-    entries.append(_entry(staging, "tokenizer.json", "tokenizer", method=f"converted from {tokens['class']}"))
+    if sd3:
+        token_entries, tokens = bundle_sd3.convert_tokenizers(folder, staging, _entry)
+        entries += token_entries
+    else:
+        tokens = convert_tokenizer(folder / "tokenizer", staging / "tokenizer.json")
+        entries.append(_entry(staging, "tokenizer.json", "tokenizer", method=f"converted from {tokens['class']}"))
     shutil.copyfile(folder / "scheduler" / "scheduler_config.json", staging / "scheduler_config.json")
     scheduler = json.loads((staging / "scheduler_config.json").read_text())
     entries.append(_entry(staging, "scheduler_config.json", "scheduler", method=scheduler["_class_name"]))
@@ -442,14 +425,16 @@ def _build(job: BundleJob, work: Path, staging: Path, stage, bar) -> BundleRepor
     stage("load transformer")
     vae = _load_vae(folder)
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    model = _load_transformer(folder)
+    model = _load_transformer(folder, family_name)
     if job.bins and job.sizes:
         raise UserError("give --sizes bins or a list of sizes, not both", "write --sizes bins alone")
     sizes = _check_sizes(_bin_sizes(model) if job.bins else job.sizes, model, vae_scale)
     bar.total += (len(sizes) - max(len(job.sizes), 1)) * (2 if job.quantize is not None else 1)
     bar.refresh()
-    if int(model.config.caption_channels) != int(_read_json(folder / "text_encoder" / "config.json",
-                                                             "text encoder config").get("d_model", -1)):
+    if sd3:
+        bundle_sd3.check_text_encoders(folder, model.config)
+    elif int(model.config.caption_channels) != int(read_json(folder / "text_encoder" / "config.json",
+                                                               "text encoder config").get("d_model", -1)):
         raise UserError(f"the text encoder's width in {folder} is not the transformer's caption_channels "
                         f"{model.config.caption_channels}", "pass a consistent pipeline folder")
     bar.update(1)
@@ -486,12 +471,16 @@ def _build(job: BundleJob, work: Path, staging: Path, stage, bar) -> BundleRepor
     del model
 
     stage("text encoder")
-    graph = _text_encoder(folder, job.encoder_bits, job.encoder_block)
-    method = "float32" if job.encoder_bits is None else \
-        f"weight-only int{job.encoder_bits} (MatMulNBits, block {job.encoder_block}, symmetric)"
-    written = save_model(graph, staging / "text_encoder.onnx")
-    del graph
-    entries += _graph_entries(staging, written, "text_encoder", bits=job.encoder_bits or 32, method=method)
+    if sd3:
+        entries += bundle_sd3.export_text_encoders(folder, staging, job.encoder_bits, job.encoder_block,
+                                                   _text_encoder, save_model, _graph_entries)
+    else:
+        graph = _text_encoder(folder, "text_encoder", job.encoder_bits, job.encoder_block)
+        method = "float32" if job.encoder_bits is None else \
+            f"weight-only int{job.encoder_bits} (MatMulNBits, block {job.encoder_block}, symmetric)"
+        written = save_model(graph, staging / "text_encoder.onnx")
+        del graph
+        entries += _graph_entries(staging, written, "text_encoder", bits=job.encoder_bits or 32, method=method)
     bar.update(1)
 
     stage("VAE decoder")
@@ -502,9 +491,18 @@ def _build(job: BundleJob, work: Path, staging: Path, stage, bar) -> BundleRepor
     stage(MANIFEST_NAME)
     from models.families import FAMILIES
 
-    family = FAMILIES[PIPELINES[index["_class_name"]]]
+    family = FAMILIES[family_name]
     latent_channels = int(transformer_cfg["in_channels"])
     default = (own * vae_scale,) * 2 if (own * vae_scale,) * 2 in sizes else sizes[0]
+    if sd3:
+        text = {"max_sequence_length": max_length, "preprocess": "none", "pad_token_id": tokens["pad_token_id"],
+                "eos_token_id": tokens["eos_token_id"], "width": int(transformer_cfg["joint_attention_dim"]),
+                "pooled_width": int(transformer_cfg["pooled_projection_dim"]), "clip": tokens["clip"]}
+    else:
+        text = {"max_sequence_length": max_length, "preprocess": "lower_strip",
+                "pad_token_id": tokens["pad_token_id"], "eos_token_id": tokens["eos_token_id"],
+                "width": int(transformer_cfg["caption_channels"])}
+    shift = getattr(vae.config, "shift_factor", None)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -512,13 +510,12 @@ def _build(job: BundleJob, work: Path, staging: Path, stage, bar) -> BundleRepor
         "pipeline": index["_class_name"],
         "source": source,
         "versions": _versions(),
-        "defaults": {"steps": DEFAULT_STEPS, "guidance_scale": family.guidance_scale, "negative_prompt": "",
-                     "width": default[0], "height": default[1]},
-        "text": {"max_sequence_length": job.max_sequence_length, "preprocess": "lower_strip",
-                 "pad_token_id": tokens["pad_token_id"], "eos_token_id": tokens["eos_token_id"],
-                 "width": int(transformer_cfg["caption_channels"])},
+        "defaults": {"steps": FAMILY_STEPS[family_name], "guidance_scale": family.guidance_scale,
+                     "negative_prompt": "", "width": default[0], "height": default[1]},
+        "text": text,
         "latent": {"channels": latent_channels, "vae_scale_factor": vae_scale,
                    "scaling_factor": float(vae.config.scaling_factor),
+                   **({"shift_factor": float(shift)} if shift else {}),
                    "learned_sigma": int(transformer_cfg["out_channels"]) == 2 * latent_channels},
         "vae_tiling": {"tile_latent_size": int(vae.tile_latent_min_size),
                        "tile_sample_size": int(vae.tile_sample_min_size), "overlap_factor": vae.tile_overlap_factor},

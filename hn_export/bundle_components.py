@@ -6,16 +6,20 @@ Graphs (opset 21, IR 10, torch.export + the dynamo exporter, as `hn_export.expor
 
 - ``text_encoder.onnx``: inputs ``input_ids`` [batch, sequence] int64 and ``attention_mask`` [batch, sequence]
   int64; output ``last_hidden_state`` [batch, sequence, d_model] float32 (T5EncoderModel's).
+- ``text_encoder*.onnx`` of SD3's CLIP encoders: input ``input_ids`` [batch, sequence]; outputs ``hidden_states``
+  (the penultimate layer's) and ``text_embeds`` (pooled, projected), as StableDiffusion3Pipeline reads them.
 - ``vae_decoder.onnx``: input ``latents`` [batch, channels, height, width] (the denoised latents, before the
   ``1 / scaling_factor``); output ``sample`` [batch, 3, f*height, f*width] in [-1, 1]: ``latents / scaling_factor
-  -> post_quant_conv -> decoder``, as ``AutoencoderKL.decode``. Height and width are dynamic (one file for every
+  (+ shift_factor) -> post_quant_conv -> decoder``, as the pipelines do before ``AutoencoderKL.decode``. Height and width are dynamic (one file for every
   size; the runtime's tiled decode feeds it tiles).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -32,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 ENCODER_INPUTS = ("input_ids", "attention_mask")
 ENCODER_OUTPUT = "last_hidden_state"
+CLIP_OUTPUTS = ("hidden_states", "text_embeds")  # SD3's CLIP encoders: penultimate hidden states, pooled projection
 VAE_INPUT, VAE_OUTPUT = "latents", "sample"
 ENCODER_BITS = (4, 8)
 # The default weight-only precision of the text encoder: int8 (tests/test_bundle.py measures encoder-output SQNR
@@ -40,14 +45,15 @@ DEFAULT_ENCODER_BITS = 8
 DEFAULT_ENCODER_BLOCK = 128
 
 
-def _trace(module, args: tuple, dynamic: tuple, names: list[str], output: str, specs: tuple[InputSpec, ...],
-           optimize: bool = True):
+def _trace(module, args: tuple, dynamic: tuple, names: list[str], output: str | list[str],
+           specs: tuple[InputSpec, ...], optimize: bool = True):
     import torch
 
+    outputs = [output] if isinstance(output, str) else list(output)
     with quiet_tracing(), torch.no_grad():
         exported = torch.export.export(module, args, dynamic_shapes=dynamic, strict=False)
         program = torch.onnx.export(exported, (), dynamo=True, opset_version=ONNX_OPSET, input_names=names,
-                                    output_names=[output], verbose=False, external_data=True, optimize=optimize)
+                                    output_names=outputs, verbose=False, external_data=True, optimize=optimize)
     model = program.model
     name_dynamic_dims(model, specs)
     model.ir_version = IR_VERSION
@@ -80,9 +86,37 @@ def text_encoder_graph(encoder, optimize: bool = True) -> ir.Model:
     return model
 
 
+def clip_encoder_graph(encoder) -> ir.Model:
+    """A transformers ``CLIPTextModelWithProjection`` (float32, eval) as SD3's pipeline uses it: input ``input_ids``
+    [batch, sequence] int64 (padded to the tokenizer's 77, no attention mask, as diffusers feeds it); outputs
+    ``hidden_states`` [batch, sequence, hidden] (the penultimate layer's, ``hidden_states[-2]``) and ``text_embeds``
+    [batch, projection] (the end-of-text token's projected features)."""
+    import torch
+
+    class ClipEncoder(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.encoder = model
+
+        def forward(self, input_ids):
+            out = self.encoder(input_ids=input_ids, output_hidden_states=True)
+            return out.hidden_states[-2], out.text_embeds
+
+    length = int(encoder.config.max_position_embeddings)
+    vocab = int(encoder.config.vocab_size)
+    ids = (torch.arange(2 * length, dtype=torch.int64).reshape(2, length) * 7) % max(vocab - 2, 1)
+    ids[:, 5] = vocab - 1  # an end-of-text id in each row
+    batch, sequence = torch.export.Dim("batch", max=4095), torch.export.Dim("sequence", min=2, max=length)
+    specs = (InputSpec("input_ids", {0: "batch", 1: "sequence"}),)
+    model = _trace(ClipEncoder(encoder.float().eval()), (ids,), ({0: batch, 1: sequence},), ["input_ids"],
+                   list(CLIP_OUTPUTS), specs)
+    model.metadata_props[ROLE_KEY] = "text_encoder"
+    return model
+
+
 def vae_decoder_graph(vae) -> ir.Model:
-    """``AutoencoderKL.decode`` (``latents / scaling_factor -> post_quant_conv -> decoder``) with dynamic batch,
-    height and width."""
+    """``AutoencoderKL.decode`` (``latents / scaling_factor (+ shift_factor) -> post_quant_conv -> decoder``) with
+    dynamic batch, height and width (``shift_factor``: SD3's VAE; none for PixArt's)."""
     import torch
 
     class Decoder(torch.nn.Module):
@@ -90,9 +124,13 @@ def vae_decoder_graph(vae) -> ir.Model:
             super().__init__()
             self.vae = model
             self.scale = float(model.config.scaling_factor)
+            shift = getattr(model.config, "shift_factor", None)
+            self.shift = float(shift) if shift else None
 
         def forward(self, latents):
             z = latents / self.scale
+            if self.shift is not None:
+                z = z + self.shift
             if self.vae.post_quant_conv is not None:
                 z = self.vae.post_quant_conv(z)
             return self.vae.decoder(z)
@@ -105,6 +143,48 @@ def vae_decoder_graph(vae) -> ir.Model:
     model = _trace(Decoder(vae.float().eval()), (example,), dynamic, [VAE_INPUT], VAE_OUTPUT, specs)
     model.metadata_props[ROLE_KEY] = "vae_decoder"
     return model
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A pipeline folder's JSON object (model_index.json, a config): one-line errors for a bad file."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{what} {path} is not readable JSON ({type(exc).__name__})",
+                        "pass a diffusers pipeline folder written by save_pretrained") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path} is not a JSON object", "pass a diffusers pipeline folder")
+    return data
+
+
+def load_component(what: str, folder: Path, loader):
+    """`loader()` (a from_pretrained of one pipeline component) with diffusers' and transformers' logging quiet; its
+    errors as one-line `UserError`s."""
+    import diffusers
+
+    level = diffusers.logging.get_verbosity()
+    diffusers.logging.set_verbosity_error()
+    try:
+        from transformers.utils import logging as tlogging
+
+        tlevel = tlogging.get_verbosity()
+        tlogging.set_verbosity_error()
+        tlogging.disable_progress_bar()
+    except ImportError:
+        tlogging = None
+    try:
+        return loader()
+    except UserError:
+        raise
+    except Exception as exc:  # torch / safetensors / transformers raise many types for bad files
+        first = " ".join(str(exc).split())[:200]
+        raise UserError(f"cannot load the {what} in {folder} ({type(exc).__name__}: {first})",
+                        "check that the pipeline folder is complete and its weights match the configs") from None
+    finally:
+        diffusers.logging.set_verbosity(level)
+        if tlogging is not None:
+            tlogging.set_verbosity(tlevel)
+            tlogging.enable_progress_bar()
 
 
 def check_encoder_options(bits: int, block_size: int) -> None:

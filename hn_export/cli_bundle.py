@@ -6,6 +6,7 @@
     hn-export bundle --checkpoint ./PixArt-Sigma-XL-2-1024-MS --sizes 1024x768,768x1024,1024x1024 -o px1024/
     hn-export bundle --checkpoint ./PixArt-Sigma-XL-2-1024-MS --sizes bins -o px_bins/   # diffusers' 33 bins
     hn-export bundle --checkpoint DIR --no-quantize -o px_fp32/         # every component in float: the reference
+    hn-export bundle --preset sd3-tiny -o sd3_bundle/                   # Stable Diffusion 3: three text encoders
 
 The transformer quantize options are those of ``hn-export MODEL.onnx --w4a4``: the same option group
 (`hn_export.cli_quantize.QuantOptions`, `--format` defaulting to ``fused``), without the files of `QuantizeFiles`
@@ -22,22 +23,23 @@ from pathlib import Path
 import click
 
 from graph_passes.quantization import OutputFormat
-from hn_export.bundle import DEFAULT_MAX_SEQUENCE_LENGTH, SIZES_BINS, BundleJob, parse_sizes, run_bundle
+from hn_export.bundle import SIZES_BINS, BundleJob, parse_sizes, run_bundle
 from hn_export.bundle_components import DEFAULT_ENCODER_BITS, DEFAULT_ENCODER_BLOCK, ENCODER_BITS
 from hn_export.cli_options import RayOptions, ray_options
 from hn_export.cli_quantize import QuantOptions, quant_options
 from hn_export.errors import UserError
-from models.pipelines import PIPELINE_PRESETS
+from models.pipeline_presets import pipeline_preset_names
 
 DEFAULT_FORMAT = OutputFormat.FUSED  # --format defaults to fused here
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--checkpoint", metavar="DIR", type=click.Path(path_type=Path),
-              help="Local diffusers PixArtSigmaPipeline folder (model_index.json, text_encoder/, tokenizer/, "
-                   "transformer/, vae/, scheduler/); never downloads.")
+              help="Local diffusers pipeline folder: PixArtSigmaPipeline (model_index.json, text_encoder/, "
+                   "tokenizer/, transformer/, vae/, scheduler/) or StableDiffusion3Pipeline (also text_encoder_2/, "
+                   "text_encoder_3/, tokenizer_2/, tokenizer_3/); never downloads.")
 @click.option("--preset", "pipeline_preset", metavar="NAME",
-              help="A pipeline built from seeded weights (models.pipelines): " + ", ".join(PIPELINE_PRESETS) + ".")
+              help="A pipeline built from seeded weights (models.pipelines, models.pipelines_sd3): " + ", ".join(pipeline_preset_names()) + ".")
 @click.option("--preset-seed", type=int, default=0, show_default=True, help="Seed of the --preset weights.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="Bundle folder to write (new, empty, or an older bundle, replaced at the end).")
@@ -47,17 +49,19 @@ DEFAULT_FORMAT = OutputFormat.FUSED  # --format defaults to fused here
                    "(PixArtSigmaPipeline's resolution binning: 33 sizes at 256-1024 px, 40 at 2048 px).")
 @click.option("--no-quantize", is_flag=True, help="Every component in float32 (the reference bundle).")
 @click.option("--encoder-bits", type=click.Choice([str(b) for b in ENCODER_BITS]), default=str(DEFAULT_ENCODER_BITS),
-              show_default=True, help="Weight-only bits of the T5 encoder's linears (MatMulNBits).")
+              show_default=True, help="Weight-only bits of the text encoders' linears (MatMulNBits; T5, and SD3's "
+                                      "two CLIP encoders).")
 @click.option("--encoder-block", type=int, default=DEFAULT_ENCODER_BLOCK, show_default=True,
               help="Block size of the encoder's weight quantization (a power of two >= 16).")
-@click.option("--max-sequence-length", type=int, default=DEFAULT_MAX_SEQUENCE_LENGTH, show_default=True,
-              help="Tokens the runtime keeps of a prompt (longer ones are truncated with a warning).")
+@click.option("--max-sequence-length", type=int,
+              help="T5 tokens the runtime keeps of a prompt (longer ones are truncated with a warning). Default: the "
+                   "pipeline's (PixArt-Sigma 300, SD3 256).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @quant_options(default_format=DEFAULT_FORMAT)
 @ray_options
 def bundle_command(checkpoint: Path | None, pipeline_preset: str | None, preset_seed: int, output: Path,
                    sizes: str | None, no_quantize: bool, encoder_bits: str, encoder_block: int,
-                   max_sequence_length: int, no_progress: bool, quant: QuantOptions, ray_options: RayOptions) -> None:
+                   max_sequence_length: int | None, no_progress: bool, quant: QuantOptions, ray_options: RayOptions) -> None:
     """Write a text-to-image bundle (text encoder, W4A4 transformer, VAE decoder, tokenizer, scheduler) that
     `hn-run` runs with onnxruntime, numpy and tokenizers only."""
     given = [name for name, value in (("--checkpoint", checkpoint), ("--preset", pipeline_preset)) if value is not None]

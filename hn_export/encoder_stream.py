@@ -125,15 +125,16 @@ def _is_plain_transpose(node: ir.Node, rank: int) -> bool:
     return perm is None or list(perm.as_ints()) == list(range(rank))[::-1]
 
 
-def stream_text_encoder_graph(folder: Path) -> ir.Model:
-    """The text encoder of pipeline folder `folder` (``text_encoder/config.json`` + safetensors) as the graph
-    `hn_export.bundle_components.text_encoder_graph` writes, its weights lazy (read when the graph is saved)."""
+def stream_text_encoder_graph(folder: Path, subfolder: str = "text_encoder") -> ir.Model:
+    """The T5 text encoder of pipeline folder `folder` (``SUBFOLDER/config.json`` + safetensors; SD3's is
+    ``text_encoder_3``) as the graph `hn_export.bundle_components.text_encoder_graph` writes, its weights lazy (read
+    when the graph is saved)."""
     import torch
     from transformers import T5Config, T5EncoderModel
 
     from hn_export.bundle_components import text_encoder_graph
 
-    source = Path(folder) / "text_encoder"
+    source = Path(folder) / subfolder
     tensors = CheckpointTensors(source)
     try:
         config = T5Config.from_pretrained(source, local_files_only=True)

@@ -20,6 +20,9 @@ aspect-ratio table (e.g. 0.57 for 768x1344), else height / width.
 
 File roles: ``text_encoder``, ``transformer`` (one per size; ``width``/``height`` given), ``vae_decoder``,
 ``tokenizer``, ``scheduler``, and ``external_data`` (a ``.onnx.data`` beside its graph; ``of`` names the graph).
+A Stable Diffusion 3 bundle (``"family": "sd3"``) also has ``text_encoder_2`` and ``tokenizer_2`` (CLIP-G; the
+first pair is CLIP-L), ``text_encoder_3`` and ``tokenizer_3`` (T5), ``text.clip`` (each CLIP tokenizer's
+``max_length`` and ``pad_token_id``), ``text.pooled_width`` and ``latent.shift_factor`` (applied by the VAE graph).
 """
 
 from __future__ import annotations
@@ -38,7 +41,12 @@ from runtime.errors import RuntimeInputError
 MANIFEST_NAME = "bundle.json"
 FORMAT = "hn-export-bundle"
 FORMAT_VERSION = 1
-ROLES = ("text_encoder", "transformer", "vae_decoder", "tokenizer", "scheduler", "external_data")
+ROLES = ("text_encoder", "transformer", "vae_decoder", "tokenizer", "scheduler", "external_data", "text_encoder_2",
+         "text_encoder_3", "tokenizer_2", "tokenizer_3")
+# the roles each family's bundle must hold (one file each)
+REQUIRED_ROLES = {"pixart-sigma": ("text_encoder", "vae_decoder", "tokenizer", "scheduler"),
+                  "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3", "vae_decoder", "tokenizer",
+                          "tokenizer_2", "tokenizer_3", "scheduler")}
 PREPROCESS = ("lower_strip", "none")  # PixArt's pipelines: prompt.lower().strip() (clean_caption=False)
 
 
@@ -191,7 +199,7 @@ def load_manifest(folder: str | os.PathLike) -> Manifest:
         if "aspect_ratio" in entry and _require(entry, "aspect_ratio", (int, float), folder, "size ") <= 0:
             raise _fail(folder, f"{MANIFEST_NAME} has a size whose aspect_ratio is not positive")
     manifest = Manifest(folder, data, tuple(files))
-    for role in ("text_encoder", "vae_decoder", "tokenizer", "scheduler"):
+    for role in REQUIRED_ROLES.get(data.get("family"), REQUIRED_ROLES["pixart-sigma"]):
         manifest.file(role)
     return manifest
 

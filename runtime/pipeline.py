@@ -6,7 +6,9 @@ Pillow only (no torch, diffusers or transformers: tests/test_runtime_no_torch.py
     result = pipe("a red fox in the snow", seed=0)     # steps, guidance, size: the bundle's defaults
     result.image.save("fox.png")
 
-What a call does (PixArtSigmaPipeline's steps, in numpy):
+What a call does (PixArtSigmaPipeline's steps, in numpy; a Stable Diffusion 3 bundle encodes the prompt with its
+two CLIP encoders and T5 instead, `runtime.pipeline_sd3_text`, feeds ``pooled_projections`` too, and its VAE graph
+adds the latents' ``shift_factor``: StableDiffusion3Pipeline's steps):
 
 1. tokenize (``tokenizers.Tokenizer`` from ``tokenizer.json``): the prompt ``.lower().strip()`` as diffusers does
    with ``clean_caption=False``, at most ``max_sequence_length`` tokens with ``</s>`` kept last; a longer prompt is
@@ -55,7 +57,9 @@ from runtime.pipeline_stats import StageStat, StageTimer
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("pixart-sigma",)  # bundles whose loop this module runs (T5 text, CFG pair, learned sigma dropped)
+# bundles whose loop this module runs: PixArt-Sigma (T5 text, learned sigma dropped) and Stable Diffusion 3 (two CLIP
+# encoders and T5, pooled projections; runtime.pipeline_sd3_text); both with the CFG pair
+FAMILIES = ("pixart-sigma", "sd3")
 MAX_IMAGE_SIDE = 16384  # the largest requested width or height (resolution binning resizes to it)
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
              "tensor(int32)": np.int32}
@@ -129,6 +133,12 @@ class TextToImage:
         self.folder = self.manifest.folder
         self.provider, self.threads, self.kernel_library = provider, threads, kernel_library
         self.progress = progress
+        self.family = self.manifest.data["family"]
+        self.max_length = int(self.manifest.text["max_sequence_length"])
+        self._load_scheduler()
+        if self.family == "sd3":  # three tokenizers, read by runtime.pipeline_sd3_text when encoding
+            self.tokenizer = None
+            return
         from tokenizers import Tokenizer
 
         try:
@@ -139,8 +149,9 @@ class TextToImage:
         self.tokenizer.no_padding()
         self._untruncated = Tokenizer.from_str(self.tokenizer.to_str())  # for the truncation warning's text
         self._untruncated.no_truncation()
-        self.max_length = int(self.manifest.text["max_sequence_length"])
         self.tokenizer.enable_truncation(self.max_length)
+
+    def _load_scheduler(self) -> None:
         self.scheduler_config = json.loads(self.manifest.path("scheduler").read_text())
         from runtime.schedulers import SchedulerConfigError, scheduler_from_config
 
@@ -179,10 +190,31 @@ class TextToImage:
                            "to %d tokens: %s", self.max_length, removed)
         return np.asarray(encoding.ids, dtype=np.int64), removed
 
+    def conditioning(self, texts: Sequence[str]) -> tuple[list[dict[str, np.ndarray]], list[str]]:
+        """The transformer's text inputs for `texts` (negative prompt first when guided), as groups of batched
+        feeds (one group when every text has the same token count, else one per text), and the text truncation cut
+        off. PixArt-Sigma: ``encoder_hidden_states`` of the real T5 tokens; SD3: ``encoder_hidden_states`` (CLIP +
+        T5) and ``pooled_projections``."""
+        if self.family == "sd3":
+            from runtime.pipeline_sd3_text import encode_sd3
+
+            encoded = encode_sd3(self.manifest, self._session, texts)
+            group = {"encoder_hidden_states": np.concatenate([e.embeddings for e in encoded], axis=0),
+                     "pooled_projections": np.concatenate([e.pooled for e in encoded], axis=0)}
+            return [group], [e.truncated for e in encoded if e.truncated]
+        encoded = self.encode(texts)
+        states = [e.embeddings for e in encoded]
+        groups = [states] if len({t.shape[1] for t in states}) == 1 else [[t] for t in states]
+        return ([{"encoder_hidden_states": np.concatenate(g, axis=0)} for g in groups],
+                [e.truncated for e in encoded if e.truncated])
+
     def encode(self, texts: Sequence[str], pad: bool = False) -> list[EncodedText]:
         """Run the text encoder on each text (one session, freed on return). `pad`: feed max_sequence_length tokens
         with the attention mask, as diffusers does (the real tokens' outputs are the same), and return the real
-        tokens' rows."""
+        tokens' rows. PixArt-Sigma bundles (SD3's: `conditioning`)."""
+        if self.tokenizer is None:
+            raise RuntimeInputError(f"encode() runs PixArt-Sigma's T5 text encoder; this is a {self.family} bundle "
+                                    "(use conditioning())")
         session = self._session(self.manifest.path("text_encoder"))
         types = {i.name: _NP_TYPES.get(i.type, np.int64) for i in session.get_inputs()}
         out = []
@@ -307,7 +339,7 @@ class TextToImage:
         timer = StageTimer()
         cfg = guidance > 1.0
         with timer.stage("text encoder"):
-            encoded = self.encode([negative_prompt, prompt] if cfg else [prompt])
+            groups, truncated = self.conditioning([negative_prompt, prompt] if cfg else [prompt])
         with timer.stage("denoise"):
             denoiser = Denoiser(self.manifest.transformer_path(width, height), provider=self.provider,
                                 threads=self.threads, kernel_library=self.kernel_library)
@@ -317,8 +349,6 @@ class TextToImage:
             if latents is None:
                 latents = self.initial_latents(width, height, seed)
             x = (latents * np.float32(getattr(scheduler, "init_noise_sigma", 1.0))).astype(np.float32)
-            texts = [e.embeddings for e in encoded]
-            groups = [texts] if len({t.shape[1] for t in texts}) == 1 else [[t] for t in texts]
             stopped = False
             timesteps = list(scheduler.timesteps)
             with tqdm(total=len(timesteps), desc="denoise", unit="step", disable=not self.progress,
@@ -327,10 +357,9 @@ class TextToImage:
                     model_input = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
                     outs = []
                     for group in groups:
-                        batch = len(group)
+                        batch = len(group["encoder_hidden_states"])
                         feeds = {"hidden_states": np.repeat(model_input, batch, axis=0),
-                                 "timestep": np.full((batch,), t),
-                                 "encoder_hidden_states": np.concatenate(group, axis=0)}
+                                 "timestep": np.full((batch,), t), **group}
                         feeds = {k: v.astype(dtypes.get(k, np.float32)) for k, v in feeds.items()}
                         outs.append(np.asarray(denoiser(feeds), dtype=np.float32))
                     out = np.concatenate(outs, axis=0)
@@ -345,7 +374,6 @@ class TextToImage:
                         break
             del denoiser
             gc.collect()
-        truncated = [e.truncated for e in encoded if e.truncated]
         if stopped or output_type == "latent":
             return Generation(None, None, x, settings, stopped, timer.stages, truncated)
         with timer.stage("vae decoder"):

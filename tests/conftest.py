@@ -113,3 +113,28 @@ def fp_bundle(tiny_pipeline, bundle_root) -> Path:
 def q_bundle(bundle_root) -> Path:
     """The same pipeline from --preset tiny: W4A4 hadanorm `fused` transformer, int8 text encoder."""
     return _build(bundle_root, "w4a4", ["--preset", "tiny", *BUNDLE_QUANT_OPTIONS])
+
+
+# The tiny Stable Diffusion 3 pipeline folder (models.pipelines_sd3) and its bundles (tests/test_bundle_sd3.py,
+# test_runtime_no_torch.py).
+@pytest.fixture(scope="session")
+def sd3_pipeline(bundle_root) -> Path:
+    """The `sd3-tiny` pipeline preset as a diffusers StableDiffusion3Pipeline folder (two CLIP encoders, T5)."""
+    folder = bundle_root / "sd3-pipeline"
+    if not (folder / "model_index.json").is_file():
+        from models.pipeline_presets import write_preset_folder
+
+        write_preset_folder("sd3-tiny", folder, seed=0)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sd3_fp_bundle(sd3_pipeline, bundle_root) -> Path:
+    """--no-quantize from the SD3 folder (64 px, its own size)."""
+    return _build(bundle_root, "sd3-fp", ["--checkpoint", str(sd3_pipeline), "--no-quantize"])
+
+
+@pytest.fixture(scope="session")
+def sd3_q_bundle(bundle_root) -> Path:
+    """From --preset sd3-tiny: W4A4 hadanorm `fused` transformer, int8 text encoders."""
+    return _build(bundle_root, "sd3-w4a4", ["--preset", "sd3-tiny", *BUNDLE_QUANT_OPTIONS])

@@ -242,7 +242,7 @@ def _bad_folders(root: Path, pipeline: Path) -> dict[str, tuple[Path, str]]:
     shutil.copytree(pipeline / "transformer", transformer_only)
     other = root / "other_pipeline"
     other.mkdir()
-    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     no_vae = root / "no_vae"
     shutil.copytree(pipeline, no_vae, ignore=lambda d, names: ["vae"] if Path(d) == pipeline else [])
     a_file = root / "a_file"
@@ -255,7 +255,7 @@ def _bad_folders(root: Path, pipeline: Path) -> dict[str, tuple[Path, str]]:
         "missing": (root / "nope", "checkpoint folder {} does not exist"),
         "file": (a_file, "checkpoint {} is not a folder"),
         "transformer folder": (transformer_only, "has no model_index.json (it is a transformer folder"),
-        "other pipeline": (other, "is a StableDiffusion3Pipeline; hn-export bundle supports PixArtSigmaPipeline"),
+        "other pipeline": (other, "is a FluxPipeline; hn-export bundle supports PixArtSigmaPipeline, StableDiffusion3Pipeline"),
         "no vae": (no_vae, "has no vae/ folder"),
         "scheduler": (bad_scheduler, "solver_order must be 1 or 2"),
     }

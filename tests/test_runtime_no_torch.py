@@ -1,6 +1,7 @@
 """The device side runs without torch, diffusers and transformers: `hn-run` in a subprocess where importing them
 fails (a meta-path finder that refuses them, installed before anything else is imported) makes an image from the
-tiny bundles of tests/test_bundle.py (float, and W4A4 `fused` with the int8 encoder), and none of them (nor onnx)
+tiny bundles of tests/test_bundle.py and test_bundle_sd3.py (float, and W4A4 `fused` with the int8 encoders; PixArt-Sigma
+and Stable Diffusion 3), and none of them (nor onnx)
 ends up in sys.modules."""
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ print("RESULT " + json.dumps({{"code": code, "loaded": loaded}}))
 """
 
 
-@pytest.mark.parametrize("bundle", ["fp_bundle", pytest.param("q_bundle", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("bundle", ["fp_bundle", pytest.param("q_bundle", marks=pytest.mark.slow), "sd3_fp_bundle",
+                                    pytest.param("sd3_q_bundle", marks=pytest.mark.slow)])
 def test_hn_run_without_torch(bundle, request, tmp_path):
     """The float bundle, and the deployed one (W4A4 `fused` transformer, int8 MatMulNBits encoder; slow: it builds
     the quantized bundle unless tests/test_bundle.py's slow test already did)."""

@@ -46,6 +46,8 @@ MODELS = {
              f"`{WG} pixart-gptq` (none,quarot,sdcb x w4a4,w4a8 x gptq x 0,32)"),
             ("m", "benchmarks/weight-grid/pixart-sigma-256-4blocks-r16/results.json",
              f"`{WG} pixart-r16` (none,quarot,sdcb,hadanorm x w4a4,w4a8 x minmax,mse x 16)"),
+            ("n", "benchmarks/weight-grid/pixart-sigma-256-4blocks-gptq-r16/results.json",
+             f"`{WG} pixart-gptq-r16` (none,quarot,sdcb x w4a4,w4a8 x gptq x 16)"),
         ],
         "ort": [
             ("e", "benchmarks/weight-grid/pixart-sigma-256-4blocks/ort.json",
@@ -293,6 +295,7 @@ def main() -> None:
         "bash benchmarks/run_weight_grid.sh pixart                            # -> weight-grid/pixart-sigma-256-4blocks{,-mse,-w4a8}/",
         "bash benchmarks/run_weight_grid.sh shapes16 /work/scratch/shapes-dit # -> weight-grid/shapes-dit-16samples/",
         "bash benchmarks/run_weight_grid.sh pixart-gptq                       # -> weight-grid/pixart-sigma-256-4blocks-gptq/",
+        "bash benchmarks/run_weight_grid.sh pixart-gptq-r16                   # -> weight-grid/pixart-sigma-256-4blocks-gptq-r16/",
         "python benchmarks/weight-grid/make_table.py                          # -> weight-grid/README.md",
         "```",
         "",
