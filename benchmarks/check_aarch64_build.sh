@@ -104,7 +104,7 @@ int main() {
 }
 EOF
 "$CXX" -O2 -std=c++17 -static -I"$K" "$OUT/check.cc" $K/half.cc $K/isa.cc $K/int_common.cc $K/int_scalar.cc \
-  $K/int_neon.cc -o "$OUT/check"
+  $K/int_neon.cc $K/int_two_level.cc -o "$OUT/check"
 file "$OUT/check" | sed "s|$OUT/||"
 
 echo "== 3a. qemu-aarch64 -cpu max (has dotprod)"

@@ -65,7 +65,7 @@ import numpy as np
 
 from graph_passes.hadamard import KroneckerHadamard
 from graph_passes.site_transforms import SiteStats, SiteTransform
-from graph_passes.weight_grid import asym_scale_zp, sym_scale
+from graph_passes.weight_grid import asym_scale_zp, sym_scale, two_level_scale
 
 logger = logging.getLogger(__name__)
 
@@ -192,20 +192,27 @@ class GptqFactor:
         return cls(upper, perm, damping)
 
 
-def _group_params(w: np.ndarray, symmetric: bool, bits: int, scale_dtype) -> tuple[np.ndarray, np.ndarray | None]:
+def _group_params(w: np.ndarray, symmetric: bool, bits: int, scale_dtype,
+                  unit: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """min/max scale (float64 of the scale dtype) and zero point per output row of w [out, cols]: the expressions of
-    `graph_passes.weight_grid` (as `graph_passes.quantization.quantize_weight`) on one group."""
+    `graph_passes.weight_grid` (as `graph_passes.quantization.quantize_weight`) on one group; `unit`: two-level
+    scales with these units per row."""
     if symmetric:
-        return sym_scale(np.abs(w).max(axis=1), 2 ** (bits - 1) - 1, scale_dtype).astype(np.float64), None
+        amax = np.abs(w).max(axis=1)
+        scale = sym_scale(amax, 2 ** (bits - 1) - 1, scale_dtype)
+        if unit is not None:
+            scale = two_level_scale(scale, amax, unit, scale_dtype)
+        return scale.astype(np.float64), None
     wmin, wmax = np.minimum(w.min(axis=1), 0.0), np.maximum(w.max(axis=1), 0.0)
     scale, zp = asym_scale_zp(wmin, wmax, 2**bits - 1, scale_dtype)
     return scale.astype(np.float64), zp
 
 
 def gptq_codes(weight_t: np.ndarray, factor: GptqFactor, block: int, bits: int, symmetric: bool,
-               scale_dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+               scale_dtype, unit: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """GPTQ of ``W~^T`` [in, out]: integer codes [in, out] (float64 holding integers, zero point included), scales
-    [blocks, out] in `scale_dtype` and zero points [blocks, out] (float64; None when symmetric)."""
+    [blocks, out] in `scale_dtype` and zero points [blocks, out] (float64; None when symmetric). `unit` [out]:
+    two-level scales (`graph_passes.weight_grid.two_level_scale`) with these column units."""
     w = np.array(np.asarray(weight_t, dtype=np.float64).T)  # W~ [out, in]: GPTQ's columns are the input rows
     out, cols = w.shape
     block = min(block, cols)
@@ -217,7 +224,7 @@ def gptq_codes(weight_t: np.ndarray, factor: GptqFactor, block: int, bits: int, 
     perm = factor.perm
     if perm is not None:  # static groups: the min/max parameters of the original weight
         for g in range(blocks):
-            scales[g], zp = _group_params(w[:, g * block:(g + 1) * block], symmetric, bits, scale_dtype)
+            scales[g], zp = _group_params(w[:, g * block:(g + 1) * block], symmetric, bits, scale_dtype, unit)
             if zps is not None:
                 zps[g] = zp
         w = w[:, perm]
@@ -237,7 +244,7 @@ def gptq_codes(weight_t: np.ndarray, factor: GptqFactor, block: int, bits: int, 
             if perm is None and col % block == 0:  # a group starts: its parameters from the weights as they are now
                 width = min(block, cols - col)
                 part = w1[:, i:i + width] if i + width <= i2 - i1 else w[:, col:col + width]
-                scales[g], zp = _group_params(part, symmetric, bits, scale_dtype)
+                scales[g], zp = _group_params(part, symmetric, bits, scale_dtype, unit)
                 if zps is not None:
                     zps[g] = zp
             s = scales[g]

@@ -53,6 +53,12 @@ rows of one output column; ``B >= in`` is per output channel) is quantized over.
   the mean of its diagonal). ``gptq-act-order`` quantizes the rows in decreasing Hessian diagonal, with the groups'
   min/max parameters of the unquantized weight. Same integer layout as the other ranges; needs the calibration run's
   Hessian (`quantize_weight`'s ``gptq``).
+
+Weight scales (`WeightScales`, ``QuantConfig.weight_scales``): ``block`` (default) keeps each group's scale;
+``two-level`` snaps a symmetric weight's block scales (at most 4 bits) up to ``c r``, one unit per output column and
+an integer ratio in 1..16 per block (`graph_passes.weight_grid`), after the range is chosen (GPTQ: each group's
+scale as it is set, with the column's unit from the unquantized weight), so that the CPU kernels run it without a
+per-block fold. The file's layout is the same.
 """
 
 from __future__ import annotations
@@ -65,7 +71,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.weight_grid import asym_scale_zp, sym_scale
+from graph_passes.weight_grid import asym_scale_zp, sym_scale, two_level_scale, two_level_unit
 
 if TYPE_CHECKING:
     from graph_passes.gptq import GptqFactor
@@ -101,6 +107,13 @@ _MSE_REL_MARGIN = 1e-9  # a smaller ratio must lower the error by more than this
 _MSE_CHUNK = 1 << 15  # weights per chunk of groups in the search (256 KiB of float64: stays in L2)
 
 
+class WeightScales(enum.Enum):
+    """How the block scales of a weight are stored (module docstring)."""
+
+    BLOCK = "block"  # one float scale per group
+    TWO_LEVEL = "two-level"  # c[out] * r[block, out], r in 1..16 (symmetric weights of at most 4 bits)
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
     weight_bits: int = 4
@@ -114,6 +127,7 @@ class QuantConfig:
     outer_bits: int = 8
     gptq_damp: float = 0.01  # GPTQ's percdamp: lambda = gptq_damp * mean(diag H)
     low_rank: int = 0  # rank of the float branch beside each quantized MatMul weight (graph_passes.low_rank); 0: none
+    weight_scales: WeightScales = WeightScales.BLOCK
 
     def __post_init__(self) -> None:
         for bits in (self.weight_bits, self.act_bits, self.outer_bits):
@@ -123,6 +137,13 @@ class QuantConfig:
             raise ValueError(f"gptq_damp {self.gptq_damp} is outside (0, 1000)")
         if self.low_rank < 0:
             raise ValueError(f"low_rank {self.low_rank} is negative")
+        if self.weight_scales is WeightScales.TWO_LEVEL and not self.weight_symmetric:
+            raise ValueError("two-level weight scales need symmetric weights")
+
+    @property
+    def two_level(self) -> bool:
+        """Whether this configuration's weights get two-level scales (symmetric, at most 4 bits)."""
+        return self.weight_scales is WeightScales.TWO_LEVEL and self.weight_symmetric and self.weight_bits <= 4
 
     def for_site(self, outer: bool) -> "QuantConfig":
         """The configuration of one site: this one, or with `outer_bits` weights and activations outside the
@@ -255,13 +276,19 @@ def quantize_weight(weight_t: np.ndarray, config: QuantConfig, scale_dtype: np.d
         if gptq is None or gptq.upper.shape != (w.shape[0], w.shape[0]):
             raise ValueError(f"--weight-range {config.weight_range.value} needs the [{w.shape[0]}, {w.shape[0]}] "
                              "Hessian of the weight's input")
-        q, scale, zp = gptq_codes(w, gptq, block, bits, config.weight_symmetric, scale_dtype)
+        unit = None
+        if config.two_level:
+            amax = _block_reduce(np.abs(w), block, np.max)
+            unit = two_level_unit(sym_scale(amax, 2 ** (bits - 1) - 1, scale_dtype), amax, scale_dtype)
+        q, scale, zp = gptq_codes(w, gptq, block, bits, config.weight_symmetric, scale_dtype, unit)
         return QuantizedWeight(q.astype(np_type), scale, None if zp is None else zp.astype(np_type), block, bits)
     ratio = mse_clip_ratios(w, config, scale_dtype) if config.weight_range is WeightRange.MSE else None
     if config.weight_symmetric:
         qmax = 2 ** (bits - 1) - 1
         amax = _block_reduce(np.abs(w), block, np.max)
         scale = sym_scale(amax if ratio is None else ratio * amax, qmax, scale_dtype)
+        if config.two_level:
+            scale = two_level_scale(scale, amax, two_level_unit(scale, amax, scale_dtype), scale_dtype)
         full = np.repeat(scale.astype(np.float64), block, axis=0)[: w.shape[0]]
         q = np.clip(np.round(w / full), -qmax, qmax)
         return QuantizedWeight(q.astype(np_type), scale, None, block, bits)

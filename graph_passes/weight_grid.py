@@ -4,6 +4,19 @@ the scale dtype before any integer is set.
 - symmetric: ``scale = amax / qmax`` (1 where amax = 0), codes ``round(w / scale)`` in ``[-qmax, qmax]``;
 - asymmetric: ``lo = min(w, 0)``, ``hi = max(w, 0)``, ``scale = (hi - lo) / qmax`` (1 where 0),
   ``zero_point = clip(round(-lo / scale), 0, qmax)``, codes ``round(w / scale) + zero_point`` in ``[0, qmax]``.
+
+Two-level scales (``--weight-scales two-level``, symmetric weights of at most 4 bits): each output column's block
+scales are snapped up to ``c r`` with one unit ``c`` per column and an integer ``r`` in ``1..16`` per block:
+
+- ``c = max_blk scale / 16`` over the column's blocks that are not all zero, rounded up to a value of the scale
+  dtype whose significand has its 4 lowest bits zero (so every ``c r`` is exact in the scale dtype);
+- ``r = clip(ceil(scale / c), 1, 16)`` (1 for blocks of zeros): ``c r >= scale``, so no block's range shrinks;
+  its step grows by less than ``1 / r`` (under 7% for the blocks within half of the column's largest);
+- codes are then set with ``c r`` as the block's scale, as for any scale.
+
+Then ``r q`` (``|q| <= 7``) fits int8 and the CPU kernels run the weight as an 8-bit one with a single scale per
+column over the whole input (no per-block fold; `runtime/kernels/int_kernels.h`, TwoLevel); every format stores the
+same block scales, so any runtime reads the file as before.
 """
 
 from __future__ import annotations
@@ -22,3 +35,34 @@ def asym_scale_zp(wmin: np.ndarray, wmax: np.ndarray, qmax: int,
     scale = np.where(scale > 0, scale, 1.0).astype(scale_dtype)
     zp = np.clip(np.round(-wmin / scale.astype(np.float64)), 0, qmax)
     return scale, zp
+
+
+TWO_LEVEL_RATIO = 16  # the largest r of two-level scales
+_FREE_BITS = 4  # low significand bits of c left zero: c r exact for r <= 16
+
+
+def _round_up_coarse(value: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The smallest positive value of `dtype` >= `value` whose significand's `_FREE_BITS` lowest bits are zero."""
+    dtype = np.dtype(dtype)
+    uint = {4: np.uint32, 2: np.uint16}[dtype.itemsize]
+    v = value.astype(dtype)
+    bits = v.view(uint).astype(np.int64)
+    bits = np.where(v.astype(np.float64) < value, bits + 1, bits)  # rounded down: the next value up
+    step = 1 << _FREE_BITS
+    bits = (bits + step - 1) // step * step  # a carry into the exponent stays a valid, larger positive value
+    return bits.astype(uint).view(dtype)
+
+
+def two_level_unit(scale: np.ndarray, amax: np.ndarray, scale_dtype: np.dtype) -> np.ndarray:
+    """``c`` per output column (module docstring) from the block scales and maxima [blocks, out], float64 of the
+    scale dtype; 1 / 16 for a column of zeros."""
+    top = np.where(np.asarray(amax) > 0, np.asarray(scale, dtype=np.float64), 0.0).max(axis=0)
+    unit = _round_up_coarse(np.where(top > 0, top / TWO_LEVEL_RATIO, 1.0 / TWO_LEVEL_RATIO), scale_dtype)
+    return unit.astype(np.float64)
+
+
+def two_level_scale(scale: np.ndarray, amax: np.ndarray, unit: np.ndarray, scale_dtype: np.dtype) -> np.ndarray:
+    """Block scales [.., out] snapped up to ``unit r`` (module docstring), in the scale dtype (exact)."""
+    ratio = np.clip(np.ceil(np.asarray(scale, dtype=np.float64) / unit), 1, TWO_LEVEL_RATIO)
+    ratio = np.where(np.asarray(amax) > 0, ratio, 1.0)
+    return (unit * ratio).astype(scale_dtype)

@@ -16,7 +16,7 @@ import click
 from graph_passes.hadamard import HadamardMode
 from graph_passes.linears import SiteSelection
 from graph_passes.methods import DEFAULT_ALPHA_GRID, AlphaSearch, BiasCorrection, Method, TransformOptions
-from graph_passes.quantization import OutputFormat, QuantConfig, WeightRange
+from graph_passes.quantization import OutputFormat, QuantConfig, WeightRange, WeightScales
 from graph_passes.static_act_quant import ActGranularity
 from hn_export.cli_options import (
     EnumChoice,
@@ -121,6 +121,7 @@ class QuantOptions:
     exclude: tuple[str, ...]
     act_granularity: ActGranularity
     weight_range: WeightRange
+    weight_scales: WeightScales
     low_rank: int
     seed: int
 
@@ -153,6 +154,8 @@ class QuantOptions:
                 raise UserError(f"--alpha-grid {self.alpha_grid} is the grid of --alpha auto, not of --alpha {alpha:g}",
                                 "add --alpha auto, or drop --alpha-grid")
             alpha = parse_alpha_grid(self.alpha_grid)
+        if self.weight_scales is WeightScales.TWO_LEVEL and self.asymmetric_weights:
+            raise UserError("--weight-scales two-level needs symmetric weights", "drop --asymmetric-weights")
         if self.low_rank and self.method is Method.HQDM:
             raise UserError(f"--low-rank {self.low_rank} needs the quantized weight to be the transformed one; "
                             "--method hqdm quantizes it unrotated in integer parts", "use another --method, or drop "
@@ -160,7 +163,7 @@ class QuantOptions:
         quant = None if transform_only else QuantConfig(
             weight_bits=self.wbits or w_default, act_bits=self.abits or a_default, weight_block=self.weight_block,
             weight_symmetric=not self.asymmetric_weights, format=fmt, weight_range=self.weight_range,
-            outer_bits=self.outer_bits, low_rank=self.low_rank)
+            outer_bits=self.outer_bits, low_rank=self.low_rank, weight_scales=self.weight_scales)
         return QuantizeJob(
             model_path=model,
             output=output or default_output(model, quant),
@@ -239,6 +242,12 @@ def quant_options(default_format: OutputFormat = OutputFormat.QDQ):
                      help="Weight range per block: min/max, the clipping that minimises the squared error (MSE "
                           "search), or GPTQ's error feedback over the calibration Hessian on the min/max grid "
                           "(gptq; gptq-act-order: rows by decreasing Hessian diagonal)."),
+        click.option("--weight-scales", type=EnumChoice(WeightScales), default=WeightScales.BLOCK.value,
+                     show_default=True,
+                     help="block: a float scale per weight block; two-level: the block scales of 4-bit weights "
+                          "snapped up to one unit per output column times an integer 1..16 per block, so that the "
+                          "CPU kernels run them without a per-block fold (faster on AMX; the file layout is the "
+                          "same)."),
         click.option("--low-rank", type=click.IntRange(0), default=0, show_default=True,
                      help="Rank of a float branch beside each quantized MatMul weight (SVDQuant): the weight's largest "
                           "directions in float, the residual quantized; 0: none."),

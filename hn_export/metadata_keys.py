@@ -20,6 +20,7 @@ BITS_KEY = "hn_export.bits"  # e.g. w4a4, or float (transform only)
 ACT_GRANULARITY_KEY = "hn_export.act_granularity"
 BIAS_CORRECTION_KEY = "hn_export.bias_correction"
 WEIGHT_RANGE_KEY = "hn_export.weight_range"  # minmax, mse, gptq, gptq-act-order
+WEIGHT_SCALES_KEY = "hn_export.weight_scales"  # block, two-level
 LOW_RANK_KEY = "hn_export.low_rank"  # rank of the float branch beside each quantized weight (0: none)
 ALPHA_KEY = "hn_export.alpha"  # --alpha auto: JSON {site name: chosen alpha} (a number given: not written)
 SESSION_CONFIG_KEY = "hn_export.onnxruntime_session_config"  # a note: the session options the graph needs

@@ -39,6 +39,7 @@ from hn_export.metadata_keys import (
     SESSION_CONFIG_KEY,
     TRANSFORM_OPS_KEY,
     WEIGHT_RANGE_KEY,
+    WEIGHT_SCALES_KEY,
 )
 from runtime.domain import HADANORM_DOMAIN
 
@@ -246,6 +247,7 @@ def run_quantize(job: QuantizeJob) -> QuantizeReport:
     if job.quant is not None:
         model.metadata_props[ACT_GRANULARITY_KEY] = job.act_granularity.value
         model.metadata_props[WEIGHT_RANGE_KEY] = job.quant.weight_range.value
+        model.metadata_props[WEIGHT_SCALES_KEY] = job.quant.weight_scales.value
         model.metadata_props[LOW_RANK_KEY] = str(job.quant.low_rank)
     if isinstance(transform.alpha, SiteAlphas):  # --alpha auto's choice per site (a number given: no entry)
         model.metadata_props[ALPHA_KEY] = json.dumps(dict(transform.alpha.chosen), separators=(",", ":"))

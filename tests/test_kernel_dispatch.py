@@ -196,4 +196,5 @@ def test_no_cpu_choice_outside_the_path_tables():
             assert "__builtin_cpu_supports" not in text and "__get_cpuid" not in text, name
     variables = {v for text in sources.values() for v in re.findall(r'getenv\("([A-Z_]+)"\)', text)}
     assert variables == {"HADANORM_KERNELS_ISA", "HADANORM_KERNELS_THREADS", "HADANORM_KERNELS_CALL_LOG",
-                         "HADANORM_KERNELS_CALL_LOG_ISA", "HADANORM_KERNELS_API_VERSION"}
+                         "HADANORM_KERNELS_CALL_LOG_ISA", "HADANORM_KERNELS_API_VERSION",
+                         "HADANORM_KERNELS_TWO_LEVEL"}

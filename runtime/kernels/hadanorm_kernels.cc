@@ -19,6 +19,8 @@
 //   HADANORM_KERNELS_CALL_LOG=path  append one line "<op type>" per kernel run (tests: proves the kernel ran);
 //                                   HADANORM_KERNELS_CALL_LOG_ISA=1 appends " <path>" (the attention: its own path)
 //   HADANORM_KERNELS_API_VERSION=v  request API version v instead of ORT_API_VERSION (tests: incompatible API)
+//   HADANORM_KERNELS_TWO_LEVEL=0    run IntMatMul4 weights with two-level scales by the block route (int_kernels.h,
+//                                   TwoLevel; benchmarks and tests compare the two routes)
 
 #include <onnxruntime_cxx_api.h>
 

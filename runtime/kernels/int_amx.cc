@@ -145,6 +145,10 @@ WeightStream stream_weights(const GemmArgs& g, int64_t t0, int64_t t1) {
   WeightStream ws;
   ws.pairs = (t1 - t0 + 1) / 2;
   ws.tile_bytes = w.block / 4 * 64;
+  if (Bits == 8 && w.k_blocks == 1) {  // one block: the packed tiles t0..t1 are the stream already (no copy)
+    ws.data = g.b + t0 * w.tile_stride;
+    return ws;
+  }
   uint8_t* out = unpack_buffer(w.k_blocks * ws.pairs * 2 * ws.tile_bytes);
   ws.data = out;
   const __m512i nibble = _mm512_set1_epi8(0x0F);

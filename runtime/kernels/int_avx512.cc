@@ -351,6 +351,37 @@ void float_gemm(const FloatGemmArgs& g, int64_t m0, int64_t m1, int64_t t0, int6
   }
 }
 
+// The two-level expansion (int_kernels.h, ExpandTwoLevelFn): per packed 64-byte row, the low and high nibbles u as
+// bytes, r u computed in 16-bit lanes (even and odd bytes apart: r u <= 240 fits the byte), minus 8 r per byte
+// (modulo 256: the int8 r (u - 8)). The same bytes as expand_two_level_scalar.
+void expand_two_level_avx512(const WeightInfo& w4, const uint8_t* ratio, const uint8_t* b, int64_t t0, int64_t t1,
+                             uint8_t* out) {
+  const int64_t stride8 = w4.k_pad / 4 * 64, rows_per_block = w4.block / 8;
+  const __m512i nibble = _mm512_set1_epi8(0x0F), low_bytes = _mm512_set1_epi16(0x00FF);
+  // per column c (dword c of a row): r in both 16-bit halves, and 8 r in each byte
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* tile = b + t * w4.tile_stride;
+    uint8_t* dst = out + (t - t0) * stride8;
+    for (int64_t blk = 0; blk < w4.k_blocks; ++blk) {
+      const __m128i r8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ratio + blk * w4.n_pad + t * kTile));
+      const __m512i r32 = _mm512_cvtepu8_epi32(r8);  // r of column c in dword c
+      const __m512i r16 = _mm512_or_si512(r32, _mm512_slli_epi32(r32, 16));
+      const __m512i r8x = _mm512_mullo_epi32(r32, _mm512_set1_epi32(0x08080808));  // 8 r in each byte
+      auto times_r = [&](__m512i u) {  // bytes r u
+        const __m512i even = _mm512_mullo_epi16(_mm512_and_si512(u, low_bytes), r16);
+        const __m512i odd = _mm512_mullo_epi16(_mm512_srli_epi16(u, 8), r16);
+        return _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(even, low_bytes), _mm512_slli_epi16(odd, 8)), r8x);
+      };
+      const int64_t g0 = blk * rows_per_block, g1 = std::min(w4.groups, g0 + rows_per_block);
+      for (int64_t g = g0; g < g1; ++g) {
+        const __m512i v = _mm512_loadu_si512(tile + g * 64);
+        _mm512_storeu_si512(dst + (2 * g) * 64, times_r(_mm512_and_si512(v, nibble)));
+        _mm512_storeu_si512(dst + (2 * g + 1) * 64, times_r(_mm512_and_si512(_mm512_srli_epi16(v, 4), nibble)));
+      }
+    }
+  }
+}
+
 constexpr int64_t kTaskRows = kMaxTaskRows, kTaskTiles = 8;  // rows x column tiles per matmul task (96: one panel)
 
 }  // namespace
@@ -363,6 +394,7 @@ const IsaKernels* avx512vnni_kernels() {
        .int_gemm8 = panel_int_gemm<Avx512Micro, 8>,
        .float_gemm4 = float_gemm<4>,
        .float_gemm8 = float_gemm<8>,
+       .expand_two_level = expand_two_level_avx512,
        .gelu_tanh = gelu_tanh_avx512,  // gelu_avx512.h
        .low_rank_add = low_rank_add_avx512,
        .transform = {.center_scale_fwht = center_scale_fwht_avx512,  // transform_avx512.h

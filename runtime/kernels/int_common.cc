@@ -102,7 +102,7 @@ void take(T& field, T base) {
 bool complete(const IsaKernels& k) {
   const TransformKernels& t = k.transform;
   return k.quantize_row && k.int_gemm4 && k.int_gemm8 && k.float_gemm4 && k.float_gemm8 && k.fill_weight_info &&
-         k.gelu_tanh && k.low_rank_add &&
+         k.expand_two_level && k.gelu_tanh && k.low_rank_add &&
          t.center_scale_fwht && t.dense_left && t.column_mean && t.column_mean_half && t.center_scale &&
          t.dense_right && t.fwht_across_rows && k.half.to_floats && k.half.to_halves && k.rows_per_task > 0 &&
          k.tiles_per_task > 0;
@@ -117,6 +117,7 @@ IsaKernels inherit(IsaKernels own, const IsaKernels& base) {
   take(own.float_gemm4, base.float_gemm4);
   take(own.float_gemm8, base.float_gemm8);
   take(own.fill_weight_info, base.fill_weight_info);
+  take(own.expand_two_level, base.expand_two_level);
   take(own.gelu_tanh, base.gelu_tanh);
   take(own.low_rank_add, base.low_rank_add);
   TransformKernels& t = own.transform;

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "half.h"
@@ -29,6 +30,10 @@ constexpr int64_t kSmallBlock = 128;
 // Largest block whose int32 sums cannot overflow (255 * 255 * block < 2^31).
 constexpr int64_t kMaxBlock = 32768;
 
+struct TwoLevel;
+struct WeightInfo;
+using FillWeightFn = void (*)(WeightInfo& info, const uint8_t* b, const float* scales, const void* zero_points);
+
 // Per-weight data, derived once from (b, scales, zero_points); columns padded to n_pad = tiles * 16 with zeros.
 struct WeightInfo {
   int bits = 4;              // container: 4 (uint8 nibbles 0..15) or 8 (int8)
@@ -41,15 +46,39 @@ struct WeightInfo {
   std::vector<int32_t> zw;     // [k_blocks, n_pad]
   std::vector<int32_t> sv;     // [k_blocks, n_pad]: sum over the (padded) block of (u - zw)
   // (small blocks: the vector paths pack zw and sv as int16 pairs, zw low | sv high, for one vpmaddwd per block)
+  std::shared_ptr<const TwoLevel> two_level;  // set when the block scales are two-level (detect_two_level)
 };
+
+// Two-level weight scales (hn-export --weight-scales two-level): a symmetric 4-bit weight (zw = 8 everywhere) whose
+// block scales are scales[blk, n] = c[n] * r[blk, n] exactly, r an integer in 1..16. Then w[k, n] = c[n] * r (u - 8)
+// with r (u - 8) in [-128, 112]: the matmul is the 8-bit one over a single block of the whole K (scales c, zw 0),
+//   y[m, n] = fmaf(a_scale[m], fmaf(c[n], float(I), 0), bias[n]),  I = sum_k (a - z) r (u - 8)  (exact int32),
+// with no per-block fold. IntMatMul4 runs such a weight that way (HADANORM_KERNELS_TWO_LEVEL=0: the block path), each task
+// expanding its column tiles into the 8-bit packed layout (IsaKernels::expand_two_level) for the path's int_gemm8:
+// every path gives the same bits, as for any 8-bit weight. The result is the block path's within float rounding
+// (the same real number: sum_blk c r_blk I_blk = c sum_blk r_blk I_blk).
+struct TwoLevel {
+  WeightInfo w8;               // bits 8, one block of k_pad rows; scales c, zw 0, sv = sum_k r (u - 8)
+  std::vector<uint8_t> ratio;  // [k_blocks, n_pad] (padding columns 1)
+};
+// Bytes [t, g, 4c + j] of tiles t0..t1 of the 8-bit layout, = r[k / block, 16t + c] * (u[k, 16t + c] - 8) with
+// k = 4g + j, from the packed 4-bit b; `out` holds (t1 - t0) tiles of w8.tile_stride bytes.
+using ExpandTwoLevelFn = void (*)(const WeightInfo& w4, const uint8_t* ratio, const uint8_t* b, int64_t t0,
+                                  int64_t t1, uint8_t* out);
+// The two-level form of a filled 4-bit weight (null when its scales are not two-level, or HADANORM_KERNELS_TWO_LEVEL=0).
+std::shared_ptr<const TwoLevel> detect_two_level(const WeightInfo& w4, const uint8_t* b, ExpandTwoLevelFn expand,
+                                                 FillWeightFn fill);
 
 // The geometry of a weight from N, block size and bits (no data).
 WeightInfo weight_geometry(int bits, int64_t n, int64_t k_blocks, int64_t block);
 // Fill scales / zero points / sums of `info` (geometry set) from the packed codes b, float scales [k_blocks, n] and
-// zero points [k_blocks, n] (uint8 for 4-bit, int8 for 8-bit). Integers: every path's build gives the same.
-using FillWeightFn = void (*)(WeightInfo& info, const uint8_t* b, const float* scales, const void* zero_points);
+// zero points [k_blocks, n] (uint8 for 4-bit, int8 for 8-bit). Integers: every path's build gives the same
+// (FillWeightFn, declared above).
 // The scalar path's build (the ops call IsaKernels::fill_weight_info).
 void fill_weight_info(WeightInfo& info, const uint8_t* b, const float* scales, const void* zero_points);
+// The scalar expansion of a two-level weight (the reference of IsaKernels::expand_two_level).
+void expand_two_level_scalar(const WeightInfo& w4, const uint8_t* ratio, const uint8_t* b, int64_t t0, int64_t t1,
+                             uint8_t* out);
 
 // Per-run activation data of rows [r0, r1): sums of codes per block and the correction pairs.
 struct ActInfo {
@@ -116,6 +145,7 @@ struct IsaKernels {
   IntGemmFn int_gemm4 = nullptr, int_gemm8 = nullptr;
   FloatGemmFn float_gemm4 = nullptr, float_gemm8 = nullptr;
   FillWeightFn fill_weight_info = nullptr;
+  ExpandTwoLevelFn expand_two_level = nullptr;  // IntMatMul4 on two-level weights (TwoLevel)
   ActivationFn gelu_tanh = nullptr;  // IntMatMul{4,8}[LowRank]Gelu's epilogue
   LowRankAddFn low_rank_add = nullptr;  // IntMatMul{4,8}LowRank[Gelu]'s epilogue
   TransformKernels transform;  // the transform ops' row kernels (transform.h)

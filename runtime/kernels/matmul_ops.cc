@@ -63,6 +63,7 @@ struct MatMulKernel {
       std::vector<float> storage;
       kernels->fill_weight_info(w, static_cast<const uint8_t*>(values[0].GetTensorRawData()),
                                 float_data(values[1], Half, storage, kernels->half), values[2].GetTensorRawData());
+      find_two_level(w, static_cast<const uint8_t*>(values[0].GetTensorRawData()));
       constant_weight = std::make_unique<WeightInfo>(std::move(w));
     }
   }
@@ -103,7 +104,22 @@ struct MatMulKernel {
     std::vector<float> scale_storage;
     kernels->fill_weight_info(storage, static_cast<const uint8_t*>(b.GetTensorRawData()),
                               float_data(scales, Half, scale_storage, kernels->half), zps.GetTensorRawData());
+    find_two_level(storage, static_cast<const uint8_t*>(b.GetTensorRawData()));
     return storage;
+  }
+
+  // IntMatMul4: the two-level form of the weight, when its scales have it (int_kernels.h, TwoLevel); the block
+  // route's per-block scales and sums are then dropped (12 bytes per block and column: the two-level route reads the
+  // ratios, 1 byte, and one unit and sum per column)
+  void find_two_level(WeightInfo& w, const uint8_t* b) const {
+    if constexpr (IntInput && Bits == 4) {
+      w.two_level = detect_two_level(w, b, kernels->expand_two_level, kernels->fill_weight_info);
+      if (w.two_level) {
+        std::vector<float>().swap(w.scales);
+        std::vector<int32_t>().swap(w.zw);
+        std::vector<int32_t>().swap(w.sv);
+      }
+    }
   }
 
   void Compute(OrtKernelContext* context) {
@@ -162,27 +178,48 @@ struct MatMulKernel {
     const uint8_t* codes = codes_value.GetTensorData<uint8_t>();
     const uint8_t* a_zp = zp_value.GetTensorData<uint8_t>();
 
+    // a two-level weight runs as the 8-bit weight of one block (TwoLevel), each task's tiles expanded on the fly
+    const TwoLevel* two_level = w.two_level.get();
+    const WeightInfo& wk = two_level ? two_level->w8 : w;
     ActInfo act;
-    act_init(act, codes, rows, k, w);
+    act_init(act, codes, rows, k, wk);
     const int64_t prep_rows = std::max<int64_t>(1, 262144 / std::max<int64_t>(w.k_pad, 1));
     parallel_for(ctx, static_cast<size_t>(ceil_div(rows, prep_rows)), [&](size_t chunk) {
       const int64_t r0 = static_cast<int64_t>(chunk) * prep_rows;
-      act_prepare_rows(act, codes, a_zp, a_scale, k, w, r0, std::min(rows, r0 + prep_rows));
+      act_prepare_rows(act, codes, a_zp, a_scale, k, wk, r0, std::min(rows, r0 + prep_rows));
     });
 
     args.act = &act;
     args.b = b;
-    args.w = &w;
+    args.w = &wk;
     args.y = y;
     args.y_half = Half;
     args.n = w.n;
     LowRankTerm term;
     if constexpr (LowRank) term = low_rank_term(ctx, a_shape, w.n);
-    const IntGemmFn gemm = Bits == 4 ? kernels->int_gemm4 : kernels->int_gemm8;
+    const IntGemmFn gemm = Bits == 4 && !two_level ? kernels->int_gemm4 : kernels->int_gemm8;
     run_tasks(ctx, rows, w.tiles, [&](int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
-      gemm(args, m0, m1, t0, t1);
+      if (two_level) {
+        GemmArgs task = args;
+        task.b = expanded_tiles(*two_level, w, b, t0, t1);
+        gemm(task, m0, m1, t0, t1);
+      } else {
+        gemm(args, m0, m1, t0, t1);
+      }
       if constexpr (Gelu || LowRank) epilogue(y, w.n, m0, m1, t0 * kTile, std::min(w.n, t1 * kTile), term);
     });
+  }
+
+  // Tiles t0..t1 of a two-level weight in the 8-bit layout, in a per-thread buffer, addressed as the whole weight
+  // (tile t at + t * tile_stride; only t0..t1 may be read).
+  const uint8_t* expanded_tiles(const TwoLevel& tl, const WeightInfo& w4, const uint8_t* b, int64_t t0,
+                                int64_t t1) const {
+    thread_local std::vector<uint8_t> buffer;
+    const int64_t stride = tl.w8.tile_stride;
+    buffer.resize(static_cast<size_t>((t1 - t0) * stride + 64));
+    uint8_t* out = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t{63});
+    kernels->expand_two_level(w4, tl.ratio.data(), b, t0, t1, out);
+    return reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(out) - static_cast<uintptr_t>(t0 * stride));
   }
 
   struct LowRankTerm {

@@ -1,0 +1,160 @@
+"""Two-level weight scales (`--weight-scales two-level`): the quantizer's scales are one unit per output column times
+an integer 1..16 per block, and IntMatMul4 runs such a weight as an 8-bit one over a single block (int_kernels.h,
+TwoLevel): every kernel path gives the scalar path's bits, the result is the block path's within float rounding,
+and both equal the exact maths."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from graph_passes.gptq import GptqFactor
+from graph_passes.int_packing import repack
+from graph_passes.quantization import QuantConfig, WeightRange, WeightScales, quantize_weight
+from graph_passes.weight_grid import TWO_LEVEL_RATIO
+from tests.kernel_env import supported_isas
+from tests.test_int_kernels import (F16, F32, MatMulCase, activations, int_matmul_model, int_matmul_reference,
+                                    rel_l2, run_every_path, run_on)
+
+
+@pytest.fixture(scope="module")
+def library(kernel_library):
+    return kernel_library
+
+
+def weight(k: int, n: int, seed: int = 0) -> np.ndarray:
+    """W^T [k, n] with rows of different sizes (so the blocks' scales differ) and a few large columns."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((k, n)) * np.exp(0.5 * rng.standard_normal((k, 1))) / np.sqrt(k)
+    w[:, : max(1, n // 10)] *= 5.0
+    w[256:384, 1] = 0.0  # a block of zeros
+    return w
+
+
+def two_level(w: np.ndarray, bits: int = 4, dtype=F32, weight_range=WeightRange.MINMAX, gptq=None):
+    config = QuantConfig(weight_bits=bits, weight_scales=WeightScales.TWO_LEVEL, weight_range=weight_range)
+    return quantize_weight(w, config, np.dtype(dtype), gptq)
+
+
+def unit_and_ratio(scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    s = scale.astype(np.float64)
+    unit = np.zeros(s.shape[1])
+    for j in range(s.shape[1]):  # the largest c with every s / c an integer in 1..16
+        for big in range(TWO_LEVEL_RATIO, 0, -1):
+            c = s[:, j].max() / big
+            r = s[:, j] / c
+            if np.all(np.abs(r - np.round(r)) < 1e-9) and r.min() >= 1 - 1e-9:
+                unit[j] = c
+                break
+    return unit, s / unit
+
+
+@pytest.mark.parametrize("dtype", [F32, F16])
+def test_two_level_scales_structure(dtype):
+    """Every column's block scales are c r with r an integer in 1..16 (exact in the scale dtype), never below the
+    block's own min/max scale (no range shrinks), and blocks of zeros take r = 1."""
+    w = weight(1152, 40)
+    block = quantize_weight(w, QuantConfig(), np.dtype(dtype))
+    tl = two_level(w, dtype=dtype)
+    unit, ratio = unit_and_ratio(tl.scale)
+    assert np.all(np.abs(ratio - np.round(ratio)) == 0) and ratio.min() >= 1 and ratio.max() <= TWO_LEVEL_RATIO
+    live = np.ones(tl.scale.shape, bool)
+    live[2, 1] = False  # the block of zeros: min/max gives it scale 1
+    assert np.all(tl.scale.astype(np.float64)[live] >= block.scale.astype(np.float64)[live] * (1 - 1e-6))
+    assert ratio[2, 1] == 1  # rows 256..383 of column 1: zeros
+    assert np.array_equal(tl.q[256:384, 1], np.zeros(128))
+
+
+def test_two_level_weight_error():
+    """The cost of snapping the scales up, on these weights (rows of different sizes): weight SQNR 14.86 dB with
+    block scales, 14.50 with two-level (-0.37 dB); bound: within 0.6 dB."""
+    w = weight(1152, 64)
+
+    def sqnr(q):
+        return 10 * np.log10((w**2).sum() / ((q.dequantize() - w) ** 2).sum())
+
+    block, tl = sqnr(quantize_weight(w, QuantConfig(), np.dtype(F32))), sqnr(two_level(w))
+    assert block - 0.6 <= tl <= block, (block, tl)
+
+
+def test_two_level_gptq_scales():
+    """GPTQ sets each group's scale on the two-level grid of the column's unit (from the unquantized weight)."""
+    w = weight(256, 24)
+    x = np.random.default_rng(3).standard_normal((512, 256))
+    tl = two_level(w, weight_range=WeightRange.GPTQ, gptq=GptqFactor.of(x.T @ x))
+    _, ratio = unit_and_ratio(tl.scale)
+    assert np.all(np.abs(ratio - np.round(ratio)) == 0) and ratio.max() <= TWO_LEVEL_RATIO
+
+
+CASES = [  # (case, what it covers)
+    MatMulCase(1152, 272, 4, 4, True, 2, 53, "B1N"),  # amx: 32-row panels, leftover rows, 17 column tiles
+    MatMulCase(4608, 96, 4, 8, True, 1, 40, "N"),  # 36 blocks, 8-bit activations
+    MatMulCase(200, 100, 4, 4, True, 3, 5, "B1N"),  # K not a multiple of the block, N not of 16
+    MatMulCase(1152, 72, 4, 4, True, 1, 33, "N", F16),
+    MatMulCase(512, 48, 3, 4, True, 1, 19, "N", F32, 256),  # 3-bit weights, block 256
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_two_level_matmul_every_path(library, case, monkeypatch):
+    """Every path's bits equal the scalar path's (the 8-bit one-block route), the exact maths within float
+    rounding, and the block route (HADANORM_KERNELS_TWO_LEVEL=0) within float rounding of it but not bit for bit (it
+    folds block by block: the route really changes)."""
+    isas = supported_isas(library)
+    p = repack(two_level(weight(case.k, case.n), bits=case.wbits, dtype=case.dtype))
+    codes, scale, zp, bias = activations(case)
+    feeds = {"codes": codes, "a_scale": scale, "a_zero_point": zp, "bias": bias}
+    model = int_matmul_model(case, p)
+    (y,) = run_every_path(library, isas, model, feeds)
+    expected = int_matmul_reference(codes, scale, zp, p, bias)
+    if case.dtype == F32:
+        assert rel_l2(y, expected) <= 1e-6
+    else:
+        np.testing.assert_allclose(y.astype(np.float64), expected, rtol=2**-10, atol=2**-24 * 4)
+    monkeypatch.setenv("HADANORM_KERNELS_TWO_LEVEL", "0")
+    (block,) = run_on(library, model, feeds, isas[-1])
+    assert rel_l2(block, y.astype(np.float64)) <= (1e-6 if case.dtype == F32 else 2**-10)
+    if case.dtype == F32 and case.k >= 1152:
+        assert not np.array_equal(block, y)
+
+
+def test_two_level_weight_as_input(library, monkeypatch):
+    """A two-level weight fed at run time takes the same route as a constant one (same bits)."""
+    case = CASES[0]
+    p = repack(two_level(weight(case.k, case.n)))
+    codes, scale, zp, bias = activations(case)
+    feeds = {"codes": codes, "a_scale": scale, "a_zero_point": zp, "bias": bias}
+    isa = supported_isas(library)[-1]
+    (constant,) = run_on(library, int_matmul_model(case, p), feeds, isa)
+    (fed,) = run_on(library, int_matmul_model(case, p, constant_weight=False),
+                    {**feeds, "b": p.b, "scales": p.scales, "zero_points": p.zero_points}, isa)
+    np.testing.assert_array_equal(fed, constant)
+
+
+FAST_CALIB = ("--calib-samples", "1", "--calib-steps", "2")
+
+
+def test_two_level_cli(tiny_onnx, tmp_path, hn_cli, kernel_library):
+    """`--weight-scales two-level` writes two-level scales into every IntMatMul4 and records it in the metadata; with
+    asymmetric weights it is a one-line error."""
+    import onnx
+    from onnx import numpy_helper
+
+    fused = tmp_path / "f.onnx"
+    result = hn_cli(tiny_onnx, "--weight-scales", "two-level", "--format", "fused", "-o", fused, *FAST_CALIB)
+    assert result.exit_code == 0, result.err
+    model = onnx.load(fused)
+    assert {p.key: p.value for p in model.metadata_props}["hn_export.weight_scales"] == "two-level"
+    inits = {i.name: i for i in model.graph.initializer}
+    checked = 0
+    for node in model.graph.node:
+        if node.op_type.startswith("IntMatMul4"):
+            scales = numpy_helper.to_array(inits[node.input[4]]).astype(np.float64)
+            _, ratio = unit_and_ratio(scales)
+            assert np.all(ratio == np.round(ratio)) and ratio.max() <= TWO_LEVEL_RATIO, node.name
+            checked += 1
+    assert checked > 0
+    bad = tmp_path / "bad.onnx"
+    result = hn_cli(tiny_onnx, "--weight-scales", "two-level", "--asymmetric-weights", "-o", bad, *FAST_CALIB)
+    assert result.exit_code == 2 and "--weight-scales two-level needs symmetric weights" in result.err
+    assert "Traceback" not in result.err and not bad.exists()
