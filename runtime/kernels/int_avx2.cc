@@ -96,7 +96,8 @@ void float_gemm(const FloatGemmArgs& g, int64_t m0, int64_t m1, int64_t t0, int6
         __m256 y = _mm256_setzero_ps();
         for (int64_t blk = 0; blk < w.k_blocks; ++blk) {
           const int64_t col = blk * w.n_pad + n0;
-          const __m256 zw = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.zw.data() + col)));
+          const __m256 zw = w.zw.empty() ? _mm256_set1_ps(static_cast<float>(w.zw_uniform))
+                                         : _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.zw.data() + col)));
           __m256 acc = _mm256_setzero_ps();
           for (int64_t gi = 0; gi < gpb; ++gi) {
             const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + (blk * gpb + gi) * 64));

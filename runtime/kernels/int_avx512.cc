@@ -284,7 +284,9 @@ HN_INLINE void float_rows_tiles(const FloatGemmArgs& g, int64_t m, int64_t t) {
     __m512 zw[T];
     __m512 acc[R][T];
 #pragma GCC unroll 4
-    for (int i = 0; i < T; ++i) zw[i] = _mm512_cvtepi32_ps(_mm512_loadu_si512(w.zw.data() + col + i * kTile));
+    for (int i = 0; i < T; ++i)
+      zw[i] = w.zw.empty() ? _mm512_set1_ps(static_cast<float>(w.zw_uniform))
+                           : _mm512_cvtepi32_ps(_mm512_loadu_si512(w.zw.data() + col + i * kTile));
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4

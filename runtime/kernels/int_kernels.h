@@ -47,6 +47,10 @@ struct WeightInfo {
   std::vector<int32_t> sv;     // [k_blocks, n_pad]: sum over the (padded) block of (u - zw)
   // (small blocks: the vector paths pack zw and sv as int16 pairs, zw low | sv high, for one vpmaddwd per block)
   std::shared_ptr<const TwoLevel> two_level;  // set when the block scales are two-level (detect_two_level)
+  // FloatMatMul drops zw when every real column's zero point is the same (symmetric weights: 8 or 0) and keeps it
+  // here; the float products read zw_at (int paths: zw as filled)
+  int32_t zw_uniform = 0;
+  int32_t zw_at(int64_t i) const { return zw.empty() ? zw_uniform : zw[i]; }
 };
 
 // Two-level weight scales (hn-export --weight-scales two-level): a symmetric 4-bit weight (zw = 8 everywhere) whose

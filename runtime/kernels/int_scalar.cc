@@ -80,7 +80,7 @@ void float_gemm_scalar(const FloatGemmArgs& g, int64_t m0, int64_t m1, int64_t t
         if (n >= g.n) break;
         float y = 0.0f;
         for (int64_t blk = 0; blk < w.k_blocks; ++blk) {
-          const float zw = static_cast<float>(w.zw[blk * w.n_pad + n]);
+          const float zw = static_cast<float>(w.zw_at(blk * w.n_pad + n));
           float acc = 0.0f;
           for (int64_t k = blk * w.block; k < (blk + 1) * w.block; ++k)
             acc = std::fmaf(x[k], static_cast<float>(code_at(w, g.b, t, k, c)) - zw, acc);

@@ -63,7 +63,7 @@ struct MatMulKernel {
       std::vector<float> storage;
       kernels->fill_weight_info(w, static_cast<const uint8_t*>(values[0].GetTensorRawData()),
                                 float_data(values[1], Half, storage, kernels->half), values[2].GetTensorRawData());
-      find_two_level(w, static_cast<const uint8_t*>(values[0].GetTensorRawData()));
+      trim_weight(w, static_cast<const uint8_t*>(values[0].GetTensorRawData()));
       constant_weight = std::make_unique<WeightInfo>(std::move(w));
     }
   }
@@ -104,14 +104,25 @@ struct MatMulKernel {
     std::vector<float> scale_storage;
     kernels->fill_weight_info(storage, static_cast<const uint8_t*>(b.GetTensorRawData()),
                               float_data(scales, Half, scale_storage, kernels->half), zps.GetTensorRawData());
-    find_two_level(storage, static_cast<const uint8_t*>(b.GetTensorRawData()));
+    trim_weight(storage, static_cast<const uint8_t*>(b.GetTensorRawData()));
     return storage;
   }
 
   // IntMatMul4: the two-level form of the weight, when its scales have it (int_kernels.h, TwoLevel); the block
   // route's per-block scales and sums are then dropped (12 bytes per block and column: the two-level route reads the
-  // ratios, 1 byte, and one unit and sum per column)
-  void find_two_level(WeightInfo& w, const uint8_t* b) const {
+  // ratios, 1 byte, and one unit and sum per column). FloatMatMul: the int32 sums sv, which only IntMatMul reads, and
+  // zw when every column has the same zero point (WeightInfo::zw_uniform).
+  void trim_weight(WeightInfo& w, const uint8_t* b) const {
+    if constexpr (!IntInput) {  // the float products read scales and zw only; zw alone when it is uniform
+      std::vector<int32_t>().swap(w.sv);
+      bool uniform = w.n > 0;
+      for (int64_t blk = 0; uniform && blk < w.k_blocks; ++blk)
+        for (int64_t n = 0; uniform && n < w.n; ++n) uniform = w.zw[blk * w.n_pad + n] == w.zw[0];
+      if (uniform) {
+        w.zw_uniform = w.zw[0];
+        std::vector<int32_t>().swap(w.zw);
+      }
+    }
     if constexpr (IntInput && Bits == 4) {
       w.two_level = detect_two_level(w, b, kernels->expand_two_level, kernels->fill_weight_info);
       if (w.two_level) {
