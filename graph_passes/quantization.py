@@ -263,6 +263,39 @@ def _rowdot(x: np.ndarray) -> np.ndarray:
     return np.vecdot(x, x) if hasattr(np, "vecdot") else np.einsum("ij,ij->i", x, x)
 
 
+TWO_LEVEL_TOLERANCE = 0.122  # a weight keeps its block scales when two-level ones add more error than this (0.5 dB)
+
+
+def _two_level_scales(w: np.ndarray, scale: np.ndarray, amax: np.ndarray, block: int, qmax: int,
+                      scale_dtype: np.dtype) -> np.ndarray:
+    """Symmetric block scales [blocks, out] on the two-level grid (`graph_passes.weight_grid`): per block the one of
+    the two ratios around ``scale / c`` (floor and ceil, in 1..16) with the smaller squared error of the block; the
+    block scales unchanged when the blocks' errors grow by more than `TWO_LEVEL_TOLERANCE` on average, each block's
+    growth relative to its own block-scale error (the kernels then run that weight by the block route). Relative,
+    not summed: after smoothing, a block of small weights multiplies large activations, so its error counts as much
+    as a large block's although it is smaller."""
+    groups = _groups(w, block)  # [blocks * out, B], group blk * out + column
+
+    def errors(candidate: np.ndarray) -> np.ndarray:
+        s = candidate.astype(np.float64).reshape(-1, 1)
+        q = np.clip(np.round(groups / s), -qmax, qmax)
+        return np.sum((q * s - groups) ** 2, axis=1).reshape(candidate.shape)
+
+    unit = two_level_unit(scale, amax, scale_dtype)
+    exact = scale.astype(np.float64) / unit
+    low = two_level_scale(np.floor(exact) * unit, amax, unit, scale_dtype)
+    high = two_level_scale(np.ceil(exact) * unit, amax, unit, scale_dtype)
+    err_low, err_high = errors(low), errors(high)
+    best = np.where(err_low < err_high, low, high)
+    base = errors(scale)
+    counted = base > 0  # blocks min/max quantizes exactly (zeros) cannot grow relative to themselves
+    if counted.any():
+        growth = np.minimum(err_low, err_high)[counted] / base[counted]
+        if float(np.mean(growth)) > 1.0 + TWO_LEVEL_TOLERANCE:
+            return scale
+    return best
+
+
 def quantize_weight(weight_t: np.ndarray, config: QuantConfig, scale_dtype: np.dtype,
                     gptq: "GptqFactor | None" = None) -> QuantizedWeight:
     """Quantize ``W^T`` [in, out] (float64 maths; scales rounded to `scale_dtype` before the integers are set).
@@ -288,7 +321,7 @@ def quantize_weight(weight_t: np.ndarray, config: QuantConfig, scale_dtype: np.d
         amax = _block_reduce(np.abs(w), block, np.max)
         scale = sym_scale(amax if ratio is None else ratio * amax, qmax, scale_dtype)
         if config.two_level:
-            scale = two_level_scale(scale, amax, two_level_unit(scale, amax, scale_dtype), scale_dtype)
+            scale = _two_level_scales(w, scale, amax, block, qmax, scale_dtype)
         full = np.repeat(scale.astype(np.float64), block, axis=0)[: w.shape[0]]
         q = np.clip(np.round(w / full), -qmax, qmax)
         return QuantizedWeight(q.astype(np_type), scale, None, block, bits)

@@ -6,13 +6,15 @@ the scale dtype before any integer is set.
   ``zero_point = clip(round(-lo / scale), 0, qmax)``, codes ``round(w / scale) + zero_point`` in ``[0, qmax]``.
 
 Two-level scales (``--weight-scales two-level``, symmetric weights of at most 4 bits): each output column's block
-scales are snapped up to ``c r`` with one unit ``c`` per column and an integer ``r`` in ``1..16`` per block:
+scales are put on ``c r`` with one unit ``c`` per column and an integer ``r`` in ``1..16`` per block:
 
 - ``c = max_blk scale / 16`` over the column's blocks that are not all zero, rounded up to a value of the scale
   dtype whose significand has its 4 lowest bits zero (so every ``c r`` is exact in the scale dtype);
-- ``r = clip(ceil(scale / c), 1, 16)`` (1 for blocks of zeros): ``c r >= scale``, so no block's range shrinks;
-  its step grows by less than ``1 / r`` (under 7% for the blocks within half of the column's largest);
-- codes are then set with ``c r`` as the block's scale, as for any scale.
+- ``r``: of ``floor(scale / c)`` and ``ceil(scale / c)`` (in 1..16; 1 for blocks of zeros) the one whose codes give
+  the block the smaller squared error (`graph_passes.quantization`; GPTQ, which sets a group's scale before its
+  codes exist, takes the ceil: ``c r >= scale``, no range shrinks);
+- codes are then set with ``c r`` as the block's scale, as for any scale. A weight whose blocks' squared errors grow
+  by more than 12.2% (0.5 dB) on average, each relative to its block-scale error, keeps its block scales.
 
 Then ``r q`` (``|q| <= 7``) fits int8 and the CPU kernels run the weight as an 8-bit one with a single scale per
 column over the whole input (no per-block fold; `runtime/kernels/int_kernels.h`, TwoLevel); every format stores the

@@ -51,8 +51,8 @@ def unit_and_ratio(scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("dtype", [F32, F16])
 def test_two_level_scales_structure(dtype):
-    """Every column's block scales are c r with r an integer in 1..16 (exact in the scale dtype), never below the
-    block's own min/max scale (no range shrinks), and blocks of zeros take r = 1."""
+    """Every column's block scales are c r with r an integer in 1..16 (exact in the scale dtype), each block's r the
+    floor or the ceil of its min/max scale over c, and blocks of zeros take r = 1."""
     w = weight(1152, 40)
     block = quantize_weight(w, QuantConfig(), np.dtype(dtype))
     tl = two_level(w, dtype=dtype)
@@ -60,21 +60,35 @@ def test_two_level_scales_structure(dtype):
     assert np.all(np.abs(ratio - np.round(ratio)) == 0) and ratio.min() >= 1 and ratio.max() <= TWO_LEVEL_RATIO
     live = np.ones(tl.scale.shape, bool)
     live[2, 1] = False  # the block of zeros: min/max gives it scale 1
-    assert np.all(tl.scale.astype(np.float64)[live] >= block.scale.astype(np.float64)[live] * (1 - 1e-6))
+    exact = block.scale.astype(np.float64)[live] / np.broadcast_to(unit, tl.scale.shape)[live]
+    assert np.all((ratio[live] == np.floor(exact)) | (ratio[live] == np.ceil(exact)) | (ratio[live] == 1))
     assert ratio[2, 1] == 1  # rows 256..383 of column 1: zeros
     assert np.array_equal(tl.q[256:384, 1], np.zeros(128))
 
 
-def test_two_level_weight_error():
-    """The cost of snapping the scales up, on these weights (rows of different sizes): weight SQNR 14.86 dB with
-    block scales, 14.50 with two-level (-0.37 dB); bound: within 0.6 dB."""
-    w = weight(1152, 64)
+@pytest.mark.parametrize("spread", [0.0, 0.5, 1.0])
+def test_two_level_weight_error(spread):
+    """Two-level against block min/max scales, weight SQNR on weights whose rows differ in size by exp(spread N):
+    measured 18.60 -> 18.93, 14.69 -> 15.05, 12.89 -> 13.06 dB (choosing each block's ratio by its error clips a
+    little where that pays, as the MSE range does); bound: never more than 0.5 dB below (the guard's tolerance)."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((1152, 256)) * np.exp(rng.standard_normal((1152, 1)) * spread)
 
     def sqnr(q):
         return 10 * np.log10((w**2).sum() / ((q.dequantize() - w) ** 2).sum())
 
     block, tl = sqnr(quantize_weight(w, QuantConfig(), np.dtype(F32))), sqnr(two_level(w))
-    assert block - 0.6 <= tl <= block, (block, tl)
+    assert tl >= block - 0.5, (block, tl)
+
+
+def test_two_level_guard_keeps_block_scales():
+    """A weight whose columns' blocks differ by far more than 16x keeps its block scales (on the two-level grid the
+    small blocks' errors would grow far more than 12.2% on average, relative to their own)."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((1152, 32))
+    w[:128] *= 400.0  # one block per column 400x the others: the small blocks all at r = 1
+    block, tl = quantize_weight(w, QuantConfig(), np.dtype(F32)), two_level(w)
+    np.testing.assert_array_equal(tl.scale, block.scale)
 
 
 def test_two_level_gptq_scales():
