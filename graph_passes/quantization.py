@@ -55,10 +55,11 @@ rows of one output column; ``B >= in`` is per output channel) is quantized over.
   Hessian (`quantize_weight`'s ``gptq``).
 
 Weight scales (`WeightScales`, ``QuantConfig.weight_scales``): ``block`` (default) keeps each group's scale;
-``two-level`` snaps a symmetric weight's block scales (at most 4 bits) up to ``c r``, one unit per output column and
-an integer ratio in 1..16 per block (`graph_passes.weight_grid`), after the range is chosen (GPTQ: each group's
-scale as it is set, with the column's unit from the unquantized weight), so that the CPU kernels run it without a
-per-block fold. The file's layout is the same.
+``two-level`` puts a symmetric weight's block scales (at most 4 bits) on ``c r``, one unit per output column and
+an integer ratio in 1..16 per block (`graph_passes.weight_grid`; per block the floor or ceil ratio with the smaller
+error, a weight whose blocks would lose too much keeps its block scales: `_two_level_scales`), after the range is
+chosen (GPTQ: each group's scale as it is set, the ceil ratio, with the column's unit from the unquantized weight),
+so that the CPU kernels run it without a per-block fold. The file's layout is the same.
 """
 
 from __future__ import annotations

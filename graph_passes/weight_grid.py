@@ -64,7 +64,8 @@ def two_level_unit(scale: np.ndarray, amax: np.ndarray, scale_dtype: np.dtype) -
 
 
 def two_level_scale(scale: np.ndarray, amax: np.ndarray, unit: np.ndarray, scale_dtype: np.dtype) -> np.ndarray:
-    """Block scales [.., out] snapped up to ``unit r`` (module docstring), in the scale dtype (exact)."""
+    """Block scales [.., out] snapped up to ``unit r``, ``r = clip(ceil(scale / unit), 1, 16)`` (1 for blocks of
+    zeros), in the scale dtype (exact). GPTQ's groups take this; `graph_passes.quantization` also tries the floor."""
     ratio = np.clip(np.ceil(np.asarray(scale, dtype=np.float64) / unit), 1, TWO_LEVEL_RATIO)
     ratio = np.where(np.asarray(amax) > 0, ratio, 1.0)
     return (unit * ratio).astype(scale_dtype)

@@ -244,10 +244,10 @@ def quant_options(default_format: OutputFormat = OutputFormat.QDQ):
                           "(gptq; gptq-act-order: rows by decreasing Hessian diagonal)."),
         click.option("--weight-scales", type=EnumChoice(WeightScales), default=WeightScales.BLOCK.value,
                      show_default=True,
-                     help="block: a float scale per weight block; two-level: the block scales of 4-bit weights "
-                          "snapped up to one unit per output column times an integer 1..16 per block, so that the "
-                          "CPU kernels run them without a per-block fold (faster on AMX; the file layout is the "
-                          "same)."),
+                     help="block: a float scale per weight block; two-level: the block scales of 4-bit weights put on "
+                          "one unit per output column times an integer 1..16 per block (the ratio with the smaller "
+                          "block error; a weight it would hurt keeps its block scales), so that the CPU kernels run "
+                          "them without a per-block fold (faster on AMX; the file layout is the same)."),
         click.option("--low-rank", type=click.IntRange(0), default=0, show_default=True,
                      help="Rank of a float branch beside each quantized MatMul weight (SVDQuant): the weight's largest "
                           "directions in float, the residual quantized; 0: none."),
