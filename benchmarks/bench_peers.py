@@ -82,6 +82,7 @@ GRAPHS = {g.key: g for g in (
           "hn", "hn-w4a8-all", False),
     Graph("hn-w4a4-all-block", "hn-export `--w4a4 --format fused --every-linear --hadamard block` (block-diagonal "
           "Hadamard, blocks of 128)", "hn", "hn-w4a4-all-block", False),
+    Graph("hn-w4a4-tl", "hn-export `--w4a4 --format fused --weight-scales two-level`", "hn", "hn-w4a4-tl", False),
     Graph("hn-w4a4-all-tl", "hn-export `--w4a4 --format fused --every-linear --weight-scales two-level` (block "
           "scales = column unit x integer 1..16: no per-block fold)", "hn", "hn-w4a4-all-tl", False),
     Graph("hn-w4a8-all-tl", "hn-export `--wbits 4 --abits 8 --format fused --every-linear --weight-scales two-level`",
