@@ -72,7 +72,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.weight_grid import asym_scale_zp, sym_scale, two_level_scale, two_level_unit
+from graph_passes.weight_grid import asym_scale_zp, sym_scale, two_level_grid, two_level_unit
 
 if TYPE_CHECKING:
     from graph_passes.gptq import GptqFactor
@@ -284,8 +284,8 @@ def _two_level_scales(w: np.ndarray, scale: np.ndarray, amax: np.ndarray, block:
 
     unit = two_level_unit(scale, amax, scale_dtype)
     exact = scale.astype(np.float64) / unit
-    low = two_level_scale(np.floor(exact) * unit, amax, unit, scale_dtype)
-    high = two_level_scale(np.ceil(exact) * unit, amax, unit, scale_dtype)
+    low = two_level_grid(np.floor(exact), amax, unit, scale_dtype)
+    high = two_level_grid(np.ceil(exact), amax, unit, scale_dtype)
     err_low, err_high = errors(low), errors(high)
     best = np.where(err_low < err_high, low, high)
     base = errors(scale)

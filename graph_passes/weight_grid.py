@@ -63,9 +63,13 @@ def two_level_unit(scale: np.ndarray, amax: np.ndarray, scale_dtype: np.dtype) -
     return unit.astype(np.float64)
 
 
-def two_level_scale(scale: np.ndarray, amax: np.ndarray, unit: np.ndarray, scale_dtype: np.dtype) -> np.ndarray:
-    """Block scales [.., out] snapped up to ``unit r``, ``r = clip(ceil(scale / unit), 1, 16)`` (1 for blocks of
-    zeros), in the scale dtype (exact). GPTQ's groups take this; `graph_passes.quantization` also tries the floor."""
-    ratio = np.clip(np.ceil(np.asarray(scale, dtype=np.float64) / unit), 1, TWO_LEVEL_RATIO)
-    ratio = np.where(np.asarray(amax) > 0, ratio, 1.0)
+def two_level_grid(ratio: np.ndarray, amax: np.ndarray, unit: np.ndarray, scale_dtype: np.dtype) -> np.ndarray:
+    """``unit r`` in the scale dtype (exact) for integer ratios [.., out], clipped to 1..16, 1 for blocks of zeros."""
+    ratio = np.where(np.asarray(amax) > 0, np.clip(ratio, 1, TWO_LEVEL_RATIO), 1.0)
     return (unit * ratio).astype(scale_dtype)
+
+
+def two_level_scale(scale: np.ndarray, amax: np.ndarray, unit: np.ndarray, scale_dtype: np.dtype) -> np.ndarray:
+    """Block scales [.., out] snapped up to ``unit r``, ``r = ceil(scale / unit)`` (`two_level_grid`). GPTQ's groups
+    take this; `graph_passes.quantization` also tries the floor."""
+    return two_level_grid(np.ceil(np.asarray(scale, dtype=np.float64) / unit), amax, unit, scale_dtype)

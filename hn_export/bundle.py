@@ -494,14 +494,13 @@ def _build(job: BundleJob, work: Path, staging: Path, stage, bar) -> BundleRepor
     family = FAMILIES[family_name]
     latent_channels = int(transformer_cfg["in_channels"])
     default = (own * vae_scale,) * 2 if (own * vae_scale,) * 2 in sizes else sizes[0]
+    text = {"max_sequence_length": max_length, "pad_token_id": tokens["pad_token_id"],
+            "eos_token_id": tokens["eos_token_id"]}
     if sd3:
-        text = {"max_sequence_length": max_length, "preprocess": "none", "pad_token_id": tokens["pad_token_id"],
-                "eos_token_id": tokens["eos_token_id"], "width": int(transformer_cfg["joint_attention_dim"]),
-                "pooled_width": int(transformer_cfg["pooled_projection_dim"]), "clip": tokens["clip"]}
+        text.update(preprocess="none", width=int(transformer_cfg["joint_attention_dim"]),
+                    pooled_width=int(transformer_cfg["pooled_projection_dim"]), clip=tokens["clip"])
     else:
-        text = {"max_sequence_length": max_length, "preprocess": "lower_strip",
-                "pad_token_id": tokens["pad_token_id"], "eos_token_id": tokens["eos_token_id"],
-                "width": int(transformer_cfg["caption_channels"])}
+        text.update(preprocess="lower_strip", width=int(transformer_cfg["caption_channels"]))
     shift = getattr(vae.config, "shift_factor", None)
     manifest = {
         "format": FORMAT,

@@ -247,7 +247,8 @@ def convert_tokenizer(folder: Path, output: Path) -> dict:
     backend.save(str(output))
     pad = tokenizer.pad_token_id
     return {"pad_token_id": int(pad if pad is not None else 0), "eos_token_id": tokenizer.eos_token_id,
-            "vocab_size": backend.get_vocab_size(with_added_tokens=True), "class": type(tokenizer).__name__}
+            "vocab_size": backend.get_vocab_size(with_added_tokens=True), "class": type(tokenizer).__name__,
+            "model_max_length": tokenizer.model_max_length}
 
 
 def encoder_sqnr(reference: Path, candidate: Path, vocab_size: int, seed: int = 0, length: int = 40) -> float:

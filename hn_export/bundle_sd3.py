@@ -18,7 +18,6 @@ concatenates them and pads with zeros to the T5 width, as diffusers does), the t
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -67,7 +66,10 @@ def convert_tokenizers(folder: Path, staging: Path, entry: Callable[..., Any]) -
     for _, role in CLIP_ROLES:
         name = f"{role}.json"
         tokens = convert_tokenizer(folder / role, staging / name)
-        max_length = _max_length(folder / role)
+        max_length = tokens["model_max_length"]  # what diffusers pads to (77 for SD3's)
+        if not isinstance(max_length, int) or not 2 <= max_length <= 1024:
+            raise UserError(f"tokenizer {folder / role} has model_max_length {max_length!r}",
+                            "use SD3's CLIP tokenizers (77)")
         clip.append({"max_length": max_length, "pad_token_id": tokens["pad_token_id"],
                      "eos_token_id": tokens["eos_token_id"]})
         entries.append(entry(staging, name, role, method=f"converted from {tokens['class']}"))
@@ -75,18 +77,6 @@ def convert_tokenizers(folder: Path, staging: Path, entry: Callable[..., Any]) -
     t5 = convert_tokenizer(folder / role, staging / f"{role}.json")
     entries.append(entry(staging, f"{role}.json", role, method=f"converted from {t5['class']}"))
     return entries, {"clip": clip, "pad_token_id": t5["pad_token_id"], "eos_token_id": t5["eos_token_id"]}
-
-
-def _max_length(folder: Path) -> int:
-    """The CLIP tokenizer's ``model_max_length`` (77 for SD3's; what diffusers pads to)."""
-    path = folder / "tokenizer_config.json"
-    try:
-        value = json.loads(path.read_text()).get("model_max_length", 77)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        value = 77
-    if not isinstance(value, int) or not 2 <= value <= 1024:
-        raise UserError(f"tokenizer {folder} has model_max_length {value!r}", "use SD3's CLIP tokenizers (77)")
-    return value
 
 
 def export_text_encoders(folder: Path, staging: Path, bits: int | None, block: int,
