@@ -41,7 +41,7 @@ int main(int argc, char** argv) {
   const IsaKernels& k = isa_kernels(which);
   std::shared_ptr<const TwoLevel> tl;
   if (tl_scales && atoi(getenv("TL")) != 0) {
-    tl = detect_two_level(w, b.data(), k.expand_two_level, k.fill_weight_info);
+    tl = detect_two_level(w, b.data());
     if (!tl) { printf("not two-level\n"); return 1; }
   }
   const WeightInfo& wk = tl ? tl->w8 : w;

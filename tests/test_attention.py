@@ -280,6 +280,7 @@ SHAPES = [  # lead, nq, nk, d, dv, mask shape (None: no mask)
     ((1, 1), 5, 1000, 128, 128, None),
     ((3,), 1, 1, 16, 8, None),
     ((2, 2), 33, 257, 8, 160, (2, 1, 33, 1)),  # a per-query mask column, broadcast over the keys
+    ((1, 2), 84, 70, 72, 72, None),  # AMX query groups of 64 rows + 20 (4 and 2 row tiles)
 ]
 
 

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from onnx import helper, numpy_helper
 
 from graph_passes.gptq import GptqFactor
-from graph_passes.int_packing import repack
+from graph_passes.int_packing import repack, unpack_codes
 from graph_passes.quantization import QuantConfig, WeightRange, WeightScales, quantize_weight
 from graph_passes.weight_grid import TWO_LEVEL_RATIO
 from tests.kernel_env import supported_isas
 from tests.test_int_kernels import (F16, F32, MatMulCase, activations, int_matmul_model, int_matmul_reference,
-                                    rel_l2, run_every_path, run_on)
+                                    one_node_model, onnx_type, rel_l2, run_every_path, run_on, weight_inits)
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +144,63 @@ def test_two_level_weight_as_input(library, monkeypatch):
     (fed,) = run_on(library, int_matmul_model(case, p, constant_weight=False),
                     {**feeds, "b": p.b, "scales": p.scales, "zero_points": p.zero_points}, isa)
     np.testing.assert_array_equal(fed, constant)
+
+
+FLOAT_CASES = [  # (case, what it covers): FloatMatMul4, the mean token's product
+    MatMulCase(1152, 272, 4, 8, True, 2, 1, "N"),  # 17 column tiles, one token per batch element
+    MatMulCase(200, 100, 4, 8, True, 3, 2, "N"),  # K not a multiple of the block, N not of 16
+    MatMulCase(1152, 72, 4, 8, True, 1, 3, "N", F16),
+]
+
+
+@pytest.mark.parametrize("case", FLOAT_CASES, ids=[c.id for c in FLOAT_CASES])
+def test_two_level_float_matmul_every_path(library, case, monkeypatch):
+    """FloatMatMul4 keeps no per-block scales of a two-level weight (each task rebuilds c r from the units and
+    ratios): every path's bits equal the scalar path's and the block route's (HADANORM_KERNELS_TWO_LEVEL=0, which
+    keeps the scales), the exact maths within float rounding."""
+    isas = supported_isas(library)
+    p = repack(two_level(weight(case.k, case.n), bits=case.wbits, dtype=case.dtype))
+    x = np.random.default_rng(case.k).standard_normal((case.batch, case.m, case.k)).astype(case.dtype)
+    model = one_node_model("FloatMatMul4", {"x": x}, weight_inits(p), ["y"], block_size=p.block_size)
+    (y,) = run_every_path(library, isas, model, {"x": x})
+    u = unpack_codes(p).astype(np.float64)
+    scales = np.repeat(p.scales.astype(np.float64), p.block_size, axis=0)[: case.k]
+    expected = x.astype(np.float64) @ ((u - 8.0) * scales)
+    tol = 1e-6 if case.dtype == F32 else 2**-10
+    assert rel_l2(y, expected) <= tol
+    monkeypatch.setenv("HADANORM_KERNELS_TWO_LEVEL", "0")
+    (block,) = run_on(library, model, {"x": x}, isas[-1])
+    np.testing.assert_array_equal(block, y)
+
+
+def test_two_level_shared_by_the_kernels_of_one_weight(library):
+    """IntMatMul4 and the FloatMatMul4 of its mean token read the same initializers and share one two-level form
+    (int_kernels.h, detect_two_level): in one session both give the bits each gives alone; a second session on
+    another two-level weight with the same shapes gets its own (a first kernel freed in between)."""
+    case = CASES[0]
+    isa = supported_isas(library)[-1]
+    codes, scale, zp, bias = activations(case)
+    x = np.random.default_rng(3).standard_normal((case.batch, 1, case.k)).astype(F32)
+    for seed in (0, 1):
+        p = repack(two_level(weight(case.k, case.n, seed=seed)))
+        inits = [numpy_helper.from_array(v, k) for k, v in weight_inits(p).items()]
+        nodes = [helper.make_node("IntMatMul4", ["codes", "a_scale", "a_zero_point", "b", "scales", "zero_points",
+                                                 "bias"], ["y"], domain="hadanorm", block_size=p.block_size),
+                 helper.make_node("FloatMatMul4", ["x", "b", "scales", "zero_points"], ["mean_y"], domain="hadanorm",
+                                  block_size=p.block_size)]
+        feeds = {"codes": codes, "a_scale": scale, "a_zero_point": zp, "bias": bias, "x": x}
+        graph = helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info(k, onnx_type(v.dtype), list(v.shape)) for k, v in feeds.items()],
+            [helper.make_empty_tensor_value_info("y"), helper.make_empty_tensor_value_info("mean_y")], inits)
+        both = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("hadanorm", 1)],
+                                 ir_version=10).SerializeToString()
+        y, mean_y = run_on(library, both, feeds, isa)
+        (y_alone,) = run_on(library, int_matmul_model(case, p), {k: v for k, v in feeds.items() if k != "x"}, isa)
+        (mean_alone,) = run_on(library, one_node_model("FloatMatMul4", {"x": x}, weight_inits(p), ["y"],
+                                                       block_size=p.block_size), {"x": x}, isa)
+        np.testing.assert_array_equal(y, y_alone)
+        np.testing.assert_array_equal(mean_y, mean_alone)
+        assert rel_l2(y, int_matmul_reference(codes, scale, zp, p, bias)) <= 1e-6
 
 
 FAST_CALIB = ("--calib-samples", "1", "--calib-steps", "2")

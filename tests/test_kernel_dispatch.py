@@ -9,7 +9,8 @@ dense h_left, token means in float32 and float16), the per-weight sums of the ma
 float16 conversions (HalfKernels). The integer kernels' own entries are compared in tests/test_int_kernels.py.
 
 Contract: every path gives the scalar path's bits, except the dense h_left product on the AVX-512 paths
-(kernel_env.FMA_DENSE_LEFT_ISAS, widths M that are a multiple of 16), which uses fused multiply-adds: within float32
+(kernel_env.FMA_DENSE_LEFT_ISAS, widths M that are a multiple of 16; the Paley II factored product there), which uses
+fused multiply-adds: within float32
 rounding of it (relative L2 <= 1e-6; float16 outputs 1e-4), and not the same bits (which shows the override reached
 it).
 """
@@ -117,13 +118,15 @@ ROWS_CASES = [
     RowsCase("paley-72", "ScaleRotate", 72, "paley", "sylvester", 36,
              entries="dense_left (M = 2: the loops on every path)"),
     RowsCase("paley-1152", "CenterScaleRotate", 1152, "paley", "sylvester", 36,
-             entries="dense_left (M = 32: AVX-512 fused multiply-adds)"),
+             entries="dense_left, paley2_left on AVX-512 (M = 32: fused multiply-adds)"),
     RowsCase("paley-4608", "ScaleRotate", 4608, "paley", "sylvester", 36,
-             entries="dense_left (M = 128: AVX-512 fused multiply-adds)"),
+             entries="dense_left, paley2_left on AVX-512 (M = 128: fused multiply-adds)"),
     RowsCase("paley-4608-f16", "CenterScaleRotate", 4608, "paley", "sylvester", 36, F16,
-             entries="dense_left, column_mean_half, float16 conversions"),
+             entries="dense_left / paley2_left, column_mean_half, float16 conversions"),
     RowsCase("orthogonal-left-72", "ScaleRotate", 72, "orthogonal", "sylvester", 9,
              entries="dense_left (M = 8: the loops on every path)"),
+    RowsCase("orthogonal-left-1152", "ScaleRotate", 1152, "orthogonal", "sylvester", 36,
+             entries="dense_left (not of Paley II form, M = 32: AVX-512 fused multiply-adds)"),
 ]
 
 

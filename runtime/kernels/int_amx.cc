@@ -65,18 +65,42 @@ uint8_t* unpack_buffer(int64_t bytes) {
 
 // The block sums of one micro-tile (RA x 16 rows x tb column tiles), stored from the C tiles, with the corrections
 // -(zw * sum c + z * sum (u - zw)) added and folded into F = fmadd(scales, float(I), F), as in int_avx512.cc. First:
-// the first block, F = fmadd(scales, float(I), 0) without reading F (no zero fill of F per panel: the same bits).
+// the first block, F = fmadd(scales, float(I), 0) without reading F (no zero fill of F per panel: the same bits). Last:
+// the last block, whose F goes straight to y = fmadd(a_scale, F, bias) (the same operations as storing F and a pass
+// over it after the panel, so the same bits): the y stores of a micro-tile drain while the tiles compute the next one
+// instead of all at the end of the panel. One thread, [512, 1152] x [1152, 4608], one block (two-level): the kernel
+// without y (wrong results) takes 2.6 of 3.8 ms, the stores of its 9.4 MB of y about 1.2 ms; interleaved with the
+// tiles 3.7 -> 3.6 ms (streaming stores: no better). The stores, not the tiles, are the kernel's largest cost.
 template <bool First>
 HN_INLINE __m512 previous(const float* f) {
   return First ? _mm512_setzero_ps() : _mm512_load_ps(f);
 }
 
-template <int RA, bool First>
+// Where the F of row r, column tile i of a micro-tile goes: to F, or (Last) as y = fmadd(a_scale, F, bias) to y.
+template <bool Last>
+struct FoldOut {
+  const GemmArgs& g;
+  int64_t m0, n0;  // first row and column of the micro-tile
+  HN_INLINE void put(float* fr, int64_t r, int i, __m512 fv) const {
+    if constexpr (Last) {
+      const int64_t m = m0 + r, n = n0 + i * kTile;
+      const __mmask16 mask = column_mask(n, g.n);
+      const float* bias = g.bias + (m / g.rows_per_bias) * g.bias_stride;
+      const __m512 v = _mm512_fmadd_ps(_mm512_set1_ps(g.act->scale[m]), fv, _mm512_maskz_loadu_ps(mask, bias + n));
+      store16(g.y, g.y_half, m * g.n + n, v, mask);
+    } else {
+      _mm512_store_ps(fr, fv);
+    }
+  }
+};
+
+template <int RA, bool First, bool Last>
 HN_INLINE void fold_block(const GemmArgs& g, const int32_t* c, float* f, int64_t m0, int64_t t, int tb, int64_t blk) {
   const WeightInfo& w = *g.w;
   const ActInfo& act = *g.act;
   constexpr int64_t kRows = RA * kRowTile, kCols = 32;
   const int64_t col = blk * w.n_pad + t * kTile;
+  const FoldOut<Last> out{g, m0, t * kTile};
   if (w.small_block) {  // one vpmaddwd of int16 pairs; the two-tile case written out (a loop over tb: 2-3% slower)
     const int32_t* ap = act.pair.data() + m0 * w.k_blocks + blk;
     const __m512i wp0 = int16_pairs(w.zw.data() + col, w.sv.data() + col);
@@ -90,15 +114,15 @@ HN_INLINE void fold_block(const GemmArgs& g, const int32_t* c, float* f, int64_t
         const __m512i i0 = _mm512_add_epi32(_mm512_madd_epi16(wp0, pr), _mm512_load_si512(c + r * kCols));
         const __m512i i1 = _mm512_add_epi32(_mm512_madd_epi16(wp1, pr), _mm512_load_si512(c + r * kCols + 16));
         float* fr = f + r * kCols;
-        _mm512_store_ps(fr, _mm512_fmadd_ps(s0, _mm512_cvtepi32_ps(i0), previous<First>(fr)));
-        _mm512_store_ps(fr + 16, _mm512_fmadd_ps(s1, _mm512_cvtepi32_ps(i1), previous<First>(fr + 16)));
+        out.put(fr, r, 0, _mm512_fmadd_ps(s0, _mm512_cvtepi32_ps(i0), previous<First>(fr)));
+        out.put(fr + 16, r, 1, _mm512_fmadd_ps(s1, _mm512_cvtepi32_ps(i1), previous<First>(fr + 16)));
       }
     } else {
       for (int64_t r = 0; r < kRows; ++r) {
         const __m512i pr = _mm512_set1_epi32(ap[r * w.k_blocks]);
         const __m512i i0 = _mm512_add_epi32(_mm512_madd_epi16(wp0, pr), _mm512_load_si512(c + r * kCols));
         float* fr = f + r * kCols;
-        _mm512_store_ps(fr, _mm512_fmadd_ps(s0, _mm512_cvtepi32_ps(i0), previous<First>(fr)));
+        out.put(fr, r, 0, _mm512_fmadd_ps(s0, _mm512_cvtepi32_ps(i0), previous<First>(fr)));
       }
     }
     return;
@@ -113,17 +137,18 @@ HN_INLINE void fold_block(const GemmArgs& g, const int32_t* c, float* f, int64_t
                                             _mm512_mullo_epi32(sv, _mm512_set1_epi32(act.z[m])));
       const __m512i sum = _mm512_sub_epi32(_mm512_load_si512(c + r * kCols + i * 16), corr);
       float* fr = f + r * kCols + i * 16;
-      _mm512_store_ps(fr, _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(sum), previous<First>(fr)));
+      out.put(fr, r, i, _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(sum), previous<First>(fr)));
     }
   }
 }
 
 template <int RA>
 HN_INLINE void fold(const GemmArgs& g, const int32_t* c, float* f, int64_t m0, int64_t t, int tb, int64_t blk) {
+  const bool last = blk + 1 == g.w->k_blocks;
   if (blk == 0)
-    fold_block<RA, true>(g, c, f, m0, t, tb, blk);
+    last ? fold_block<RA, true, true>(g, c, f, m0, t, tb, blk) : fold_block<RA, true, false>(g, c, f, m0, t, tb, blk);
   else
-    fold_block<RA, false>(g, c, f, m0, t, tb, blk);
+    last ? fold_block<RA, false, true>(g, c, f, m0, t, tb, blk) : fold_block<RA, false, false>(g, c, f, m0, t, tb, blk);
 }
 
 constexpr int64_t kMaxPairs = 8;  // column tile pairs per task (tiles_per_task <= 16)
@@ -241,19 +266,6 @@ void amx_panel(const GemmArgs& g, int64_t m0, int64_t t0, int64_t t1, const Weig
   }
   fold<RA>(g, c[parity ^ 1], f + pending_pair * kMicro, m0, t0 + 2 * pending_pair,
            t0 + 2 * pending_pair + 1 < t1 ? 2 : 1, pending_blk);
-  for (int64_t r = 0; r < kRows; ++r) {  // y = fmadd(a_scale, F, bias), row by row
-    const int64_t m = m0 + r;
-    const float* bias = g.bias + (m / g.rows_per_bias) * g.bias_stride;
-    const __m512 as = _mm512_set1_ps(act.scale[m]);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t pair = (t - t0) / 2, i = (t - t0) % 2;
-      const int64_t n0 = t * kTile;
-      const __mmask16 mask = column_mask(n0, g.n);
-      const __m512 v = _mm512_fmadd_ps(as, _mm512_load_ps(f + pair * kMicro + r * kCols + i * 16),
-                                       _mm512_maskz_loadu_ps(mask, bias + n0));
-      store16(g.y, g.y_half, m * g.n + n0, v, mask);
-    }
-  }
 }
 
 // The k step of the tiles for this block size (a divisor of the block, <= 64 bytes), or 0 when too small to pay.

@@ -401,6 +401,7 @@ const IsaKernels* avx512vnni_kernels() {
        .low_rank_add = low_rank_add_avx512,
        .transform = {.center_scale_fwht = center_scale_fwht_avx512,  // transform_avx512.h
                      .dense_left = dense_left_avx512,
+                     .paley2_left = paley2_left_avx512,
                      .column_mean = column_mean_avx512},
        .rows_per_task = kTaskRows,
        .tiles_per_task = kTaskTiles},

@@ -123,6 +123,7 @@ IsaKernels inherit(IsaKernels own, const IsaKernels& base) {
   TransformKernels& t = own.transform;
   take(t.center_scale_fwht, base.transform.center_scale_fwht);
   take(t.dense_left, base.transform.dense_left);
+  take(t.paley2_left, base.transform.paley2_left);  // optional (null: dense_left)
   take(t.column_mean, base.transform.column_mean);
   take(t.column_mean_half, base.transform.column_mean_half);
   take(t.center_scale, base.transform.center_scale);

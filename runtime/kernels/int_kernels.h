@@ -60,7 +60,8 @@ struct WeightInfo {
 // with no per-block fold. IntMatMul4 runs such a weight that way (HADANORM_KERNELS_TWO_LEVEL=0: the block path), each task
 // expanding its column tiles into the 8-bit packed layout (IsaKernels::expand_two_level) for the path's int_gemm8:
 // every path gives the same bits, as for any 8-bit weight. The result is the block path's within float rounding
-// (the same real number: sum_blk c r_blk I_blk = c sum_blk r_blk I_blk).
+// (the same real number: sum_blk c r_blk I_blk = c sum_blk r_blk I_blk). FloatMatMul4 keeps no per-block scales of
+// such a weight either: each task rebuilds its columns' c r (the block scales exactly) for the path's float_gemm4.
 struct TwoLevel {
   WeightInfo w8;               // bits 8, one block of k_pad rows; scales c, zw 0, sv = sum_k r (u - 8)
   std::vector<uint8_t> ratio;  // [k_blocks, n_pad] (padding columns 1)
@@ -70,8 +71,10 @@ struct TwoLevel {
 using ExpandTwoLevelFn = void (*)(const WeightInfo& w4, const uint8_t* ratio, const uint8_t* b, int64_t t0,
                                   int64_t t1, uint8_t* out);
 // The two-level form of a filled 4-bit weight (null when its scales are not two-level, or HADANORM_KERNELS_TWO_LEVEL=0).
-std::shared_ptr<const TwoLevel> detect_two_level(const WeightInfo& w4, const uint8_t* b, ExpandTwoLevelFn expand,
-                                                 FillWeightFn fill);
+// shared: b is a constant initializer that lives as long as the kernels built from it; then the kernels of one weight
+// (IntMatMul4 and the FloatMatMul4 of its mean token) share one TwoLevel, found by b's address while any of them holds
+// it (and its units and ratios reproduce w4's scales, checked).
+std::shared_ptr<const TwoLevel> detect_two_level(const WeightInfo& w4, const uint8_t* b, bool shared = false);
 
 // The geometry of a weight from N, block size and bits (no data).
 WeightInfo weight_geometry(int bits, int64_t n, int64_t k_blocks, int64_t block);

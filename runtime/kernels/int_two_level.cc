@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 
 #include "int_kernels.h"
 #include "util.h"
@@ -39,6 +41,50 @@ float column_unit(const WeightInfo& w, int64_t n, uint8_t* ratio) {
   return 0.0f;
 }
 
+// Whether tl (units c = w8.scales, ratios r) gives exactly w4's block scales c r.
+bool reproduces(const TwoLevel& tl, const WeightInfo& w4) {
+  if (tl.w8.n != w4.n || tl.w8.k_pad != w4.k_pad || tl.ratio.size() != static_cast<size_t>(w4.k_blocks * w4.n_pad))
+    return false;
+  for (int64_t blk = 0; blk < w4.k_blocks; ++blk)
+    for (int64_t n = 0; n < w4.n; ++n)
+      if (tl.w8.scales[n] * static_cast<float>(tl.ratio[blk * w4.n_pad + n]) != w4.scales[blk * w4.n_pad + n])
+        return false;
+  return true;
+}
+
+// The TwoLevel of each constant weight alive, by the address of its packed codes.
+struct SharedTwoLevels {
+  std::mutex mutex;
+  std::map<const uint8_t*, std::weak_ptr<const TwoLevel>> by_codes;
+};
+
+SharedTwoLevels& shared_two_levels() {
+  static SharedTwoLevels* shared = new SharedTwoLevels;  // never destroyed: kernels may outlive static teardown
+  return *shared;
+}
+
+// The TwoLevel of w4 (null when some column has no unit). Its 8-bit weight of one block over k_pad: scales the units
+// c (0 in padding columns), zero points 0, sums sv8 = sum_k r (u - 8) = sum_blk r_blk (sv4_blk + (zw4_blk - 8) block)
+// in int32 from w4's block sums (what fill_weight_info makes of the expanded codes, without expanding them: the
+// padding columns' ratio is 1 and zero point 0).
+std::shared_ptr<const TwoLevel> build_two_level(const WeightInfo& w4) {
+  auto tl = std::make_shared<TwoLevel>();
+  tl->ratio.assign(static_cast<size_t>(w4.k_blocks * w4.n_pad), 1);
+  WeightInfo& w8 = tl->w8;
+  w8 = weight_geometry(8, w4.n, 1, w4.k_pad);
+  w8.scales.assign(static_cast<size_t>(w8.n_pad), 0.0f);
+  w8.zw.assign(static_cast<size_t>(w8.n_pad), 0);
+  w8.sv.assign(static_cast<size_t>(w8.n_pad), 0);
+  for (int64_t n = 0; n < w4.n; ++n)
+    if (!((w8.scales[n] = column_unit(w4, n, tl->ratio.data())) > 0.0f)) return nullptr;
+  for (int64_t blk = 0; blk < w4.k_blocks; ++blk)
+    for (int64_t n = 0; n < w4.n_pad; ++n) {
+      const int64_t i = blk * w4.n_pad + n;
+      w8.sv[n] += static_cast<int32_t>(tl->ratio[i]) * (w4.sv[i] + (w4.zw[i] - 8) * static_cast<int32_t>(w4.block));
+    }
+  return tl;
+}
+
 }  // namespace
 
 void expand_two_level_scalar(const WeightInfo& w4, const uint8_t* ratio, const uint8_t* b, int64_t t0, int64_t t1,
@@ -59,23 +105,21 @@ void expand_two_level_scalar(const WeightInfo& w4, const uint8_t* ratio, const u
   }
 }
 
-std::shared_ptr<const TwoLevel> detect_two_level(const WeightInfo& w4, const uint8_t* b, ExpandTwoLevelFn expand,
-                                                 FillWeightFn fill) {
+std::shared_ptr<const TwoLevel> detect_two_level(const WeightInfo& w4, const uint8_t* b, bool shared) {
   if (w4.bits != 4 || w4.n == 0 || !two_level_enabled()) return nullptr;
   for (int64_t blk = 0; blk < w4.k_blocks; ++blk)
     for (int64_t n = 0; n < w4.n; ++n)
       if (w4.zw[blk * w4.n_pad + n] != 8) return nullptr;
-  auto tl = std::make_shared<TwoLevel>();
-  tl->ratio.assign(static_cast<size_t>(w4.k_blocks * w4.n_pad), 1);
-  std::vector<float> units(static_cast<size_t>(w4.n), 0.0f);
-  for (int64_t n = 0; n < w4.n; ++n)
-    if (!((units[n] = column_unit(w4, n, tl->ratio.data())) > 0.0f)) return nullptr;
-  // the 8-bit weight of one block: its sums (sv = sum_k r (u - 8)) from the expanded codes, filled by the path's build
-  tl->w8 = weight_geometry(8, w4.n, 1, w4.k_pad);
-  std::vector<uint8_t> expanded(static_cast<size_t>(w4.tiles * tl->w8.tile_stride));
-  expand(w4, tl->ratio.data(), b, 0, w4.tiles, expanded.data());
-  std::vector<int8_t> zeros(static_cast<size_t>(w4.n), 0);
-  fill(tl->w8, expanded.data(), units.data(), zeros.data());
+  if (!shared) return build_two_level(w4);
+  SharedTwoLevels& cache = shared_two_levels();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  auto found = cache.by_codes.find(b);
+  if (found != cache.by_codes.end())
+    if (std::shared_ptr<const TwoLevel> tl = found->second.lock(); tl && reproduces(*tl, w4)) return tl;
+  std::shared_ptr<const TwoLevel> tl = build_two_level(w4);
+  for (auto it = cache.by_codes.begin(); it != cache.by_codes.end();)  // drop the weights no kernel holds any more
+    it = it->second.expired() ? cache.by_codes.erase(it) : std::next(it);
+  if (tl) cache.by_codes[b] = tl;
   return tl;
 }
 

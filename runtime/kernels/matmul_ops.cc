@@ -63,7 +63,7 @@ struct MatMulKernel {
       std::vector<float> storage;
       kernels->fill_weight_info(w, static_cast<const uint8_t*>(values[0].GetTensorRawData()),
                                 float_data(values[1], Half, storage, kernels->half), values[2].GetTensorRawData());
-      trim_weight(w, static_cast<const uint8_t*>(values[0].GetTensorRawData()));
+      trim_weight(w, static_cast<const uint8_t*>(values[0].GetTensorRawData()), /*constant=*/true);
       constant_weight = std::make_unique<WeightInfo>(std::move(w));
     }
   }
@@ -104,15 +104,26 @@ struct MatMulKernel {
     std::vector<float> scale_storage;
     kernels->fill_weight_info(storage, static_cast<const uint8_t*>(b.GetTensorRawData()),
                               float_data(scales, Half, scale_storage, kernels->half), zps.GetTensorRawData());
-    trim_weight(storage, static_cast<const uint8_t*>(b.GetTensorRawData()));
+    trim_weight(storage, static_cast<const uint8_t*>(b.GetTensorRawData()), /*constant=*/false);
     return storage;
   }
 
-  // IntMatMul4: the two-level form of the weight, when its scales have it (int_kernels.h, TwoLevel); the block
-  // route's per-block scales and sums are then dropped (12 bytes per block and column: the two-level route reads the
-  // ratios, 1 byte, and one unit and sum per column). FloatMatMul: the int32 sums sv, which only IntMatMul reads, and
-  // zw when every column has the same zero point (WeightInfo::zw_uniform).
-  void trim_weight(WeightInfo& w, const uint8_t* b) const {
+  // IntMatMul4 and FloatMatMul4: the two-level form of the weight, when its scales have it (int_kernels.h, TwoLevel,
+  // one for both kernels of a constant weight); the block route's per-block scales and sums are then dropped (12 and
+  // 4 bytes per block and column: IntMatMul4's two-level route reads the ratios, 1 byte, and one unit and sum per
+  // column; FloatMatMul4 rebuilds each task's block scales c r from them).
+  // Otherwise FloatMatMul drops the int32 sums sv, which only IntMatMul reads, and zw when every column has the same
+  // zero point (WeightInfo::zw_uniform).
+  void trim_weight(WeightInfo& w, const uint8_t* b, bool constant) const {
+    if constexpr (Bits == 4) {
+      w.two_level = detect_two_level(w, b, constant);
+      if (w.two_level) {
+        std::vector<float>().swap(w.scales);
+        std::vector<int32_t>().swap(w.zw);
+        std::vector<int32_t>().swap(w.sv);
+        return;
+      }
+    }
     if constexpr (!IntInput) {  // the float products read scales and zw only; zw alone when it is uniform
       std::vector<int32_t>().swap(w.sv);
       bool uniform = w.n > 0;
@@ -121,14 +132,6 @@ struct MatMulKernel {
       if (uniform) {
         w.zw_uniform = w.zw[0];
         std::vector<int32_t>().swap(w.zw);
-      }
-    }
-    if constexpr (IntInput && Bits == 4) {
-      w.two_level = detect_two_level(w, b, kernels->expand_two_level, kernels->fill_weight_info);
-      if (w.two_level) {
-        std::vector<float>().swap(w.scales);
-        std::vector<int32_t>().swap(w.zw);
-        std::vector<int32_t>().swap(w.sv);
       }
     }
   }
@@ -300,7 +303,27 @@ struct MatMulKernel {
     args.y_half = Half;
     args.n = w.n;
     const FloatGemmFn gemm = Bits == 4 ? kernels->float_gemm4 : kernels->float_gemm8;
-    run_tasks(ctx, rows, w.tiles, [&](int64_t m0, int64_t m1, int64_t t0, int64_t t1) { gemm(args, m0, m1, t0, t1); });
+    const TwoLevel* two_level = Bits == 4 ? w.two_level.get() : nullptr;
+    run_tasks(ctx, rows, w.tiles, [&](int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
+      if (!two_level) return gemm(args, m0, m1, t0, t1);
+      // a two-level weight keeps no block scales: the task's are c r, exactly the quantizer's (detect_two_level
+      // checked c r == scale), so the float product is the block route's, bit for bit
+      thread_local std::vector<float> scales;
+      WeightInfo task_w = weight_geometry(Bits, w.n, w.k_blocks, w.block);
+      scales.resize(static_cast<size_t>(w.k_blocks * w.n_pad));
+      const int64_t c0 = t0 * kTile, c1 = t1 * kTile;
+      for (int64_t blk = 0; blk < w.k_blocks; ++blk)
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t i = blk * w.n_pad + c;
+          scales[i] = c < w.n ? two_level->w8.scales[c] * static_cast<float>(two_level->ratio[i]) : 0.0f;
+        }
+      task_w.scales.swap(scales);
+      task_w.zw_uniform = 8;
+      FloatGemmArgs task = args;
+      task.w = &task_w;
+      gemm(task, m0, m1, t0, t1);
+      task_w.scales.swap(scales);  // the buffer stays with the thread
+    });
   }
 
   // Splits rows x column tiles into tasks of the path's preferred size, consecutive tasks on the same column tiles.

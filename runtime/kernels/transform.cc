@@ -34,6 +34,29 @@ bool sylvester_scale(const float* h, int64_t m, float* scale) {
   return true;
 }
 
+// The Paley II block form of h (see transform.h): blocks (i, j) = a_ij [[1, 1], [1, -1]] for i != j and
+// g_i [[1, -1], [-1, -1]] for i == j, exactly; fills a (zero diagonal) and g.
+bool paley2_factors(const float* h, int64_t k, std::vector<float>* a, std::vector<float>* g) {
+  if (k < 4 || k % 2 != 0) return false;
+  const int64_t half = k / 2;
+  a->assign(static_cast<size_t>(half * half), 0.0f);
+  g->assign(static_cast<size_t>(half), 0.0f);
+  for (int64_t i = 0; i < half; ++i)
+    for (int64_t j = 0; j < half; ++j) {
+      const float* top = h + 2 * i * k + 2 * j;
+      const float* bottom = top + k;
+      const float x = top[0];
+      if (i == j) {
+        if (!(top[1] == -x && bottom[0] == -x && bottom[1] == -x)) return false;
+        (*g)[i] = x;
+      } else {
+        if (!(top[1] == x && bottom[0] == x && bottom[1] == -x)) return false;
+        (*a)[i * half + j] = x;
+      }
+    }
+  return true;
+}
+
 Rotation make_rotation(const float* h_left, const std::vector<int64_t>& left_shape, const float* h_right,
                        const std::vector<int64_t>& right_shape, int64_t d) {
   if (left_shape.size() != 2 || left_shape[0] != left_shape[1])
@@ -49,7 +72,10 @@ Rotation make_rotation(const float* h_left, const std::vector<int64_t>& left_sha
   r.left_identity = is_identity(h_left, r.K);
   if (!r.left_identity) {
     r.left_fwht = sylvester_scale(h_left, r.K, &r.left_scale);
-    if (!r.left_fwht) r.left.assign(h_left, h_left + r.K * r.K);
+    if (!r.left_fwht) {
+      r.left.assign(h_left, h_left + r.K * r.K);
+      r.left_paley2 = paley2_factors(h_left, r.K, &r.paley_a, &r.paley_g);
+    }
   }
   r.right_fwht = sylvester_scale(h_right, r.M, &r.right_scale);
   if (!r.right_fwht) {
@@ -63,6 +89,7 @@ Rotation make_rotation(const float* h_left, const std::vector<int64_t>& left_sha
 Scratch::Scratch(const Rotation* rot, int64_t d) {
   if (rot) {
     if (!rot->left_identity) block.resize(static_cast<size_t>(d));
+    if (rot->left_paley2) pairs.resize(static_cast<size_t>(d + 16));  // + 16: room to align to 64 bytes
     if (!rot->right_fwht) tmp.resize(static_cast<size_t>(rot->M));
   }
 }
@@ -82,6 +109,9 @@ void transform_row(const TransformKernels& k, const float* x, const float* mean,
   }
   if (rot->left_fwht)
     k.fwht_across_rows(v, rot->K, rot->M, rot->left_scale, out);
+  else if (rot->left_paley2 && k.paley2_left)
+    k.paley2_left(v, rot->left.data(), rot->paley_a.data(), rot->paley_g.data(), rot->K, rot->M,
+                  scratch.pairs.data(), out);
   else if (!rot->left_identity)
     k.dense_left(v, rot->left.data(), rot->K, rot->M, out);
 }
