@@ -210,8 +210,8 @@ void paley2_columns512(const float* v, const float* a, const float* g, int64_t h
 
 // The AVX-512 Paley II h_left product for widths M that are a multiple of 16 (uw: scratch of K x M + 16 floats, at
 // least K x 16 C + 16); the dense product of `left` for the others. One thread, 256 tokens, the whole transform
-// (centering, scale, h_right's butterflies, h_left), best of 200: 1152 (K 36, M 32) 0.217 -> 0.153 ms, 4608 (M 128)
-// 0.94 -> 0.86 ms (h_left alone 0.139 -> 0.078 and 0.58 -> 0.42 ms).
+// (centering, scale, h_right's butterflies, h_left; benchmarks/transform_harness.cc): 1152 (K 36, M 32) 0.20 -> 0.14
+// ms, 4608 (M 128) 0.85 -> 0.70 ms (h_left alone 0.14 -> 0.075 and 0.56 -> 0.41 ms).
 void paley2_left_avx512(const float* v, const float* left, const float* a, const float* g, int64_t k, int64_t m,
                         float* uw, float* out) {
   if (m % 16 != 0) return dense_left_avx512(v, left, k, m, out);
