@@ -161,7 +161,8 @@ def load_runner(runtime: str, path: Path, threads: int, shrink_arena: bool):
         from runtime.session import NumericsMode, create_session
 
         base = proc_status()[0]
-        session = create_session(path, NumericsMode.FAST, ["CPUExecutionProvider"], threads, spinning=False)
+        session = create_session(path, NumericsMode.FAST, ["CPUExecutionProvider"], threads, spinning=False,
+                                 disabled_optimizers=())  # onnxruntime's defaults, as a user runs it
         check = None
         info = {"runs_as": "onnxruntime CPU, default session options"}
     info["runtime"] = f"onnxruntime {ort.__version__}"

@@ -14,6 +14,11 @@ Session options (`NumericsMode`):
   `NumericsMode.FAST`: onnxruntime's defaults; both opt-in, for ``qdq`` graphs only
   (`benchmarks/bench_runtime_latency.py` measures them).
 
+onnxruntime's `SkipLayerNormFusion` is turned off in every session (`DISABLED_OPTIMIZERS`): its CPU
+``SkipLayerNormalization`` kernel ran 2.5-3.5x slower than the ``Add`` + ``LayerNormalization`` it replaces
+(PixArt-Sigma's final residual + ``norm_out``: [2, 256, 1152] 1.96 -> 0.57 ms, [2, 4096, 1152] 47.5 -> 16.7 ms,
+medians of interleaved runs, 2 threads; the same sums within float rounding: 3.6e-6 max abs).
+
 `implementation` says which code runs a graph's quantized linears and hadanorm ops, so that a reported number
 can be tied to what produced it: ``fused: kernels (avx512vnni)``, ``fused: function bodies``,
 ``nbits: MatMulNBits, transforms: kernels``, ``qdq: as written, transforms: function bodies``, ``float``.
@@ -31,6 +36,10 @@ import onnxruntime as ort
 from runtime.domain import ATTENTION_KEY, FORMAT_KEY, TRANSFORM_OPS_KEY
 from runtime.kernel_isa import library_attention_path, library_isa
 from runtime.kernels import library_path, register_kernels
+
+
+# onnxruntime graph optimizers every session turns off (module docstring)
+DISABLED_OPTIMIZERS: tuple[str, ...] = ("SkipLayerNormFusion",)
 
 
 class NumericsMode(enum.Enum):
@@ -95,6 +104,7 @@ def create_session(
     spinning: bool = True,
     cpu_arena: bool = True,
     priority_order: bool = False,
+    disabled_optimizers: Sequence[str] = DISABLED_OPTIMIZERS,
 ) -> ort.InferenceSession:
     """A session for a model file or serialized bytes.
 
@@ -102,6 +112,8 @@ def create_session(
     `runtime.kernels.KernelLibraryError` (one line with the fix) when a named library cannot be registered.
     `external_data_folder`: where the weights of a model passed as bytes live. `optimized_model_path`: write
     onnxruntime's optimized graph there (what it holds in memory). `profile_prefix`: enable onnxruntime's profiler.
+    `disabled_optimizers`: onnxruntime graph optimizers to turn off (default: `DISABLED_OPTIMIZERS`; () for
+    onnxruntime's own defaults, as the peer benchmarks run them).
     """
     options = session_options(mode, threads, spinning, cpu_arena, priority_order)
     library = resolve_library(kernel_library)
@@ -116,7 +128,8 @@ def create_session(
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
     source = model if isinstance(model, bytes) else os.fspath(model)
-    return ort.InferenceSession(source, options, providers=list(providers or ["CPUExecutionProvider"]))
+    return ort.InferenceSession(source, options, providers=list(providers or ["CPUExecutionProvider"]),
+                                disabled_optimizers=list(disabled_optimizers))
 
 
 def implementation(metadata: dict[str, str], kernel_library: Path | None) -> str:

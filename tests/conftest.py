@@ -53,6 +53,26 @@ def tiny_onnx(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def preset_onnx(tmp_path_factory, tiny_onnx):
+    """`preset_onnx(P)`: `hn-export export --preset P --seed 0` (FP32), exported once per session and shared by the
+    tests that read it (never written to; `tiny` is tiny_onnx's file)."""
+    root = tmp_path_factory.mktemp("preset-exports")
+    made: dict[str, Path] = {"tiny": tiny_onnx}
+
+    def get(preset: str) -> Path:
+        if preset not in made:
+            path = root / f"{preset}.onnx"
+            try:
+                main(["export", "--preset", preset, "--seed", "0", "-o", str(path)])
+            except SystemExit as exc:
+                assert exc.code == 0, f"{preset} export failed with exit code {exc.code}"
+            made[preset] = path
+        return made[preset]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def kernel_library() -> Path:
     """The hadanorm kernel library, built once (or reused); the test is skipped with the one-line reason when it
     cannot be built here (no C++ compiler, no apt-get or dpkg, no Debian apt source, no network to Debian's

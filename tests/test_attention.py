@@ -79,12 +79,9 @@ def cli(*args) -> int:
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory, tiny_onnx) -> dict[str, Path]:
+def exports(tmp_path_factory, preset_onnx) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("attention-exports")
-    paths = {"tiny": tiny_onnx}
-    for preset in FAMILY_PRESETS[1:]:
-        paths[preset] = folder / f"{preset}.onnx"
-        assert cli("export", "--preset", preset, "--seed", "0", "-o", paths[preset]) == 0
+    paths = {preset: preset_onnx(preset) for preset in FAMILY_PRESETS}
     paths["tiny-mask"] = folder / "tiny-mask.onnx"
     assert cli("export", "--preset", "tiny", "--with-mask", "--seed", "0", "-o", paths["tiny-mask"]) == 0
     return paths

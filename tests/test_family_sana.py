@@ -55,11 +55,9 @@ def run_main(*args) -> None:
 
 
 @pytest.fixture(scope="module")
-def sana(tmp_path_factory):
+def sana(preset_onnx):
     """The sana-tiny torch model (dit-stats, seed 0) and its FP32 export by the command line."""
-    path = tmp_path_factory.mktemp("sana") / "sana.onnx"
-    run_main("export", "--preset", "sana-tiny", "--seed", "0", "-o", path)
-    return build_transformer(ModelSource(preset="sana-tiny", seed=0)), path
+    return build_transformer(ModelSource(preset="sana-tiny", seed=0)), preset_onnx("sana-tiny")
 
 
 @pytest.fixture(scope="module")

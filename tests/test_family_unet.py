@@ -30,7 +30,6 @@ from models.families.unet import (
     UNET,
 )
 from runtime.denoiser import Denoiser
-from tests.cli_runner import run_cli
 
 STEPS = 4
 SIZE = TINY["sample_size"]
@@ -49,11 +48,9 @@ IN_BLOCKS = SiteSelection(include=(r"(^|[./])(down_blocks|mid_block|up_blocks)[.
 
 
 @pytest.fixture(scope="module")
-def unet(tmp_path_factory):
+def unet(preset_onnx):
     """The unet-tiny torch model (dit-stats, seed 0) and its FP32 export by the command line."""
-    path = tmp_path_factory.mktemp("unet") / "unet.onnx"
-    assert run_cli(["export", "--preset", "unet-tiny", "--seed", "0", "-o", str(path)]) == 0
-    return build_transformer(ModelSource(preset="unet-tiny", seed=0)), path
+    return build_transformer(ModelSource(preset="unet-tiny", seed=0)), preset_onnx("unet-tiny")
 
 
 def quantize(hn_cli, path, out, *args: str):

@@ -27,7 +27,6 @@ from onnx import TensorProto, helper, numpy_helper
 from graph_passes.fix_noop_squeeze import FixNoopSqueezePass
 from graph_passes.gemm_to_matmul import GemmToMatMulPass
 from graph_passes.linears import find_linears, module_path_of
-from hn_export.cli import main
 from hn_export.export import TransformerForExport, example_inputs
 from hn_export.families import role_table
 from hn_export.graph_import import load_graph
@@ -84,14 +83,7 @@ def exported(request, tmp_path_factory) -> dict:
     exports at opsets 17 and 21, the torch model's output on the feeds."""
     preset = request.param
     folder = tmp_path_factory.mktemp(f"exporters-{preset}")
-    if preset == "tiny":
-        paths = {"dynamo": request.getfixturevalue("tiny_onnx")}  # --preset tiny --seed 0
-    else:
-        paths = {"dynamo": folder / "dynamo.onnx"}
-        try:
-            main(["export", "--preset", preset, "--seed", "0", "-o", str(paths["dynamo"])])
-        except SystemExit as exc:
-            assert exc.code == 0
+    paths = {"dynamo": request.getfixturevalue("preset_onnx")(preset)}  # --preset P --seed 0, shared
     model = build_transformer(ModelSource(preset=preset, seed=0))
     for opset in (17, 21):
         paths[f"ts{opset}"] = torchscript_export(model, opset, folder / f"ts{opset}.onnx")
