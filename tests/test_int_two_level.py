@@ -133,6 +133,21 @@ def test_two_level_matmul_every_path(library, case, monkeypatch):
         assert not np.array_equal(block, y)
 
 
+def test_two_level_refused_past_the_int32_range(library, monkeypatch):
+    """Past 65536 rows the one-block int32 sums could overflow (255 x 128 a row), so the weight keeps the block route:
+    the same bits as with HADANORM_KERNELS_TWO_LEVEL=0, the exact maths within float rounding."""
+    case = MatMulCase(65536 + 128, 16, 4, 8, True, 1, 3, "N")
+    p = repack(two_level(weight(case.k, case.n)))
+    codes, scale, zp, bias = activations(case)
+    feeds = {"codes": codes, "a_scale": scale, "a_zero_point": zp, "bias": bias}
+    isa = supported_isas(library)[-1]
+    (y,) = run_on(library, int_matmul_model(case, p), feeds, isa)
+    assert rel_l2(y, int_matmul_reference(codes, scale, zp, p, bias)) <= 1e-6
+    monkeypatch.setenv("HADANORM_KERNELS_TWO_LEVEL", "0")
+    (block,) = run_on(library, int_matmul_model(case, p), feeds, isa)
+    np.testing.assert_array_equal(y, block)
+
+
 def test_two_level_weight_as_input(library, monkeypatch):
     """A two-level weight fed at run time takes the same route as a constant one (same bits)."""
     case = CASES[0]

@@ -15,6 +15,9 @@ namespace hadanorm {
 namespace {
 
 constexpr int kMaxRatio = 16;  // r (u - 8) in [-128, 112]: int8
+// The one-block int32 sums sum_k (a - z) r (u - 8) stay exact up to 65536 rows (255 x 128 x 65536 < 2^31); longer
+// weights keep the block route.
+constexpr int64_t kMaxTwoLevelK = 65536;
 
 bool two_level_enabled() {
   const char* v = std::getenv("HADANORM_KERNELS_TWO_LEVEL");
@@ -41,7 +44,19 @@ float column_unit(const WeightInfo& w, int64_t n, uint8_t* ratio) {
   return 0.0f;
 }
 
-// Whether tl (units c = w8.scales, ratios r) gives exactly w4's block scales c r.
+// sv8[n] = sum_k r (u - 8) = sum_blk r_blk (sv4_blk + (zw4_blk - 8) block) in int32, from w4's block sums (what
+// fill_weight_info makes of the expanded codes, without expanding them: the padding columns' ratio is 1 and zero
+// point 0). |sv8| <= 128 k_pad: no overflow under kMaxTwoLevelK.
+int32_t one_block_sum(const WeightInfo& w4, const uint8_t* ratio, int64_t n) {
+  int32_t sum = 0;
+  for (int64_t blk = 0; blk < w4.k_blocks; ++blk) {
+    const int64_t i = blk * w4.n_pad + n;
+    sum += static_cast<int32_t>(ratio[i]) * (w4.sv[i] + (w4.zw[i] - 8) * static_cast<int32_t>(w4.block));
+  }
+  return sum;
+}
+
+// Whether tl (units c = w8.scales, ratios r, sums sv8) is w4's: its block scales c r exactly and its codes' sums.
 bool reproduces(const TwoLevel& tl, const WeightInfo& w4) {
   if (tl.w8.n != w4.n || tl.w8.k_pad != w4.k_pad || tl.ratio.size() != static_cast<size_t>(w4.k_blocks * w4.n_pad))
     return false;
@@ -49,6 +64,8 @@ bool reproduces(const TwoLevel& tl, const WeightInfo& w4) {
     for (int64_t n = 0; n < w4.n; ++n)
       if (tl.w8.scales[n] * static_cast<float>(tl.ratio[blk * w4.n_pad + n]) != w4.scales[blk * w4.n_pad + n])
         return false;
+  for (int64_t n = 0; n < w4.n_pad; ++n)
+    if (tl.w8.sv[n] != one_block_sum(w4, tl.ratio.data(), n)) return false;
   return true;
 }
 
@@ -64,9 +81,7 @@ SharedTwoLevels& shared_two_levels() {
 }
 
 // The TwoLevel of w4 (null when some column has no unit). Its 8-bit weight of one block over k_pad: scales the units
-// c (0 in padding columns), zero points 0, sums sv8 = sum_k r (u - 8) = sum_blk r_blk (sv4_blk + (zw4_blk - 8) block)
-// in int32 from w4's block sums (what fill_weight_info makes of the expanded codes, without expanding them: the
-// padding columns' ratio is 1 and zero point 0).
+// c (0 in padding columns), zero points 0, sums from w4's block sums (one_block_sum).
 std::shared_ptr<const TwoLevel> build_two_level(const WeightInfo& w4) {
   auto tl = std::make_shared<TwoLevel>();
   tl->ratio.assign(static_cast<size_t>(w4.k_blocks * w4.n_pad), 1);
@@ -77,11 +92,7 @@ std::shared_ptr<const TwoLevel> build_two_level(const WeightInfo& w4) {
   w8.sv.assign(static_cast<size_t>(w8.n_pad), 0);
   for (int64_t n = 0; n < w4.n; ++n)
     if (!((w8.scales[n] = column_unit(w4, n, tl->ratio.data())) > 0.0f)) return nullptr;
-  for (int64_t blk = 0; blk < w4.k_blocks; ++blk)
-    for (int64_t n = 0; n < w4.n_pad; ++n) {
-      const int64_t i = blk * w4.n_pad + n;
-      w8.sv[n] += static_cast<int32_t>(tl->ratio[i]) * (w4.sv[i] + (w4.zw[i] - 8) * static_cast<int32_t>(w4.block));
-    }
+  for (int64_t n = 0; n < w4.n_pad; ++n) w8.sv[n] = one_block_sum(w4, tl->ratio.data(), n);
   return tl;
 }
 
@@ -106,7 +117,7 @@ void expand_two_level_scalar(const WeightInfo& w4, const uint8_t* ratio, const u
 }
 
 std::shared_ptr<const TwoLevel> detect_two_level(const WeightInfo& w4, const uint8_t* b, bool shared) {
-  if (w4.bits != 4 || w4.n == 0 || !two_level_enabled()) return nullptr;
+  if (w4.bits != 4 || w4.n == 0 || w4.k_pad > kMaxTwoLevelK || !two_level_enabled()) return nullptr;
   for (int64_t blk = 0; blk < w4.k_blocks; ++blk)
     for (int64_t n = 0; n < w4.n; ++n)
       if (w4.zw[blk * w4.n_pad + n] != 8) return nullptr;

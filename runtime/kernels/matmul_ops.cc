@@ -307,7 +307,8 @@ struct MatMulKernel {
     run_tasks(ctx, rows, w.tiles, [&](int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
       if (!two_level) return gemm(args, m0, m1, t0, t1);
       // a two-level weight keeps no block scales: the task's are c r, exactly the quantizer's (detect_two_level
-      // checked c r == scale), so the float product is the block route's, bit for bit
+      // checked c r == scale), so the float product is the block route's, bit for bit (a per-thread buffer of the
+      // weight's k_blocks x n_pad floats, of which float_gemm4 reads the task's columns: 166 KB for 4608 x 1152)
       thread_local std::vector<float> scales;
       WeightInfo task_w = weight_geometry(Bits, w.n, w.k_blocks, w.block);
       scales.resize(static_cast<size_t>(w.k_blocks * w.n_pad));

@@ -142,7 +142,9 @@ void dense_left_avx512(const float* v, const float* left, int64_t k, int64_t m, 
 
 // The Paley II h_left product (transform.h) of one chunk of 16 C columns, R output row pairs: out_2i = g_i w_i +
 // sum_j a_ij u_j, out_2i+1 = -g_i u_i + sum_j a_ij w_j (a_ii = 0), over j in order with fused multiply-adds; u and w
-// hold the chunk's columns (row stride 16 C), out the whole rows (stride m) from column c0.
+// hold the chunk's columns (row stride 16 C), out the whole rows (stride m) from column c0. Non-finite inputs: the
+// zero a_ii times an infinite u_i gives NaN where the dense product gives +-inf (such a token has no finite
+// quantization either way).
 template <int R, int C>
 HN_INLINE void paley2_block512(const float* __restrict u, const float* __restrict w, const float* __restrict a,
                                const float* __restrict g, int64_t half, int64_t m, float* __restrict out, int64_t i0,
@@ -155,7 +157,8 @@ HN_INLINE void paley2_block512(const float* __restrict u, const float* __restric
 #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) {
       even[r][c] = _mm512_mul_ps(gi, _mm512_load_ps(w + (i0 + r) * ld + 16 * c));
-      odd[r][c] = _mm512_mul_ps(gi, _mm512_xor_ps(_mm512_load_ps(u + (i0 + r) * ld + 16 * c), _mm512_set1_ps(-0.0f)));
+      const __m512i ui = _mm512_castps_si512(_mm512_load_ps(u + (i0 + r) * ld + 16 * c));  // -u: AVX-512F only
+      odd[r][c] = _mm512_mul_ps(gi, _mm512_castsi512_ps(_mm512_xor_si512(ui, _mm512_set1_epi32(INT32_MIN))));
     }
   }
   const float* arow = a + i0 * half;
