@@ -190,8 +190,9 @@ def test_two_level_float_matmul_every_path(library, case, monkeypatch):
 
 def test_two_level_shared_by_the_kernels_of_one_weight(library):
     """IntMatMul4 and the FloatMatMul4 of its mean token read the same initializers and share one two-level form
-    (int_kernels.h, detect_two_level): in one session both give the bits each gives alone; a second session on
-    another two-level weight with the same shapes gets its own (a first kernel freed in between)."""
+    (int_kernels.h, detect_two_level): in one session both give the bits each gives alone, and a second session on
+    another two-level weight with the same shapes gives that weight's results (outputs only: the test does not see
+    whether the form was shared)."""
     case = CASES[0]
     isa = supported_isas(library)[-1]
     codes, scale, zp, bias = activations(case)
