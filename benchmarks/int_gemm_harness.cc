@@ -53,7 +53,7 @@ int main(int argc, char** argv) {
   fg.x = xf.data(); fg.ldx = w.k_pad; fg.b = b.data(); fg.w = &w; fg.y = y.data(); fg.n = N;
   const FloatGemmFn ffn = bits == 4 ? k.float_gemm4 : k.float_gemm8;
   if (getenv("FLOAT")) fn = [](const GemmArgs&, int64_t, int64_t, int64_t, int64_t) {};
-  rpt = rpt ? rpt : k.rows_per_task; tpt = tpt ? tpt : k.tiles_per_task;
+  rpt = rpt ? rpt : balanced_row_tasks(k, M); tpt = tpt ? tpt : k.tiles_per_task;
   double best = 1e9;
   for (int rep = 0; rep < 25; ++rep) {
     double t = now();

@@ -19,16 +19,12 @@ import logging
 import onnx_ir as ir
 
 from graph_passes.domain import HADANORM_DOMAIN
+from graph_passes.graph_utils import only_reader
 from graph_passes.int_ops import MatMulOp, replace_matmul
 
 logger = logging.getLogger(__name__)
 
 _INT_MATMULS = {f"IntMatMul{bits}": bits for bits in (4, 8)}
-
-
-def _only_reader(value: ir.Value) -> ir.Node | None:
-    uses = list(value.uses())
-    return uses[0].node if len(uses) == 1 and not value.is_graph_output() else None
 
 
 def _constant_2d(value: ir.Value | None) -> tuple[int, int] | None:
@@ -50,13 +46,13 @@ def _branch_product(add: ir.Node, matmul: ir.Node) -> ir.Node | None:
     if product is None or product.op_type != "MatMul" or product.domain not in ("", "ai.onnx"):
         return None
     right, scales = _constant_2d(product.inputs[1]), _constant_2d(matmul.inputs[4])
-    if right is None or scales is None or right[1] != scales[1] or _only_reader(other) is None:
+    if right is None or scales is None or right[1] != scales[1] or only_reader(other) is None:
         return None
     down = product.inputs[0].producer() if product.inputs[0] is not None else None
     if down is None or down.op_type != "MatMul" or down.domain not in ("", "ai.onnx"):
         return None
     left = _constant_2d(down.inputs[1])
-    if left is None or left[1] != right[0] or _only_reader(product.inputs[0]) is None:
+    if left is None or left[1] != right[0] or only_reader(product.inputs[0]) is None:
         return None
     return product
 
@@ -71,7 +67,7 @@ class FuseMatMulLowRankPass(ir.passes.InPlacePass):
             bits = _INT_MATMULS.get(node.op_type) if node.domain == HADANORM_DOMAIN else None
             if bits is None:
                 continue
-            add = _only_reader(node.outputs[0])
+            add = only_reader(node.outputs[0])
             product = _branch_product(add, node) if add is not None else None
             if product is None:
                 continue

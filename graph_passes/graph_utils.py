@@ -102,3 +102,30 @@ class NodeSequence:
         node = make_node(op_type, inputs, f"{self.prefix}.{len(self.nodes)}_{op_type}", **attrs)
         self.nodes.append(node)
         return node.outputs[0]
+
+
+def only_reader(value: ir.Value) -> ir.Node | None:
+    """The one node that reads `value`, when there is exactly one and `value` is not a graph output."""
+    uses = list(value.uses())
+    return uses[0].node if len(uses) == 1 and not value.is_graph_output() else None
+
+
+def is_standard_binary(node: ir.Node | None, op_type: str) -> bool:
+    """`node` is the standard-domain `op_type` with two inputs (``Add``, ``Mul``, ...)."""
+    return node is not None and node.domain in ("", "ai.onnx") and node.op_type == op_type and len(node.inputs) == 2
+
+
+def known_dims(value: ir.Value | None) -> tuple | None:
+    """The value's dimensions when every one is known (an int, or a named symbol as its name), else None: two values
+    with equal tuples have the same shape in every run."""
+    if value is None or value.shape is None:
+        return None
+    dims = []
+    for dim in value.shape:
+        if isinstance(dim, int):
+            dims.append(dim)
+        elif isinstance(dim, ir.SymbolicDim) and dim.value is not None:
+            dims.append(dim.value)
+        else:
+            return None
+    return tuple(dims)

@@ -10,6 +10,10 @@ Quantize ops, attribute ``bits`` (2..8), one per transform variant (``Quantize``
     zp    = clip(round(-lo / scale), 0, qmax)
     codes = clip(round(y / scale) + zp, 0, qmax)         (uint8; round half to even)
 
+``Modulate`` + ``ScaleQuantize`` / ``ScaleRotateQuantize`` / ``CenterScaleQuantize`` / ``CenterScaleRotateQuantize``
+(two more inputs ``x_scale``, ``x_shift``, each ``[d]`` or ``[..., 1, d]``): the same op on ``x * x_scale + x_shift``
+(a ``Mul``, then an ``Add``: a DiT block's adaLN modulation before a linear; `graph_passes.fuse_modulation`).
+
 Outputs ``codes`` uint8 ``[..., N, d]``, ``scale`` T ``[..., N, 1]``, ``zero_point`` uint8 ``[..., N, 1]`` and, for the
 Center ops, ``mean_y`` T ``[..., 1, d]`` (the transformed mean token, as the transform op's second output).
 
@@ -20,8 +24,10 @@ computes ``sum (c - z)(u - zw)`` exactly in int32 per block and applies the scal
 
 ``IntMatMul{4,8}LowRank`` (two more inputs ``t`` ``[..., M, r]``, ``right`` ``[r, N]``): the same plus ``t @ right``, a
 low-rank branch's second product (`graph_passes.fuse_matmul_low_rank`); ``IntMatMul{4,8}[LowRank]Gelu``: then
-``Gelu(approximate="tanh")`` (`graph_passes.fuse_matmul_activation`). The kernel applies both to each task's output
-while it is in cache.
+``Gelu(approximate="tanh")`` (`graph_passes.fuse_matmul_activation`); ``IntMatMul{4,8}[LowRank]Residual`` (one more
+input ``residual``, the output's shape): then ``residual + y``; ``IntMatMul{4,8}[LowRank]GatedResidual`` (``gate``
+``[N]`` or ``[..., 1, N]``, then ``residual``): then ``residual + gate * y`` (`graph_passes.fuse_matmul_residual`: a
+DiT block's gated residual stream). The kernel applies each to a task's output while it is in cache.
 
 ``FloatMatMul4`` / ``FloatMatMul8`` (``x, b, scales, zero_points``): ``y = x @ w`` for a float ``x`` (the bias
 correction's mean token).
@@ -48,14 +54,20 @@ class QuantizeOp:
     """A transform (or none) fused with the per-token activation quantizer."""
 
     transform: TransformOp | None
+    modulate: bool = False  # x_scale, x_shift: the op reads x * x_scale + x_shift
+
+    def __post_init__(self) -> None:
+        if self.modulate and self.transform is None:
+            raise ValueError("a modulated quantize op has a transform (Scale*)")
 
     @property
     def op_type(self) -> str:
-        return (self.transform.op_type if self.transform else "") + "Quantize"
+        return ("Modulate" if self.modulate else "") + (self.transform.op_type if self.transform else "") + "Quantize"
 
     @property
     def input_names(self) -> tuple[str, ...]:
-        return self.transform.input_names if self.transform else ("x",)
+        names = self.transform.input_names if self.transform else ("x",)
+        return names + (("x_scale", "x_shift") if self.modulate else ())
 
     @property
     def num_outputs(self) -> int:
@@ -76,6 +88,15 @@ class MatMulActivation(enum.Enum):
     GELU_TANH = "Gelu"  # ONNX Gelu(approximate="tanh"), fused by graph_passes.fuse_matmul_activation
 
 
+class MatMulResidual(enum.Enum):
+    """What an integer matmul adds to its output last (``IntMatMul{4,8}[LowRank]`` + suffix;
+    graph_passes.fuse_matmul_residual)."""
+
+    NONE = ""
+    ADD = "Residual"  # y = residual + y
+    GATED = "GatedResidual"  # y = residual + gate * y
+
+
 @dataclasses.dataclass(frozen=True)
 class MatMulOp:
     """``IntMatMul{4,8}[LowRank][Gelu]`` (quantized activation codes) or ``FloatMatMul{4,8}`` (float activation)."""
@@ -84,21 +105,28 @@ class MatMulOp:
     integer_input: bool
     activation: MatMulActivation = MatMulActivation.NONE
     low_rank: bool = False  # two more inputs t [..., M, r], right [r, N]: y += t @ right (before the activation)
+    residual: MatMulResidual = MatMulResidual.NONE  # [gate,] residual: last, after the low-rank term
 
     def __post_init__(self) -> None:
-        if (self.activation is not MatMulActivation.NONE or self.low_rank) and not self.integer_input:
-            raise ValueError("only IntMatMul takes an activation or a low-rank term")
+        if ((self.activation is not MatMulActivation.NONE or self.low_rank or self.residual is not MatMulResidual.NONE)
+                and not self.integer_input):
+            raise ValueError("only IntMatMul takes an activation, a low-rank term or a residual")
+        if self.activation is not MatMulActivation.NONE and self.residual is not MatMulResidual.NONE:
+            raise ValueError("an integer matmul takes an activation or a residual, not both")
 
     @property
     def op_type(self) -> str:
         return (("Int" if self.integer_input else "Float") + f"MatMul{self.bits}" + ("LowRank" if self.low_rank else "")
-                + self.activation.value)
+                + self.activation.value + self.residual.value)
 
     @property
     def input_names(self) -> tuple[str, ...]:
         weights = ("b", "scales", "zero_points")
         if self.integer_input:
-            return ("codes", "a_scale", "a_zero_point", *weights, "bias") + (("t", "right") if self.low_rank else ())
+            residual = {MatMulResidual.NONE: (), MatMulResidual.ADD: ("residual",),
+                        MatMulResidual.GATED: ("gate", "residual")}[self.residual]
+            return (("codes", "a_scale", "a_zero_point", *weights, "bias") + (("t", "right") if self.low_rank else ())
+                    + residual)
         return ("x", *weights)
 
     @property
@@ -116,6 +144,9 @@ def _i64(*values: int) -> np.ndarray:
 
 
 def _quantize_body(body: FunctionBody, spec: QuantizeOp, inputs: list[ir.Value]) -> list[ir.Value]:
+    if spec.modulate:
+        *inputs, x_scale, x_shift = inputs
+        inputs = [body.op("Add", [body.op("Mul", [inputs[0], x_scale]), x_shift]), *inputs[1:]]
     x = inputs[0]
     transformed = transform_body(body, spec.transform, inputs) if spec.transform else [x]
     y = transformed[0]
@@ -181,6 +212,11 @@ def _matmul_body(body: FunctionBody, spec: MatMulOp, inputs: list[ir.Value]) -> 
             y = body.op("Add", [y, body.op("MatMul", inputs[7:9])])
         if spec.activation is MatMulActivation.GELU_TANH:
             y = body.op("Gelu", [y], approximate="tanh")
+        first = 9 if spec.low_rank else 7
+        if spec.residual is MatMulResidual.GATED:
+            y = body.op("Add", [inputs[first + 1], body.op("Mul", [inputs[first], y])])
+        elif spec.residual is MatMulResidual.ADD:
+            y = body.op("Add", [inputs[first], y])
         return [y]
     x, b, scales, zps = inputs
     return [body.op("MatMul", [x, _dequantized_weight(body, spec, b, scales, zps, x)])]

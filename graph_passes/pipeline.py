@@ -1,5 +1,6 @@
 """The W-A quantization pipeline: plan every site, write the plans in one format, [fused matmul epilogues: low-rank
-branches, then Gelu (fused format)], [fused attention], clean up.
+branches, then Gelu, then gated residual adds; the adaLN modulation into the quantize ops (fused format)], [fused
+attention], clean up.
 
 `quantize_model` finds the activation sites (unless the caller did), computes one `SitePlan` per site
 (`graph_passes.site_plan.plan_sites`: transform, weight integers, activation quantizer, bias correction) and runs
@@ -32,6 +33,8 @@ from graph_passes.errors import from_pass_error
 from graph_passes.fuse_attention import FuseAttentionPass
 from graph_passes.fuse_matmul_activation import FuseMatMulActivationPass
 from graph_passes.fuse_matmul_low_rank import FuseMatMulLowRankPass
+from graph_passes.fuse_matmul_residual import FuseMatMulResidualPass
+from graph_passes.fuse_modulation import FuseModulationPass
 from graph_passes.gated_activation_quant import GatedEmitter
 from graph_passes.linears import ActivationSite, SiteSelection, find_activation_sites
 from graph_passes.methods import TransformOptions
@@ -54,7 +57,8 @@ def build_pipeline(emitter: SiteEmitter, attention: AttentionPrecision | None = 
     attention by ``hadanorm::Attention`` at that precision (None: keep them)."""
     return ir.passes.PassManager([
         emitter,
-        *([FuseMatMulLowRankPass(), FuseMatMulActivationPass()] if isinstance(emitter, FusedEmitter) else []),
+        *([FuseMatMulLowRankPass(), FuseMatMulActivationPass(), FuseMatMulResidualPass(), FuseModulationPass()]
+          if isinstance(emitter, FusedEmitter) else []),
         *([FuseAttentionPass(attention)] if attention is not None else []),
         *cleanup_passes(),
     ])

@@ -106,7 +106,7 @@ def default_output(model_path: Path, quant: QuantConfig | None) -> Path:
     return model_path.with_name(f"{model_path.name.removesuffix('.onnx')}.{label}.onnx")
 
 
-_MAIN_WEIGHT_OPS = {"MatMulNBits", "IntMatMul4", "IntMatMul8"}
+_MAIN_WEIGHT_OPS = {"MatMulNBits", "IntMatMul4", "IntMatMul8"}  # and their epilogue forms (IntMatMul4Gelu, ...)
 _CORRECTION_WEIGHT_OPS = {"FloatMatMul4", "FloatMatMul8"}
 
 
@@ -120,7 +120,7 @@ def _weight_bytes(model: ir.Model) -> tuple[int, int]:
     for node in model.graph:
         if node.op_type == "DequantizeLinear" and node.inputs[0] is not None and node.inputs[0].is_initializer():
             target = main if "block_size" in node.attributes else extra
-        elif node.op_type in _MAIN_WEIGHT_OPS:
+        elif node.op_type in _MAIN_WEIGHT_OPS or node.op_type.startswith(("IntMatMul4", "IntMatMul8")):
             target = main
         elif node.op_type in _CORRECTION_WEIGHT_OPS:
             target = extra

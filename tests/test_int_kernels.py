@@ -179,6 +179,22 @@ def test_quantize_ops_bit_exact(library, isas, op, width, bits, dtype, mode, bat
             first_of_group[group] = got
 
 
+@pytest.mark.parametrize("mode", [HadamardMode.BLOCK, HadamardMode.FULL], ids=lambda m: m.value)
+def test_transform_constants_fed_at_run_time(library, isas, mode):
+    """mul / h_left / h_right fed at run time (the rotation plan built per call) give the same bits as initializers
+    (the plan built once when the kernel is created, transform_ops.cc ConstantRotation), on every path."""
+    x = dit_like_input(1152, batch=2, tokens=24, seed=5).astype(F32)
+    consts = transform_consts(1152, True, mode, F32)
+    outputs = ["codes", "scale", "zero_point", "mean_y"]
+    order = ["x", "mul", "h_left", "h_right"]
+    for isa in isas:
+        constant = run_on(library, one_node_model("CenterScaleRotateQuantize", {"x": x}, consts, outputs, bits=4,
+                                                  order=order), {"x": x}, isa)
+        fed = run_on(library, one_node_model("CenterScaleRotateQuantize", {"x": x, **consts}, {}, outputs, bits=4,
+                                             order=order), {"x": x, **consts}, isa)
+        assert_same_bits(fed, constant, f"{isa}: fed constants differ from initializers")
+
+
 def test_quantize_edge_rows(library, isas):
     """All-zero, all-positive, all-negative, constant and tiny rows; ties on .5 (round half to even)."""
     rows = np.array([np.zeros(72), np.linspace(0.5, 3.0, 72), -np.linspace(0.5, 3.0, 72), np.full(72, -2.5),
@@ -332,6 +348,104 @@ def test_int_matmul(library, isas, case):
         assert rel_l2(y, expected) <= 1e-6
     else:  # the float32 result rounded once to float16
         np.testing.assert_allclose(y.astype(np.float64), expected, rtol=2**-10, atol=2**-24 * 4)
+
+
+RESIDUAL_CASES = [  # (case, epilogue, gate layout)
+    (MatMulCase(1152, 272, 4, 4, False, 2, 53, "B1N"), "GatedResidual", "B1N"),  # amx panels + leftover rows
+    (MatMulCase(1152, 272, 4, 4, False, 2, 53, "B1N"), "Residual", None),
+    (MatMulCase(200, 100, 8, 8, True, 3, 7, "N"), "GatedResidual", "N"),  # N not a multiple of 16
+    (MatMulCase(576, 40, 4, 4, False, 1, 70, "N", F32, 96), "GatedResidual", "B1N"),
+    (MatMulCase(72, 1152, 4, 4, True, 3, 20, "B1N", F16), "GatedResidual", "B1N"),
+    (MatMulCase(1152, 72, 8, 8, False, 1, 33, "N", F16), "Residual", None),
+]
+
+
+@pytest.mark.parametrize("case,epilogue,gate_layout", RESIDUAL_CASES,
+                         ids=[f"{c.id}-{e}-{g}" for c, e, g in RESIDUAL_CASES])
+def test_int_matmul_residual(library, isas, case, epilogue, gate_layout):
+    """IntMatMul{4,8}[Gated]Residual: y = residual + [gate *] (the IntMatMul's y), the product rounded, then the sum
+    (the graph's Mul, then its Add). float32: the same bits as IntMatMul followed by numpy's float32 Mul and Add, on
+    every path; float16: that float32 result rounded once to half (the unfused graph rounds twice more: within 2 ulp
+    of half)."""
+    p = packed_weight(case)
+    codes, scale, zp, bias = activations(case)
+    rng = np.random.default_rng(4)
+    out_shape = (case.batch, case.m, case.n)
+    residual = rng.standard_normal(out_shape).astype(case.dtype)
+    feeds = {"codes": codes, "a_scale": scale, "a_zero_point": zp, "bias": bias, "residual": residual}
+    order = ["codes", "a_scale", "a_zero_point", "b", "scales", "zero_points", "bias", "residual"]
+    if gate_layout:
+        feeds["gate"] = rng.standard_normal((case.n,) if gate_layout == "N" else (case.batch, 1, case.n)).astype(
+            case.dtype)
+        order.insert(7, "gate")
+    model = one_node_model(f"IntMatMul{case.container}{epilogue}", {k: feeds[k] for k in order if k in feeds},
+                           weight_inits(p), ["y"], block_size=p.block_size, order=order)
+    (y,) = run_every_path(library, isas, model, feeds)
+    assert y.dtype == case.dtype and y.shape == out_shape
+    (y_plain,) = run_on(library, int_matmul_model(case, p), {k: feeds[k] for k in ("codes", "a_scale", "a_zero_point",
+                                                                                "bias")})
+    product = y_plain.astype(F32)
+    gated = feeds["gate"].astype(F32) * product if gate_layout else product
+    np.testing.assert_array_equal(y, (residual.astype(F32) + gated).astype(case.dtype))
+
+
+def test_int_matmul_residual_bad_shapes(library):
+    case = MatMulCase(72, 32, 4, 4, True, 2, 5, "N")
+    p = packed_weight(case)
+    codes, scale, zp, bias = activations(case)
+    order = ["codes", "a_scale", "a_zero_point", "b", "scales", "zero_points", "bias", "gate", "residual"]
+    base = {"codes": codes, "a_scale": scale, "a_zero_point": zp, "bias": bias}
+    for gate_shape, residual_shape, message in (((2, 5, 32), (2, 5, 32), r"gate must have shape \[32\] or \[2, 1, 32\]"),
+                                                ((32,), (1, 5, 32), r"residual must have the output's shape \[2, 5, 32\]")):
+        feeds = {**base, "gate": np.ones(gate_shape, F32), "residual": np.ones(residual_shape, F32)}
+        model = one_node_model("IntMatMul4GatedResidual", feeds, weight_inits(p), ["y"], block_size=p.block_size,
+                               order=order)
+        with pytest.raises(Exception, match=message):
+            run_on(library, model, feeds)
+
+
+MODULATE_CASES = [  # (op, width, bits, Hadamard mode, batch, tokens, modulation layout)
+    ("ModulateCenterScaleRotateQuantize", 1152, 4, HadamardMode.BLOCK, 2, 37, "B1D"),
+    ("ModulateCenterScaleRotateQuantize", 4608, 4, HadamardMode.FULL, 1, 9, "D"),
+    ("ModulateCenterScaleQuantize", 72, 6, HadamardMode.FULL, 3, 20, "B1D"),
+    ("ModulateScaleRotateQuantize", 1152, 8, HadamardMode.BLOCK, 2, 5, "B1D"),
+    ("ModulateScaleQuantize", 72, 4, HadamardMode.FULL, 1, 6, "D"),
+]
+
+
+@pytest.mark.parametrize("op,width,bits,mode,batch,tokens,layout", MODULATE_CASES,
+                         ids=[f"{c[0]}-{c[1]}-a{c[2]}-{c[3].value}-{c[6]}" for c in MODULATE_CASES])
+def test_modulate_ops_equal_the_unfused_op(library, isas, op, width, bits, mode, batch, tokens, layout):
+    """Modulate*Quantize(x, ..., x_scale, x_shift) gives the bits of the op without the prefix on x * x_scale + x_shift
+    computed by numpy in float32 (a Mul, then an Add: what the unfused graph feeds it), on every path."""
+    plain_op = op.removeprefix("Modulate")
+    transform, center, rotate = QUANTIZE_OPS[plain_op]
+    rng = np.random.default_rng(bits)
+    x = dit_like_input(width, batch=batch, tokens=tokens, seed=bits).astype(F32)
+    row = (width,) if layout == "D" else (batch, 1, width)
+    x_scale = (1.0 + 0.5 * rng.standard_normal(row)).astype(F32)
+    x_shift = (3.0 * rng.standard_normal(row)).astype(F32)
+    consts = transform_consts(width, rotate, mode, F32)
+    outputs = ["codes", "scale", "zero_point", "mean_y"][:3 + center]
+    modulated = x * x_scale
+    modulated = modulated + x_shift
+    for isa in isas:
+        got = run_on(library, one_node_model(op, {"x": x, "x_scale": x_scale, "x_shift": x_shift}, consts, outputs,
+                                             bits=bits, order=["x", *consts, "x_scale", "x_shift"]),
+                     {"x": x, "x_scale": x_scale, "x_shift": x_shift}, isa)
+        want = run_on(library, one_node_model(plain_op, {"x": modulated}, consts, outputs, bits=bits,
+                                              order=["x", *consts]), {"x": modulated}, isa)
+        assert_same_bits(got, want, f"{isa}: {op} differs from {plain_op} on the modulated x")
+
+
+def test_modulate_bad_shape(library):
+    x = np.ones((2, 4, 72), F32)
+    consts = transform_consts(72, False, HadamardMode.FULL, F32)
+    feeds = {"x": x, "x_scale": np.ones((2, 4, 72), F32), "x_shift": np.ones(72, F32)}
+    model = one_node_model("ModulateCenterScaleQuantize", feeds, consts, ["codes", "scale", "zero_point", "mean_y"],
+                           bits=4, order=["x", "mul", "x_scale", "x_shift"])
+    with pytest.raises(Exception, match=r"x_scale must have shape \[72\] or \[2, 1, 72\]"):
+        run_on(library, model, feeds)
 
 
 def test_int_matmul_weight_as_input(library, isas):

@@ -19,13 +19,21 @@ from tests.test_cli_quantize import EVAL, FAST_CALIB, reference, single_call_sqn
 EVERY_LINEAR = ("--every-linear",)  # the linears outside the blocks too (the 4-channel patch conv stays float)
 
 
+def base_op(op_type: str, fused: bool = False) -> str:
+    """The op without its fused parts: ``Modulate<T>Quantize`` -> ``<T>Quantize`` (graph_passes.fuse_modulation),
+    ``IntMatMul4[Gelu|Residual|GatedResidual]`` -> ``IntMatMul4`` (fuse_matmul_activation, fuse_matmul_residual);
+    `fused`: keep them."""
+    if fused:
+        return op_type
+    return op_type.removeprefix("Modulate").removesuffix("GatedResidual").removesuffix("Residual").removesuffix("Gelu")
+
+
 def hadanorm_ops(path, fused_gelu: bool = False) -> collections.Counter:
-    """(op type, bits attribute) counts; the integer matmuls with a fused Gelu count as their matmul unless
-    `fused_gelu` (graph_passes.fuse_matmul_activation)."""
+    """(op type, bits attribute) counts; the integer matmuls with a fused epilogue and the quantizers with a fused
+    modulation count as their plain op unless `fused_gelu`."""
     model = onnx.load(str(path))
     return collections.Counter(
-        (n.op_type if fused_gelu else n.op_type.removesuffix("Gelu"),
-         next((a.i for a in n.attribute if a.name == "bits"), None))
+        (base_op(n.op_type, fused_gelu), next((a.i for a in n.attribute if a.name == "bits"), None))
         for n in model.graph.node if n.domain == "hadanorm")
 
 
@@ -47,6 +55,10 @@ def test_outer_sites_at_outer_bits(hn_cli, tiny_onnx, tmp_path, kernel_library):
     assert ops[("IntMatMul4", None)] == 20 and ops[("IntMatMul8", None)] == 6
     gelu = hadanorm_ops(fused, fused_gelu=True)  # each block's ff.in and the caption projection's linear_1
     assert gelu[("IntMatMul4Gelu", None)] == 2 and gelu[("IntMatMul8Gelu", None)] == 1
+    # per block: the self-attention's and the feed-forward's gated residual adds, the cross-attention's plain one;
+    # the modulation before the self-attention's and the feed-forward's sites, and before the final projection's
+    assert gelu[("IntMatMul4GatedResidual", None)] == 4 and gelu[("IntMatMul4Residual", None)] == 2
+    assert gelu[("ModulateCenterScaleRotateQuantize", 4)] == 4 and gelu[("ModulateCenterScaleRotateQuantize", 8)] == 1
     assert sum(v for (op, bits), v in ops.items() if op.endswith("Quantize") and bits == 8) == 6
     assert sum(v for (op, bits), v in ops.items() if op.endswith("Quantize") and bits == 4) == 14
     assert weight_containers(qdq) == {onnx.TensorProto.INT8: 6, onnx.TensorProto.INT4: 20}

@@ -306,7 +306,8 @@ const IsaKernels* amx_kernels() {
                                              .int_gemm4 = int_gemm_amx<4>,
                                              .int_gemm8 = int_gemm_amx<8>,
                                              .rows_per_task = kTaskRows,
-                                             .tiles_per_task = kTaskTiles},
+                                             .tiles_per_task = kTaskTiles,
+                                             .row_task_unit = 2 * kRowTile},
                                             *avx512vnni_kernels());
   return &kernels;
 }

@@ -102,8 +102,8 @@ void take(T& field, T base) {
 bool complete(const IsaKernels& k) {
   const TransformKernels& t = k.transform;
   return k.quantize_row && k.int_gemm4 && k.int_gemm8 && k.float_gemm4 && k.float_gemm8 && k.fill_weight_info &&
-         k.expand_two_level && k.gelu_tanh && k.low_rank_add &&
-         t.center_scale_fwht && t.dense_left && t.column_mean && t.column_mean_half && t.center_scale &&
+         k.expand_two_level && k.gelu_tanh && k.low_rank_add && k.residual_add &&
+         t.center_scale_fwht && t.dense_left && t.column_mean && t.column_mean_half && t.affine && t.center_scale &&
          t.dense_right && t.fwht_across_rows && k.half.to_floats && k.half.to_halves && k.rows_per_task > 0 &&
          k.tiles_per_task > 0;
 }
@@ -120,12 +120,14 @@ IsaKernels inherit(IsaKernels own, const IsaKernels& base) {
   take(own.expand_two_level, base.expand_two_level);
   take(own.gelu_tanh, base.gelu_tanh);
   take(own.low_rank_add, base.low_rank_add);
+  take(own.residual_add, base.residual_add);
   TransformKernels& t = own.transform;
   take(t.center_scale_fwht, base.transform.center_scale_fwht);
   take(t.dense_left, base.transform.dense_left);
   take(t.paley2_left, base.transform.paley2_left);  // optional (null: dense_left)
   take(t.column_mean, base.transform.column_mean);
   take(t.column_mean_half, base.transform.column_mean_half);
+  take(t.affine, base.transform.affine);
   take(t.center_scale, base.transform.center_scale);
   take(t.dense_right, base.transform.dense_right);
   take(t.fwht_across_rows, base.transform.fwht_across_rows);
@@ -133,7 +135,15 @@ IsaKernels inherit(IsaKernels own, const IsaKernels& base) {
   take(own.half.to_halves, base.half.to_halves);
   take(own.rows_per_task, base.rows_per_task);
   take(own.tiles_per_task, base.tiles_per_task);
+  take(own.row_task_unit, base.row_task_unit);
   return own;
+}
+
+int64_t balanced_row_tasks(const IsaKernels& k, int64_t rows) {
+  if (k.row_task_unit <= 0 || rows <= 0) return k.rows_per_task;
+  const int64_t tasks = std::max<int64_t>(1, (rows + k.rows_per_task / 2) / k.rows_per_task);
+  const int64_t per = (rows + tasks - 1) / tasks;
+  return (per + k.row_task_unit - 1) / k.row_task_unit * k.row_task_unit;
 }
 
 const IsaKernels& isa_kernels(Isa isa) {

@@ -142,6 +142,10 @@ using ActivationFn = void (*)(float* y, int64_t n);
 using LowRankAddFn = void (*)(float* y, int64_t ldy, const float* t, int64_t ldt, int64_t rows, const float* right,
                               int64_t r, int64_t ldr, int64_t n);
 
+// In place on n floats of one output row: y = residual + y, or residual + gate * y when gate is not null (the product
+// rounded, then the sum; portable_loops.h, residual_add_row).
+using ResidualAddFn = void (*)(float* y, const float* residual, const float* gate, int64_t n);
+
 // Everything an op runs that depends on the instruction set, for one path. Every kernel takes its table once, when it
 // is created, from isa_kernels(select_isa()): HADANORM_KERNELS_ISA picks every function below, and nothing outside
 // these tables chooses code by CPU. The tables name their fields (designated initializers); a path that shares
@@ -155,11 +159,20 @@ struct IsaKernels {
   ExpandTwoLevelFn expand_two_level = nullptr;  // IntMatMul4 on two-level weights (TwoLevel)
   ActivationFn gelu_tanh = nullptr;  // IntMatMul{4,8}[LowRank]Gelu's epilogue
   LowRankAddFn low_rank_add = nullptr;  // IntMatMul{4,8}LowRank[Gelu]'s epilogue
+  ResidualAddFn residual_add = nullptr;  // IntMatMul{4,8}[LowRank][Gated]Residual's epilogue
   TransformKernels transform;  // the transform ops' row kernels (transform.h)
   HalfKernels half;            // float16 tensors in and out
   // the matmuls' work split that suits the micro-kernels: rows x column tiles per task
   int64_t rows_per_task = 0, tiles_per_task = 0;
+  // 0: row tasks of rows_per_task rows (the last one shorter); else the rows are cut into the nearest whole number of
+  // rows_per_task tasks, each a multiple of this many rows (balanced_row_tasks)
+  int64_t row_task_unit = 0;
 };
+
+// Rows per task for `rows` rows with the path's split: rows_per_task, or with a row_task_unit the rows over
+// max(1, round(rows / rows_per_task)) tasks, rounded up to the unit. AMX, 600 rows (a 300-token caption, batch 2):
+// 320 + 280 instead of 256 + 256 + 88 (the short task repeats the weights' per-task preparation for few rows).
+int64_t balanced_row_tasks(const IsaKernels& k, int64_t rows);
 
 // `own` with every field it leaves unset (null, 0) taken from `base` (own.isa stays).
 IsaKernels inherit(IsaKernels own, const IsaKernels& base);

@@ -1,5 +1,6 @@
 // onnxruntime kernels of IntMatMul4 / IntMatMul8 (quantized activation codes x packed weight; IntMatMul{4,8}LowRank:
-// plus t @ right; IntMatMul{4,8}[LowRank]Gelu: then gelu with the tanh approximation) and FloatMatMul4 / FloatMatMul8
+// plus t @ right; IntMatMul{4,8}[LowRank]Gelu: then gelu with the tanh approximation; IntMatMul{4,8}[LowRank]Residual:
+// then residual + y; IntMatMul{4,8}[LowRank]GatedResidual: then residual + gate * y) and FloatMatMul4 / FloatMatMul8
 // (float activation x packed weight), attribute block_size, for float32 and float16 T.
 //
 //   IntMatMul:   codes uint8 [..., M, K], a_scale T [..., M, 1], a_zero_point uint8 [..., M, 1], b, scales T
@@ -21,8 +22,18 @@ namespace hadanorm {
 
 namespace {
 
-template <int Bits, bool IntInput, bool Gelu, bool LowRank>
+// What an integer matmul adds after its product (and low-rank term): nothing, the residual stream, or the residual
+// stream plus a gate times the product (a DiT block's attention and feed-forward outputs).
+enum class Residual { kNone, kAdd, kGated };
+
+template <int Bits, bool IntInput, bool Gelu, bool LowRank, Residual Res>
 constexpr const char* matmul_name() {
+  if constexpr (Res == Residual::kAdd)
+    return LowRank ? (Bits == 4 ? "IntMatMul4LowRankResidual" : "IntMatMul8LowRankResidual")
+                   : (Bits == 4 ? "IntMatMul4Residual" : "IntMatMul8Residual");
+  if constexpr (Res == Residual::kGated)
+    return LowRank ? (Bits == 4 ? "IntMatMul4LowRankGatedResidual" : "IntMatMul8LowRankGatedResidual")
+                   : (Bits == 4 ? "IntMatMul4GatedResidual" : "IntMatMul8GatedResidual");
   if constexpr (IntInput && LowRank && Gelu) return Bits == 4 ? "IntMatMul4LowRankGelu" : "IntMatMul8LowRankGelu";
   if constexpr (IntInput && LowRank) return Bits == 4 ? "IntMatMul4LowRank" : "IntMatMul8LowRank";
   if constexpr (IntInput && Gelu) return Bits == 4 ? "IntMatMul4Gelu" : "IntMatMul8Gelu";
@@ -32,13 +43,17 @@ constexpr const char* matmul_name() {
 
 // The epilogues of IntMatMul{4,8}[LowRank][Gelu], on each task's output rows while they are in this core's cache:
 // LowRank: y += t @ right (inputs 7 and 8: t [..., M, r], right [r, N]; IsaKernels::low_rank_add), then Gelu: gelu with
-// the tanh approximation (IsaKernels::gelu_tanh).
-template <int Bits, bool IntInput, bool Half, bool Gelu = false, bool LowRank = false>
+// the tanh approximation (IsaKernels::gelu_tanh); Residual: y = residual + y (input 7, or 9 after the low-rank inputs),
+// GatedResidual: y = residual + gate * y (gate [N] or [..., 1, N] as the bias, then residual; IsaKernels::residual_add).
+template <int Bits, bool IntInput, bool Half, bool Gelu = false, bool LowRank = false, Residual Res = Residual::kNone>
 struct MatMulKernel {
-  static_assert(IntInput || !(Gelu || LowRank), "only the integer matmuls take an epilogue");
-  static constexpr const char* kName = matmul_name<Bits, IntInput, Gelu, LowRank>();
+  static_assert(IntInput || !(Gelu || LowRank || Res != Residual::kNone), "only the integer matmuls take an epilogue");
+  static_assert(!(Gelu && Res != Residual::kNone), "no residual after an activation");
+  static constexpr const char* kName = matmul_name<Bits, IntInput, Gelu, LowRank, Res>();
+  static constexpr size_t kResidualInputs = Res == Residual::kGated ? 2 : (Res == Residual::kAdd ? 1 : 0);
+  static constexpr size_t kResidualFirst = LowRank ? 9 : 7;  // index of gate (GatedResidual) or residual
   static constexpr size_t kWeight = IntInput ? 3 : 1;  // index of b; scales and zero_points follow
-  static constexpr size_t kInputs = IntInput ? (LowRank ? 9 : 7) : 4;
+  static constexpr size_t kInputs = IntInput ? (LowRank ? 9 : 7) + kResidualInputs : 4;
   static constexpr int64_t kGranule = Bits == 4 ? 8 : 4;  // k rows per 64-byte row
   using T = std::conditional_t<Half, uint16_t, float>;
 
@@ -211,6 +226,8 @@ struct MatMulKernel {
     args.n = w.n;
     LowRankTerm term;
     if constexpr (LowRank) term = low_rank_term(ctx, a_shape, w.n);
+    ResidualTerm residual;
+    if constexpr (Res != Residual::kNone) residual = residual_term(ctx, a_shape, w.n);
     const IntGemmFn gemm = Bits == 4 && !two_level ? kernels->int_gemm4 : kernels->int_gemm8;
     run_tasks(ctx, rows, w.tiles, [&](int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
       if (two_level) {
@@ -220,7 +237,8 @@ struct MatMulKernel {
       } else {
         gemm(args, m0, m1, t0, t1);
       }
-      if constexpr (Gelu || LowRank) epilogue(y, w.n, m0, m1, t0 * kTile, std::min(w.n, t1 * kTile), term);
+      if constexpr (Gelu || LowRank || Res != Residual::kNone)
+        epilogue(y, w.n, m0, m1, t0 * kTile, std::min(w.n, t1 * kTile), term, residual);
     });
   }
 
@@ -260,27 +278,75 @@ struct MatMulKernel {
     return term;
   }
 
-  // rows [m0, m1) x columns [c0, c1) of y [rows, n]: y += t @ right (LowRank), then gelu (Gelu)
-  void epilogue(void* y, int64_t n, int64_t m0, int64_t m1, int64_t c0, int64_t c1, const LowRankTerm& term) const {
+  struct ResidualTerm {
+    std::vector<float> gate_storage;
+    const float* gate = nullptr;  // GatedResidual: [N] (gate_stride 0) or one row of N per leading index of codes
+    int64_t gate_stride = 0, rows_per_gate = 1;
+    const void* residual = nullptr;  // T [..., M, N], y's shape
+  };
+
+  ResidualTerm residual_term(const Ort::KernelContext& ctx, const std::vector<int64_t>& a_shape, int64_t n) const {
+    ResidualTerm term;
+    const int64_t rank = static_cast<int64_t>(a_shape.size());
+    std::vector<int64_t> y_shape = a_shape;
+    y_shape[rank - 1] = n;
+    if constexpr (Res == Residual::kGated) {
+      Ort::ConstValue gate_value = ctx.GetInput(kResidualFirst);
+      const std::vector<int64_t> gate_shape = shape_of(gate_value);
+      std::vector<int64_t> per_batch = y_shape;
+      per_batch[rank - 2] = 1;
+      if (gate_shape == std::vector<int64_t>{n} || (element_count(gate_shape) == n && !gate_shape.empty() &&
+                                                    gate_shape.back() == n && gate_shape.size() <= a_shape.size()))
+        term.gate_stride = 0;
+      else if (gate_shape == per_batch)
+        term.gate_stride = n;
+      else
+        fail("gate must have shape [", n, "] or ", shape_string(per_batch), ", got ", shape_string(gate_shape));
+      term.rows_per_gate = std::max<int64_t>(a_shape[rank - 2], 1);
+      term.gate = float_data(gate_value, Half, term.gate_storage, kernels->half);
+    }
+    Ort::ConstValue residual_value = ctx.GetInput(kResidualFirst + kResidualInputs - 1);
+    if (shape_of(residual_value) != y_shape)
+      fail("residual must have the output's shape ", shape_string(y_shape), ", got ",
+           shape_string(shape_of(residual_value)));
+    term.residual = residual_value.GetTensorRawData();
+    return term;
+  }
+
+  // rows [m0, m1) x columns [c0, c1) of y [rows, n]: y += t @ right (LowRank), then gelu (Gelu), then y = residual +
+  // [gate *] y (Residual)
+  void epilogue(void* y, int64_t n, int64_t m0, int64_t m1, int64_t c0, int64_t c1, const LowRankTerm& term,
+                const ResidualTerm& residual) const {
     if (c1 <= c0) return;
     const int64_t width = c1 - c0;
-    // rows m0 .. m0 + rows of y as floats: y itself (float32), else a float copy (ld = width)
-    auto apply = [&](float* rows_y, int64_t ld, int64_t m, int64_t rows) {
+    // rows m0 .. m0 + rows of y as floats: y itself (float32), else a float copy (ld = width); res_rows: the residual's
+    // rows as floats (the same ld), when there is one
+    auto apply = [&](float* rows_y, int64_t ld, int64_t m, int64_t rows, const float* res_rows) {
       if constexpr (LowRank)
         kernels->low_rank_add(rows_y, ld, term.t + m * term.r, term.r, rows, term.right + c0, term.r, n, width);
       if constexpr (Gelu)
         for (int64_t i = 0; i < rows; ++i) kernels->gelu_tanh(rows_y + i * ld, width);
+      if constexpr (Res != Residual::kNone)
+        for (int64_t i = 0; i < rows; ++i) {
+          const float* gate = residual.gate ? residual.gate + ((m + i) / residual.rows_per_gate) * residual.gate_stride + c0
+                                            : nullptr;
+          kernels->residual_add(rows_y + i * ld, res_rows + i * ld, gate, width);
+        }
     };
     if constexpr (Half) {
-      std::vector<float> row(static_cast<size_t>(width));
+      std::vector<float> row(static_cast<size_t>(width)), res_row(Res != Residual::kNone ? width : 0);
       uint16_t* yh = static_cast<uint16_t*>(y);
       for (int64_t m = m0; m < m1; ++m) {
         kernels->half.to_floats(yh + m * n + c0, row.data(), width);
-        apply(row.data(), width, m, 1);
+        if constexpr (Res != Residual::kNone)
+          kernels->half.to_floats(static_cast<const uint16_t*>(residual.residual) + m * n + c0, res_row.data(), width);
+        apply(row.data(), width, m, 1, res_row.data());
         kernels->half.to_halves(row.data(), yh + m * n + c0, width);
       }
     } else {
-      apply(static_cast<float*>(y) + m0 * n + c0, n, m0, m1 - m0);
+      const float* res_rows = Res != Residual::kNone ? static_cast<const float*>(residual.residual) + m0 * n + c0
+                                                     : nullptr;
+      apply(static_cast<float*>(y) + m0 * n + c0, n, m0, m1 - m0, res_rows);
     }
   }
 
@@ -330,7 +396,7 @@ struct MatMulKernel {
   // Splits rows x column tiles into tasks of the path's preferred size, consecutive tasks on the same column tiles.
   template <typename Fn>
   void run_tasks(const Ort::KernelContext& ctx, int64_t rows, int64_t tiles, Fn&& fn) const {
-    const int64_t rb = kernels->rows_per_task, tb = kernels->tiles_per_task;
+    const int64_t rb = balanced_row_tasks(*kernels, rows), tb = kernels->tiles_per_task;
     const int64_t row_tasks = ceil_div(rows, rb), tile_tasks = ceil_div(tiles, tb);
     parallel_for(ctx, static_cast<size_t>(row_tasks * tile_tasks), [&](size_t task) {
       const int64_t i = static_cast<int64_t>(task) % row_tasks, j = static_cast<int64_t>(task) / row_tasks;
@@ -339,10 +405,10 @@ struct MatMulKernel {
   }
 };
 
-template <int Bits, bool IntInput, bool Half, bool Gelu = false, bool LowRank = false>
-struct MatMulOp : Ort::CustomOpBase<MatMulOp<Bits, IntInput, Half, Gelu, LowRank>,
-                                    MatMulKernel<Bits, IntInput, Half, Gelu, LowRank>, true> {
-  using Kernel = MatMulKernel<Bits, IntInput, Half, Gelu, LowRank>;
+template <int Bits, bool IntInput, bool Half, bool Gelu = false, bool LowRank = false, Residual Res = Residual::kNone>
+struct MatMulOp : Ort::CustomOpBase<MatMulOp<Bits, IntInput, Half, Gelu, LowRank, Res>,
+                                    MatMulKernel<Bits, IntInput, Half, Gelu, LowRank, Res>, true> {
+  using Kernel = MatMulKernel<Bits, IntInput, Half, Gelu, LowRank, Res>;
 
   OrtStatusPtr CreateKernelV2(const OrtApi& /*api*/, const OrtKernelInfo* info, void** kernel) const {
     return status_of(Kernel::kName, [&] { *kernel = new Kernel(Ort::ConstKernelInfo(info)); });
@@ -381,11 +447,20 @@ struct MatMulOps {
   MatMulOp<8, true, Half, false, true> int8_low_rank;
   MatMulOp<4, true, Half, true, true> int4_low_rank_gelu;
   MatMulOp<8, true, Half, true, true> int8_low_rank_gelu;
+  MatMulOp<4, true, Half, false, false, Residual::kAdd> int4_residual;
+  MatMulOp<8, true, Half, false, false, Residual::kAdd> int8_residual;
+  MatMulOp<4, true, Half, false, false, Residual::kGated> int4_gated;
+  MatMulOp<8, true, Half, false, false, Residual::kGated> int8_gated;
+  MatMulOp<4, true, Half, false, true, Residual::kAdd> int4_low_rank_residual;
+  MatMulOp<8, true, Half, false, true, Residual::kAdd> int8_low_rank_residual;
+  MatMulOp<4, true, Half, false, true, Residual::kGated> int4_low_rank_gated;
+  MatMulOp<8, true, Half, false, true, Residual::kGated> int8_low_rank_gated;
 
   void add_to(Ort::CustomOpDomain& domain) {
-    for (OrtCustomOp* op : std::initializer_list<OrtCustomOp*>{&int4, &int8, &float4, &float8, &int4_gelu, &int8_gelu,
-                                                               &int4_low_rank, &int8_low_rank, &int4_low_rank_gelu,
-                                                               &int8_low_rank_gelu})
+    for (OrtCustomOp* op : std::initializer_list<OrtCustomOp*>{
+             &int4, &int8, &float4, &float8, &int4_gelu, &int8_gelu, &int4_low_rank, &int8_low_rank,
+             &int4_low_rank_gelu, &int8_low_rank_gelu, &int4_residual, &int8_residual, &int4_gated, &int8_gated,
+             &int4_low_rank_residual, &int8_low_rank_residual, &int4_low_rank_gated, &int8_low_rank_gated})
       domain.Add(op);
   }
 };

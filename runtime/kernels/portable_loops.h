@@ -26,6 +26,13 @@ namespace {
 // ---------------------------------------------------------------------------------------------------------------
 
 // out = (x - mean) * mul (mean may be null)
+void affine_row(const float* x, const float* scale, const float* shift, float* out, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) {
+    const float p = x[i] * scale[i];
+    out[i] = p + shift[i];
+  }
+}
+
 void center_scale_row(const float* x, const float* mean, const float* mul, float* out, int64_t d) {
   if (mean) {
     for (int64_t i = 0; i < d; ++i) out[i] = (x[i] - mean[i]) * mul[i];
@@ -314,6 +321,19 @@ void low_rank_add_rows(float* y, int64_t ldy, const float* t, int64_t ldt, int64
     }
 }
 
+// The residual epilogue of IntMatMul{4,8}[LowRank][Gated]Residual (int_kernels.h, ResidualAddFn): y = residual + y,
+// or residual + gate * y (the product rounded, then the sum: the graph's Mul, then its Add).
+void residual_add_row(float* y, const float* residual, const float* gate, int64_t n) {
+  if (gate) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float g = gate[i] * y[i];
+      y[i] = residual[i] + g;
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) y[i] = residual[i] + y[i];
+  }
+}
+
 // This source's build of the transform's row kernels; column_mean_half converts with ToFloats (the path's
 // HalfKernels::to_floats).
 template <HalvesToFloatsFn ToFloats>
@@ -322,6 +342,7 @@ constexpr TransformKernels portable_transform_kernels() {
           .dense_left = dense_left_rows,
           .column_mean = column_mean_rows,
           .column_mean_half = column_mean_half_rows<ToFloats>,
+          .affine = affine_row,
           .center_scale = center_scale_row,
           .dense_right = dense_right_rows,
           .fwht_across_rows = fwht_across_rows};

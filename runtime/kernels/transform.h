@@ -54,6 +54,9 @@ struct TransformKernels {
   void (*column_mean)(const float* x, int64_t n, int64_t d, int64_t c0, int64_t c1, float* mean) = nullptr;
   // the same for float16 input (raw IEEE half bits)
   void (*column_mean_half)(const uint16_t* x, int64_t n, int64_t d, int64_t c0, int64_t c1, float* mean) = nullptr;
+  // out = x * scale + shift for d floats (the product rounded, then the sum: a graph's Mul, then its Add; the
+  // Modulate* ops' adaLN modulation)
+  void (*affine)(const float* x, const float* scale, const float* shift, float* out, int64_t d) = nullptr;
   // out = (x - mean) * mul for d floats (mean may be null)
   void (*center_scale)(const float* x, const float* mean, const float* mul, float* out, int64_t d) = nullptr;
   // each of the K rows of v [K, M]: row <- row @ h_right^T (tmp: M floats)

@@ -56,10 +56,16 @@ void left_columns512(const float* v, const float* left, int64_t k, int64_t m, fl
 }
 
 // One in-register butterfly stage: lanes whose bit h is set take partner - self (the b of a butterfly), the others
-// partner + self (= self + partner).
-HN_INLINE __m512 fwht_stage512(__m512 r, __m512i perm, __mmask16 upper) {
-  const __m512 partner = _mm512_permutexvar_ps(perm, r);
-  return _mm512_mask_sub_ps(_mm512_add_ps(partner, r), upper, partner, r);
+// partner + self (= self + partner), as one fused multiply-add by sign = -1 / +1: the product by +-1 is exact, so
+// fma(self, sign, partner) rounds partner +- self once, the add / sub's bits (a permute and an fma a stage instead of
+// a permute, an add and a masked sub).
+HN_INLINE __m512 fwht_stage512(__m512 r, __m512i perm, __m512 sign) {
+  return _mm512_fmadd_ps(r, sign, _mm512_permutexvar_ps(perm, r));
+}
+
+// +1 in the lanes whose bit h is clear, -1 where it is set
+HN_INLINE __m512 fwht_sign512(__mmask16 upper) {
+  return _mm512_mask_blend_ps(upper, _mm512_set1_ps(1.0f), _mm512_set1_ps(-1.0f));
 }
 
 // AVX-512 centering, scale and the fast Walsh-Hadamard transform of each of the K rows of M = 16 * NV floats, the
@@ -72,6 +78,8 @@ void center_scale_fwht512(const float* x, const float* mean, const float* mul, f
   const __m512i p2 = _mm512_set_epi32(13, 12, 15, 14, 9, 8, 11, 10, 5, 4, 7, 6, 1, 0, 3, 2);
   const __m512i p4 = _mm512_set_epi32(11, 10, 9, 8, 15, 14, 13, 12, 3, 2, 1, 0, 7, 6, 5, 4);
   const __m512i p8 = _mm512_set_epi32(7, 6, 5, 4, 3, 2, 1, 0, 15, 14, 13, 12, 11, 10, 9, 8);
+  const __m512 s1 = fwht_sign512(0xAAAA), s2 = fwht_sign512(0xCCCC), s4 = fwht_sign512(0xF0F0),
+               s8 = fwht_sign512(0xFF00);
   for (int64_t row = 0; row < k; ++row) {
     __m512 r[NV];
 #pragma GCC unroll 16
@@ -80,10 +88,10 @@ void center_scale_fwht512(const float* x, const float* mean, const float* mul, f
       __m512 xv = _mm512_loadu_ps(x + off);
       if (mean) xv = _mm512_sub_ps(xv, _mm512_loadu_ps(mean + off));
       xv = _mm512_mul_ps(xv, _mm512_loadu_ps(mul + off));
-      xv = fwht_stage512(xv, p1, 0xAAAA);
-      xv = fwht_stage512(xv, p2, 0xCCCC);
-      xv = fwht_stage512(xv, p4, 0xF0F0);
-      r[i] = fwht_stage512(xv, p8, 0xFF00);
+      xv = fwht_stage512(xv, p1, s1);
+      xv = fwht_stage512(xv, p2, s2);
+      xv = fwht_stage512(xv, p4, s4);
+      r[i] = fwht_stage512(xv, p8, s8);
     }
 #pragma GCC unroll 8
     for (int h = 1; h < NV; h *= 2)
