@@ -294,9 +294,16 @@ void Avx512Micro::step(const PanelStep& p, int64_t r0) {
 // bound by the fma latency), each k's codes shared by the R rows. Single thread, [2, 1152] x [1152, 1152]: 110-122 ->
 // 86-99 us, [2, 4608] x [4608, 1152]: 452-494 -> 359-371 us (best of 50; the nibble shifts, conversions and fmas all
 // queue for the same two 512-bit ports, which bounds it now).
-template <int Bits, int R, int T>
+// Lut (4-bit weights with one zero point for every column: WeightInfo::zw_uniform, e.g. two-level weights): the
+// nibble's float(u) - float(zw) looked up with one vpermps (it reads the index's low 4 bits: no mask) instead of a
+// mask, a conversion and a subtraction; the same exact small integers, so the same bits. One 1152 x 1152 weight, two
+// rows, one thread (benchmarks/int_gemm_harness.cc, FLOAT=1): see the measurement in the closing note of issue 17.
+template <int Bits, int R, int T, bool Lut = false>
 HN_INLINE void float_rows_tiles(const FloatGemmArgs& g, int64_t m, int64_t t) {
+  static_assert(!Lut || Bits == 4, "the lookup takes 4-bit codes");
   const WeightInfo& w = *g.w;
+  const __m512 lut = _mm512_sub_ps(_mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                   _mm512_set1_ps(static_cast<float>(w.zw_uniform)));
   const int64_t gpb = w.block / (Bits == 4 ? 8 : 4);
   const __m512i nibble = _mm512_set1_epi32(0x0F);
   const float* x[R];
@@ -333,12 +340,18 @@ HN_INLINE void float_rows_tiles(const FloatGemmArgs& g, int64_t m, int64_t t) {
         for (int r = 0; r < R; ++r) xs[r] = _mm512_set1_ps(x[r][k0 + j]);
 #pragma GCC unroll 4
         for (int i = 0; i < T; ++i) {
-          __m512i q;
-          if constexpr (Bits == 4)
-            q = _mm512_and_si512(_mm512_srli_epi32(v[i], 8 * (j % 4) + 4 * (j / 4)), nibble);
-          else
-            q = _mm512_srai_epi32(_mm512_slli_epi32(v[i], 24 - 8 * j), 24);
-          const __m512 u = _mm512_sub_ps(_mm512_cvtepi32_ps(q), zw[i]);
+          __m512 u;
+          if constexpr (Lut) {
+            const int shift = 8 * (j % 4) + 4 * (j / 4);
+            u = _mm512_permutexvar_ps(shift ? _mm512_srli_epi32(v[i], shift) : v[i], lut);
+          } else {
+            __m512i q;
+            if constexpr (Bits == 4)
+              q = _mm512_and_si512(_mm512_srli_epi32(v[i], 8 * (j % 4) + 4 * (j / 4)), nibble);
+            else
+              q = _mm512_srai_epi32(_mm512_slli_epi32(v[i], 24 - 8 * j), 24);
+            u = _mm512_sub_ps(_mm512_cvtepi32_ps(q), zw[i]);
+          }
 #pragma GCC unroll 4
           for (int r = 0; r < R; ++r) acc[r][i] = _mm512_fmadd_ps(xs[r], u, acc[r][i]);
         }
@@ -361,12 +374,19 @@ HN_INLINE void float_rows_tiles(const FloatGemmArgs& g, int64_t m, int64_t t) {
 
 // Up to 4 rows at a time share each k's unpacked codes. Per row and column the same operations in the same order
 // as the scalar path: acc = fmaf(x_k, float(u) - float(zw), acc) over the block, y = fmaf(scales, acc, y).
-template <int Bits, int R>
-void float_rows(const FloatGemmArgs& g, int64_t m, int64_t t0, int64_t t1) {
+template <int Bits, int R, bool Lut = false>
+void float_rows_with(const FloatGemmArgs& g, int64_t m, int64_t t0, int64_t t1) {
   constexpr int T = R >= 3 ? 2 : 4;
   int64_t t = t0;
-  for (; t + T <= t1; t += T) float_rows_tiles<Bits, R, T>(g, m, t);
-  for (; t < t1; ++t) float_rows_tiles<Bits, R, 1>(g, m, t);
+  for (; t + T <= t1; t += T) float_rows_tiles<Bits, R, T, Lut>(g, m, t);
+  for (; t < t1; ++t) float_rows_tiles<Bits, R, 1, Lut>(g, m, t);
+}
+
+template <int Bits, int R>
+void float_rows(const FloatGemmArgs& g, int64_t m, int64_t t0, int64_t t1) {
+  if constexpr (Bits == 4)
+    if (g.w->zw.empty()) return float_rows_with<4, R, true>(g, m, t0, t1);
+  float_rows_with<Bits, R>(g, m, t0, t1);
 }
 
 template <int Bits>
