@@ -284,6 +284,7 @@ MATMUL_CASES = [
     MatMulCase(1024, 80, 4, 4, False, 1, 33, "B1N", F32, 512),
     MatMulCase(1152, 96, 8, 8, False, 2, 40, "B1N"),
     MatMulCase(512, 48, 6, 6, True, 1, 64, "N", F16, 256),
+    MatMulCase(256, 48, 4, 4, False, 2, 300, "B1N"),  # 600 rows: amx row tasks of 320 + 280 (balanced_row_tasks)
 ]
 
 
