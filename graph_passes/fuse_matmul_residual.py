@@ -20,7 +20,9 @@ is (logged). Runs after the low-rank fusion (the epilogue adds the low-rank term
 reads the removed nodes.
 
 Why: in PixArt-Sigma's ``fused`` graph at 256 px these ``Mul`` and ``Add`` nodes were 1.9 ms of a 62 ms call
-(4 blocks, 2 threads: 8 Mul, 12 Add, about 0.09 and 0.12 ms each).
+(4 blocks, 2 threads: 8 Mul, 12 Add, about 0.09 and 0.12 ms each; `benchmarks/profile_ops.py`). One linear alone,
+one thread (`python benchmarks/bench_ops_ab.py residual [--k 4608] LIB`): [2, 256, 1152] x [1152, 1152] 1.55 ->
+1.30 ms, [2, 256, 4608] x [4608, 1152] 4.45 -> 4.11 ms (unfused -> fused, busy host).
 """
 
 from __future__ import annotations
