@@ -106,7 +106,7 @@ def default_output(model_path: Path, quant: QuantConfig | None) -> Path:
     return model_path.with_name(f"{model_path.name.removesuffix('.onnx')}.{label}.onnx")
 
 
-_MAIN_WEIGHT_OPS = {"MatMulNBits", "IntMatMul4", "IntMatMul8"}  # and their epilogue forms (IntMatMul4Gelu, ...)
+_MAIN_WEIGHT_OPS = {"MatMulNBits"}  # and IntMatMul4 / IntMatMul8 with their epilogue forms (inputs b, scales, zero_points)
 _CORRECTION_WEIGHT_OPS = {"FloatMatMul4", "FloatMatMul8"}
 
 
@@ -118,15 +118,18 @@ def _weight_bytes(model: ir.Model) -> tuple[int, int]:
     main: dict[int, int] = {}
     extra: dict[int, int] = {}
     for node in model.graph:
+        inputs = node.inputs
         if node.op_type == "DequantizeLinear" and node.inputs[0] is not None and node.inputs[0].is_initializer():
             target = main if "block_size" in node.attributes else extra
-        elif node.op_type in _MAIN_WEIGHT_OPS or node.op_type.startswith(("IntMatMul4", "IntMatMul8")):
+        elif node.op_type.startswith(("IntMatMul4", "IntMatMul8")):  # with its epilogue forms: the packed weight only
+            target, inputs = main, node.inputs[3:6]
+        elif node.op_type in _MAIN_WEIGHT_OPS:
             target = main
         elif node.op_type in _CORRECTION_WEIGHT_OPS:
             target = extra
         else:
             continue
-        for value in node.inputs:
+        for value in inputs:
             if value is not None and value.const_value is not None and value.is_initializer():
                 target[id(value)] = value.const_value.nbytes
     return sum(main.values()), sum(v for k, v in extra.items() if k not in main)

@@ -390,6 +390,29 @@ def test_int_matmul_residual(library, isas, case, epilogue, gate_layout):
     np.testing.assert_array_equal(y, (residual.astype(F32) + gated).astype(case.dtype))
 
 
+def test_int_matmul_low_rank_gated_residual(library, isas):
+    """IntMatMul4LowRankGatedResidual: the low-rank term first, then residual + gate * y: the bits of
+    IntMatMul4LowRank followed by numpy's float32 Mul and Add, on every path."""
+    case = MatMulCase(1152, 100, 4, 4, False, 2, 53, "B1N")
+    p = packed_weight(case)
+    codes, scale, zp, bias = activations(case)
+    rng = np.random.default_rng(5)
+    t = rng.standard_normal((case.batch, case.m, 8)).astype(F32)
+    right = (rng.standard_normal((8, case.n)) * 0.1).astype(F32)
+    gate = rng.standard_normal((case.batch, 1, case.n)).astype(F32)
+    residual = rng.standard_normal((case.batch, case.m, case.n)).astype(F32)
+    feeds = {"codes": codes, "a_scale": scale, "a_zero_point": zp, "bias": bias, "t": t}
+    order = ["codes", "a_scale", "a_zero_point", "b", "scales", "zero_points", "bias", "t", "right"]
+    inits = {**weight_inits(p), "right": right}
+    (low_rank,) = run_on(library, one_node_model("IntMatMul4LowRank", feeds, inits, ["y"], block_size=p.block_size,
+                                                 order=order), feeds)
+    fused_feeds = {**feeds, "gate": gate, "residual": residual}
+    model = one_node_model("IntMatMul4LowRankGatedResidual", fused_feeds, inits, ["y"], block_size=p.block_size,
+                           order=order + ["gate", "residual"])
+    (y,) = run_every_path(library, isas, model, fused_feeds)
+    np.testing.assert_array_equal(y, residual + gate * low_rank)
+
+
 def test_int_matmul_residual_bad_shapes(library):
     case = MatMulCase(72, 32, 4, 4, True, 2, 5, "N")
     p = packed_weight(case)
@@ -411,6 +434,7 @@ MODULATE_CASES = [  # (op, width, bits, Hadamard mode, batch, tokens, modulation
     ("ModulateCenterScaleQuantize", 72, 6, HadamardMode.FULL, 3, 20, "B1D"),
     ("ModulateScaleRotateQuantize", 1152, 8, HadamardMode.BLOCK, 2, 5, "B1D"),
     ("ModulateScaleQuantize", 72, 4, HadamardMode.FULL, 1, 6, "D"),
+    ("ModulateCenterScaleRotateQuantize", 1152, 4, HadamardMode.BLOCK, 2, 600, "B1D"),  # mean blocks of 96 channels
 ]
 
 

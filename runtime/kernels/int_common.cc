@@ -141,7 +141,10 @@ IsaKernels inherit(IsaKernels own, const IsaKernels& base) {
 
 int64_t balanced_row_tasks(const IsaKernels& k, int64_t rows) {
   if (k.row_task_unit <= 0 || rows <= 0) return k.rows_per_task;
-  const int64_t tasks = std::max<int64_t>(1, (rows + k.rows_per_task / 2) / k.rows_per_task);
+  // the nearest whole number of tasks, and two as soon as the rows exceed one task (383 rows: 192 + 191, not one task
+  // that leaves the second thread idle when the weight has few column tiles)
+  const int64_t tasks = std::max<int64_t>(rows > k.rows_per_task ? 2 : 1,
+                                          (rows + k.rows_per_task / 2) / k.rows_per_task);
   const int64_t per = (rows + tasks - 1) / tasks;
   return (per + k.row_task_unit - 1) / k.row_task_unit * k.row_task_unit;
 }

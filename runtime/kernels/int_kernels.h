@@ -170,7 +170,7 @@ struct IsaKernels {
 };
 
 // Rows per task for `rows` rows with the path's split: rows_per_task, or with a row_task_unit the rows over
-// max(1, round(rows / rows_per_task)) tasks, rounded up to the unit. AMX, 600 rows (a 300-token caption, batch 2):
+// round(rows / rows_per_task) tasks (at least 1, and 2 when rows > rows_per_task), rounded up to the unit. AMX, 600 rows (a 300-token caption, batch 2):
 // 320 + 280 instead of 256 + 256 + 88 (the short task repeats the weights' per-task preparation for few rows).
 int64_t balanced_row_tasks(const IsaKernels& k, int64_t rows);
 

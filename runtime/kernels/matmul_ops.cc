@@ -43,8 +43,9 @@ constexpr const char* matmul_name() {
 
 // The epilogues of IntMatMul{4,8}[LowRank][Gelu], on each task's output rows while they are in this core's cache:
 // LowRank: y += t @ right (inputs 7 and 8: t [..., M, r], right [r, N]; IsaKernels::low_rank_add), then Gelu: gelu with
-// the tanh approximation (IsaKernels::gelu_tanh); Residual: y = residual + y (input 7, or 9 after the low-rank inputs),
-// GatedResidual: y = residual + gate * y (gate [N] or [..., 1, N] as the bias, then residual; IsaKernels::residual_add).
+// the tanh approximation (IsaKernels::gelu_tanh); Residual: y = residual + y (input 7, or 9 after the low-rank
+// inputs), GatedResidual: y = residual + gate * y (gate [N] or [..., 1, N] as the bias, then residual;
+// IsaKernels::residual_add).
 template <int Bits, bool IntInput, bool Half, bool Gelu = false, bool LowRank = false, Residual Res = Residual::kNone>
 struct MatMulKernel {
   static_assert(IntInput || !(Gelu || LowRank || Res != Residual::kNone), "only the integer matmuls take an epilogue");
@@ -328,8 +329,8 @@ struct MatMulKernel {
         for (int64_t i = 0; i < rows; ++i) kernels->gelu_tanh(rows_y + i * ld, width);
       if constexpr (Res != Residual::kNone)
         for (int64_t i = 0; i < rows; ++i) {
-          const float* gate = residual.gate ? residual.gate + ((m + i) / residual.rows_per_gate) * residual.gate_stride + c0
-                                            : nullptr;
+          const float* gate =
+              residual.gate ? residual.gate + ((m + i) / residual.rows_per_gate) * residual.gate_stride + c0 : nullptr;
           kernels->residual_add(rows_y + i * ld, res_rows + i * ld, gate, width);
         }
     };

@@ -3,9 +3,9 @@
 // CenterScaleRotateQuantize), for float32 and float16 tensors (computed in float32).
 //
 // Modulate* (ModulateScaleQuantize, ModulateScaleRotateQuantize, ModulateCenterScaleQuantize,
-// ModulateCenterScaleRotateQuantize; float32): two more inputs x_scale, x_shift ([d] or [..., 1, d], one row per leading
-// index of x), and the op reads x' = x * x_scale + x_shift (rounded as a Mul, then an Add) in place of x: a DiT block's
-// adaLN modulation before a linear, without writing x' (graph_passes/fuse_modulation.py).
+// ModulateCenterScaleRotateQuantize; float32): two more inputs x_scale, x_shift ([d] or [..., 1, d], one row per
+// leading index of x), and the op reads x' = x * x_scale + x_shift (rounded as a Mul, then an Add) in place of x: a DiT
+// block's adaLN modulation before a linear, without writing x' (graph_passes/fuse_modulation.py).
 //
 // For x [..., N, d] (tokens on axis -2, channels on the last axis), mul [d], h_left [K, K], h_right [M, M]:
 //   y = rotate((x - mean) * mul) (the parts the op names; see transform.h), mean_y = rotate(mean * mul)
@@ -179,9 +179,9 @@ struct TransformKernel {
       if (n == 0) std::fill(mean.begin(), mean.end(), std::nanf(""));  // as ReduceMean over no tokens
       compute_means(ctx, kernels->transform, x, n > 0 ? rows / n : 0, n, d, mean.data(), modulation);
     }
+    const int64_t tokens = Center || rank < 2 ? n : x_shape[rank - 2];
     if (rows > 0 && d > 0)
-      transform_rows(ctx, x, mean.data(), mul, mul_rot_data, rot, out, d, Center || rank < 2 ? n : x_shape[rank - 2], rows,
-                     modulation);
+      transform_rows(ctx, x, mean.data(), mul, mul_rot_data, rot, out, d, tokens, rows, modulation);
 
     if constexpr (Center) {
       Scratch scratch(rot, d);
@@ -263,8 +263,8 @@ struct TransformKernel {
         const float* yr;
         if constexpr (Mul) {
           float* dst = (Half || Quant) ? ybuf.data() : reinterpret_cast<float*>(out.y + r * d);
-          transform_row(kernels->transform, xr, Center ? mean + (r / std::max<int64_t>(n, 1)) * d : nullptr, mul, mul_rot, rot, dst,
-                        scratch, d);
+          const float* row_mean = Center ? mean + (r / std::max<int64_t>(n, 1)) * d : nullptr;
+          transform_row(kernels->transform, xr, row_mean, mul, mul_rot, rot, dst, scratch, d);
           yr = dst;
         } else {
           yr = xr;  // Quantize: y = x
@@ -283,9 +283,10 @@ struct TransformKernel {
     });
   }
 
-  // The column means of x (of x' for the Modulate ops: each chunk's columns of x' in a per-thread buffer of at most
-  // 64 K floats, then the same column mean over them: per channel the same values summed in the same order, so the
-  // bits of the unfused Mul, Add and quantize op).
+  // The column means of x (of x' for the Modulate ops: each chunk's columns of x' in a per-thread buffer of n x width
+  // floats, width 16..256 channels so that it holds about 64 K floats (16 n past 4096 tokens; the buffer stays with the
+  // thread), then the same column mean over them: per channel the same values summed in the same order, so the bits of
+  // the unfused Mul, Add and quantize op).
   static void compute_means(const Ort::KernelContext& ctx, const TransformKernels& rows, const T* x, int64_t groups,
                             int64_t n, int64_t d, float* mean, const Modulation& modulation) {
     if (groups == 0 || n == 0 || d == 0) return;
