@@ -32,7 +32,7 @@ import logging
 import onnx_ir as ir
 
 from graph_passes.domain import HADANORM_DOMAIN
-from graph_passes.graph_utils import is_standard_binary, known_dims, only_reader
+from graph_passes.graph_utils import is_row_of, is_standard_binary, known_dims, only_reader
 from graph_passes.int_ops import MatMulOp, MatMulResidual, replace_matmul
 
 logger = logging.getLogger(__name__)
@@ -54,19 +54,6 @@ def _same_type(a: ir.Value, b: ir.Value) -> bool:
     return a.dtype is not None and a.dtype == b.dtype
 
 
-def _residual_shape_ok(residual: ir.Value, out_dims: tuple) -> bool:
-    return known_dims(residual) == out_dims
-
-
-def _gate_shape_ok(gate: ir.Value, out_dims: tuple) -> bool:
-    dims = known_dims(gate)
-    if dims is None or len(out_dims) < 2:
-        return False
-    if dims == out_dims[-1:]:
-        return True
-    return len(dims) == len(out_dims) and dims[-1] == out_dims[-1] and dims[-2] == 1 and dims[:-2] == out_dims[:-2]
-
-
 def _residual_site(matmul: ir.Node) -> tuple[MatMulResidual, list[ir.Value], ir.Node, list[ir.Node]] | None:
     """(form, the new inputs after the matmul's, the Add whose output the op takes over, the nodes it absorbs)."""
     y = matmul.outputs[0]
@@ -80,13 +67,13 @@ def _residual_site(matmul: ir.Node) -> tuple[MatMulResidual, list[ir.Value], ir.
         if gate is None or not is_standard_binary(add, "Add"):
             return None
         residual = _other(add, reader.outputs[0])
-        if (residual is None or not _gate_shape_ok(gate, out_dims) or not _residual_shape_ok(residual, out_dims)
+        if (residual is None or not is_row_of(known_dims(gate), out_dims) or known_dims(residual) != out_dims
                 or known_dims(add.outputs[0]) != out_dims or not _same_type(gate, y) or not _same_type(residual, y)):
             return None
         return MatMulResidual.GATED, [gate, residual], add, [add, reader, matmul]
     if is_standard_binary(reader, "Add"):
         residual = _other(reader, y)
-        if (residual is None or not _residual_shape_ok(residual, out_dims) or known_dims(reader.outputs[0]) != out_dims
+        if (residual is None or known_dims(residual) != out_dims or known_dims(reader.outputs[0]) != out_dims
                 or not _same_type(residual, y)):
             return None
         return MatMulResidual.ADD, [residual], reader, [reader, matmul]

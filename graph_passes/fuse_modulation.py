@@ -29,7 +29,7 @@ import onnx_ir as ir
 
 from graph_passes.domain import HADANORM_DOMAIN
 from graph_passes.function_ops import ensure_function
-from graph_passes.graph_utils import is_standard_binary, known_dims, only_reader, redirect_uses
+from graph_passes.graph_utils import is_row_of, is_standard_binary, known_dims, only_reader, redirect_uses
 from graph_passes.hadanorm_ops import TransformOp
 from graph_passes.int_ops import QuantizeOp
 
@@ -41,11 +41,7 @@ _SCALE_QUANTIZE_OPS = {QuantizeOp(TransformOp(c, r)).op_type: TransformOp(c, r) 
 
 def _row_shaped(value: ir.Value | None, x_dims: tuple) -> bool:
     """[d], or [..., 1, d] with x's leading dimensions (the kernel's two layouts of x_scale and x_shift)."""
-    dims = known_dims(value)
-    if dims is None or len(x_dims) < 2 or value.dtype != ir.DataType.FLOAT:
-        return False
-    return dims == x_dims[-1:] or (len(dims) == len(x_dims) and dims[-2] == 1 and dims[:-2] == x_dims[:-2]
-                                   and dims[-1] == x_dims[-1])
+    return value is not None and value.dtype == ir.DataType.FLOAT and is_row_of(known_dims(value), x_dims)
 
 
 def _modulation(quantize: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value, list[ir.Node]] | None:

@@ -129,3 +129,12 @@ def known_dims(value: ir.Value | None) -> tuple | None:
         else:
             return None
     return tuple(dims)
+
+
+def is_row_of(dims: tuple | None, out_dims: tuple) -> bool:
+    """`dims` is one row that broadcasts over the tokens of a [..., N, d] value of `out_dims`: [d], or [..., 1, d]
+    with its leading dimensions (the kernels' per-batch layout of a bias, gate or modulation)."""
+    if dims is None or len(out_dims) < 2:
+        return False
+    return dims == out_dims[-1:] or (len(dims) == len(out_dims) and dims[-2] == 1 and dims[:-2] == out_dims[:-2]
+                                     and dims[-1] == out_dims[-1])

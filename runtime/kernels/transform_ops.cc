@@ -76,6 +76,16 @@ struct TransformKernel {
   };
   std::unique_ptr<ConstantRotation> constant_rotation;
 
+  // mul with the Sylvester scale of a fast h_right folded in (empty when h_right is applied densely)
+  static std::vector<float> mul_rot_of(const float* mul, const Rotation& rotation, int64_t d) {
+    std::vector<float> out;
+    if (rotation.right_fwht) {
+      out.resize(static_cast<size_t>(d));
+      for (int64_t i = 0; i < d; ++i) out[i] = mul[i] * rotation.right_scale;
+    }
+    return out;
+  }
+
   void cache_constant_rotation(const Ort::ConstKernelInfo& info) {
     int constant[3] = {0, 0, 0};
     Ort::ConstValue values[3] = {Ort::ConstValue{nullptr}, Ort::ConstValue{nullptr}, Ort::ConstValue{nullptr}};
@@ -93,11 +103,7 @@ struct TransformKernel {
     } catch (const OpError&) {
       return;  // reported with the run's shapes
     }
-    const float* mul = float_data(values[0], Half, mul_storage, kernels->half);
-    if (cached->rotation.right_fwht) {
-      cached->mul_rot.resize(static_cast<size_t>(d));
-      for (int64_t i = 0; i < d; ++i) cached->mul_rot[i] = mul[i] * cached->rotation.right_scale;
-    }
+    cached->mul_rot = mul_rot_of(float_data(values[0], Half, mul_storage, kernels->half), cached->rotation, d);
     cached->mul_data = values[0].GetTensorRawData();
     constant_rotation = std::move(cached);
   }
@@ -143,10 +149,7 @@ struct TransformKernel {
         rotation = make_rotation(float_data(hl, Half, left_storage, half), shape_of(hl),
                                  float_data(hr, Half, right_storage, half), shape_of(hr), d);
         rot = &rotation;
-        if (rotation.right_fwht) {
-          mul_rot.resize(static_cast<size_t>(d));
-          for (int64_t i = 0; i < d; ++i) mul_rot[i] = mul[i] * rotation.right_scale;
-        }
+        mul_rot = mul_rot_of(mul, rotation, d);
         mul_rot_data = mul_rot.data();
       }
     }
