@@ -118,6 +118,32 @@ HN_INLINE __m512i bf16_pairs(__m512 lo, __m512 hi) {
   return _mm512_permutexvar_epi16(interleave, bf16x32(lo, hi));
 }
 
+// rows[i] dword j -> rows[j] dword i: the 16 x 16 transpose of 32-bit elements (unpack 32, unpack 64, then two
+// rounds of 128-bit lane shuffles).
+HN_INLINE void transpose16x16_epi32(__m512i* r) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 16; i += 2) {
+    a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  // b[q + m] (q = 0, 4, 8, 12), lane j: element 4 j + m of rows q .. q + 3
+  for (int q = 0; q < 16; q += 4) {
+    b[q] = _mm512_unpacklo_epi64(a[q], a[q + 2]);
+    b[q + 1] = _mm512_unpackhi_epi64(a[q], a[q + 2]);
+    b[q + 2] = _mm512_unpacklo_epi64(a[q + 1], a[q + 3]);
+    b[q + 3] = _mm512_unpackhi_epi64(a[q + 1], a[q + 3]);
+  }
+  for (int m = 0; m < 4; ++m) {
+    const __m512i c0 = _mm512_shuffle_i32x4(b[m], b[4 + m], 0x44), c1 = _mm512_shuffle_i32x4(b[m], b[4 + m], 0xEE);
+    const __m512i d0 = _mm512_shuffle_i32x4(b[8 + m], b[12 + m], 0x44),
+                  d1 = _mm512_shuffle_i32x4(b[8 + m], b[12 + m], 0xEE);
+    r[m] = _mm512_shuffle_i32x4(c0, d0, 0x88);
+    r[4 + m] = _mm512_shuffle_i32x4(c0, d0, 0xDD);
+    r[8 + m] = _mm512_shuffle_i32x4(c1, d1, 0x88);
+    r[12 + m] = _mm512_shuffle_i32x4(c1, d1, 0xDD);
+  }
+}
+
 size_t amx_packed_bytes(const AttentionShape& s) {
   const Layout l = layout(s);
   return static_cast<size_t>(l.k_bytes + l.v_bytes);
@@ -129,20 +155,23 @@ void amx_pack(const AttentionShape& s, const float* k, const float* v, void* pac
   uint8_t* kp = static_cast<uint8_t*>(packed);
   uint8_t* vp = kp + l.k_bytes;
   const __m512 zero = _mm512_setzero_ps();
-  // k: tile (t, step) row g, lane n = k[16 t + n, 32 step + 2 g (+ 1)], gathered down the 16 keys
-  const __m512i key_offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                 _mm512_set1_epi32(static_cast<int>(s.k_stride)));
+  // k: tile (t, step) row g, dword n = k[16 t + n, 32 step + 2 g (+ 1)]: each key's 32 d rounded to 16 bf16 pairs
+  // (dword g of key row n), then the 16 x 16 dword transpose (64 shuffles instead of 32 gathers a tile)
   for (int64_t t = 0; t < l.k_tiles; ++t) {
-    const __mmask16 keys = lanes(s.nk - t * kTile);
+    const int64_t keys = std::min(kTile, s.nk - t * kTile);
     const float* base = k + t * kTile * s.k_stride;
     for (int64_t step = 0; step < l.d_steps; ++step) {
-      uint8_t* dst = kp + (t * l.d_steps + step) * kTileBytes;
-      for (int64_t g = 0; g < kTile; ++g) {
-        const int64_t c = step * kDStep + 2 * g;
-        const __m512 lo = c < s.d ? _mm512_mask_i32gather_ps(zero, keys, key_offsets, base + c, 4) : zero;
-        const __m512 hi = c + 1 < s.d ? _mm512_mask_i32gather_ps(zero, keys, key_offsets, base + c + 1, 4) : zero;
-        _mm512_store_si512(dst + g * 64, bf16_pairs(lo, hi));
+      const int64_t c = step * kDStep;
+      const __mmask16 lo_lanes = lanes(s.d - c), hi_lanes = lanes(s.d - c - 16);
+      __m512i rows[kTile];
+      for (int64_t n = 0; n < kTile; ++n) {
+        const float* row = base + n * s.k_stride + c;
+        rows[n] = n < keys ? bf16x32(_mm512_maskz_loadu_ps(lo_lanes, row), _mm512_maskz_loadu_ps(hi_lanes, row + 16))
+                           : _mm512_setzero_si512();
       }
+      transpose16x16_epi32(rows);
+      uint8_t* dst = kp + (t * l.d_steps + step) * kTileBytes;
+      for (int64_t g = 0; g < kTile; ++g) _mm512_store_si512(dst + g * 64, rows[g]);
     }
   }
   // v: tile (step, ct) row g, lane n = v[32 step + 2 g (+ 1), 16 ct + n]
@@ -401,6 +430,18 @@ HN_INLINE void row_exp(const Scratch& sc, int64_t r, int64_t nb, int buf, float 
   _mm512_store_ps(lrow, lsum);
 }
 
+// Prefetches the cache lines of one row of `n` floats (for writing: prefetchw), into L2 and L1.
+HN_INLINE void prefetch_row(const float* x, int64_t n, bool write) {
+  const uintptr_t first = reinterpret_cast<uintptr_t>(x) & ~uintptr_t{63};
+  const uintptr_t last = reinterpret_cast<uintptr_t>(x + n) - 1;
+  for (uintptr_t line = first; line <= last; line += 64) {
+    if (write)
+      __builtin_prefetch(reinterpret_cast<const void*>(line), 1, 3);
+    else
+      __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 3);
+  }
+}
+
 // Query rows [i0, i0 + n) (n <= 16 RT) of one head: RT row tiles, rows beyond n zero-padded. After S of block 0,
 // phase b runs the softmax of block b and O = alpha O of block b - 1, with the tile chunks of S of block b + 1 and
 // O += P V of block b - 1 between the rows of its exp pass (see the top).
@@ -452,6 +493,10 @@ void row_group(const AttentionShape& s, const AttentionHead& h, const Layout& la
     }
     for (int64_t r = 0; r < n; ++r) {
       if (b < blocks) row_exp(sc, r, keys(b), b & 1, sc.alpha[b % 2][r], sub[r]);
+      // the rows of a head are heads * d apart in the bnhd layout, one miss each for the hardware prefetchers: the next
+      // group's q row in the first phase, this group's output row (for writing) in the phase before the last
+      if (b == 0 && i0 + rows + r < s.nq) prefetch_row(h.q + (i0 + rows + r) * s.q_stride, s.d, false);
+      if (b == std::max<int64_t>(0, blocks - 1)) prefetch_row(h.out + (i0 + r) * s.out_stride, s.dv, true);
       jobs.run_until((r + 1) * total / n);
     }
   }
