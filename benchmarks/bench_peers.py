@@ -15,7 +15,8 @@ Graphs (`--graphs`, onnxruntime FP32 always runs: it is the reference):
   ``hn-w4a4-all-tl``, ``hn-w4a8-all-tl``, ``hn-w4a4-all-block-tl`` and ``hn-w4a8-all-block-tl`` also with
   ``--weight-scales two-level`` (each 4-bit weight's
   block scales a column unit times an integer 1..16: the kernels run it as an 8-bit weight of one block, with no
-  per-block fold);
+  per-block fold); ``hn-w4a4-all-block-tl-pc`` also with ``--outer-weight-block 0`` (the outer linears' 8-bit
+  weights in one block per output channel: no per-block fold there either);
 * the ``hn-*`` graphs have the fused attention (``hadanorm::Attention``, bf16, the ``--format fused`` default);
   ``hn-w4a4-fattn`` has it in fp32 (``--attention float``), ``hn-w4a4-noattn`` keeps MatMul -> Softmax -> MatMul
   (``--attention none``, the graphs before issue 18); ``fp32-attn`` is the FP32 graph with only the attention fused
@@ -92,6 +93,9 @@ GRAPHS = {g.key: g for g in (
           False),
     Graph("hn-w4a8-all-block-tl", "hn-export `--wbits 4 --abits 8 --format fused --every-linear --hadamard block "
           "--weight-scales two-level`", "hn", "hn-w4a8-all-block-tl", False),
+    Graph("hn-w4a4-all-block-tl-pc", "hn-export `--w4a4 --format fused --every-linear --hadamard block --weight-scales "
+          "two-level --outer-weight-block 0` (the outer linears' 8-bit weights per output channel: no fold)", "hn",
+          "hn-w4a4-all-block-tl-pc", False),
     Graph("hn-w4a4-all-block-lr32", "hn-export `--w4a4 --format fused --every-linear --hadamard block --low-rank 32` "
           "(a rank-32 float branch beside each weight)", "hn", "hn-w4a4-all-block-lr32", False),
     Graph("hn-w4a4-fattn", "hn-export `--w4a4 --format fused --attention float` (fp32 fused attention)", "hn",
@@ -263,6 +267,7 @@ def prepare(folder: Path, preset: str, layers: int, seed: int, keys: list[str], 
         rotation = ["--hadamard", "block"] if "block" in parts else []
         rotation += [opt for part in parts if part.startswith("lr") for opt in ("--low-rank", part[2:])]
         rotation += ["--weight-scales", "two-level"] if "tl" in parts else []
+        rotation += ["--outer-weight-block", "0"] if "pc" in parts else []
         stats_file = folder / "calibration-stats-all.npz" if every else stats
         calib = ["--stats", str(stats_file)] if stats_file.exists() else ["--save-stats", str(stats_file)]
         return hn + ["quantize", str(fp32), *bits, *selection, *attention, *rotation, "--format", "fused", "--seed",

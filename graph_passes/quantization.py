@@ -108,6 +108,11 @@ _MSE_REL_MARGIN = 1e-9  # a smaller ratio must lower the error by more than this
 _MSE_CHUNK = 1 << 15  # weights per chunk of groups in the search (256 KiB of float64: stays in L2)
 
 
+# A weight block at least as long as any input: one block per output channel (quantize_weight takes
+# min(block, inputs)).
+WHOLE_INPUT = 1 << 62
+
+
 class WeightScales(enum.Enum):
     """How the block scales of a weight are stored (module docstring)."""
 
@@ -126,6 +131,9 @@ class QuantConfig:
     # weights and activations of the sites outside the model's blocks (caption projection, timestep embedder,
     # adaLN-single, final projection, ...): the sensitive layers, 8-bit by default (they run on the same integer ops)
     outer_bits: int = 8
+    # weight block of the outer sites: None = weight_block; 0 = one block per output channel (the whole input: at 8 bits
+    # the integer kernels then accumulate the whole dot product in int32, with no per-block fold)
+    outer_weight_block: int | None = None
     gptq_damp: float = 0.01  # GPTQ's percdamp: lambda = gptq_damp * mean(diag H)
     low_rank: int = 0  # rank of the float branch beside each quantized MatMul weight (graph_passes.low_rank); 0: none
     weight_scales: WeightScales = WeightScales.BLOCK
@@ -136,6 +144,8 @@ class QuantConfig:
                 raise ValueError(f"bit width {bits} is outside 2..8")
         if not 0.0 < self.gptq_damp < 1e3:
             raise ValueError(f"gptq_damp {self.gptq_damp} is outside (0, 1000)")
+        if self.outer_weight_block is not None and self.outer_weight_block < 0:
+            raise ValueError(f"outer_weight_block {self.outer_weight_block} is negative")
         if self.low_rank < 0:
             raise ValueError(f"low_rank {self.low_rank} is negative")
         if self.weight_scales is WeightScales.TWO_LEVEL and not self.weight_symmetric:
@@ -147,11 +157,14 @@ class QuantConfig:
         return self.weight_scales is WeightScales.TWO_LEVEL and self.weight_symmetric and self.weight_bits <= 4
 
     def for_site(self, outer: bool) -> "QuantConfig":
-        """The configuration of one site: this one, or with `outer_bits` weights and activations outside the
-        blocks."""
-        if not outer or (self.weight_bits, self.act_bits) == (self.outer_bits, self.outer_bits):
+        """The configuration of one site: this one, or with `outer_bits` weights and activations (and
+        `outer_weight_block`) outside the blocks."""
+        if not outer:
             return self
-        return dataclasses.replace(self, weight_bits=self.outer_bits, act_bits=self.outer_bits)
+        block = self.weight_block if self.outer_weight_block is None else self.outer_weight_block or WHOLE_INPUT
+        if (self.weight_bits, self.act_bits, self.weight_block) == (self.outer_bits, self.outer_bits, block):
+            return self
+        return dataclasses.replace(self, weight_bits=self.outer_bits, act_bits=self.outer_bits, weight_block=block)
 
     @property
     def label(self) -> str:

@@ -227,16 +227,16 @@ evaluation_data_options = option_group(
 """``--calib``, ``--inputs``, ``--calib-samples``, ``--calib-steps`` as an `EvaluationData`, parameter ``data``."""
 
 
-def check_format_block(fmt: OutputFormat, block: int, weight_bits: int) -> None:
-    """Refuse weight blocks a format cannot hold (before any work). A weight narrower than one block is one
-    padded block in every format."""
+def check_format_block(fmt: OutputFormat, block: int, weight_bits: int, option: str = "--weight-block") -> None:
+    """Refuse weight blocks a format cannot hold (before any work); `option`: the flag that gave the block. A weight
+    narrower than one block is one padded block in every format."""
     if fmt is OutputFormat.NBITS and (block < 16 or block & (block - 1)):
-        raise UserError(f"--format nbits needs a power-of-two --weight-block >= 16 (MatMulNBits), got {block}",
-                        "use --weight-block 128, or --format qdq/fused")
+        raise UserError(f"--format nbits needs a power-of-two {option} >= 16 (MatMulNBits), got {block}",
+                        f"use {option} 128, or --format qdq/fused")
     granule = 8 if weight_bits <= 4 else 4
     if fmt is OutputFormat.FUSED and block % granule:
-        raise UserError(f"--format fused needs a --weight-block that is a multiple of {granule} for {weight_bits}-bit "
-                        f"weights, got {block}", "use --weight-block 128")
+        raise UserError(f"--format fused needs a {option} that is a multiple of {granule} for {weight_bits}-bit "
+                        f"weights, got {block}", f"use {option} 128")
 
 
 def check_hadamard_block(block: int | None) -> None:

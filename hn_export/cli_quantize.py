@@ -105,6 +105,7 @@ class QuantOptions:
     abits: int | None
     every_linear: bool
     outer_bits: int
+    outer_weight_block: int | None  # None: weight_block; 0: per output channel
     method: Method
     alpha: float | AlphaSearch  # --alpha A, or auto
     alpha_grid: str | None  # --alpha-grid: the grid of --alpha auto (None: the default)
@@ -139,6 +140,17 @@ class QuantOptions:
         if self.outer_bits != 8 and not self.every_linear:
             raise UserError(f"--outer-bits {self.outer_bits} applies to the linears outside the blocks, which only "
                             "--every-linear quantizes", "add --every-linear, or drop --outer-bits")
+        if self.outer_weight_block is not None:
+            if not self.every_linear:
+                raise UserError(f"--outer-weight-block {self.outer_weight_block} applies to the linears outside the "
+                                "blocks, which only --every-linear quantizes", "add --every-linear, or drop "
+                                "--outer-weight-block")
+            if self.outer_weight_block:
+                check_format_block(fmt, self.outer_weight_block, self.outer_bits, "--outer-weight-block")
+            elif fmt is OutputFormat.NBITS:
+                raise UserError("--outer-weight-block 0 (one block per output channel, as long as the input) cannot "
+                                "be written as --format nbits (MatMulNBits needs power-of-two blocks)",
+                                "use --format fused or qdq, or a power-of-two --outer-weight-block")
         if granularity is ActGranularity.TIMESTEP and fmt is OutputFormat.FUSED:
             raise UserError("--act-granularity timestep cannot be written as --format fused (its integer kernels "
                             "quantize activations per token)", "use --format qdq or nbits")
@@ -163,7 +175,8 @@ class QuantOptions:
         quant = None if transform_only else QuantConfig(
             weight_bits=self.wbits or w_default, act_bits=self.abits or a_default, weight_block=self.weight_block,
             weight_symmetric=not self.asymmetric_weights, format=fmt, weight_range=self.weight_range,
-            outer_bits=self.outer_bits, low_rank=self.low_rank, weight_scales=self.weight_scales)
+            outer_bits=self.outer_bits, outer_weight_block=self.outer_weight_block, low_rank=self.low_rank,
+            weight_scales=self.weight_scales)
         return QuantizeJob(
             model_path=model,
             output=output or default_output(model, quant),
@@ -200,6 +213,10 @@ def quant_options(default_format: OutputFormat = OutputFormat.QDQ):
         click.option("--outer-bits", type=click.IntRange(2, 8), default=8, show_default=True,
                      help="Weight and activation bits of the linears outside the model's blocks that --every-linear "
                           "selects (caption projection, timestep embedder, adaLN-single, final projection)."),
+        click.option("--outer-weight-block", type=click.IntRange(0),
+                     help="Weight block of the linears that --every-linear adds (default: --weight-block); 0: one "
+                          "block per output channel, the whole input (with 8-bit weights the integer kernels then "
+                          "need no per-block fold: faster on AMX)."),
         click.option("--method", type=EnumChoice(Method), default=Method.HADANORM.value, show_default=True),
         click.option("--alpha", type=AlphaChoice(), default=0.5, show_default=True,
                      help="SmoothQuant migration strength in [0, 1], or auto: per site the alpha of a grid (default "

@@ -57,7 +57,7 @@ def test_quantize_and_bundle_share_the_quant_options():
     quantize, bundle = _params("quantize"), _params("bundle")
     fields = {f.name for f in dataclasses.fields(QuantOptions)}
     shared = {opt: p for opt, p in quantize.items() if p.name in fields}
-    assert len(shared) == 26  # 24 fields; --w4a4/--w6a6/--w8a8 set one
+    assert len(shared) == 27  # 25 fields; --w4a4/--w6a6/--w8a8 set one
     for opt, param in shared.items():
         other = bundle[opt]
         assert (other.help, other.type.__class__, other.multiple, other.is_flag) == \

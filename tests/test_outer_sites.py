@@ -111,3 +111,52 @@ def test_outer_bits_without_every_linear_is_refused(hn_cli, tiny_onnx, tmp_path)
     assert result.exit_code == 2 and not out.exists()
     assert result.err.strip().splitlines() == ["error: --outer-bits 6 applies to the linears outside the blocks, which "
                                                "only --every-linear quantizes; add --every-linear, or drop --outer-bits"]
+
+
+def scale_blocks(path) -> dict[str, list[int]]:
+    """Weight blocks along the input of each integer matmul (the rows of its scales, input 4), by op type (the 8-bit
+    forms under IntMatMul8, the 4-bit under IntMatMul4)."""
+    model = onnx.load(str(path), load_external_data=False)
+    dims = {init.name: list(init.dims) for init in model.graph.initializer}
+    blocks = collections.defaultdict(list)
+    for node in model.graph.node:
+        if node.domain == "hadanorm" and node.op_type.startswith("IntMatMul"):
+            blocks[node.op_type[:10]].append(dims[node.input[4]][0])
+    return blocks
+
+
+def test_outer_weight_block(hn_cli, tiny_onnx, tmp_path, kernel_library):
+    """``--outer-weight-block 0``: the outer linears' 8-bit weights in one block per output channel (the whole input),
+    the block sites keep ``--weight-block``; the fused kernels give the qdq graph's numbers for it."""
+    default, per_channel, qdq = tmp_path / "default.onnx", tmp_path / "pc.onnx", tmp_path / "pc-qdq.onnx"
+    for out, extra in ((default, ()), (per_channel, ("--outer-weight-block", "0")),
+                       (qdq, ("--outer-weight-block", "0", "--format", "qdq"))):
+        result = hn_cli(tiny_onnx, "--w4a4", *EVERY_LINEAR, "--weight-block", "32", "--format", "fused",
+                        "--attention", "none", *extra, "-o", out, *FAST_CALIB)
+        assert result.exit_code == 0, result.err
+    before, after = scale_blocks(default), scale_blocks(per_channel)
+    assert len(after["IntMatMul8"]) == 6 and set(after["IntMatMul8"]) == {1}
+    assert max(before["IntMatMul8"]) >= 3  # 72 inputs and more: blocks of 32 without the option
+    assert after["IntMatMul4"] == before["IntMatMul4"] and min(after["IntMatMul4"]) >= 3
+    with GraphRunner(qdq) as runner:
+        qdq_outputs = reference_outputs(runner, EVAL, with_denoising=False)
+    with GraphRunner(per_channel) as runner:  # the same integers; only the float summation order differs
+        assert evaluate(runner, qdq_outputs, EVAL).single_call.sqnr_db >= 60.0
+
+
+@pytest.mark.parametrize("extra,message", [
+    ((), "error: --outer-weight-block 0 applies to the linears outside the blocks, which only --every-linear "
+         "quantizes; add --every-linear, or drop --outer-weight-block"),
+    (("--every-linear", "--format", "nbits"),
+     "error: --outer-weight-block 0 (one block per output channel, as long as the input) cannot be written as "
+     "--format nbits (MatMulNBits needs power-of-two blocks); use --format fused or qdq, or a power-of-two "
+     "--outer-weight-block"),
+    (("--every-linear", "--format", "fused", "--outer-weight-block", "6"),
+     "error: --format fused needs a --outer-weight-block that is a multiple of 4 for 8-bit weights, got 6; use "
+     "--outer-weight-block 128"),
+])
+def test_outer_weight_block_refused(hn_cli, tiny_onnx, tmp_path, extra, message):
+    out = tmp_path / "m.onnx"
+    result = hn_cli(tiny_onnx, "--w4a4", "--outer-weight-block", "0", *extra, "-o", out, *FAST_CALIB)
+    assert result.exit_code == 2 and not out.exists()
+    assert result.err.strip().splitlines() == [message]
