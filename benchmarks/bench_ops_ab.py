@@ -5,16 +5,19 @@ of a kernel change (build the old commit's library with ``python -m runtime.kern
     python benchmarks/bench_ops_ab.py float-matmul --k 1152 --n 1152 --count 8 LIB [LIB ...]
     python benchmarks/bench_ops_ab.py residual --k 1152 --n 1152 LIB [LIB ...]
     python benchmarks/bench_ops_ab.py modulate --width 1152 --tokens 256 --mode block LIB [LIB ...]
+    python benchmarks/bench_ops_ab.py attention --tokens 256 --keys 300 LIB [LIB ...]
 
 ``quantize``: one ``CenterScaleRotateQuantize`` (4-bit, Hadamard `--mode` full or block) on ``[2, tokens, width]``.
 ``float-matmul``: `--count` ``FloatMatMul4`` nodes (two-level 4-bit weights [k, n], the mean token's product) on
 ``[2, 1, k]``. ``residual``: ``IntMatMul4`` then ``Mul(gate)`` and ``Add(residual)`` (the unfused graph) against one
 ``IntMatMul4GatedResidual``, each library running both (a library without the fused op runs the unfused graph
 only), on ``[2, 256, k]`` codes. ``modulate``: ``Mul(x, scale)``, ``Add(shift)`` and ``CenterScaleRotateQuantize``
-against one ``ModulateCenterScaleRotateQuantize`` (scale and shift ``[2, 1, width]``), likewise. Every session runs on one intra-op
-thread (the numbers are the calling thread's CPU time, less sensitive to a busy host than wall time); the outputs of
-all libraries (and of the two residual graphs) must be equal bit for bit, else the script stops. Prints the median
-and minimum of `--rounds` interleaved calls per library (and graph).
+against one ``ModulateCenterScaleRotateQuantize`` (scale and shift ``[2, 1, width]``), likewise. ``attention``: one
+``Attention`` (bf16, layout bnhd: PixArt's 16 heads of 72, q ``[2, tokens, 16, 72]``, k and v
+``[2, keys, 16, 72]``). Every session runs on one intra-op thread (the numbers are the calling thread's CPU time,
+less sensitive to a busy host than wall time); the outputs of all libraries (and of the two residual graphs) must be
+equal bit for bit, else the script stops. Prints the median and minimum of `--rounds` interleaved calls per library
+(and graph).
 """
 
 from __future__ import annotations
@@ -127,8 +130,18 @@ def modulate_case(args) -> tuple[dict[str, bytes], dict[str, np.ndarray]]:
     return {" unfused": _model(unfused, inputs, outs, inits), " fused": _model(fused, inputs, outs, inits)}, feeds
 
 
+def attention_case(args) -> tuple[dict[str, bytes], dict[str, np.ndarray]]:
+    node = helper.make_node("Attention", ["q", "k", "v"], ["y"], domain="hadanorm", scale=72 ** -0.5,
+                            precision="bf16", layout="bnhd")
+    rng = np.random.default_rng(0)
+    feeds = {name: rng.standard_normal((2, n, 16, 72)).astype(np.float32)
+             for name, n in (("q", args.tokens), ("k", args.keys), ("v", args.keys))}
+    inputs = [_value(n, TensorProto.FLOAT, None) for n in "qkv"]
+    return {"": _model([node], inputs, [_value("y", TensorProto.FLOAT, None)], [])}, feeds
+
+
 CASES = {"quantize": quantize_case, "float-matmul": float_matmul_case, "residual": residual_case,
-         "modulate": modulate_case}
+         "modulate": modulate_case, "attention": attention_case}
 
 
 def main() -> None:
@@ -141,6 +154,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=1152)
     p.add_argument("--n", type=int, default=1152)
     p.add_argument("--count", type=int, default=8)
+    p.add_argument("--keys", type=int, default=256)
     p.add_argument("--rounds", type=int, default=100)
     args = p.parse_args()
     models, feeds = CASES[args.case](args)
@@ -175,7 +189,9 @@ def main() -> None:
     print(f"{args.case}: " + {"quantize": f"[2, {args.tokens}, {args.width}] {args.mode}",
                               "float-matmul": f"{args.count} x [{args.k}, {args.n}]",
                               "residual": f"[2, 256, {args.k}] x [{args.k}, {args.n}]",
-                              "modulate": f"[2, {args.tokens}, {args.width}] {args.mode}"}[args.case]
+                              "modulate": f"[2, {args.tokens}, {args.width}] {args.mode}",
+                              "attention": f"q [2, {args.tokens}, 16, 72], k / v [2, {args.keys}, 16, 72] bf16"}[
+                                  args.case]
           + f", 1 thread, {args.rounds} interleaved rounds, thread CPU ms")
     for name, values in times.items():
         print(f"  {name}: median {statistics.median(values) * 1e3:.3f}  min {min(values) * 1e3:.3f}")
