@@ -8,6 +8,8 @@
 //   TL=1 ./harness M K N 4 path: two-level scales (column unit x 1..16 per block), run as IntMatMul4 runs them: each
 //   task's tiles expanded to the 8-bit layout, then the path's 8-bit matmul over one block (int_kernels.h, TwoLevel);
 //   TL=0 with the same scales: the block route (the weights are the same; only the route differs)
+//   BLOCK=B ./harness ...: weight blocks of B along K (default 128; BLOCK=K: one block per column, as
+//   --outer-weight-block 0 writes)
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -22,7 +24,7 @@ static double now() { return std::chrono::duration<double>(std::chrono::steady_c
 int main(int argc, char** argv) {
   int64_t M = atoi(argv[1]), K = atoi(argv[2]), N = atoi(argv[3]); int bits = atoi(argv[4]); const char* isa = argv[5];
   int64_t rpt = argc > 6 ? atoi(argv[6]) : 0, tpt = argc > 7 ? atoi(argv[7]) : 0;
-  int64_t block = 128, kb = K / block;
+  int64_t block = getenv("BLOCK") ? atoi(getenv("BLOCK")) : 128, kb = K / block;
   WeightInfo w = weight_geometry(bits, N, kb, block);
   std::mt19937 rng(1);
   std::vector<uint8_t> b(w.tiles * w.tile_stride);

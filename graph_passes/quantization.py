@@ -111,6 +111,9 @@ _MSE_CHUNK = 1 << 15  # weights per chunk of groups in the search (256 KiB of fl
 # A weight block at least as long as any input: one block per output channel (quantize_weight takes
 # min(block, inputs)).
 WHOLE_INPUT = 1 << 62
+# The largest weight block the fused integer kernels take (runtime/kernels/int_kernels.h, kMaxBlock): a per-channel
+# block of a wider input is this long in the fused format.
+FUSED_MAX_BLOCK = 32768
 
 
 class WeightScales(enum.Enum):
@@ -131,8 +134,9 @@ class QuantConfig:
     # weights and activations of the sites outside the model's blocks (caption projection, timestep embedder,
     # adaLN-single, final projection, ...): the sensitive layers, 8-bit by default (they run on the same integer ops)
     outer_bits: int = 8
-    # weight block of the outer sites: None = weight_block; 0 = one block per output channel (the whole input: at 8 bits
-    # the integer kernels then accumulate the whole dot product in int32, with no per-block fold)
+    # weight block of the outer sites: None = weight_block; 0 = one block per output channel (the whole input, up to
+    # FUSED_MAX_BLOCK in the fused format: at 8 bits the integer kernels then accumulate the whole dot product in
+    # int32, with no per-block fold)
     outer_weight_block: int | None = None
     gptq_damp: float = 0.01  # GPTQ's percdamp: lambda = gptq_damp * mean(diag H)
     low_rank: int = 0  # rank of the float branch beside each quantized MatMul weight (graph_passes.low_rank); 0: none
@@ -161,7 +165,8 @@ class QuantConfig:
         `outer_weight_block`) outside the blocks."""
         if not outer:
             return self
-        block = self.weight_block if self.outer_weight_block is None else self.outer_weight_block or WHOLE_INPUT
+        whole = FUSED_MAX_BLOCK if self.format is OutputFormat.FUSED else WHOLE_INPUT
+        block = self.weight_block if self.outer_weight_block is None else self.outer_weight_block or whole
         if (self.weight_bits, self.act_bits, self.weight_block) == (self.outer_bits, self.outer_bits, block):
             return self
         return dataclasses.replace(self, weight_bits=self.outer_bits, act_bits=self.outer_bits, weight_block=block)

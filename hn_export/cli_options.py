@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import click
 
-from graph_passes.quantization import OutputFormat, QuantConfig
+from graph_passes.quantization import FUSED_MAX_BLOCK, OutputFormat, QuantConfig
 from hn_export.cluster.address import parse_address
 from hn_export.cluster.ray_session import Cluster
 from hn_export.compare import EvaluationInputs
@@ -234,6 +234,9 @@ def check_format_block(fmt: OutputFormat, block: int, weight_bits: int, option: 
         raise UserError(f"--format nbits needs a power-of-two {option} >= 16 (MatMulNBits), got {block}",
                         f"use {option} 128, or --format qdq/fused")
     granule = 8 if weight_bits <= 4 else 4
+    if fmt is OutputFormat.FUSED and block > FUSED_MAX_BLOCK:
+        raise UserError(f"--format fused takes a {option} up to {FUSED_MAX_BLOCK} (its integer kernels' largest), "
+                        f"got {block}", f"use {option} 128")
     if fmt is OutputFormat.FUSED and block % granule:
         raise UserError(f"--format fused needs a {option} that is a multiple of {granule} for {weight_bits}-bit "
                         f"weights, got {block}", f"use {option} 128")

@@ -148,9 +148,9 @@ class QuantOptions:
             if self.outer_weight_block:
                 check_format_block(fmt, self.outer_weight_block, self.outer_bits, "--outer-weight-block")
             elif fmt is OutputFormat.NBITS:
-                raise UserError("--outer-weight-block 0 (one block per output channel, as long as the input) cannot "
-                                "be written as --format nbits (MatMulNBits needs power-of-two blocks)",
-                                "use --format fused or qdq, or a power-of-two --outer-weight-block")
+                raise UserError("--outer-weight-block 0 (one block per output channel, as long as the input) is not "
+                                "a MatMulNBits block size for --format nbits (a power of two; 1152 inputs would be "
+                                "padded to 2048)", "use --format fused or qdq, or a power-of-two --outer-weight-block")
         if granularity is ActGranularity.TIMESTEP and fmt is OutputFormat.FUSED:
             raise UserError("--act-granularity timestep cannot be written as --format fused (its integer kernels "
                             "quantize activations per token)", "use --format qdq or nbits")
@@ -215,8 +215,8 @@ def quant_options(default_format: OutputFormat = OutputFormat.QDQ):
                           "selects (caption projection, timestep embedder, adaLN-single, final projection)."),
         click.option("--outer-weight-block", type=click.IntRange(0),
                      help="Weight block of the linears that --every-linear adds (default: --weight-block); 0: one "
-                          "block per output channel, the whole input (with 8-bit weights the integer kernels then "
-                          "need no per-block fold: faster on AMX)."),
+                          "block per output channel, the whole input (up to 32768 in --format fused; with 8-bit "
+                          "weights the integer kernels then need no per-block fold: faster on AMX)."),
         click.option("--method", type=EnumChoice(Method), default=Method.HADANORM.value, show_default=True),
         click.option("--alpha", type=AlphaChoice(), default=0.5, show_default=True,
                      help="SmoothQuant migration strength in [0, 1], or auto: per site the alpha of a grid (default "

@@ -437,3 +437,19 @@ def test_calibrating_an_attention_fused_graph(exports, tmp_path, hn_cli, kernel_
     # and reported as it is (not as --format fused's bf16 default)
     assert "attention: 4 softmax attentions fused (float)" in result.out
     assert written.metadata_props["hn_export.attention"] == "float"
+
+
+@pytest.mark.parametrize("precision", ["float", "bf16"])
+def test_packed_buffer_reuse_leaves_no_trace(precision, kernel_library):
+    """The packed keys and values live in a buffer the calling thread keeps between calls (up to 8 MB): a call after a
+    larger one, in another session on the same thread, gives the bits of the same call before it, on every path."""
+    rng = np.random.default_rng(11)
+    small = {n: rng.standard_normal((1, 37, 3, 40)).astype(np.float32) for n in "qkv"}
+    large = {n: rng.standard_normal((2, 300, 4, 72)).astype(np.float32) * 5 for n in "qkv"}
+    model_small = attention_model(False, 40 ** -0.5, precision, layout="bnhd")
+    model_large = attention_model(False, 72 ** -0.5, precision, layout="bnhd")
+    for isa, path in supported_paths(kernel_library, precision):
+        before = session(model_small, kernel_library, isa).run(None, small)[0]
+        session(model_large, kernel_library, isa).run(None, large)
+        after = session(model_small, kernel_library, isa).run(None, small)[0]
+        assert np.array_equal(before, after), (isa, path)

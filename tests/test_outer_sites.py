@@ -148,15 +148,36 @@ def test_outer_weight_block(hn_cli, tiny_onnx, tmp_path, kernel_library):
     ((), "error: --outer-weight-block 0 applies to the linears outside the blocks, which only --every-linear "
          "quantizes; add --every-linear, or drop --outer-weight-block"),
     (("--every-linear", "--format", "nbits"),
-     "error: --outer-weight-block 0 (one block per output channel, as long as the input) cannot be written as "
-     "--format nbits (MatMulNBits needs power-of-two blocks); use --format fused or qdq, or a power-of-two "
-     "--outer-weight-block"),
+     "error: --outer-weight-block 0 (one block per output channel, as long as the input) is not a MatMulNBits block "
+     "size for --format nbits (a power of two; 1152 inputs would be padded to 2048); use --format fused or qdq, or a "
+     "power-of-two --outer-weight-block"),
+    (("--every-linear", "--format", "fused", "--outer-weight-block", "40000"),
+     "error: --format fused takes a --outer-weight-block up to 32768 (its integer kernels' largest), got 40000; use "
+     "--outer-weight-block 128"),
     (("--every-linear", "--format", "fused", "--outer-weight-block", "6"),
      "error: --format fused needs a --outer-weight-block that is a multiple of 4 for 8-bit weights, got 6; use "
      "--outer-weight-block 128"),
 ])
 def test_outer_weight_block_refused(hn_cli, tiny_onnx, tmp_path, extra, message):
     out = tmp_path / "m.onnx"
-    result = hn_cli(tiny_onnx, "--w4a4", "--outer-weight-block", "0", *extra, "-o", out, *FAST_CALIB)
+    result = hn_cli(tiny_onnx, "--w4a4", *(() if "--outer-weight-block" in extra else ("--outer-weight-block", "0")),
+                    *extra, "-o", out, *FAST_CALIB)
     assert result.exit_code == 2 and not out.exists()
     assert result.err.strip().splitlines() == [message]
+
+
+def test_for_site_outer_weight_block():
+    """QuantConfig.for_site: the block sites keep weight_block; the outer ones take outer_weight_block (None: the
+    same block; 0: the whole input, capped at the fused kernels' largest block in the fused format)."""
+    from graph_passes.quantization import FUSED_MAX_BLOCK, WHOLE_INPUT, OutputFormat, QuantConfig
+
+    base = QuantConfig(weight_block=64)
+    assert base.for_site(outer=False) is base and base.for_site(outer=True).weight_block == 64
+    assert base.for_site(outer=True).weight_bits == 8
+    assert QuantConfig(outer_weight_block=256).for_site(outer=True).weight_block == 256
+    assert QuantConfig(outer_weight_block=0).for_site(outer=True).weight_block == WHOLE_INPUT
+    fused = QuantConfig(outer_weight_block=0, format=OutputFormat.FUSED)
+    assert fused.for_site(outer=True).weight_block == FUSED_MAX_BLOCK
+    assert fused.for_site(outer=False).weight_block == 128
+    with pytest.raises(ValueError, match="outer_weight_block -1 is negative"):
+        QuantConfig(outer_weight_block=-1)

@@ -165,9 +165,11 @@ void amx_pack(const AttentionShape& s, const float* k, const float* v, void* pac
       const __mmask16 lo_lanes = lanes(s.d - c), hi_lanes = lanes(s.d - c - 16);
       __m512i rows[kTile];
       for (int64_t n = 0; n < kTile; ++n) {
-        const float* row = base + n * s.k_stride + c;
-        rows[n] = n < keys ? bf16x32(_mm512_maskz_loadu_ps(lo_lanes, row), _mm512_maskz_loadu_ps(hi_lanes, row + 16))
-                           : _mm512_setzero_si512();
+        rows[n] = _mm512_setzero_si512();
+        if (n < keys) {
+          const float* row = base + n * s.k_stride + c;
+          rows[n] = bf16x32(_mm512_maskz_loadu_ps(lo_lanes, row), _mm512_maskz_loadu_ps(hi_lanes, row + 16));
+        }
       }
       transpose16x16_epi32(rows);
       uint8_t* dst = kp + (t * l.d_steps + step) * kTileBytes;
@@ -442,12 +444,12 @@ HN_INLINE void prefetch_row(const float* x, int64_t n, bool write) {
   }
 }
 
-// Query rows [i0, i0 + n) (n <= 16 RT) of one head: RT row tiles, rows beyond n zero-padded. After S of block 0,
-// phase b runs the softmax of block b and O = alpha O of block b - 1, with the tile chunks of S of block b + 1 and
-// O += P V of block b - 1 between the rows of its exp pass (see the top).
+// Query rows [i0, i0 + n) (n <= 16 RT) of one head, of a task ending at row q1: RT row tiles, rows beyond n
+// zero-padded. After S of block 0, phase b runs the softmax of block b and O = alpha O of block b - 1, with the tile
+// chunks of S of block b + 1 and O += P V of block b - 1 between the rows of its exp pass (see the top).
 template <int RT>
 void row_group(const AttentionShape& s, const AttentionHead& h, const Layout& lay, const uint8_t* kp,
-               const uint8_t* vp, const Scratch& sc, int64_t i0, int64_t n) {
+               const uint8_t* vp, const Scratch& sc, int64_t i0, int64_t n, int64_t q1) {
   constexpr int64_t rows = RT * kTile;
   const __m512 scale = _mm512_set1_ps(s.scale);
   for (int64_t r = 0; r < rows; ++r) {  // Q = bf16(scale q), zeros beyond d and beyond n
@@ -494,8 +496,9 @@ void row_group(const AttentionShape& s, const AttentionHead& h, const Layout& la
     for (int64_t r = 0; r < n; ++r) {
       if (b < blocks) row_exp(sc, r, keys(b), b & 1, sc.alpha[b % 2][r], sub[r]);
       // the rows of a head are heads * d apart in the bnhd layout, one miss each for the hardware prefetchers: the next
-      // group's q row in the first phase, this group's output row (for writing) in the phase before the last
-      if (b == 0 && i0 + rows + r < s.nq) prefetch_row(h.q + (i0 + rows + r) * s.q_stride, s.d, false);
+      // group's q row of this task (rows < q1) in the first phase, this group's output row (for writing) in the phase
+      // before the last
+      if (b == 0 && i0 + rows + r < q1) prefetch_row(h.q + (i0 + rows + r) * s.q_stride, s.d, false);
       if (b == std::max<int64_t>(0, blocks - 1)) prefetch_row(h.out + (i0 + r) * s.out_stride, s.dv, true);
       jobs.run_until((r + 1) * total / n);
     }
@@ -521,9 +524,9 @@ void amx_rows(const AttentionShape& s, const AttentionHead& h, const void* packe
   for (int64_t i0 = q0; i0 < q1; i0 += kGroup) {
     const int64_t n = std::min(kGroup, q1 - i0);
     if (n > kTile)
-      row_group<2>(s, h, lay, kp, vp, sc, i0, n);
+      row_group<2>(s, h, lay, kp, vp, sc, i0, n, q1);
     else
-      row_group<1>(s, h, lay, kp, vp, sc, i0, n);
+      row_group<1>(s, h, lay, kp, vp, sc, i0, n, q1);
   }
   _tile_release();
 }
