@@ -441,8 +441,9 @@ def test_calibrating_an_attention_fused_graph(exports, tmp_path, hn_cli, kernel_
 
 @pytest.mark.parametrize("precision", ["float", "bf16"])
 def test_packed_buffer_reuse_leaves_no_trace(precision, kernel_library):
-    """The packed keys and values live in a buffer the calling thread keeps between calls (up to 8 MB): a call after a
-    larger one, in another session on the same thread, gives the bits of the same call before it, on every path."""
+    """Each path's pack writes every byte its rows read: a call after a larger one (whose freed packed buffer the
+    allocator may hand out again), in another session on the same thread, gives the bits of the same call before it,
+    on every path."""
     rng = np.random.default_rng(11)
     small = {n: rng.standard_normal((1, 37, 3, 40)).astype(np.float32) for n in "qkv"}
     large = {n: rng.standard_normal((2, 300, 4, 72)).astype(np.float32) * 5 for n in "qkv"}

@@ -12,7 +12,6 @@
 
 #include <cstring>
 #include <memory>
-#include <vector>
 
 #include "attention.h"
 #include "int_kernels.h"
@@ -30,26 +29,14 @@ AttentionPrecision parse_precision(const std::string& value) {
   fail("attribute precision=\"", value, "\" is not one of float, bf16; re-export with hn-export");
 }
 
-// `bytes` of 64-byte aligned memory for the packed keys and values of one call. Up to kKeptPackedBytes it is kept by
-// the calling thread (grown only): a fresh allocation of a few MB each call is fresh pages, whose faults cost more
-// than the packing (256 px: 2.8 MB, 0.3-0.5 ms of a 1.8 ms call); larger ones (1024 px: 45 MB) are this call's own,
-// in `own`, and freed with it. Concurrent runs call from different threads; pack and rows never call this.
-constexpr size_t kKeptPackedBytes = size_t{8} << 20;
-
-uint8_t* packed_buffer(size_t bytes, std::unique_ptr<uint8_t[]>& own) {
-  auto aligned = [](uint8_t* p) { return p + (64 - reinterpret_cast<uintptr_t>(p) % 64) % 64; };
-  if (bytes > kKeptPackedBytes) {
-    own.reset(new uint8_t[bytes + 64]);
-    return aligned(own.get());
+struct AlignedBuffer {
+  std::unique_ptr<uint8_t[]> raw;
+  uint8_t* data = nullptr;
+  explicit AlignedBuffer(size_t bytes) : raw(new uint8_t[bytes + 64]) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(raw.get());
+    data = raw.get() + ((64 - p % 64) % 64);
   }
-  thread_local std::unique_ptr<uint8_t[]> kept;
-  thread_local size_t kept_bytes = 0;
-  if (kept_bytes < bytes) {
-    kept.reset(new uint8_t[bytes + 64]);
-    kept_bytes = bytes;
-  }
-  return aligned(kept.get());
-}
+};
 
 template <bool Half>
 struct AttentionKernel {
@@ -159,8 +146,8 @@ struct AttentionKernel {
     }
 
     const size_t head_bytes = (path->packed_bytes(shape) + 63) / 64 * 64;
-    std::unique_ptr<uint8_t[]> own_packed;
-    uint8_t* const packed = packed_buffer(head_bytes * static_cast<size_t>(heads), own_packed);
+    AlignedBuffer packed_storage(head_bytes * static_cast<size_t>(heads));
+    uint8_t* const packed = packed_storage.data;
     // the first element of head hi (= b * H + h) of a tensor with n rows of width w
     auto head_start = [&](int64_t hi, int64_t n, int64_t w) {
       return bnhd ? (hi / per_batch) * n * per_batch * w + (hi % per_batch) * w : hi * n * w;
