@@ -29,15 +29,6 @@ AttentionPrecision parse_precision(const std::string& value) {
   fail("attribute precision=\"", value, "\" is not one of float, bf16; re-export with hn-export");
 }
 
-struct AlignedBuffer {
-  std::unique_ptr<uint8_t[]> raw;
-  uint8_t* data = nullptr;
-  explicit AlignedBuffer(size_t bytes) : raw(new uint8_t[bytes + 64]) {
-    const uintptr_t p = reinterpret_cast<uintptr_t>(raw.get());
-    data = raw.get() + ((64 - p % 64) % 64);
-  }
-};
-
 template <bool Half>
 struct AttentionKernel {
   float scale = 1.0f;
@@ -146,8 +137,8 @@ struct AttentionKernel {
     }
 
     const size_t head_bytes = (path->packed_bytes(shape) + 63) / 64 * 64;
-    AlignedBuffer packed_storage(head_bytes * static_cast<size_t>(heads));
-    uint8_t* const packed = packed_storage.data;
+    OrtScratch packed_storage(ctx, head_bytes * static_cast<size_t>(heads));  // the session's arena (ort_util.h)
+    uint8_t* const packed = packed_storage.data();
     // the first element of head hi (= b * H + h) of a tensor with n rows of width w
     auto head_start = [&](int64_t hi, int64_t n, int64_t w) {
       return bnhd ? (hi / per_batch) * n * per_batch * w + (hi % per_batch) * w : hi * n * w;

@@ -90,6 +90,38 @@ void parallel_for(const Ort::KernelContext& ctx, size_t chunks, Fn&& fn) {
   parallel_chunks(ctx, job, chunks);
 }
 
+// Scratch memory for one kernel call (64-byte aligned, freed at the end of the scope) from onnxruntime's allocator for
+// the CPU: the session's arena when it has one, which keeps the memory between calls, so a large buffer is not mapped
+// and faulted in page by page every call (the 1024 px attention's 44 MB packed K/V: about 22 000 page faults a call
+// from new[] and delete[], glibc's mmap and munmap); plain malloc when the session's arena is off
+// (enable_cpu_mem_arena = 0) or shrunk after each run.
+class OrtScratch {
+ public:
+  OrtScratch(const Ort::KernelContext& ctx, size_t bytes) {
+    static const Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+    allocator_ = ctx.GetAllocator(*cpu);
+    raw_ = allocator_->Alloc(allocator_, bytes + 64);
+    if (!raw_) {
+      Ort::GetApi().ReleaseAllocator(allocator_);
+      fail("out of memory: ", bytes, " bytes of scratch");
+    }
+    const uintptr_t p = reinterpret_cast<uintptr_t>(raw_);
+    data_ = static_cast<uint8_t*>(raw_) + (64 - p % 64) % 64;
+  }
+  ~OrtScratch() {
+    allocator_->Free(allocator_, raw_);
+    Ort::GetApi().ReleaseAllocator(allocator_);
+  }
+  OrtScratch(const OrtScratch&) = delete;
+  OrtScratch& operator=(const OrtScratch&) = delete;
+  uint8_t* data() const { return data_; }
+
+ private:
+  OrtAllocator* allocator_ = nullptr;
+  void* raw_ = nullptr;
+  uint8_t* data_ = nullptr;
+};
+
 // About 64 KiB of floats per chunk: enough work to amortise scheduling, enough chunks to balance threads.
 inline int64_t rows_per_chunk(int64_t d) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)); }
 
