@@ -305,12 +305,20 @@ def mem_available_mb() -> float:
     return float("inf")
 
 
+def worker_arena(choice: str, graph: Graph) -> str:
+    """The arena policy of one worker: `shrink-peers` shrinks the onnxruntime peers' arenas (FP32 and W8A8 at 1024 px
+    need 12 and 7 GB with theirs kept) and keeps hn-export's (onnxruntime's default, what a user of the graph runs)."""
+    if choice == "shrink-peers":
+        return "keep" if graph.runtime == "hn" else "shrink"
+    return choice
+
+
 class Worker:
     def __init__(self, graph: Graph, model: Path, args: argparse.Namespace, logdir: Path):
         self.graph = graph
         self.log = logdir / f"worker-{graph.key}{'-noamx' if args.no_amx else ''}.log"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", graph.runtime, "--model", str(model),
-               "--threads", str(args.threads), "--ort-arena", args.ort_arena]
+               "--threads", str(args.threads), "--ort-arena", worker_arena(args.ort_arena, graph)]
         if args.no_amx:
             cmd = [sys.executable, str(NO_AMX), "--", *cmd]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
@@ -380,9 +388,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=2)
     p.add_argument("--graphs", default=",".join(GRAPHS), help=f"comma-separated subset of {','.join(GRAPHS)}")
     p.add_argument("--no-amx", action="store_true", help="run every worker under benchmarks/no_amx.py")
-    p.add_argument("--ort-arena", choices=("keep", "shrink"), default="keep",
+    p.add_argument("--ort-arena", choices=("keep", "shrink", "shrink-peers"), default="keep",
                    help="shrink: onnxruntime frees its arena after every call (for sizes whose workers do not fit "
-                        "in memory together; each call then pays its page faults)")
+                        "in memory together; each call then pays its page faults); shrink-peers: only the "
+                        "onnxruntime peers' (FP32, W8A8, W4) do, hn-export's graphs keep theirs (OpenVINO has no "
+                        "onnxruntime arena either way)")
     p.add_argument("--work-dir", type=Path, help="graphs are made here once and reused (default: a temp folder)")
     p.add_argument("--out", type=Path, help="write the results here (.json) and the table beside it (.md)")
     p.add_argument("--no-build", action="store_true", help="use the kernel library as built, do not rebuild it")
@@ -608,7 +618,9 @@ def table(result: dict) -> str:
         + (", ".join(result["kernel_library"]["in_workers"]) or "-"),
         f"One denoiser call, batch {result['batch']} (guidance pair), caption {s['caption_length']}, {s['threads']} "
         f"threads, each graph in its own process; median of {s['rounds']} interleaved rounds after {s['warmup']} "
-        f"warm-up calls; onnxruntime arena: {s['ort_arena']}. SQNR vs onnxruntime FP32 on held-out inputs (seed "
+        f"warm-up calls; onnxruntime arena: {s['ort_arena']}"
+        + (" (the onnxruntime peers shrink theirs after every call; hn-export's graphs keep theirs, onnxruntime's "
+           "default)" if s["ort_arena"] == "shrink-peers" else "") + f". SQNR vs onnxruntime FP32 on held-out inputs (seed "
         f"{result['evaluation_seed']}): one call per sample, and the final latents of {s['steps']} denoising steps, "
         f"{s['samples']} samples. RSS: absolute, of the worker process (its imports: the before-load column).",
         "",

@@ -13,7 +13,7 @@ from graph_passes.gptq import GptqFactor
 from graph_passes.int_packing import repack, unpack_codes
 from graph_passes.quantization import QuantConfig, WeightRange, WeightScales, quantize_weight
 from graph_passes.weight_grid import TWO_LEVEL_RATIO
-from tests.kernel_env import supported_isas
+from tests.kernel_env import kernel_session, supported_isas
 from tests.test_int_kernels import (F16, F32, MatMulCase, activations, int_matmul_model, int_matmul_reference,
                                     one_node_model, onnx_type, rel_l2, run_every_path, run_on, weight_inits)
 
@@ -107,6 +107,7 @@ CASES = [  # (case, what it covers)
     MatMulCase(200, 100, 4, 4, True, 3, 5, "B1N"),  # K not a multiple of the block, N not of 16
     MatMulCase(1152, 72, 4, 4, True, 1, 33, "N", F16),
     MatMulCase(512, 48, 3, 4, True, 1, 19, "N", F32, 256),  # 3-bit weights, block 256
+    MatMulCase(1152, 200, 4, 4, True, 2, 300, "B1N"),  # 600 rows: several row tasks, the weight expanded once
 ]
 
 
@@ -131,6 +132,24 @@ def test_two_level_matmul_every_path(library, case, monkeypatch):
     assert rel_l2(block, y.astype(np.float64)) <= (1e-6 if case.dtype == F32 else 2**-10)
     if case.dtype == F32 and case.k >= 1152:
         assert not np.array_equal(block, y)
+
+
+def test_two_level_expanded_once_for_several_row_tasks(library):
+    """Over one row task's rows (amx 256, avx512vnni 96, ...) the call expands the weight once into scratch that every
+    task reads (matmul_ops.cc), where each task expanded its own tiles before: the same bytes, so the 600 rows in one
+    call give the bits of 8-row calls (one row task each on every path, the scalar one's 8 rows included: their own
+    expansion), on every path."""
+    case = MatMulCase(1152, 200, 4, 4, True, 1, 600, "N")
+    p = repack(two_level(weight(case.k, case.n)))
+    codes, scale, zp, bias = activations(case)
+    model = int_matmul_model(case, p)
+    for isa in supported_isas(library):
+        (whole,) = kernel_session(model, library, isa).run(None, {"codes": codes, "a_scale": scale,
+                                                                  "a_zero_point": zp, "bias": bias})
+        session = kernel_session(model, library, isa)
+        parts = [session.run(None, {"codes": codes[:, r:r + 8], "a_scale": scale[:, r:r + 8],
+                                    "a_zero_point": zp[:, r:r + 8], "bias": bias})[0] for r in range(0, 600, 8)]
+        assert np.array_equal(whole, np.concatenate(parts, axis=1)), isa
 
 
 def test_two_level_refused_past_the_int32_range(library, monkeypatch):

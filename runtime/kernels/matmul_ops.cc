@@ -230,8 +230,22 @@ struct MatMulKernel {
     ResidualTerm residual;
     if constexpr (Res != Residual::kNone) residual = residual_term(ctx, a_shape, w.n);
     const IntGemmFn gemm = Bits == 4 && !two_level ? kernels->int_gemm4 : kernels->int_gemm8;
+    // A two-level weight whose tiles more than one row task would each expand (rows over one task: 512 tokens at
+    // 256 px make 2 row tasks, 8192 at 1024 px 32) is expanded once for the call instead, in parallel over its tile
+    // groups, into scratch from the session's arena (K x N bytes: 5.3 MB for 1152 x 4608); every task reads it.
+    std::unique_ptr<OrtScratch> whole;
+    if (two_level && row_task_count(rows) > 1) {
+      whole = std::make_unique<OrtScratch>(ctx, static_cast<size_t>(w.tiles * two_level->w8.tile_stride));
+      const int64_t tb = kernels->tiles_per_task;
+      parallel_for(ctx, static_cast<size_t>(ceil_div(w.tiles, tb)), [&](size_t group) {
+        const int64_t t0 = static_cast<int64_t>(group) * tb, t1 = std::min(w.tiles, t0 + tb);
+        kernels->expand_two_level(w, two_level->ratio.data(), b, t0, t1,
+                                  whole->data() + t0 * two_level->w8.tile_stride);
+      });
+      args.b = whole->data();
+    }
     run_tasks(ctx, rows, w.tiles, [&](int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
-      if (two_level) {
+      if (two_level && !whole) {
         GemmArgs task = args;
         task.b = expanded_tiles(*two_level, w, b, t0, t1);
         gemm(task, m0, m1, t0, t1);
@@ -393,6 +407,8 @@ struct MatMulKernel {
       task_w.scales.swap(scales);  // the buffer stays with the thread
     });
   }
+
+  int64_t row_task_count(int64_t rows) const { return ceil_div(rows, balanced_row_tasks(*kernels, rows)); }
 
   // Splits rows x column tiles into tasks of the path's preferred size, consecutive tasks on the same column tiles.
   template <typename Fn>
