@@ -403,7 +403,7 @@ def test_packed_keys_come_from_the_session_arena(kernel_library):
     """The packed K/V of a call (here 2 x 16 heads x 4096 keys: 46 MB on the AMX path, 75 MB on the scalar one) come
     from the session's arena, which keeps them for the next call: a repeated call maps no new pages. From new[] they
     were mapped and faulted in again every call (at least one minor fault per 4 KiB page: over 11 000; the 1024 px
-    attention paid 22 500 a call, 4-7% of the 2-block call)."""
+    attention paid 22 500 a call, 3-4% of the 2-block call: benchmarks/peers/README.md)."""
     code = f"""
 import resource, numpy as np, onnxruntime as ort, sys
 sys.path.insert(0, {str(ROOT)!r})

@@ -232,7 +232,8 @@ struct MatMulKernel {
     const IntGemmFn gemm = Bits == 4 && !two_level ? kernels->int_gemm4 : kernels->int_gemm8;
     // A two-level weight whose tiles more than one row task would each expand (rows over one task: 512 tokens at
     // 256 px make 2 row tasks, 8192 at 1024 px 32) is expanded once for the call instead, in parallel over its tile
-    // groups, into scratch from the session's arena (K x N bytes: 5.3 MB for 1152 x 4608); every task reads it.
+    // groups, into scratch from the session's arena (K x N bytes: 5.3 MB for 1152 x 4608); every task reads it. The
+    // 4-block 256 px call: 57.1 -> 53.6 ms, medians of 5 alternated processes (benchmarks/bench_call_ab.py).
     std::unique_ptr<OrtScratch> whole;
     if (two_level && row_task_count(rows) > 1) {
       whole = std::make_unique<OrtScratch>(ctx, static_cast<size_t>(w.tiles * two_level->w8.tile_stride));
