@@ -57,6 +57,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 NO_AMX = HERE / "no_amx.py"
+MALLOC_HUGETLB = "glibc.malloc.hugetlb=1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,6 +324,8 @@ class Worker:
             cmd = [sys.executable, str(NO_AMX), "--", *cmd]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")])}
+        if args.malloc_hugetlb:  # every worker alike, peers included
+            env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), MALLOC_HUGETLB]))
         with open(self.log, "w") as err:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
                                          cwd=ROOT, env=env, bufsize=1)
@@ -388,6 +391,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=2)
     p.add_argument("--graphs", default=",".join(GRAPHS), help=f"comma-separated subset of {','.join(GRAPHS)}")
     p.add_argument("--no-amx", action="store_true", help="run every worker under benchmarks/no_amx.py")
+    p.add_argument("--malloc-hugetlb", action="store_true",
+                   help=f"run every worker with GLIBC_TUNABLES={MALLOC_HUGETLB}: glibc's malloc asks for transparent "
+                        "huge pages (madvise) for its heap and large blocks")
     p.add_argument("--ort-arena", choices=("keep", "shrink", "shrink-peers"), default="keep",
                    help="shrink: onnxruntime frees its arena after every call (for sizes whose workers do not fit "
                         "in memory together; each call then pays its page faults); shrink-peers: only the "
@@ -590,7 +596,8 @@ def main(argv: list[str] | None = None) -> None:
                            "isa_in_parent": library_isa(library) if library else None,
                            "in_workers": sorted({r["runs_as"] for k, r in rows.items() if GRAPHS[k].runtime == "hn"})},
         "settings": {k: getattr(args, k) for k in ("preset", "layers", "seed", "rounds", "warmup", "threads",
-                                                   "caption_length", "steps", "samples", "ort_arena")},
+                                                   "caption_length", "steps", "samples", "ort_arena",
+                                                   "malloc_hugetlb")},
         "batch": int(one_call[0][next(iter(sig.batched))].shape[0]) if sig.batched else None,
         "evaluation_seed": args.seed + 1000,
         "load_average": {"start": load_start, "after_rounds": load_timed, "end": os.getloadavg()},
@@ -619,6 +626,8 @@ def table(result: dict) -> str:
         f"One denoiser call, batch {result['batch']} (guidance pair), caption {s['caption_length']}, {s['threads']} "
         f"threads, each graph in its own process; median of {s['rounds']} interleaved rounds after {s['warmup']} "
         f"warm-up calls; onnxruntime arena: {s['ort_arena']}"
+        + (f"; every worker with GLIBC_TUNABLES={MALLOC_HUGETLB} (transparent huge pages for malloc)"
+           if s.get("malloc_hugetlb") else "")
         + (" (the onnxruntime peers shrink theirs after every call; hn-export's graphs keep theirs, onnxruntime's "
            "default)" if s["ort_arena"] == "shrink-peers" else "") + f". SQNR vs onnxruntime FP32 on held-out inputs (seed "
         f"{result['evaluation_seed']}): one call per sample, and the final latents of {s['steps']} denoising steps, "
