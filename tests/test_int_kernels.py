@@ -196,10 +196,11 @@ def test_transform_constants_fed_at_run_time(library, isas, mode):
 
 
 def test_quantize_edge_rows(library, isas):
-    """All-zero, all-positive, all-negative, constant and tiny rows; ties on .5 (round half to even)."""
+    """All-zero, all-positive, all-negative, constant and tiny rows; ties on .5 (round half to even); a row whose ends
+    both round up at 4 bits (13.5 .. -1.5: scale 1, zero point round(1.5) = 2, round(13.5) + 2 = 16 clamped to 15)."""
     rows = np.array([np.zeros(72), np.linspace(0.5, 3.0, 72), -np.linspace(0.5, 3.0, 72), np.full(72, -2.5),
-                     np.full(72, 1e-30), np.arange(72) * 0.5 - 10.0], dtype=F32)[None]
-    for bits in (2, 5, 8):
+                     np.full(72, 1e-30), np.arange(72) * 0.5 - 10.0, np.linspace(13.5, -1.5, 72)], dtype=F32)[None]
+    for bits in (2, 4, 5, 8):
         got = run_every_path(library, isas, one_node_model("Quantize", {"x": rows}, {},
                                                            ["codes", "scale", "zero_point"], bits=bits), {"x": rows})
         for g, e in zip(got, quantize_reference(rows, bits, half_scale=False)):
@@ -231,6 +232,40 @@ def test_quantize_near_ties(library, isas):
         y, scale = x.astype(F32), got[1]
         offsets = np.abs(y / scale - np.rint(y / scale))
         assert np.mean(offsets > 0.5 - 2**-12) > 0.5  # the case is what it claims: most values sit near a tie
+
+def test_quantize_non_finite_and_extreme_rows(library, isas):
+    """Tokens with a NaN, +-inf, values whose Hadamard sums overflow, tiny values, and float16 tokens whose scale
+    rounds to 0 in float16: every path gives the scalar path's bits (codes: NaN -> 0, the clamp to 0..qmax), through
+    the quantizer alone, the one-pass block-Hadamard quantizer of the Center / Modulate ops, and float16 scales."""
+    rng = np.random.default_rng(11)
+    x = dit_like_input(1152, batch=1, tokens=8, seed=2).astype(F32)
+    x[0, 1, 5] = np.nan
+    x[0, 2, 300] = np.inf
+    x[0, 3, 700] = -np.inf
+    x[0, 4] = 3e38 * np.sign(rng.standard_normal(1152))  # block sums overflow to +-inf
+    x[0, 5] = 1e-38 * rng.standard_normal(1152)
+    x[0, 6] = 0.0
+    quantize = one_node_model("Quantize", {"x": x}, {}, ["codes", "scale", "zero_point"], bits=8)
+    assert run_every_path(library, isas, quantize, {"x": x})[0][0, 1, 5] == 0  # NaN -> code 0
+    x_tokens = np.concatenate([x[:, :1], x[:, 4:]], axis=1)  # no NaN / inf token: a finite mean for the centered op
+    for op, feeds_x in (("ScaleRotateQuantize", x), ("CenterScaleRotateQuantize", x_tokens)):
+        center = op.startswith("Center")
+        consts = transform_consts(1152, True, HadamardMode.BLOCK, F32)
+        model = one_node_model(op, {"x": feeds_x}, consts, ["codes", "scale", "zero_point", "mean_y"][:3 + center],
+                               bits=4)
+        run_every_path(library, isas, model, {"x": feeds_x})
+    row = (1, 1, 1152)
+    modulate = one_node_model("ModulateScaleRotateQuantize",
+                              {"x": x, "x_scale": np.full(row, 2.0, F32), "x_shift": np.full(row, -1e30, F32)},
+                              transform_consts(1152, True, HadamardMode.BLOCK, F32), ["codes", "scale", "zero_point"],
+                              bits=4, order=["x", "mul", "h_left", "h_right", "x_scale", "x_shift"])
+    run_every_path(library, isas, modulate,
+                   {"x": x, "x_scale": np.full(row, 2.0, F32), "x_shift": np.full(row, -1e30, F32)})
+    tiny = (np.arange(144, dtype=F32).reshape(1, 2, 72) % 3 - 1.0) * F32(6e-8)  # float16 subnormals
+    half = one_node_model("Quantize", {"x": tiny.astype(F16)}, {}, ["codes", "scale", "zero_point"], bits=8)
+    got = run_every_path(library, isas, half, {"x": tiny.astype(F16)})
+    assert np.all(got[1] == 0)  # the case is what it claims: the scale rounds to 0 in float16
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # IntMatMul / FloatMatMul

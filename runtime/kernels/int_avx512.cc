@@ -55,6 +55,9 @@ HN_INLINE void dpbusd(__m512i& acc, __m512i a, __m512i w) {
 // Quantize one token
 // ---------------------------------------------------------------------------------------------------------------
 
+void quantize_codes_avx512(const float* y, int64_t d, float h, float l, float qmax, bool half_scale, uint8_t* codes,
+                           float* scale_out, uint8_t* zp_out);
+
 void quantize_row_avx512(const float* y, int64_t d, float qmax, bool half_scale, uint8_t* codes, float* scale_out,
                          uint8_t* zp_out) {
   // four independent max / min chains (one chain waited on each max's latency: 28% of this function's samples at d
@@ -90,7 +93,17 @@ void quantize_row_avx512(const float* y, int64_t d, float qmax, bool half_scale,
     hi = _mm512_max_ps(v, hi);
     lo = _mm512_min_ps(v, lo);
   }
-  const float h = _mm512_reduce_max_ps(hi), l = _mm512_reduce_min_ps(lo);
+  quantize_codes_avx512(y, d, _mm512_reduce_max_ps(hi), _mm512_reduce_min_ps(lo), qmax, half_scale, codes, scale_out,
+                        zp_out);
+}
+
+// The codes of a token whose range the caller took: h = max(max y, 0), l = min(min y, 0) (NaN skipped), as
+// quantize_row_avx512 takes them (max and min are exact: any order gives the same bits). Floats, not the lane vectors:
+// a function with zmm arguments returns without vzeroupper (GCC 12), and the callers' SSE code after it then ran
+// about 8% slower (the 1152-wide op, one thread).
+void quantize_codes_avx512(const float* y, int64_t d, float h, float l, float qmax, bool half_scale, uint8_t* codes,
+                           float* scale_out, uint8_t* zp_out) {
+  int64_t i = 0;
   float scale = (h - l) / qmax;
   scale = scale > FLT_MIN ? scale : FLT_MIN;
   if (half_scale) scale = _cvtsh_ss(_cvtss_sh(scale, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -105,7 +118,10 @@ void quantize_row_avx512(const float* y, int64_t d, float qmax, bool half_scale,
   const float inv = 1.0f / scale;
   const bool reciprocal = std::fabs(inv) >= FLT_MIN && std::fabs(inv) <= FLT_MAX;  // else divide every vector
   const __m512 vinv = _mm512_set1_ps(inv), near_half = _mm512_set1_ps(0.5f - 0x1p-12f);
-  auto code16 = [&](__m512 v) {
+  // Clamp false: round(y / scale) + zp without the clamp to 0..qmax, for the packs below to saturate: only with the
+  // reciprocal, where scale is finite and positive, so |y / scale| <= qmax (1 + 2^-11) (|y| <= max(h, -l); a scale
+  // rounded to half is at most 2^-11 under (h - l) / qmax) and the sum is within -qmax - 1 .. 2 qmax + 1.
+  auto code16 = [&]<bool Clamp = true>(__m512 v) {
     constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     __m512 r;
     if (reciprocal) {
@@ -117,12 +133,26 @@ void quantize_row_avx512(const float* y, int64_t d, float qmax, bool half_scale,
       r = _mm512_roundscale_ps(_mm512_div_ps(v, vscale), kRound);
     }
     v = _mm512_add_ps(r, vzp);
-    v = _mm512_min_ps(_mm512_max_ps(v, zero), vmax);  // NaN -> 0 (max returns the second operand)
-    return _mm512_cvttps_epi32(v);  // 0 .. qmax <= 255
+    if constexpr (Clamp) v = _mm512_min_ps(_mm512_max_ps(v, zero), vmax);  // NaN -> 0 (max returns the second operand)
+    return _mm512_cvttps_epi32(v);  // Clamp: 0 .. qmax <= 255; else NaN -> INT32_MIN, which the packs take to 0
   };
-  // 64 codes a store: two saturating packs (exact for 0..255) and one lane permute instead of four vpmovdb
+  // 64 codes a store: two saturating packs (exact for 0..255) and one lane permute instead of four vpmovdb. With the
+  // reciprocal the packs also do the clamp (int32 -> int16 -> uint8 saturating: below 0 -> 0) and one vpminub the
+  // top (above qmax -> qmax) for the 64 codes, instead of a max and a min per 16 (the scalar path's clamp_code: NaN ->
+  // 0, as INT32_MIN saturates to 0).
   const __m512i lanes = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
-  for (i = 0; i + 64 <= d; i += 64) {
+  if (reciprocal) {
+    const __m512i top = _mm512_set1_epi8(static_cast<char>(static_cast<uint8_t>(qmax)));
+    for (; i + 64 <= d; i += 64) {
+      const __m512i c0 = code16.operator()<false>(_mm512_loadu_ps(y + i));
+      const __m512i c1 = code16.operator()<false>(_mm512_loadu_ps(y + i + 16));
+      const __m512i c2 = code16.operator()<false>(_mm512_loadu_ps(y + i + 32));
+      const __m512i c3 = code16.operator()<false>(_mm512_loadu_ps(y + i + 48));
+      const __m512i bytes = _mm512_packus_epi16(_mm512_packs_epi32(c0, c1), _mm512_packs_epi32(c2, c3));
+      _mm512_storeu_si512(codes + i, _mm512_permutexvar_epi32(lanes, _mm512_min_epu8(bytes, top)));
+    }
+  }
+  for (; i + 64 <= d; i += 64) {
     const __m512i c0 = code16(_mm512_loadu_ps(y + i)), c1 = code16(_mm512_loadu_ps(y + i + 16));
     const __m512i c2 = code16(_mm512_loadu_ps(y + i + 32)), c3 = code16(_mm512_loadu_ps(y + i + 48));
     const __m512i bytes = _mm512_packus_epi16(_mm512_packs_epi32(c0, c1), _mm512_packs_epi32(c2, c3));
@@ -136,6 +166,22 @@ void quantize_row_avx512(const float* y, int64_t d, float qmax, bool half_scale,
   }
   *scale_out = scale;
   *zp_out = static_cast<uint8_t>(zp);
+}
+
+// One token of a quantize op with h_right's fast transform alone (int_kernels.h, FwhtQuantizeRowFn): the transform row
+// by row with the row's range taken in registers (transform_avx512.h), then its codes: the bits of affine,
+// center_scale_fwht and quantize_row_avx512, without the pass that reloads y for the range nor the one through x' of
+// the Modulate ops.
+bool fwht_quantize_row_avx512(const float* x, const float* x_scale, const float* x_shift, const float* mean,
+                              const float* mul, int64_t k, int64_t m, float qmax, bool half_scale, float* y,
+                              uint8_t* codes, float* scale, uint8_t* zero_point) {
+  __m512 hi = _mm512_setzero_ps(), lo = _mm512_setzero_ps();
+  const bool done = x_scale ? center_scale_fwht_range_avx512<true>(x, x_scale, x_shift, mean, mul, y, k, m, &hi, &lo)
+                            : center_scale_fwht_range_avx512<false>(x, nullptr, nullptr, mean, mul, y, k, m, &hi, &lo);
+  if (done)
+    quantize_codes_avx512(y, k * m, _mm512_reduce_max_ps(hi), _mm512_reduce_min_ps(lo), qmax, half_scale, codes, scale,
+                          zero_point);
+  return done;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -442,6 +488,7 @@ const IsaKernels* avx512vnni_kernels() {
   static const IsaKernels kernels = inherit(
       {.isa = Isa::kAvx512Vnni,
        .quantize_row = quantize_row_avx512,
+       .fwht_quantize_row = fwht_quantize_row_avx512,
        .int_gemm4 = panel_int_gemm<Avx512Micro, 4>,
        .int_gemm8 = panel_int_gemm<Avx512Micro, 8>,
        .float_gemm4 = float_gemm<4>,

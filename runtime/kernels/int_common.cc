@@ -112,6 +112,7 @@ bool complete(const IsaKernels& k) {
 
 IsaKernels inherit(IsaKernels own, const IsaKernels& base) {
   take(own.quantize_row, base.quantize_row);
+  take(own.fwht_quantize_row, base.fwht_quantize_row);  // optional
   take(own.int_gemm4, base.int_gemm4);
   take(own.int_gemm8, base.int_gemm8);
   take(own.float_gemm4, base.float_gemm4);

@@ -135,6 +135,16 @@ using FloatGemmFn = void (*)(const FloatGemmArgs&, int64_t m0, int64_t m1, int64
 using QuantizeRowFn = void (*)(const float* y, int64_t d, float qmax, bool half_scale, uint8_t* codes, float* scale,
                                uint8_t* zero_point);
 
+// Optional (null on paths without it): one token of a quantize op whose rotation is h_right's fast transform alone
+// (h_left the identity), in one pass over x: x' = x * x_scale + x_shift when x_scale is not null (the product rounded,
+// then the sum; the Modulate ops), y = Sylvester(M) @ ((x' - mean) * mul) row by row for y [K, M] (mean may be null;
+// mul with h_right's scale folded in), then quantize_row(y, K * M, ...), the row's range taken while y is in registers:
+// the bits of TransformKernels::affine, center_scale_fwht and quantize_row one after another. y: K x M floats of
+// scratch (left holding y). Returns false, doing nothing, for a row length M it does not handle.
+using FwhtQuantizeRowFn = bool (*)(const float* x, const float* x_scale, const float* x_shift, const float* mean,
+                                   const float* mul, int64_t k, int64_t m, float qmax, bool half_scale, float* y,
+                                   uint8_t* codes, float* scale, uint8_t* zero_point);
+
 // In place on n floats: the matmul epilogue's activation (portable_loops.h, GeluTanh).
 using ActivationFn = void (*)(float* y, int64_t n);
 // For rows i in [0, rows) and c in [0, n): y[i * ldy + c] += sum_j t[i * ldt + j] right[j * ldr + c], the sum in j order
@@ -153,6 +163,7 @@ using ResidualAddFn = void (*)(float* y, const float* residual, const float* gat
 struct IsaKernels {
   Isa isa = Isa::kScalar;
   QuantizeRowFn quantize_row = nullptr;
+  FwhtQuantizeRowFn fwht_quantize_row = nullptr;  // optional (null: the transform's row kernels, then quantize_row)
   IntGemmFn int_gemm4 = nullptr, int_gemm8 = nullptr;
   FloatGemmFn float_gemm4 = nullptr, float_gemm8 = nullptr;
   FillWeightFn fill_weight_info = nullptr;

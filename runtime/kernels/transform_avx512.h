@@ -71,8 +71,12 @@ HN_INLINE __m512 fwht_sign512(__mmask16 upper) {
 // AVX-512 centering, scale and the fast Walsh-Hadamard transform of each of the K rows of M = 16 * NV floats, the
 // row held in NV registers: the same operations in the same order as center_scale_row + fwht_rows (subtract,
 // multiply; butterflies (a + b, a - b) with h = 1, 2, 4, ...), so bit-identical to them (portable_loops.h).
-template <int NV>
-void center_scale_fwht512(const float* x, const float* mean, const float* mul, float* v, int64_t k) {
+// Affine: x is first replaced by x * x_scale + x_shift (the product rounded, then the sum: affine_row's bits), without
+// writing it. Range: *hi = max(*hi, every output), *lo = min(*lo, every output), lane by lane (as quantize_row takes
+// its range: max(v, hi), so a NaN output leaves hi as it is).
+template <int NV, bool Affine = false, bool Range = false>
+void center_scale_fwht512(const float* x, const float* x_scale, const float* x_shift, const float* mean,
+                          const float* mul, float* v, int64_t k, __m512* hi = nullptr, __m512* lo = nullptr) {
   constexpr int64_t m = 16 * NV;
   const __m512i p1 = _mm512_set_epi32(14, 15, 12, 13, 10, 11, 8, 9, 6, 7, 4, 5, 2, 3, 0, 1);
   const __m512i p2 = _mm512_set_epi32(13, 12, 15, 14, 9, 8, 11, 10, 5, 4, 7, 6, 1, 0, 3, 2);
@@ -80,12 +84,21 @@ void center_scale_fwht512(const float* x, const float* mean, const float* mul, f
   const __m512i p8 = _mm512_set_epi32(7, 6, 5, 4, 3, 2, 1, 0, 15, 14, 13, 12, 11, 10, 9, 8);
   const __m512 s1 = fwht_sign512(0xAAAA), s2 = fwht_sign512(0xCCCC), s4 = fwht_sign512(0xF0F0),
                s8 = fwht_sign512(0xFF00);
+  // the range in up to 4 independent max / min chains (one chain waits on each max's latency)
+  constexpr int kChains = NV < 4 ? NV : 4;
+  __m512 h[kChains], l[kChains];
+  for (int c = 0; c < kChains; ++c) {
+    h[c] = Range ? *hi : _mm512_setzero_ps();
+    l[c] = Range ? *lo : _mm512_setzero_ps();
+  }
   for (int64_t row = 0; row < k; ++row) {
     __m512 r[NV];
 #pragma GCC unroll 16
     for (int i = 0; i < NV; ++i) {
       const int64_t off = row * m + 16 * i;
       __m512 xv = _mm512_loadu_ps(x + off);
+      if constexpr (Affine)
+        xv = _mm512_add_ps(_mm512_mul_ps(xv, _mm512_loadu_ps(x_scale + off)), _mm512_loadu_ps(x_shift + off));
       if (mean) xv = _mm512_sub_ps(xv, _mm512_loadu_ps(mean + off));
       xv = _mm512_mul_ps(xv, _mm512_loadu_ps(mul + off));
       xv = fwht_stage512(xv, p1, s1);
@@ -94,16 +107,30 @@ void center_scale_fwht512(const float* x, const float* mean, const float* mul, f
       r[i] = fwht_stage512(xv, p8, s8);
     }
 #pragma GCC unroll 8
-    for (int h = 1; h < NV; h *= 2)
+    for (int hh = 1; hh < NV; hh *= 2)
 #pragma GCC unroll 16
       for (int i = 0; i < NV; ++i)
-        if ((i & h) == 0) {
-          const __m512 a = r[i], b = r[i + h];
+        if ((i & hh) == 0) {
+          const __m512 a = r[i], b = r[i + hh];
           r[i] = _mm512_add_ps(a, b);
-          r[i + h] = _mm512_sub_ps(a, b);
+          r[i + hh] = _mm512_sub_ps(a, b);
         }
 #pragma GCC unroll 16
-    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(v + row * m + 16 * i, r[i]);
+    for (int i = 0; i < NV; ++i) {
+      _mm512_storeu_ps(v + row * m + 16 * i, r[i]);
+      if constexpr (Range) {
+        h[i % kChains] = _mm512_max_ps(r[i], h[i % kChains]);
+        l[i % kChains] = _mm512_min_ps(r[i], l[i % kChains]);
+      }
+    }
+  }
+  if constexpr (Range) {
+    for (int c = 1; c < kChains; ++c) {
+      h[0] = _mm512_max_ps(h[c], h[0]);  // never NaN: max(v, h) keeps h when v is NaN
+      l[0] = _mm512_min_ps(l[c], l[0]);
+    }
+    *hi = h[0];
+    *lo = l[0];
   }
 }
 
@@ -125,12 +152,26 @@ void column_mean64_avx512(const float* x, int64_t n, int64_t d, float* mean) {
 // The AVX-512 centering + scale + h_right fast transform for row lengths 16..256; the avx2 loops for the others.
 void center_scale_fwht_avx512(const float* x, const float* mean, const float* mul, float* v, int64_t k, int64_t m) {
   switch (m) {
-    case 16: return center_scale_fwht512<1>(x, mean, mul, v, k);
-    case 32: return center_scale_fwht512<2>(x, mean, mul, v, k);
-    case 64: return center_scale_fwht512<4>(x, mean, mul, v, k);
-    case 128: return center_scale_fwht512<8>(x, mean, mul, v, k);
-    case 256: return center_scale_fwht512<16>(x, mean, mul, v, k);
+    case 16: return center_scale_fwht512<1>(x, nullptr, nullptr, mean, mul, v, k);
+    case 32: return center_scale_fwht512<2>(x, nullptr, nullptr, mean, mul, v, k);
+    case 64: return center_scale_fwht512<4>(x, nullptr, nullptr, mean, mul, v, k);
+    case 128: return center_scale_fwht512<8>(x, nullptr, nullptr, mean, mul, v, k);
+    case 256: return center_scale_fwht512<16>(x, nullptr, nullptr, mean, mul, v, k);
     default: return avx2_kernels()->transform.center_scale_fwht(x, mean, mul, v, k, m);
+  }
+}
+
+// center_scale_fwht512 with its Affine and Range options for row lengths 16..256 (false for the others, doing nothing)
+template <bool Affine>
+bool center_scale_fwht_range_avx512(const float* x, const float* x_scale, const float* x_shift, const float* mean,
+                                    const float* mul, float* v, int64_t k, int64_t m, __m512* hi, __m512* lo) {
+  switch (m) {
+    case 16: return center_scale_fwht512<1, Affine, true>(x, x_scale, x_shift, mean, mul, v, k, hi, lo), true;
+    case 32: return center_scale_fwht512<2, Affine, true>(x, x_scale, x_shift, mean, mul, v, k, hi, lo), true;
+    case 64: return center_scale_fwht512<4, Affine, true>(x, x_scale, x_shift, mean, mul, v, k, hi, lo), true;
+    case 128: return center_scale_fwht512<8, Affine, true>(x, x_scale, x_shift, mean, mul, v, k, hi, lo), true;
+    case 256: return center_scale_fwht512<16, Affine, true>(x, x_scale, x_shift, mean, mul, v, k, hi, lo), true;
+    default: return false;
   }
 }
 

@@ -244,12 +244,30 @@ struct TransformKernel {
                       int64_t rows, const Modulation& modulation) const {
     const int64_t per_chunk = rows_per_chunk(d);
     const HalfKernels& half = kernels->half;
+    // float32 quantize ops rotating with h_right's fast transform alone (--hadamard block): one pass a token
+    // (IsaKernels::fwht_quantize_row), where the path has it, the same bits
+    const bool one_pass = Quant && Mul && !Half && rot && rot->left_identity && rot->right_fwht &&
+                          kernels->fwht_quantize_row != nullptr;
     parallel_for(ctx, static_cast<size_t>(ceil_div(rows, per_chunk)), [&](size_t chunk) {
       Scratch scratch(rot, d);
       std::vector<float> xbuf((Half || Modulate) ? d : 0), ybuf((Half || Quant) ? d : 0);
       const int64_t r0 = static_cast<int64_t>(chunk) * per_chunk;
       const int64_t r1 = std::min(rows, r0 + per_chunk);
       for (int64_t r = r0; r < r1; ++r) {
+        if constexpr (Quant && Mul && !Half) {
+          if (one_pass) {
+            const int64_t g = r / std::max<int64_t>(n, 1);
+            const float* x_scale = Modulate ? modulation.scale + g * modulation.scale_stride : nullptr;
+            const float* x_shift = Modulate ? modulation.shift + g * modulation.shift_stride : nullptr;
+            float scale;
+            if (kernels->fwht_quantize_row(x + r * d, x_scale, x_shift, Center ? mean + g * d : nullptr, mul_rot,
+                                           rot->K, rot->M, qmax, false, ybuf.data(), out.codes + r * d, &scale,
+                                           out.zero_point + r)) {
+              out.scale[r] = scale;
+              continue;
+            }
+          }
+        }
         const float* xr;
         if constexpr (Half) {
           half.to_floats(x + r * d, xbuf.data(), d);
