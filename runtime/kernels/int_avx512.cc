@@ -499,7 +499,8 @@ const IsaKernels* avx512vnni_kernels() {
        .transform = {.center_scale_fwht = center_scale_fwht_avx512,  // transform_avx512.h
                      .dense_left = dense_left_avx512,
                      .paley2_left = paley2_left_avx512,
-                     .column_mean = column_mean_avx512},
+                     .column_mean = column_mean_avx512,
+                     .column_mean_affine = column_mean_affine_avx512},
        .rows_per_task = kTaskRows,
        .tiles_per_task = kTaskTiles},
       *avx2_kernels());  // the AVX2 build of the portable loops, the F16C conversions

@@ -103,9 +103,9 @@ bool complete(const IsaKernels& k) {
   const TransformKernels& t = k.transform;
   return k.quantize_row && k.int_gemm4 && k.int_gemm8 && k.float_gemm4 && k.float_gemm8 && k.fill_weight_info &&
          k.expand_two_level && k.gelu_tanh && k.low_rank_add && k.residual_add &&
-         t.center_scale_fwht && t.dense_left && t.column_mean && t.column_mean_half && t.affine && t.center_scale &&
-         t.dense_right && t.fwht_across_rows && k.half.to_floats && k.half.to_halves && k.rows_per_task > 0 &&
-         k.tiles_per_task > 0;
+         t.center_scale_fwht && t.dense_left && t.column_mean && t.column_mean_half && t.column_mean_affine &&
+         t.affine && t.center_scale && t.dense_right && t.fwht_across_rows && k.half.to_floats && k.half.to_halves &&
+         k.rows_per_task > 0 && k.tiles_per_task > 0;
 }
 
 }  // namespace
@@ -128,6 +128,7 @@ IsaKernels inherit(IsaKernels own, const IsaKernels& base) {
   take(t.paley2_left, base.transform.paley2_left);  // optional (null: dense_left)
   take(t.column_mean, base.transform.column_mean);
   take(t.column_mean_half, base.transform.column_mean_half);
+  take(t.column_mean_affine, base.transform.column_mean_affine);
   take(t.affine, base.transform.affine);
   take(t.center_scale, base.transform.center_scale);
   take(t.dense_right, base.transform.dense_right);

@@ -190,7 +190,11 @@ void dense_left_rows(const float* v, const float* left, int64_t k, int64_t m, fl
 }
 
 // mean[c] for c in [c0, c1): column sums over the n tokens, accumulated in double.
-void column_mean_rows(const float* x, int64_t n, int64_t d, int64_t c0, int64_t c1, float* mean) {
+// Affine: over x' = x * scale + shift (the product rounded, then the sum: affine_row's values), scale and shift indexed
+// by channel.
+template <bool Affine>
+void column_mean_of(const float* x, int64_t n, int64_t d, int64_t c0, int64_t c1, const float* scale,
+                    const float* shift, float* mean) {
   constexpr int64_t kBlock = 256;
   double acc[kBlock];
   for (int64_t b0 = c0; b0 < c1; b0 += kBlock) {
@@ -198,10 +202,26 @@ void column_mean_rows(const float* x, int64_t n, int64_t d, int64_t c0, int64_t 
     std::fill(acc, acc + w, 0.0);
     for (int64_t t = 0; t < n; ++t) {
       const float* row = x + t * d + b0;
-      for (int64_t i = 0; i < w; ++i) acc[i] += static_cast<double>(row[i]);
+      for (int64_t i = 0; i < w; ++i) {
+        float v = row[i];
+        if constexpr (Affine) {
+          const float p = v * scale[b0 + i];
+          v = p + shift[b0 + i];
+        }
+        acc[i] += static_cast<double>(v);
+      }
     }
     for (int64_t i = 0; i < w; ++i) mean[b0 + i] = static_cast<float>(acc[i] / static_cast<double>(n));
   }
+}
+
+void column_mean_rows(const float* x, int64_t n, int64_t d, int64_t c0, int64_t c1, float* mean) {
+  column_mean_of<false>(x, n, d, c0, c1, nullptr, nullptr, mean);
+}
+
+void column_mean_affine_rows(const float* x, int64_t n, int64_t d, int64_t c0, int64_t c1, const float* scale,
+                             const float* shift, float* mean) {
+  column_mean_of<true>(x, n, d, c0, c1, scale, shift, mean);
 }
 
 // The same for float16 input, converted with this path's ToFloats.
@@ -342,6 +362,7 @@ constexpr TransformKernels portable_transform_kernels() {
           .dense_left = dense_left_rows,
           .column_mean = column_mean_rows,
           .column_mean_half = column_mean_half_rows<ToFloats>,
+          .column_mean_affine = column_mean_affine_rows,
           .affine = affine_row,
           .center_scale = center_scale_row,
           .dense_right = dense_right_rows,

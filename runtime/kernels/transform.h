@@ -54,6 +54,10 @@ struct TransformKernels {
   void (*column_mean)(const float* x, int64_t n, int64_t d, int64_t c0, int64_t c1, float* mean) = nullptr;
   // the same for float16 input (raw IEEE half bits)
   void (*column_mean_half)(const uint16_t* x, int64_t n, int64_t d, int64_t c0, int64_t c1, float* mean) = nullptr;
+  // the same over x' = x * scale + shift (scale, shift: d floats, indexed by channel; the product rounded, then the
+  // sum, as affine): the Modulate ops' means without writing x'
+  void (*column_mean_affine)(const float* x, int64_t n, int64_t d, int64_t c0, int64_t c1, const float* scale,
+                             const float* shift, float* mean) = nullptr;
   // out = x * scale + shift for d floats (the product rounded, then the sum: a graph's Mul, then its Add; the
   // Modulate* ops' adaLN modulation)
   void (*affine)(const float* x, const float* scale, const float* shift, float* out, int64_t d) = nullptr;

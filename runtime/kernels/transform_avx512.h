@@ -149,6 +149,30 @@ void column_mean64_avx512(const float* x, int64_t n, int64_t d, float* mean) {
   for (int i = 0; i < 8; ++i) _mm256_storeu_ps(mean + 8 * i, _mm512_cvtpd_ps(_mm512_div_pd(acc[i], count)));
 }
 
+// The same over x' = x * scale + shift, 64 channels from scale, shift (the product rounded, then the sum, as affine_row;
+// then the same double additions: bit-identical to column_mean_affine_rows).
+void column_mean_affine64_avx512(const float* x, int64_t n, int64_t d, const float* scale, const float* shift,
+                                 float* mean) {
+  __m512d acc[8];
+  for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_pd();
+  __m512 s[4], b[4];
+  for (int i = 0; i < 4; ++i) {
+    s[i] = _mm512_loadu_ps(scale + 16 * i);
+    b[i] = _mm512_loadu_ps(shift + 16 * i);
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    const float* row = x + t * d;
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(row + 16 * i), s[i]), b[i]);
+      acc[2 * i] = _mm512_add_pd(acc[2 * i], _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+      acc[2 * i + 1] = _mm512_add_pd(acc[2 * i + 1], _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1)));
+    }
+  }
+  const __m512d count = _mm512_set1_pd(static_cast<double>(n));
+  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(mean + 8 * i, _mm512_cvtpd_ps(_mm512_div_pd(acc[i], count)));
+}
+
 // The AVX-512 centering + scale + h_right fast transform for row lengths 16..256; the avx2 loops for the others.
 void center_scale_fwht_avx512(const float* x, const float* mean, const float* mul, float* v, int64_t k, int64_t m) {
   switch (m) {
@@ -271,6 +295,16 @@ void paley2_left_avx512(const float* v, const float* left, const float* a, const
     paley2_columns512<2>(v, a, g, k / 2, m, uw, out);
   else
     paley2_columns512<1>(v, a, g, k / 2, m, uw, out);
+}
+
+// The Modulate ops' column means: 64 channels at a time in AVX-512, the rest with the avx2 loops.
+void column_mean_affine_avx512(const float* x, int64_t n, int64_t d, int64_t c0, int64_t c1, const float* scale,
+                               const float* shift, float* mean) {
+  if (n > 0) {
+    for (; c0 + 64 <= c1; c0 += 64) column_mean_affine64_avx512(x + c0, n, d, scale + c0, shift + c0, mean + c0);
+    if (c0 == c1) return;
+  }
+  avx2_kernels()->transform.column_mean_affine(x, n, d, c0, c1, scale, shift, mean);
 }
 
 // Column means: 64 channels at a time in AVX-512, the rest with the avx2 loops.

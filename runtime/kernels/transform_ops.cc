@@ -304,30 +304,27 @@ struct TransformKernel {
     });
   }
 
-  // The column means of x (of x' for the Modulate ops: each chunk's columns of x' in a per-thread buffer of n x width
-  // floats, width 16..256 channels so that it holds about 64 K floats (16 n past 4096 tokens; the buffer stays with the
-  // thread), then the same column mean over them: per channel the same values summed in the same order, so the bits of
-  // the unfused Mul, Add and quantize op).
+  // The column means of x (of x' for the Modulate ops, computed as the means run and not written: per channel the
+  // same values summed in the same order, so the bits of the unfused Mul, Add and quantize op), 256 channels a chunk.
+  // The Modulate ops wrote x' into a per-thread buffer of n x width floats first, width 16..256 channels to hold about
+  // 64 K floats: at 4096 tokens 16 channels, each row's 64 bytes on another 4 KB page, which the prefetchers do not
+  // follow. One op, one thread, [2, 4096, 1152] (`python benchmarks/bench_ops_ab.py modulate --tokens 4096`):
+  // 21.96 -> 10.76 ms; the 5 Modulate nodes of the 2-block 1024 px call 62.7 -> 27.6 ms (benchmarks/profile_ops.py).
   static void compute_means(const Ort::KernelContext& ctx, const TransformKernels& rows, const T* x, int64_t groups,
                             int64_t n, int64_t d, float* mean, const Modulation& modulation) {
     if (groups == 0 || n == 0 || d == 0) return;
-    const int64_t width = Modulate ? std::max<int64_t>(16, std::min<int64_t>(256, 65536 / n / 16 * 16)) : 256;
+    constexpr int64_t width = 256;
     const int64_t blocks = ceil_div(d, width);
     parallel_for(ctx, static_cast<size_t>(groups * blocks), [&](size_t chunk) {
       const int64_t g = static_cast<int64_t>(chunk) / blocks;
-      const int64_t c0 = (static_cast<int64_t>(chunk) % blocks) * width;
-      if constexpr (Modulate) {
-        const int64_t w = std::min(d, c0 + width) - c0;
-        thread_local std::vector<float> block;
-        block.resize(static_cast<size_t>(n * w));
-        const float* scale = modulation.scale + g * modulation.scale_stride + c0;
-        const float* shift = modulation.shift + g * modulation.shift_stride + c0;
-        for (int64_t t = 0; t < n; ++t) rows.affine(x + (g * n + t) * d + c0, scale, shift, block.data() + t * w, w);
-        rows.column_mean(block.data(), n, w, 0, w, mean + g * d + c0);
-      } else if constexpr (Half)
-        rows.column_mean_half(x + g * n * d, n, d, c0, std::min(d, c0 + width), mean + g * d);
+      const int64_t c0 = (static_cast<int64_t>(chunk) % blocks) * width, c1 = std::min(d, c0 + width);
+      if constexpr (Modulate)
+        rows.column_mean_affine(x + g * n * d, n, d, c0, c1, modulation.scale + g * modulation.scale_stride,
+                                modulation.shift + g * modulation.shift_stride, mean + g * d);
+      else if constexpr (Half)
+        rows.column_mean_half(x + g * n * d, n, d, c0, c1, mean + g * d);
       else
-        rows.column_mean(x + g * n * d, n, d, c0, std::min(d, c0 + width), mean + g * d);
+        rows.column_mean(x + g * n * d, n, d, c0, c1, mean + g * d);
     });
   }
 };
