@@ -6,7 +6,7 @@ Loads MODEL with `runtime.Denoiser` (hadanorm kernel library registered when bui
 prints RSS after load, then runs --calls calls on seeded feeds (benchmarks/profile_ops.py's) and prints each call's
 time, the median, and the peak RSS (VmHWM) of the process: what a device needs to make one call (batch 2, caption
 length 300 where the graph leaves them dynamic). --arena shrink: onnxruntime returns its arena's memory after every
-call (run option memory.enable_memory_arena_shrinkage=cpu:0); --arena off: no arena (`Denoiser(cpu_arena=False)`).
+call (`Denoiser(shrink_arena=True)`: run option memory.enable_memory_arena_shrinkage=cpu:0); --arena off: no arena (`Denoiser(cpu_arena=False)`).
 """
 
 from __future__ import annotations
@@ -39,19 +39,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--arena", choices=("keep", "shrink", "off"), default="keep")
     args = p.parse_args()
-    import onnxruntime as ort
-
-    run_options = ort.RunOptions()
-    if args.arena == "shrink":
-        run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-    denoiser = Denoiser(args.model, threads=args.threads, cpu_arena=args.arena != "off")
+    denoiser = Denoiser(args.model, threads=args.threads, cpu_arena=args.arena != "off",
+                        shrink_arena=args.arena == "shrink")
     feeds = feeds_for(denoiser)
     print(f"{args.model}: {denoiser.implementation}; arena {args.arena}")
     print(f"RSS after load {status_mb('VmRSS'):.0f} MB")
     times = []
     for _ in range(args.calls):
         start = time.perf_counter()
-        denoiser.session.run(None, feeds, run_options)
+        denoiser.session.run(None, feeds, denoiser.run_options)
         times.append((time.perf_counter() - start) * 1e3)
         print(f"call {times[-1]:.0f} ms, peak RSS so far {status_mb('VmHWM'):.0f} MB", flush=True)
     print(f"median call {statistics.median(times):.0f} ms; peak RSS {status_mb('VmHWM'):.0f} MB")

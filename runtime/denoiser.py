@@ -74,9 +74,14 @@ class Denoiser:
         profile_prefix: str | None = None,
         spinning: bool = True,
         cpu_arena: bool = True,
+        shrink_arena: bool = False,
     ):
         """`kernel_library`: True = the built library if any, False/None = function bodies only, or a path.
-        `cpu_arena=False`: no onnxruntime memory arena (`runtime.session.session_options`; large resolutions)."""
+        `cpu_arena=False`: no onnxruntime memory arena (`runtime.session.session_options`; large resolutions).
+        `shrink_arena=True`: onnxruntime returns its CPU arena's memory after every call (run option
+        memory.enable_memory_arena_shrinkage), so every call peaks as the first one does, where a kept arena grows on
+        the next calls (PixArt-Sigma's 28 blocks at 1024 px: 1068 MB the first call, 1620 MB from the second; shrunk,
+        1075 MB at the same speed: benchmarks/peers/pixart-sigma-1024-28blocks-memory-onepass.txt)."""
         self.path = Path(path)
         if not self.path.is_file():
             raise RuntimeInputError(f"model file {self.path} does not exist; check the path")
@@ -96,6 +101,10 @@ class Denoiser:
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.batched_inputs = batched_inputs({name: spec.shape for name, spec in self.inputs.items()})
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.shrink_arena = shrink_arena
+        self.run_options = ort.RunOptions()
+        if shrink_arena:
+            self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     @property
     def hadanorm_path(self) -> str:
@@ -160,7 +169,7 @@ class Denoiser:
     def __call__(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> np.ndarray:
         self.check_inputs(feeds)
         try:
-            return self.session.run(list(outputs or self.output_names[:1]), dict(feeds))[0]
+            return self.session.run(list(outputs or self.output_names[:1]), dict(feeds), self.run_options)[0]
         except Exception as exc:  # onnxruntime's pybind error types
             message = explain_run_error(str(exc), self.path)
             if message is None:

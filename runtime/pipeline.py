@@ -61,8 +61,21 @@ logger = logging.getLogger(__name__)
 # encoders and T5, pooled projections; runtime.pipeline_sd3_text); both with the CFG pair
 FAMILIES = ("pixart-sigma", "sd3")
 MAX_IMAGE_SIDE = 16384  # the largest requested width or height (resolution binning resizes to it)
+# Sizes of the 1024 px class and up (about 1 M pixels and more: PixArt-Sigma's and SD3's 4096 latent tokens) run the
+# denoiser with onnxruntime's arena shrunk after every call (Denoiser(shrink_arena=True)) unless TextToImage is told
+# otherwise: there a kept arena grows on the second call, past what a device has to spare (PixArt-Sigma's 28 blocks
+# at 1024 px: peak 1068 MB the first call, 1620 MB from the second; shrunk 1075 MB, calls 9.2 s against 9.6), and
+# faulting the arena in again every call is small against a call that long (2 of the 28 blocks: 751 -> 886 ms for
+# 913 -> 602 MB). Smaller sizes keep it (256 px, 4 blocks: 58 -> 75 ms a call shrunk, for 15 MB). Measured with
+# `python benchmarks/call_memory.py MODEL --arena keep|shrink` (benchmarks/peers/README.md).
+SHRINK_ARENA_MIN_PIXELS = 768 * 1024
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
              "tensor(int32)": np.int32}
+
+
+def shrinks_arena(width: int, height: int) -> bool:
+    """Whether a width x height generation runs its denoiser with the arena shrunk after every call."""
+    return width * height >= SHRINK_ARENA_MIN_PIXELS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,9 +135,11 @@ class TextToImage:
 
     def __init__(self, bundle: str | os.PathLike, *, verify: bool = True, provider: str | None = None,
                  threads: int | None = None, kernel_library: bool | str | os.PathLike | None = True,
-                 progress: bool = True):
+                 progress: bool = True, shrink_arena: bool | None = None):
         """`verify`: check every file's sha256 (sizes are always checked). `kernel_library`: the hadanorm kernels
-        for ``fused`` transformers (True: the built library when there is one, else their function bodies)."""
+        for ``fused`` transformers (True: the built library when there is one, else their function bodies).
+        `shrink_arena`: return onnxruntime's arena after every denoiser call (`Denoiser(shrink_arena=True)`); None:
+        from about 1 M pixels (shrinks_arena)."""
         self.manifest: Manifest = load_manifest(bundle)
         if self.manifest.data.get("family") not in FAMILIES:
             raise RuntimeInputError(f"bundle {self.manifest.folder} is of family {self.manifest.data.get('family')!r}; "
@@ -133,6 +148,7 @@ class TextToImage:
         self.folder = self.manifest.folder
         self.provider, self.threads, self.kernel_library = provider, threads, kernel_library
         self.progress = progress
+        self.shrink_arena = shrink_arena
         self.family = self.manifest.data["family"]
         self.max_length = int(self.manifest.text["max_sequence_length"])
         self._load_scheduler()
@@ -340,9 +356,13 @@ class TextToImage:
         cfg = guidance > 1.0
         with timer.stage("text encoder"):
             groups, truncated = self.conditioning([negative_prompt, prompt] if cfg else [prompt])
+        shrink = self.shrink_arena if self.shrink_arena is not None else shrinks_arena(width, height)
+        if shrink:
+            logger.info("denoiser: onnxruntime's arena returned after every call (%dx%d)", width, height)
         with timer.stage("denoise"):
             denoiser = Denoiser(self.manifest.transformer_path(width, height), provider=self.provider,
-                                threads=self.threads, kernel_library=self.kernel_library)
+                                threads=self.threads, kernel_library=self.kernel_library,
+                                shrink_arena=shrink)
             dtypes = {name: _NP_TYPES.get(spec.type, np.float32) for name, spec in denoiser.inputs.items()}
             scheduler = scheduler_from_config(self.scheduler_config)
             scheduler.set_timesteps(steps)

@@ -38,6 +38,19 @@ def test_runs_and_reports_function_bodies(quantized):
     assert den.providers[-1] == "CPUExecutionProvider"
 
 
+def test_shrink_arena_sets_the_run_option_and_keeps_the_output(quantized):
+    """Denoiser(shrink_arena=True) runs every call with onnxruntime's arena shrinkage for the CPU (the pipeline's
+    choice from about 1 M pixels), and gives the same bits as the default."""
+    key = "memory.enable_memory_arena_shrinkage"
+    kept, shrunk = Denoiser(quantized), Denoiser(quantized, shrink_arena=True)
+    assert shrunk.run_options.get_run_config_entry(key) == "cpu:0"
+    with pytest.raises(Exception):  # not set on the default run options
+        kept.run_options.get_run_config_entry(key)
+    first, second = shrunk(feeds()), shrunk(feeds())
+    np.testing.assert_array_equal(first, kept(feeds()))
+    np.testing.assert_array_equal(second, first)
+
+
 def test_fp_graph_has_no_hadanorm_ops(tiny_onnx):
     assert Denoiser(tiny_onnx).hadanorm_path == "none"
 

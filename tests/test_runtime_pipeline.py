@@ -74,6 +74,32 @@ def test_callback_stops_the_run(fp_bundle):
     assert seen[0][2] == 999  # DPM-Solver++ linspace spacing starts at the last training timestep
 
 
+def test_denoiser_arena_shrinks_from_about_a_megapixel(fp_bundle, monkeypatch):
+    """From about 1 M pixels (the 1024 px class) the pipeline's denoiser returns onnxruntime's arena after every call
+    (a kept arena grows on the second call: PixArt-Sigma's 28 blocks at 1024 px 1068 -> 1620 MB peak); smaller sizes
+    keep it; TextToImage(shrink_arena=...) overrides; the image is the same bits either way."""
+    from runtime import denoiser, pipeline
+
+    sizes = ((1024, 1024), (896, 1152), (2048, 2048), (768, 768), (512, 512), (64, 64))
+    assert [pipeline.shrinks_arena(w, h) for w, h in sizes] == [True, True, True, False, False, False]
+    seen = []
+    real = denoiser.Denoiser
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["shrink_arena"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(denoiser, "Denoiser", spy)  # TextToImage imports it when it runs
+    pipe = pipeline.TextToImage(fp_bundle, progress=False, verify=False)
+    default = pipe(PROMPT, steps=1, seed=0)  # 64 x 64
+    monkeypatch.setattr(pipeline, "SHRINK_ARENA_MIN_PIXELS", 64 * 64)
+    by_size = pipe(PROMPT, steps=1, seed=0)
+    pipe.shrink_arena = False
+    forced = pipe(PROMPT, steps=1, seed=0)
+    assert seen == [False, True, False]
+    assert np.array_equal(by_size.array, default.array) and np.array_equal(forced.array, default.array)
+
+
 def test_missing_file(bundle_copy, tmp_path, capsys):
     (bundle_copy / "vae_decoder.onnx").unlink()
     out = tmp_path / "img.png"
