@@ -118,10 +118,8 @@ void quantize_codes_avx512(const float* y, int64_t d, float h, float l, float qm
   const float inv = 1.0f / scale;
   const bool reciprocal = std::fabs(inv) >= FLT_MIN && std::fabs(inv) <= FLT_MAX;  // else divide every vector
   const __m512 vinv = _mm512_set1_ps(inv), near_half = _mm512_set1_ps(0.5f - 0x1p-12f);
-  // Clamp false: round(y / scale) + zp without the clamp to 0..qmax, for the packs below to saturate: only with the
-  // reciprocal, where scale is finite and positive, so |y / scale| <= qmax (1 + 2^-11) (|y| <= max(h, -l); a scale
-  // rounded to half is at most 2^-11 under (h - l) / qmax) and the sum is within -qmax - 1 .. 2 qmax + 1.
-  auto code16 = [&]<bool Clamp = true>(__m512 v) {
+  // round(y / scale) + zp, as floats
+  auto shifted16 = [&](__m512 v) {
     constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     __m512 r;
     if (reciprocal) {
@@ -132,10 +130,16 @@ void quantize_codes_avx512(const float* y, int64_t d, float h, float l, float qm
     } else {
       r = _mm512_roundscale_ps(_mm512_div_ps(v, vscale), kRound);
     }
-    v = _mm512_add_ps(r, vzp);
-    if constexpr (Clamp) v = _mm512_min_ps(_mm512_max_ps(v, zero), vmax);  // NaN -> 0 (max returns the second operand)
-    return _mm512_cvttps_epi32(v);  // Clamp: 0 .. qmax <= 255; else NaN -> INT32_MIN, which the packs take to 0
+    return _mm512_add_ps(r, vzp);
   };
+  // the codes 0 .. qmax <= 255 as int32 (NaN -> 0: max returns the second operand)
+  auto code16 = [&](__m512 v) {
+    return _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(shifted16(v), zero), vmax));
+  };
+  // the same unclamped, for the packs below to saturate: only with the reciprocal, where scale is finite and positive,
+  // so |y / scale| <= qmax (1 + 2^-11) (|y| <= max(h, -l); a scale rounded to half is at most 2^-11 under (h - l) /
+  // qmax) and the sum is within -qmax - 1 .. 2 qmax + 1; NaN -> INT32_MIN, which the packs take to 0
+  auto unclamped16 = [&](__m512 v) { return _mm512_cvttps_epi32(shifted16(v)); };
   // 64 codes a store: two saturating packs (exact for 0..255) and one lane permute instead of four vpmovdb. With the
   // reciprocal the packs also do the clamp (int32 -> int16 -> uint8 saturating: below 0 -> 0) and one vpminub the
   // top (above qmax -> qmax) for the 64 codes, instead of a max and a min per 16 (the scalar path's clamp_code: NaN ->
@@ -144,10 +148,8 @@ void quantize_codes_avx512(const float* y, int64_t d, float h, float l, float qm
   if (reciprocal) {
     const __m512i top = _mm512_set1_epi8(static_cast<char>(static_cast<uint8_t>(qmax)));
     for (; i + 64 <= d; i += 64) {
-      const __m512i c0 = code16.operator()<false>(_mm512_loadu_ps(y + i));
-      const __m512i c1 = code16.operator()<false>(_mm512_loadu_ps(y + i + 16));
-      const __m512i c2 = code16.operator()<false>(_mm512_loadu_ps(y + i + 32));
-      const __m512i c3 = code16.operator()<false>(_mm512_loadu_ps(y + i + 48));
+      const __m512i c0 = unclamped16(_mm512_loadu_ps(y + i)), c1 = unclamped16(_mm512_loadu_ps(y + i + 16));
+      const __m512i c2 = unclamped16(_mm512_loadu_ps(y + i + 32)), c3 = unclamped16(_mm512_loadu_ps(y + i + 48));
       const __m512i bytes = _mm512_packus_epi16(_mm512_packs_epi32(c0, c1), _mm512_packs_epi32(c2, c3));
       _mm512_storeu_si512(codes + i, _mm512_permutexvar_epi32(lanes, _mm512_min_epu8(bytes, top)));
     }
