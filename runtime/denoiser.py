@@ -101,7 +101,6 @@ class Denoiser:
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.batched_inputs = batched_inputs({name: spec.shape for name, spec in self.inputs.items()})
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.shrink_arena = shrink_arena
         self.run_options = ort.RunOptions()
         if shrink_arena:
             self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")

@@ -66,8 +66,8 @@ MAX_IMAGE_SIDE = 16384  # the largest requested width or height (resolution binn
 # otherwise: there a kept arena grows on the second call, past what a device has to spare (PixArt-Sigma's 28 blocks
 # at 1024 px: peak 1068 MB the first call, 1620 MB from the second; shrunk 1075 MB, calls 9.2 s against 9.6), and
 # faulting the arena in again every call is small against a call that long (2 of the 28 blocks: 751 -> 886 ms for
-# 913 -> 602 MB). Smaller sizes keep it (256 px, 4 blocks: 58 -> 75 ms a call shrunk, for 15 MB). Measured with
-# `python benchmarks/call_memory.py MODEL --arena keep|shrink` (benchmarks/peers/README.md).
+# 913 -> 602 MB). Smaller sizes keep it (256 px, 4 blocks: 56-58 -> 74-75 ms a call shrunk, for 15-16 MB).
+# Measured with `python benchmarks/call_memory.py MODEL --arena keep|shrink` (benchmarks/peers/README.md).
 SHRINK_ARENA_MIN_PIXELS = 768 * 1024
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
              "tensor(int32)": np.int32}

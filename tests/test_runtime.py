@@ -44,7 +44,7 @@ def test_shrink_arena_sets_the_run_option_and_keeps_the_output(quantized):
     key = "memory.enable_memory_arena_shrinkage"
     kept, shrunk = Denoiser(quantized), Denoiser(quantized, shrink_arena=True)
     assert shrunk.run_options.get_run_config_entry(key) == "cpu:0"
-    with pytest.raises(Exception):  # not set on the default run options
+    with pytest.raises(RuntimeError):  # not set on the default run options
         kept.run_options.get_run_config_entry(key)
     first, second = shrunk(feeds()), shrunk(feeds())
     np.testing.assert_array_equal(first, kept(feeds()))

@@ -55,48 +55,6 @@ HN_INLINE void dpbusd(__m512i& acc, __m512i a, __m512i w) {
 // Quantize one token
 // ---------------------------------------------------------------------------------------------------------------
 
-void quantize_codes_avx512(const float* y, int64_t d, float h, float l, float qmax, bool half_scale, uint8_t* codes,
-                           float* scale_out, uint8_t* zp_out);
-
-void quantize_row_avx512(const float* y, int64_t d, float qmax, bool half_scale, uint8_t* codes, float* scale_out,
-                         uint8_t* zp_out) {
-  // four independent max / min chains (one chain waited on each max's latency: 28% of this function's samples at d
-  // 4608, perf of `benchmarks/bench_ops_ab.py quantize --width 4608`); max and min are exact, so the order does not
-  // change the result
-  __m512 hi = _mm512_setzero_ps(), lo = _mm512_setzero_ps();
-  int64_t i = 0;
-  {
-    __m512 h1 = hi, h2 = hi, h3 = hi, l1 = lo, l2 = lo, l3 = lo;
-    for (; i + 64 <= d; i += 64) {
-      const __m512 v0 = _mm512_loadu_ps(y + i), v1 = _mm512_loadu_ps(y + i + 16);
-      const __m512 v2 = _mm512_loadu_ps(y + i + 32), v3 = _mm512_loadu_ps(y + i + 48);
-      hi = _mm512_max_ps(v0, hi);  // a NaN in y is skipped (max returns the second operand), as in the scalar path
-      h1 = _mm512_max_ps(v1, h1);
-      h2 = _mm512_max_ps(v2, h2);
-      h3 = _mm512_max_ps(v3, h3);
-      lo = _mm512_min_ps(v0, lo);
-      l1 = _mm512_min_ps(v1, l1);
-      l2 = _mm512_min_ps(v2, l2);
-      l3 = _mm512_min_ps(v3, l3);
-    }
-    hi = _mm512_max_ps(_mm512_max_ps(hi, h1), _mm512_max_ps(h2, h3));
-    lo = _mm512_min_ps(_mm512_min_ps(lo, l1), _mm512_min_ps(l2, l3));
-  }
-  for (; i + 16 <= d; i += 16) {
-    const __m512 v = _mm512_loadu_ps(y + i);
-    hi = _mm512_max_ps(v, hi);
-    lo = _mm512_min_ps(v, lo);
-  }
-  if (i < d) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (d - i)) - 1u);
-    const __m512 v = _mm512_maskz_loadu_ps(m, y + i);  // zeros in the unused lanes: hi >= 0 >= lo anyway
-    hi = _mm512_max_ps(v, hi);
-    lo = _mm512_min_ps(v, lo);
-  }
-  quantize_codes_avx512(y, d, _mm512_reduce_max_ps(hi), _mm512_reduce_min_ps(lo), qmax, half_scale, codes, scale_out,
-                        zp_out);
-}
-
 // The codes of a token whose range the caller took: h = max(max y, 0), l = min(min y, 0) (NaN skipped), as
 // quantize_row_avx512 takes them (max and min are exact: any order gives the same bits). Floats, not the lane vectors:
 // a function with zmm arguments returns without vzeroupper (GCC 12), and the callers' SSE code after it then ran
@@ -168,6 +126,45 @@ void quantize_codes_avx512(const float* y, int64_t d, float h, float l, float qm
   }
   *scale_out = scale;
   *zp_out = static_cast<uint8_t>(zp);
+}
+
+void quantize_row_avx512(const float* y, int64_t d, float qmax, bool half_scale, uint8_t* codes, float* scale_out,
+                         uint8_t* zp_out) {
+  // four independent max / min chains (one chain waited on each max's latency: 28% of this function's samples at d
+  // 4608, perf of `benchmarks/bench_ops_ab.py quantize --width 4608`); max and min are exact, so the order does not
+  // change the result
+  __m512 hi = _mm512_setzero_ps(), lo = _mm512_setzero_ps();
+  int64_t i = 0;
+  {
+    __m512 h1 = hi, h2 = hi, h3 = hi, l1 = lo, l2 = lo, l3 = lo;
+    for (; i + 64 <= d; i += 64) {
+      const __m512 v0 = _mm512_loadu_ps(y + i), v1 = _mm512_loadu_ps(y + i + 16);
+      const __m512 v2 = _mm512_loadu_ps(y + i + 32), v3 = _mm512_loadu_ps(y + i + 48);
+      hi = _mm512_max_ps(v0, hi);  // a NaN in y is skipped (max returns the second operand), as in the scalar path
+      h1 = _mm512_max_ps(v1, h1);
+      h2 = _mm512_max_ps(v2, h2);
+      h3 = _mm512_max_ps(v3, h3);
+      lo = _mm512_min_ps(v0, lo);
+      l1 = _mm512_min_ps(v1, l1);
+      l2 = _mm512_min_ps(v2, l2);
+      l3 = _mm512_min_ps(v3, l3);
+    }
+    hi = _mm512_max_ps(_mm512_max_ps(hi, h1), _mm512_max_ps(h2, h3));
+    lo = _mm512_min_ps(_mm512_min_ps(lo, l1), _mm512_min_ps(l2, l3));
+  }
+  for (; i + 16 <= d; i += 16) {
+    const __m512 v = _mm512_loadu_ps(y + i);
+    hi = _mm512_max_ps(v, hi);
+    lo = _mm512_min_ps(v, lo);
+  }
+  if (i < d) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (d - i)) - 1u);
+    const __m512 v = _mm512_maskz_loadu_ps(m, y + i);  // zeros in the unused lanes: hi >= 0 >= lo anyway
+    hi = _mm512_max_ps(v, hi);
+    lo = _mm512_min_ps(v, lo);
+  }
+  quantize_codes_avx512(y, d, _mm512_reduce_max_ps(hi), _mm512_reduce_min_ps(lo), qmax, half_scale, codes, scale_out,
+                        zp_out);
 }
 
 // One token of a quantize op with h_right's fast transform alone (int_kernels.h, FwhtQuantizeRowFn): the transform row

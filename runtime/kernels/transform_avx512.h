@@ -140,40 +140,28 @@ void center_scale_fwht512(const float* x, const float* x_scale, const float* x_s
 // ahead (each token is another 4 KB page at 1152 channels and more, where the hardware prefetchers stop): the whole
 // op alone, one thread, 4096 tokens (`python benchmarks/bench_ops_ab.py quantize --tokens 4096`, 15 rounds) 1152 wide
 // 5.93 -> 5.53 ms, 4608 wide 43.95 -> 39.41; the 2-block 1024 px call level (722.8 -> 721.1 ms, bench_call_ab.py).
-void column_mean64_avx512(const float* x, int64_t n, int64_t d, float* mean) {
+// Affine: over x' = x * scale + shift, 64 channels from scale, shift (the product rounded, then the sum, as affine_row;
+// then the same double additions: bit-identical to column_mean_affine_rows).
+template <bool Affine>
+void column_mean64_of(const float* x, int64_t n, int64_t d, const float* scale, const float* shift, float* mean) {
   __m512d acc[8];
-  for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_pd();
+  __m256 s[8], b[8];
+  for (int i = 0; i < 8; ++i) {
+    acc[i] = _mm512_setzero_pd();
+    if constexpr (Affine) {
+      s[i] = _mm256_loadu_ps(scale + 8 * i);
+      b[i] = _mm256_loadu_ps(shift + 8 * i);
+    }
+  }
   for (int64_t t = 0; t < n; ++t) {
     const float* row = x + t * d;
     if (t + 16 < n)
       for (int i = 0; i < 4; ++i) _mm_prefetch(reinterpret_cast<const char*>(row + 16 * d + 16 * i), _MM_HINT_T0);
 #pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) acc[i] = _mm512_add_pd(acc[i], _mm512_cvtps_pd(_mm256_loadu_ps(row + 8 * i)));
-  }
-  const __m512d count = _mm512_set1_pd(static_cast<double>(n));
-  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(mean + 8 * i, _mm512_cvtpd_ps(_mm512_div_pd(acc[i], count)));
-}
-
-// The same over x' = x * scale + shift, 64 channels from scale, shift (the product rounded, then the sum, as affine_row;
-// then the same double additions: bit-identical to column_mean_affine_rows).
-void column_mean_affine64_avx512(const float* x, int64_t n, int64_t d, const float* scale, const float* shift,
-                                 float* mean) {
-  __m512d acc[8];
-  for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_pd();
-  __m512 s[4], b[4];
-  for (int i = 0; i < 4; ++i) {
-    s[i] = _mm512_loadu_ps(scale + 16 * i);
-    b[i] = _mm512_loadu_ps(shift + 16 * i);
-  }
-  for (int64_t t = 0; t < n; ++t) {
-    const float* row = x + t * d;
-    if (t + 16 < n)
-      for (int i = 0; i < 4; ++i) _mm_prefetch(reinterpret_cast<const char*>(row + 16 * d + 16 * i), _MM_HINT_T0);
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i) {
-      const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(row + 16 * i), s[i]), b[i]);
-      acc[2 * i] = _mm512_add_pd(acc[2 * i], _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
-      acc[2 * i + 1] = _mm512_add_pd(acc[2 * i + 1], _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1)));
+    for (int i = 0; i < 8; ++i) {
+      __m256 v = _mm256_loadu_ps(row + 8 * i);
+      if constexpr (Affine) v = _mm256_add_ps(_mm256_mul_ps(v, s[i]), b[i]);
+      acc[i] = _mm512_add_pd(acc[i], _mm512_cvtps_pd(v));
     }
   }
   const __m512d count = _mm512_set1_pd(static_cast<double>(n));
@@ -304,23 +292,28 @@ void paley2_left_avx512(const float* v, const float* left, const float* a, const
     paley2_columns512<1>(v, a, g, k / 2, m, uw, out);
 }
 
-// The Modulate ops' column means: 64 channels at a time in AVX-512, the rest with the avx2 loops.
-void column_mean_affine_avx512(const float* x, int64_t n, int64_t d, int64_t c0, int64_t c1, const float* scale,
-                               const float* shift, float* mean) {
+// Column means (of x' = x * scale + shift when Affine): 64 channels at a time in AVX-512, the rest with the avx2 loops.
+template <bool Affine>
+void column_mean_of_avx512(const float* x, int64_t n, int64_t d, int64_t c0, int64_t c1, const float* scale,
+                           const float* shift, float* mean) {
   if (n > 0) {
-    for (; c0 + 64 <= c1; c0 += 64) column_mean_affine64_avx512(x + c0, n, d, scale + c0, shift + c0, mean + c0);
+    for (; c0 + 64 <= c1; c0 += 64)
+      column_mean64_of<Affine>(x + c0, n, d, Affine ? scale + c0 : nullptr, Affine ? shift + c0 : nullptr, mean + c0);
     if (c0 == c1) return;
   }
-  avx2_kernels()->transform.column_mean_affine(x, n, d, c0, c1, scale, shift, mean);
+  if constexpr (Affine)
+    avx2_kernels()->transform.column_mean_affine(x, n, d, c0, c1, scale, shift, mean);
+  else
+    avx2_kernels()->transform.column_mean(x, n, d, c0, c1, mean);
 }
 
-// Column means: 64 channels at a time in AVX-512, the rest with the avx2 loops.
 void column_mean_avx512(const float* x, int64_t n, int64_t d, int64_t c0, int64_t c1, float* mean) {
-  if (n > 0) {
-    for (; c0 + 64 <= c1; c0 += 64) column_mean64_avx512(x + c0, n, d, mean + c0);
-    if (c0 == c1) return;
-  }
-  avx2_kernels()->transform.column_mean(x, n, d, c0, c1, mean);
+  column_mean_of_avx512<false>(x, n, d, c0, c1, nullptr, nullptr, mean);
+}
+
+void column_mean_affine_avx512(const float* x, int64_t n, int64_t d, int64_t c0, int64_t c1, const float* scale,
+                               const float* shift, float* mean) {
+  column_mean_of_avx512<true>(x, n, d, c0, c1, scale, shift, mean);
 }
 
 }  // namespace
