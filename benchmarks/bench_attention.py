@@ -1,11 +1,11 @@
 """hadanorm::Attention alone, per kernel path, side by side (interleaved rounds in one process).
 
     python benchmarks/bench_attention.py [--tokens 1024] [--heads 16] [--dim 72] [--batch 2] [--rounds 5]
-        [--paths scalar,avx2,avx512vnni,amx] [--precisions float,bf16] [--threads 2]
+        [--paths scalar,avx2,avx512vnni,amx] [--precisions float,bf16,int8] [--threads 2]
 
 One op, q/k/v [batch, tokens, heads, dim] (layout bnhd, as the pass writes PixArt's), scale 1/sqrt(dim), no mask;
-each path (`HADANORM_KERNELS_ISA`) at float and at bf16 precision (a path without AMX tiles computes float for bf16:
-the report says so). Prints the median ms of each, and GFLOP/s counting 4 x tokens^2 x dim per head.
+each path (`HADANORM_KERNELS_ISA`) at float, bf16 and int8 precision (a path without AMX tiles computes float for bf16,
+one without AVX512-VNNI float for int8: the report says so). Prints the median ms of each, and GFLOP/s counting 4 x tokens^2 x dim per head.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--paths", default="scalar,avx2,avx512vnni,amx")
-    p.add_argument("--precisions", default="float,bf16", help="comma-separated: float, bf16")
+    p.add_argument("--precisions", default="float,bf16,int8", help="comma-separated: float, bf16, int8")
     args = p.parse_args()
     library = library_path()
     if library is None:

@@ -14,7 +14,8 @@ of a kernel change (build the old commit's library with ``python -m runtime.kern
 only), on ``[2, 256, k]`` codes. ``modulate``: ``Mul(x, scale)``, ``Add(shift)`` and ``CenterScaleRotateQuantize``
 against one ``ModulateCenterScaleRotateQuantize`` (scale and shift ``[2, 1, width]``), likewise. ``attention``: one
 ``Attention`` (bf16, layout bnhd: PixArt's 16 heads of 72, q ``[2, tokens, 16, 72]``, k and v
-``[2, keys, 16, 72]``). Every session runs on one intra-op thread (the numbers are the calling thread's CPU time,
+``[2, keys, 16, 72]``; ``--precision bf16,int8``: each precision a session of each library). Every session
+runs on one intra-op thread (the numbers are the calling thread's CPU time,
 less sensitive to a busy host than wall time); the outputs of all libraries (and of the two residual graphs) must be
 equal bit for bit (or within `--tolerance`, relative L2, for a change that moves the last bits), else the script
 stops. Prints the median and minimum of `--rounds` interleaved calls per library
@@ -132,13 +133,18 @@ def modulate_case(args) -> tuple[dict[str, bytes], dict[str, np.ndarray]]:
 
 
 def attention_case(args) -> tuple[dict[str, bytes], dict[str, np.ndarray]]:
-    node = helper.make_node("Attention", ["q", "k", "v"], ["y"], domain="hadanorm", scale=72 ** -0.5,
-                            precision="bf16", layout="bnhd")
     rng = np.random.default_rng(0)
     feeds = {name: rng.standard_normal((2, n, 16, 72)).astype(np.float32)
              for name, n in (("q", args.tokens), ("k", args.keys), ("v", args.keys))}
     inputs = [_value(n, TensorProto.FLOAT, None) for n in "qkv"]
-    return {"": _model([node], inputs, [_value("y", TensorProto.FLOAT, None)], [])}, feeds
+    precisions = args.precision.split(",")
+    models = {}
+    for precision in precisions:
+        node = helper.make_node("Attention", ["q", "k", "v"], ["y"], domain="hadanorm", scale=72 ** -0.5,
+                                precision=precision, layout="bnhd")
+        label = f" {precision}" if len(precisions) > 1 else ""
+        models[label] = _model([node], inputs, [_value("y", TensorProto.FLOAT, None)], [])
+    return models, feeds
 
 
 CASES = {"quantize": quantize_case, "float-matmul": float_matmul_case, "residual": residual_case,
@@ -156,6 +162,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1152)
     p.add_argument("--count", type=int, default=8)
     p.add_argument("--keys", type=int, default=256)
+    p.add_argument("--precision", default="bf16",
+                   help="attention: the op's precision, or a comma list (float, bf16, int8) run side by side")
     p.add_argument("--rounds", type=int, default=100)
     p.add_argument("--tolerance", type=float, default=0.0,
                    help="relative L2 the outputs may differ by from the first library's (default 0: bit for bit)")
@@ -201,7 +209,7 @@ def main() -> None:
                               "float-matmul": f"{args.count} x [{args.k}, {args.n}]",
                               "residual": f"[2, 256, {args.k}] x [{args.k}, {args.n}]",
                               "modulate": f"[2, {args.tokens}, {args.width}] {args.mode}",
-                              "attention": f"q [2, {args.tokens}, 16, 72], k / v [2, {args.keys}, 16, 72] bf16"}[
+                              "attention": f"q [2, {args.tokens}, 16, 72], k / v [2, {args.keys}, 16, 72] {args.precision}"}[
                                   args.case]
           + f", 1 thread, {args.rounds} interleaved rounds, thread CPU ms")
     for name, values in times.items():

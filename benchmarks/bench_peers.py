@@ -18,9 +18,10 @@ Graphs (`--graphs`, onnxruntime FP32 always runs: it is the reference):
   per-block fold); ``hn-w4a4-all-block-tl-pc`` also with ``--outer-weight-block 0`` (the outer linears' 8-bit
   weights in one block per output channel: no per-block fold there either);
 * the ``hn-*`` graphs have the fused attention (``hadanorm::Attention``, bf16, the ``--format fused`` default);
-  ``hn-w4a4-fattn`` has it in fp32 (``--attention float``), ``hn-w4a4-noattn`` keeps MatMul -> Softmax -> MatMul
-  (``--attention none``, the graphs before issue 18); ``fp32-attn`` is the FP32 graph with only the attention fused
-  (``hn-export optimize --attention bf16``), on the kernel library.
+  the ``*-fattn`` graphs have it in fp32 (``--attention float``), the ``*-iattn`` graphs in int8 (``--attention
+  int8``), ``hn-w4a4-noattn`` keeps MatMul -> Softmax -> MatMul (``--attention none``, the graphs before issue 18);
+  ``fp32-attn`` is the FP32 graph with only the attention fused (``hn-export optimize --attention bf16``), on the
+  kernel library.
 
 Each graph runs in its own worker process (this script with ``--worker``; under ``benchmarks/no_amx.py`` with
 ``--no-amx``), which loads it once and reports its RSS, then serves calls. The workers start one after the other
@@ -99,6 +100,15 @@ GRAPHS = {g.key: g for g in (
           "hn-w4a4-all-block-tl-pc", False),
     Graph("hn-w4a4-all-block-lr32", "hn-export `--w4a4 --format fused --every-linear --hadamard block --low-rank 32` "
           "(a rank-32 float branch beside each weight)", "hn", "hn-w4a4-all-block-lr32", False),
+    Graph("hn-w4a4-all-block-tl-iattn", "hn-export `--w4a4 --format fused --every-linear --hadamard block "
+          "--weight-scales two-level --attention int8` (int8 fused attention)", "hn", "hn-w4a4-all-block-tl-iattn",
+          False),
+    Graph("hn-w4a4-all-block-tl-pc-iattn", "hn-export `--w4a4 --format fused --every-linear --hadamard block "
+          "--weight-scales two-level --outer-weight-block 0 --attention int8` (int8 fused attention)", "hn",
+          "hn-w4a4-all-block-tl-pc-iattn", False),
+    Graph("hn-w4a4-all-block-tl-fattn", "hn-export `--w4a4 --format fused --every-linear --hadamard block "
+          "--weight-scales two-level --attention float` (fp32 fused attention)", "hn", "hn-w4a4-all-block-tl-fattn",
+          False),
     Graph("hn-w4a4-fattn", "hn-export `--w4a4 --format fused --attention float` (fp32 fused attention)", "hn",
           "hn-w4a4-fattn", False),
     Graph("hn-w4a4-noattn", "hn-export `--w4a4 --format fused --attention none` (MatMul -> Softmax -> MatMul)", "hn",
@@ -264,7 +274,8 @@ def prepare(folder: Path, preset: str, layers: int, seed: int, keys: list[str], 
         bits = ["--w4a4"] if parts[1] == "w4a4" else ["--wbits", "4", "--abits", "8"]
         every = "all" in parts
         selection = ["--every-linear"] if every else []
-        attention = {"noattn": ["--attention", "none"], "fattn": ["--attention", "float"]}.get(parts[-1], [])
+        attention = {"noattn": ["--attention", "none"], "fattn": ["--attention", "float"],
+                     "iattn": ["--attention", "int8"]}.get(parts[-1], [])
         rotation = ["--hadamard", "block"] if "block" in parts else []
         rotation += [opt for part in parts if part.startswith("lr") for opt in ("--low-rank", part[2:])]
         rotation += ["--weight-scales", "two-level"] if "tl" in parts else []

@@ -2,7 +2,8 @@
 
     Attention(q [..., Nq, D], k [..., Nk, D], v [..., Nk, Dv][, mask])  ->  softmax(scale * q k^T + mask) v
 
-``scale`` (float) and ``precision`` (``float`` | ``bf16``, how the kernel library computes it) are attributes;
+``scale`` (float) and ``precision`` (``float`` | ``bf16`` | ``int8`` | ``fast``, how the kernel library computes it)
+are attributes;
 ``layout`` ``bnhd`` takes q, k, v as ``[B, N, H, D]`` and gives y as ``[B, Nq, H, Dv]`` (the heads not split off
 the tokens: no head transposes around the op; the mask still broadcasts to ``[B, H, Nq, Nk]``). The
 function body is the float maths, MatMul -> Softmax -> MatMul, so stock onnxruntime runs the file (holding the
@@ -26,11 +27,17 @@ OP_TYPE = "Attention"
 
 
 class AttentionPrecision(enum.Enum):
-    """How the kernel library computes a fused attention: fp32 throughout (the exact op), or bf16 operands with
-    fp32 sums (AMX bf16 tiles where the CPU has them)."""
+    """How the kernel library computes a fused attention: fp32 throughout (the exact op); bf16 operands with fp32
+    sums (AMX bf16 tiles where the CPU has them); or int8, HadaNorm's transform on attention (keys centered, queries
+    and keys rotated by a block Hadamard, int8 per row; values centered, int8 per channel; p in unsigned 8 bits;
+    exact int32 sums on AVX512-VNNI: `runtime/kernels/attention_int8.h`); or fast, chosen by the CPU that runs the
+    graph: bf16 on AMX tiles, int8 on AVX512-VNNI without them, float elsewhere (the fastest of each, measured:
+    `benchmarks/attention.md`)."""
 
     FLOAT = "float"
     BF16 = "bf16"
+    INT8 = "int8"
+    FAST = "fast"
 
 
 BHND, BNHD = "bhnd", "bnhd"

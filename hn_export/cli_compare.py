@@ -89,8 +89,8 @@ grid_options = option_group(
                       "ways."),
     click.option("--attention", type=EnumChoice(AttentionChoice), default=AttentionChoice.AUTO.value,
                  show_default=True,
-                 help="Softmax attention of the quantized graphs: auto (fused graphs: hadanorm::Attention bf16; "
-                      "others keep it), none, float or bf16 (as `hn-export MODEL --attention`)."),
+                 help="Softmax attention of the quantized graphs: auto (fused graphs: hadanorm::Attention fast; "
+                      "others keep it), none, float, bf16, int8 or fast (as `hn-export MODEL --attention`)."),
     click.option("--bias-corrections", default="float-token", show_default=True,
                  help="Comma list of bias-correction modes for centered methods, or all."),
     click.option("--hadamard", type=EnumChoice(HadamardMode),

@@ -19,7 +19,7 @@ from hn_export.quantize_job import DEFAULT_FUSED_ATTENTION
 from hn_export.metadata_keys import ATTENTION_KEY, TRANSFORM_OPS_KEY
 from runtime.domain import HADANORM_DOMAIN
 
-_CHOICES = {"fused": DEFAULT_FUSED_ATTENTION, "float": AttentionPrecision.FLOAT, "bf16": AttentionPrecision.BF16}
+_CHOICES = {"fused": DEFAULT_FUSED_ATTENTION, **{p.value: p for p in AttentionPrecision}}
 
 
 def default_output(model: Path) -> Path:
@@ -30,7 +30,9 @@ def default_output(model: Path) -> Path:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--attention", type=click.Choice(sorted(_CHOICES)), required=True,
               help=f"fused: hadanorm::Attention at the default precision ({DEFAULT_FUSED_ATTENTION.value}); float: "
-                   "the exact tiled op (fp32); bf16: bf16 operands, fp32 sums (AMX tiles where the CPU has them).")
+                   "the exact tiled op (fp32); bf16: bf16 operands, fp32 sums (AMX tiles where the CPU has them); "
+                   "int8: keys centered and rotated, int8 q k^T and p v (AVX512-VNNI); fast: chosen by the CPU "
+                   "that runs the graph (bf16 on AMX, int8 on AVX512-VNNI, float elsewhere).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output .onnx (default MODEL.attn.onnx).")
 def optimize_command(model: Path, attention: str, output: Path | None) -> None:
     """Rewrite MODEL's softmax attentions (MatMul -> Softmax -> MatMul) into hadanorm::Attention: tiled, online

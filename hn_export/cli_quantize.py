@@ -242,8 +242,10 @@ def quant_options(default_format: OutputFormat = OutputFormat.QDQ):
                           "otherwise)."),
         click.option("--attention", type=EnumChoice(AttentionChoice), default=AttentionChoice.AUTO.value,
                      show_default=True,
-                     help="Softmax attention: fuse it into hadanorm::Attention (tiled, O(N) memory) at float or bf16 "
-                          "precision, or keep it (none); auto: bf16 for --format fused, none otherwise."),
+                     help="Softmax attention: fuse it into hadanorm::Attention (tiled, O(N) memory) at float, bf16 or int8 "
+                          "precision (int8: keys centered and rotated, int8 q k^T and p v on AVX512-VNNI), fast "
+                          "(chosen by the CPU that runs it: bf16 on AMX, int8 on AVX512-VNNI, float elsewhere), or "
+                          "keep it (none); auto: fast for --format fused, none otherwise."),
         click.option("--calib-samples", type=click.IntRange(1), default=2, show_default=True,
                      help="Denoising trajectories for calibration."),
         click.option("--calib-steps", type=click.IntRange(1), default=20, show_default=True,

@@ -183,7 +183,7 @@ class CompareConfig:
     progress: bool = True
     calib_inputs: Path | None = None  # --calib FILE.npz instead of trajectories
     inputs: EvaluationInputs | None = None  # default: seeded, from `evaluation`
-    attention: AttentionChoice = AttentionChoice.AUTO  # --attention (fused graphs: bf16 by default)
+    attention: AttentionChoice = AttentionChoice.AUTO  # --attention (fused graphs: fast by default)
 
 
 def point_job(model: Path, out: Path, point: GridPoint, config: CompareConfig, stats: CalibrationStats | None,

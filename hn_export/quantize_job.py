@@ -46,20 +46,23 @@ from runtime.domain import HADANORM_DOMAIN
 logger = logging.getLogger(__name__)
 
 
-# The precision of the fused attention that `fused` graphs get by default (benchmarks/attention.md: on AMX the bf16
-# tiles are the fastest path, and the one-call SQNR loss against float attention is far below the W4A4 noise).
-DEFAULT_FUSED_ATTENTION = AttentionPrecision.BF16
+# The precision of the fused attention that `fused` graphs get by default: fast, the fastest path of the CPU that
+# runs the graph, measured (benchmarks/attention.md, benchmarks/peers/): the bf16 tiles on AMX, int8 on AVX512-VNNI
+# without AMX; the one-call SQNR of the W4A4 graphs with either is that with float attention, within noise.
+DEFAULT_FUSED_ATTENTION = AttentionPrecision.FAST
 
 
 class AttentionChoice(enum.Enum):
     """``--attention``: ``auto`` fuses the softmax attentions of ``fused`` graphs at `DEFAULT_FUSED_ATTENTION` and
-    keeps those of the other formats (stock onnxruntime runs them); ``none`` keeps them; ``float`` / ``bf16`` fuse
-    them at that precision whatever the format."""
+    keeps those of the other formats (stock onnxruntime runs them); ``none`` keeps them; ``float`` / ``bf16`` /
+    ``int8`` / ``fast`` fuse them at that precision whatever the format."""
 
     AUTO = "auto"
     NONE = "none"
     FLOAT = "float"
     BF16 = "bf16"
+    INT8 = "int8"
+    FAST = "fast"
 
     def resolve(self, quant: QuantConfig | None) -> AttentionPrecision | None:
         if self is AttentionChoice.AUTO:

@@ -141,7 +141,7 @@ def implementation(metadata: dict[str, str], kernel_library: Path | None) -> str
     attention = "".join(
         f", attention: hadanorm::Attention {p}, " + (f"kernels ({library_attention_path(kernel_library, p)})"
                                                      if kernel_library is not None else "function bodies")
-        for p in metadata.get(ATTENTION_KEY, "none").split(",") if p in ("float", "bf16"))
+        for p in metadata.get(ATTENTION_KEY, "none").split(",") if p in ("float", "bf16", "int8", "fast"))
     if fmt == "fused":
         return f"fused: {kernels}{attention}"
     if not fmt and not transforms:

@@ -39,7 +39,7 @@ def test_reported_implementation(formats):
     assert Denoiser(formats["nbits"], kernel_library=False).implementation == (
         "nbits: MatMulNBits, transforms: function bodies")
     assert Denoiser(formats["fused"], kernel_library=False).implementation == (
-        "fused: function bodies, attention: hadanorm::Attention bf16, function bodies")
+        "fused: function bodies, attention: hadanorm::Attention fast, function bodies")
 
 
 @pytest.mark.parametrize("args,message", [

@@ -97,7 +97,8 @@ def selected_isa(path: str | os.PathLike) -> str | None:
 
 def attention_path(path: str | os.PathLike, precision: str) -> str | None:
     """``HadanormAttentionPath(precision)`` of the library at `path`: the path ``hadanorm::Attention`` would run at
-    that precision (``amx``, ``avx512``, ``scalar``) or ``"error: <why>"``; None when the library cannot be loaded or
+    that precision (``amx``, ``avx512``, ``scalar``; for ``fast`` also what it computes there, ``amx (bf16)``,
+    ``avx512 (int8)``) or ``"error: <why>"``; None when the library cannot be loaded or
     has no fused attention."""
     try:
         function = ctypes.CDLL(os.fspath(path)).HadanormAttentionPath

@@ -17,11 +17,15 @@
 // MatMul). Precision kBf16: (scale q), k, v and p are rounded to bfloat16 (round to nearest even) before their
 // products, which are then exact in fp32 and summed in fp32 (what AMX's tdpbf16ps computes); l sums the rounded p.
 // Every path computes these same formulas per key block; paths differ only in the order of fp32 sums and in exp's
-// last bits (the scalar path, std::exp, is the reference).
+// last bits (the scalar path, std::exp, is the reference). Precision kInt8: HadaNorm's transform on attention
+// (attention_int8.h): the keys centered and, with the queries, rotated by a block Hadamard and quantized to int8 per
+// row, q k^T exact in int32; the values centered and quantized per channel, p quantized to unsigned 8 bits (p <= 1),
+// p v exact in int32 per key block (VNNI's vpdpbusd: unsigned x signed bytes).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "isa.h"
 
@@ -29,7 +33,12 @@ namespace hadanorm {
 
 inline constexpr int64_t kAttentionKeyBlock = 128;
 
-enum class AttentionPrecision { kFloat, kBf16 };
+enum class AttentionPrecision { kFloat, kBf16, kInt8 };
+
+// The op's precision attribute on instruction set `isa` (select_isa()): "float", "bf16", "int8", or "fast": the
+// fastest this CPU computes, measured (benchmarks/attention.md, benchmarks/peers/): bf16 on AMX tiles, int8 on
+// AVX512-VNNI without them, float elsewhere (AVX2, NEON, scalar). Anything else fails with a one-line reason.
+AttentionPrecision parse_attention_precision(const std::string& value, Isa isa);
 
 struct AttentionShape {
   int64_t nq = 0, nk = 0, d = 0, dv = 0;
@@ -59,21 +68,23 @@ struct AttentionPath {
   void (*rows)(const AttentionShape& shape, const AttentionHead& head, const void* packed, int64_t q0,
                int64_t q1) = nullptr;
   int64_t rows_per_task = 0;   // a good task size (a multiple of the path's row group)
-  bool computes_bf16 = false;  // false: the path computes in fp32 whatever the op's precision (attention_precision)
+  bool computes_bf16 = false;  // false: the path computes a kBf16 op in fp32 (attention_precision)
+  bool computes_int8 = false;  // false: the path computes a kInt8 op in fp32 (attention_precision)
 };
 
 const AttentionPath& attention_scalar_path();
-const AttentionPath* attention_avx512_path();   // nullptr when this build or CPU has no AVX-512
+const AttentionPath* attention_avx512_path();   // nullptr when this build or CPU has no AVX-512 VNNI
 const AttentionPath* attention_amx_path();      // bf16 only; nullptr when AMX-BF16 is unavailable
 const AttentionPath* attention_avx2_path();     // nullptr when this build or CPU has no AVX2 + FMA
 
-// The path for `precision` on instruction set `isa` (select_isa()): amx -> the AMX bf16 tiles for kBf16 and AVX-512
-// for kFloat; avx512vnni -> AVX-512; avx2, avxvnni -> AVX2; anything else -> scalar.
+// The path for `precision` on instruction set `isa` (select_isa()): amx -> the AMX bf16 tiles for kBf16, AVX-512 for
+// kFloat and kInt8 (VNNI); avx512vnni -> AVX-512; avx2, avxvnni -> AVX2; anything else -> scalar.
 const AttentionPath& attention_path(AttentionPrecision precision, Isa isa);
 
-// What `path` computes for an op of `precision`: kBf16 is a ceiling, not a promise. The AMX tiles and the scalar
-// reference compute bf16; the AVX-512 and AVX2 paths compute fp32 (exact, and faster there than fp32 FMAs on operands
-// rounded to bf16: measured 10% at 1024 px without AMX).
+// What `path` computes for an op of `precision`: kBf16 and kInt8 are ceilings, not promises. kBf16: the AMX tiles
+// and the scalar reference compute bf16; the AVX-512 and AVX2 paths compute fp32 (exact, and faster there than fp32
+// FMAs on operands rounded to bf16: measured 10% at 1024 px without AMX). kInt8: the AVX-512 (VNNI) path and the
+// scalar reference compute int8; AVX2 computes fp32.
 AttentionPrecision attention_precision(AttentionPrecision precision, const AttentionPath& path);
 
 }  // namespace hadanorm

@@ -1,6 +1,6 @@
 // AVX-512 path of the fused attention (attention.h): fp32 FMAs, precision kFloat (also what a kBf16 op runs on a CPU
 // without AMX tiles: fp32 FMAs on operands rounded to bf16, or AVX512-BF16's vdpbf16ps, measured slower than this on
-// the AMX Xeon, and fp32 is exact).
+// the AMX Xeon, and fp32 is exact). Precision kInt8: attention_vnni_int8.cc (AVX512-VNNI).
 //
 // Packed per head: k^T in key blocks of 128 ([d][128] floats, keys past nk zero) followed by v [nk_pad][dv_pad]
 // (dv_pad = dv rounded up to 16, zero columns). A task (query rows q0..q1) keeps its rows' running max, sum and
@@ -26,6 +26,7 @@
 #include <limits>
 #include <vector>
 
+#include "attention_int8.h"
 #include "util.h"
 
 #pragma GCC push_options
@@ -35,6 +36,7 @@
 #include <immintrin.h>
 
 #include "attention_exp512.h"  // exp_ps (compiled for this file's targets)
+#include "attention_row512.h"  // masked_row_max
 
 namespace hadanorm {
 
@@ -56,11 +58,13 @@ struct Layout {
 };
 
 size_t avx512_packed_bytes(const AttentionShape& s) {
+  if (s.precision == AttentionPrecision::kInt8) return attention_int8_avx512_packed_bytes(s);
   const Layout l(s);
   return (l.kt_floats(s) + l.v_floats()) * sizeof(float);
 }
 
 void avx512_pack(const AttentionShape& s, const float* k, const float* v, void* packed) {
+  if (s.precision == AttentionPrecision::kInt8) return attention_int8_avx512_pack(s, k, v, packed);
   const Layout lay(s);
   float* kt = static_cast<float*>(packed);
   float* vp = kt + lay.kt_floats(s);
@@ -142,34 +146,10 @@ void group_block(const AttentionShape& s, const AttentionHead& h, const Layout& 
   scores_pass<R>(q, s.d, kt_block, S);
   if (nb > 64) scores_pass<R>(q, s.d, kt_block + 64, S + 64);
   const int64_t vecs = ceil_div(nb, 16);
-  const __mmask16 tail = nb % 16 ? static_cast<__mmask16>((1u << (nb % 16)) - 1) : 0xffff;
   for (int r = 0; r < R; ++r) {
     float* srow = S + r * kBlock;
-    const int64_t qi = i + r;
-    __m512 vmax = _mm512_set1_ps(neg_inf);
-    for (int64_t t = 0; t < vecs; ++t) {
-      __m512 x = _mm512_loadu_ps(srow + 16 * t);
-      if (h.mask) {
-        const float* m = h.mask + qi * h.mask_row + (j0 + 16 * t) * h.mask_col;
-        const __mmask16 valid = t + 1 == vecs ? tail : 0xffff;
-        __m512 mv;
-        if (h.mask_col == 1) {
-          mv = _mm512_maskz_loadu_ps(valid, m);
-        } else if (h.mask_col == 0) {
-          mv = _mm512_set1_ps(*m);
-        } else {
-          alignas(64) float tmp[16] = {};
-          for (int e = 0; e < 16 && 16 * t + e < nb; ++e) tmp[e] = m[e * h.mask_col];
-          mv = _mm512_load_ps(tmp);
-        }
-        x = _mm512_add_ps(x, mv);
-      }
-      if (t + 1 == vecs) x = _mm512_mask_mov_ps(_mm512_set1_ps(neg_inf), tail, x);
-      _mm512_storeu_ps(srow + 16 * t, x);
-      vmax = _mm512_max_ps(vmax, x);
-    }
     const float old_max = w.mx[g + r];
-    const float new_max = std::max(old_max, _mm512_reduce_max_ps(vmax));
+    const float new_max = std::max(old_max, masked_row_max(h, srow, i + r, j0, nb));
     float* o = w.O.data() + (g + r) * lay.dv_pad;
     if (new_max == neg_inf) {  // every score so far is -inf: p = 0
       std::fill(srow, srow + vecs * 16, 0.0f);
@@ -194,6 +174,7 @@ void group_block(const AttentionShape& s, const AttentionHead& h, const Layout& 
 }
 
 void avx512_rows(const AttentionShape& s, const AttentionHead& h, const void* packed, int64_t q0, int64_t q1) {
+  if (s.precision == AttentionPrecision::kInt8) return attention_int8_avx512_rows(s, h, packed, q0, q1);
   const Layout lay(s);
   const float* kt = static_cast<const float*>(packed);
   const float* vp = kt + lay.kt_floats(s);
@@ -244,7 +225,8 @@ const AttentionPath* attention_avx512_path() {
                                   .pack = avx512_pack,
                                   .rows = avx512_rows,
                                   .rows_per_task = kRowsPerTask,
-                                  .computes_bf16 = false};
+                                  .computes_bf16 = false,
+                                  .computes_int8 = true};
   return isa_supported(Isa::kAvx512Vnni) ? &path : nullptr;
 }
 

@@ -2,7 +2,8 @@
 //
 //   Attention(q T [..., Nq, D], k T [..., Nk, D], v T [..., Nk, Dv][, mask T broadcastable to [..., Nq, Nk]])
 //     -> y T [..., Nq, Dv] = softmax(scale * q k^T + mask) v        attributes: scale (float), precision
-//                                                                   ("float" | "bf16"), layout ("bhnd" | "bnhd")
+//                                                                   ("float" | "bf16" | "int8" | "fast"), layout
+//                                                                   ("bhnd" | "bnhd")
 //
 // q, k and v share their leading dimensions (batch x heads). layout "bnhd": q [B, Nq, H, D], k [B, Nk, H, D],
 // v [B, Nk, H, Dv], y [B, Nq, H, Dv] (the heads not yet split off the tokens; the mask still broadcasts to
@@ -23,12 +24,6 @@ namespace {
 
 constexpr const char* kName = "Attention";
 
-AttentionPrecision parse_precision(const std::string& value) {
-  if (value == "float") return AttentionPrecision::kFloat;
-  if (value == "bf16") return AttentionPrecision::kBf16;
-  fail("attribute precision=\"", value, "\" is not one of float, bf16; re-export with hn-export");
-}
-
 template <bool Half>
 struct AttentionKernel {
   float scale = 1.0f;
@@ -39,7 +34,8 @@ struct AttentionKernel {
 
   explicit AttentionKernel(const Ort::ConstKernelInfo& info) {
     scale = info.GetAttribute<float>("scale");
-    precision = parse_precision(info.GetAttribute<std::string>("precision"));
+    const Isa isa = select_isa();
+    precision = parse_attention_precision(info.GetAttribute<std::string>("precision"), isa);
     std::string layout = "bhnd";
     try {
       layout = info.GetAttribute<std::string>("layout");
@@ -48,7 +44,6 @@ struct AttentionKernel {
     if (layout != "bhnd" && layout != "bnhd")
       fail("attribute layout=\"", layout, "\" is not one of bhnd, bnhd; re-export with hn-export");
     bnhd = layout == "bnhd";
-    const Isa isa = select_isa();
     path = &attention_path(precision, isa);
     half = isa_kernels(isa).half;
   }

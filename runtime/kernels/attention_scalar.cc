@@ -4,9 +4,12 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "attention.h"
+#include "attention_int8.h"
+#include "util.h"
 
 namespace hadanorm {
 
@@ -28,12 +31,92 @@ float round_bf16(float x) {
   return y;
 }
 
+// kInt8, packed (attention_int8.h): key codes [nk][d_pad], value codes [nk][dv], then the floats sk [nk],
+// sv [dv], value means [dv] and the key code sums [nk] (int32; the scalar path multiplies signed codes directly).
+struct Int8Packed {
+  int64_t d_pad, v, sk, sv, vmean, ksum, bytes;  // byte offsets of each part; bytes in all
+  explicit Int8Packed(const AttentionShape& s) : d_pad(attention_int8_d_pad(s.d)) {
+    v = s.nk * d_pad;
+    sk = (v + s.nk * s.dv + 3) / 4 * 4;
+    sv = sk + 4 * s.nk;
+    vmean = sv + 4 * s.dv;
+    ksum = vmean + 4 * s.dv;
+    bytes = ksum + 4 * s.nk;
+  }
+};
+
+template <class T, class P>
+auto* part(P* packed, int64_t offset) {
+  using Byte = std::conditional_t<std::is_const_v<P>, const uint8_t, uint8_t>;
+  using Out = std::conditional_t<std::is_const_v<P>, const T, T>;
+  return reinterpret_cast<Out*>(static_cast<Byte*>(packed) + offset);
+}
+
+void int8_pack(const AttentionShape& s, const float* k, const float* v, void* packed) {
+  const Int8Packed l(s);
+  attention_int8_keys(s, k, part<int8_t>(packed, 0), l.d_pad, part<float>(packed, l.sk),
+                      part<int32_t>(packed, l.ksum));
+  attention_int8_values(s, v, part<int8_t>(packed, l.v), s.dv, part<float>(packed, l.sv),
+                        part<float>(packed, l.vmean));
+}
+
+void int8_rows(const AttentionShape& s, const AttentionHead& h, const void* packed, int64_t q0, int64_t q1) {
+  const Int8Packed lay(s);
+  const int8_t* kc = part<int8_t>(packed, 0);
+  const int8_t* vc = part<int8_t>(packed, lay.v);
+  const float* sk = part<float>(packed, lay.sk);
+  const float* sv = part<float>(packed, lay.sv);
+  const float* vmean = part<float>(packed, lay.vmean);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  std::vector<int8_t> q(static_cast<size_t>(lay.d_pad));
+  std::vector<float> scores(kAttentionKeyBlock), o(static_cast<size_t>(s.dv));
+  std::vector<int32_t> p(kAttentionKeyBlock);
+  for (int64_t i = q0; i < q1; ++i) {
+    const float qf = attention_int8_query(s, h.q + i * s.q_stride, q.data());
+    std::fill(o.begin(), o.end(), 0.0f);
+    float mx = neg_inf, l = 0.0f;
+    for (int64_t j0 = 0; j0 < s.nk; j0 += kAttentionKeyBlock) {
+      const int64_t nb = std::min(kAttentionKeyBlock, s.nk - j0);
+      float block_max = neg_inf;
+      for (int64_t j = 0; j < nb; ++j) {
+        const int8_t* kj = kc + (j0 + j) * lay.d_pad;
+        int32_t dot = 0;
+        for (int64_t c = 0; c < s.d; ++c) dot += int32_t{q[c]} * int32_t{kj[c]};
+        const float f = qf * sk[j0 + j];
+        float acc = f * static_cast<float>(dot);
+        if (h.mask) acc += h.mask[i * h.mask_row + (j0 + j) * h.mask_col];
+        scores[j] = acc;
+        block_max = std::max(block_max, acc);
+      }
+      const float new_max = std::max(mx, block_max);
+      if (new_max == neg_inf) continue;  // every score so far is -inf: nothing to add
+      const float alpha = std::exp(mx - new_max);
+      int32_t sum = 0;
+      for (int64_t j = 0; j < nb; ++j) {
+        p[j] = static_cast<int32_t>(std::nearbyint(std::exp(scores[j] - new_max) * 255.0f));
+        sum += p[j];
+      }
+      l = alpha * l + static_cast<float>(sum);
+      for (int64_t c = 0; c < s.dv; ++c) {
+        int32_t acc = 0;
+        for (int64_t j = 0; j < nb; ++j) acc += p[j] * int32_t{vc[(j0 + j) * s.dv + c]};
+        o[c] = alpha * o[c] + static_cast<float>(acc);
+      }
+      mx = new_max;
+    }
+    const float inv = l > 0.0f ? 1.0f / l : std::numeric_limits<float>::quiet_NaN();
+    for (int64_t c = 0; c < s.dv; ++c) h.out[i * s.out_stride + c] = o[c] * inv * sv[c] + vmean[c];
+  }
+}
+
 // Packed: k [nk, d] then v [nk, dv], floats (rounded to bf16 values for kBf16).
 size_t scalar_packed_bytes(const AttentionShape& s) {
+  if (s.precision == AttentionPrecision::kInt8) return static_cast<size_t>(Int8Packed(s).bytes);
   return static_cast<size_t>(s.nk * (s.d + s.dv)) * sizeof(float);
 }
 
 void scalar_pack(const AttentionShape& s, const float* k, const float* v, void* packed) {
+  if (s.precision == AttentionPrecision::kInt8) return int8_pack(s, k, v, packed);
   float* out = static_cast<float*>(packed);
   const bool bf16 = s.precision == AttentionPrecision::kBf16;
   const int64_t nk_d = s.nk * s.d, nk_dv = s.nk * s.dv;
@@ -48,6 +131,7 @@ void scalar_pack(const AttentionShape& s, const float* k, const float* v, void* 
 }
 
 void scalar_rows(const AttentionShape& s, const AttentionHead& h, const void* packed, int64_t q0, int64_t q1) {
+  if (s.precision == AttentionPrecision::kInt8) return int8_rows(s, h, packed, q0, q1);
   const float* k = static_cast<const float*>(packed);
   const float* v = k + s.nk * s.d;
   const bool bf16 = s.precision == AttentionPrecision::kBf16;
@@ -101,12 +185,27 @@ const AttentionPath& attention_scalar_path() {
                                   .pack = scalar_pack,
                                   .rows = scalar_rows,
                                   .rows_per_task = kRowsPerTask,
-                                  .computes_bf16 = true};
+                                  .computes_bf16 = true,
+                                  .computes_int8 = true};
   return path;
 }
 
+AttentionPrecision parse_attention_precision(const std::string& value, Isa isa) {
+  if (value == "float") return AttentionPrecision::kFloat;
+  if (value == "bf16") return AttentionPrecision::kBf16;
+  if (value == "int8") return AttentionPrecision::kInt8;
+  if (value == "fast") {
+    if (isa == Isa::kAmx && attention_amx_path()) return AttentionPrecision::kBf16;
+    if ((isa == Isa::kAmx || isa == Isa::kAvx512Vnni) && attention_avx512_path()) return AttentionPrecision::kInt8;
+    return AttentionPrecision::kFloat;
+  }
+  fail("attribute precision=\"", value, "\" is not one of float, bf16, int8, fast; re-export with hn-export");
+}
+
 AttentionPrecision attention_precision(AttentionPrecision precision, const AttentionPath& path) {
-  return path.computes_bf16 ? precision : AttentionPrecision::kFloat;
+  if (precision == AttentionPrecision::kBf16 && !path.computes_bf16) return AttentionPrecision::kFloat;
+  if (precision == AttentionPrecision::kInt8 && !path.computes_int8) return AttentionPrecision::kFloat;
+  return precision;
 }
 
 const AttentionPath& attention_path(AttentionPrecision precision, Isa isa) {

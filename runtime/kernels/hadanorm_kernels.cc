@@ -68,19 +68,26 @@ __attribute__((visibility("default"))) const char* HadanormKernelsIsa() {
   return last.c_str();
 }
 
-// The path hadanorm::Attention would run now at `precision` ("float" or "bf16"), e.g. "amx", "avx512", "scalar"
-// ("avx512 (computes float)": a bf16 op on a path that computes fp32), or "error: <why>".
+// The path hadanorm::Attention would run now at `precision` ("float", "bf16", "int8" or "fast"), e.g. "amx",
+// "avx512", "scalar" ("avx512 (computes float)": a bf16 or int8 op on a path that computes fp32; "fast": the path and
+// what it computes, "amx (bf16)", "avx512 (int8)", "avx2 (float)"), or "error: <why>".
 __attribute__((visibility("default"))) const char* HadanormAttentionPath(const char* precision) {
   static std::mutex mutex;
   static std::string last;
   std::lock_guard<std::mutex> lock(mutex);
   try {
     const std::string p = precision ? precision : "";
-    if (p != "float" && p != "bf16") hadanorm::fail("precision \"", p, "\" is not float or bf16");
-    const auto which = p == "bf16" ? hadanorm::AttentionPrecision::kBf16 : hadanorm::AttentionPrecision::kFloat;
-    const hadanorm::AttentionPath& path = hadanorm::attention_path(which, hadanorm::select_isa());
+    const hadanorm::Isa isa = hadanorm::select_isa();
+    const hadanorm::AttentionPrecision which = hadanorm::parse_attention_precision(p, isa);
+    const hadanorm::AttentionPath& path = hadanorm::attention_path(which, isa);
+    const hadanorm::AttentionPrecision computed = hadanorm::attention_precision(which, path);
     last = path.name;
-    if (which == hadanorm::AttentionPrecision::kBf16 && !path.computes_bf16) last += " (computes float)";
+    if (p == "fast")
+      last += computed == hadanorm::AttentionPrecision::kBf16   ? " (bf16)"
+              : computed == hadanorm::AttentionPrecision::kInt8 ? " (int8)"
+                                                                : " (float)";
+    else if (computed != which)
+      last += " (computes float)";
   } catch (const std::exception& e) {
     last = std::string("error: ") + e.what();
   }

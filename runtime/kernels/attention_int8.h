@@ -1,0 +1,55 @@
+// The int8 codes of the fused attention at precision kInt8 (attention.h), shared by every path that computes it: each
+// path lays the same codes out its own way, so their integer sums are equal and only float rounding of the scales,
+// the softmax and exp's last bits differ between paths.
+//
+// HadaNorm's transform, applied to attention (issue 18). For one head, queries q_i, keys k_j, values v_j:
+//
+//   keys:    k~_j = H (k_j - mean_j k_j)    subtracting the keys' mean changes every score of query i by the same
+//                                           q_i . mean, which softmax ignores; H (the block Hadamard below) is
+//                                           orthogonal up to a factor: (H q) . (H k) = hb (q . k)
+//            codes ck_j = round(k~_j / sk_j), sk_j = max|k~_j| / 127         (per key, symmetric)
+//   queries: q~_i = H q_i,  cq_i = round(q~_i / sq_i), sq_i = max|q~_i| / 127 (per query row, symmetric)
+//   scores:  s_ij = (scale / hb * sq_i) * sk_j * (cq_i . ck_j)              (the dot product exact in int32)
+//   values:  v~_j = v_j - mean_j v_j        (the rows of softmax sum to 1: sum_j p_j v_j = sum_j p_j v~_j + mean v)
+//            codes cv_jc = round(v~_jc / sv_c), sv_c = max_j |v~_jc| / 127  (per value channel, symmetric)
+//   p:       p_ij = exp(s_ij - mx_i) in [0, 1], codes cp_ij = round(255 p_ij) (unsigned; 255 for the running max)
+//   output:  o_ic = sum_j cp_ij cv_jc and l_i = sum_j cp_ij (int32 a key block; across blocks the online softmax's
+//            o = alpha o + block sum in fp32),  y_ic = (o_ic * (1 / l_i)) * sv_c + mean_c
+//
+// H: the Hadamard matrix (entries +-1, no normalisation) on consecutive blocks of hb channels, hb = the largest power
+// of two dividing d, at most 128 (d = 72: nine blocks of 8; 64 and 128: one block; odd d: no rotation). It spreads a
+// channel's outlier over its block before the per-row int8 scale is taken (QuaRot / HadaNorm's reason for H).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "attention.h"
+
+namespace hadanorm {
+
+// hb: the rotation's block (see above).
+int64_t attention_int8_rotation_block(int64_t d);
+
+// d rounded up to a multiple of 4 (VNNI quads): the codes' padded width (padding codes are 0).
+inline int64_t attention_int8_d_pad(int64_t d) { return (d + 3) / 4 * 4; }
+
+// Key codes of one head: codes [nk][code_stride] (code_stride >= d_pad; codes past d are 0), scales sk [nk] and the
+// sums of each key's codes [nk] (for the unsigned-query products of VNNI: (cq + 128) . ck - 128 sum ck).
+void attention_int8_keys(const AttentionShape& s, const float* k, int8_t* codes, int64_t code_stride, float* scales,
+                         int32_t* code_sums);
+
+// Value codes of one head: codes [nk][code_stride] (code_stride >= dv), scales sv [dv], means [dv].
+void attention_int8_values(const AttentionShape& s, const float* v, int8_t* codes, int64_t code_stride,
+                           float* scales, float* means);
+
+// One query row q [d]: codes [d_pad] (0 past d) and the factor scale / hb * sq_i of its scores (0 for a zero row).
+float attention_int8_query(const AttentionShape& s, const float* q, int8_t* codes);
+
+// The AVX-512 path's kInt8 (attention_vnni_int8.cc: AVX512-VNNI), called by attention_avx512.cc's path functions.
+size_t attention_int8_avx512_packed_bytes(const AttentionShape& s);
+void attention_int8_avx512_pack(const AttentionShape& s, const float* k, const float* v, void* packed);
+void attention_int8_avx512_rows(const AttentionShape& s, const AttentionHead& h, const void* packed, int64_t q0,
+                                int64_t q1);
+
+}  // namespace hadanorm

@@ -1,0 +1,49 @@
+// The first softmax pass over one query row's scores of a key block, for the AVX-512 paths of the fused attention
+// (attention_avx512.cc: float, attention_vnni_int8.cc: int8): include it after the file's `#pragma GCC target` with
+// AVX-512F (internal linkage: each file compiles its own copy for its own targets).
+#pragma once
+
+#include <immintrin.h>
+
+#include <limits>
+
+#include "attention.h"
+#include "util.h"
+
+namespace hadanorm {
+namespace {
+
+// srow [ceil(nb / 16) * 16]: the scores of query row qi against keys j0 .. j0 + nb. Adds the mask (h.mask, element
+// strides h.mask_row, h.mask_col; none when null), sets the lanes past nb to -inf, stores the row back and returns
+// its maximum.
+inline float masked_row_max(const AttentionHead& h, float* srow, int64_t qi, int64_t j0, int64_t nb) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const int64_t vecs = ceil_div(nb, 16);
+  const __mmask16 tail = nb % 16 ? static_cast<__mmask16>((1u << (nb % 16)) - 1) : 0xffff;
+  __m512 vmax = _mm512_set1_ps(neg_inf);
+  for (int64_t t = 0; t < vecs; ++t) {
+    __m512 x = _mm512_loadu_ps(srow + 16 * t);
+    if (h.mask) {
+      const float* m = h.mask + qi * h.mask_row + (j0 + 16 * t) * h.mask_col;
+      const __mmask16 valid = t + 1 == vecs ? tail : 0xffff;
+      __m512 mv;
+      if (h.mask_col == 1) {
+        mv = _mm512_maskz_loadu_ps(valid, m);
+      } else if (h.mask_col == 0) {
+        mv = _mm512_set1_ps(*m);
+      } else {
+        alignas(64) float tmp[16] = {};
+        for (int e = 0; e < 16 && 16 * t + e < nb; ++e) tmp[e] = m[e * h.mask_col];
+        mv = _mm512_load_ps(tmp);
+      }
+      x = _mm512_add_ps(x, mv);
+    }
+    if (t + 1 == vecs) x = _mm512_mask_mov_ps(_mm512_set1_ps(neg_inf), tail, x);
+    _mm512_storeu_ps(srow + 16 * t, x);
+    vmax = _mm512_max_ps(vmax, x);
+  }
+  return _mm512_reduce_max_ps(vmax);
+}
+
+}  // namespace
+}  // namespace hadanorm
