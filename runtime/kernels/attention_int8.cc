@@ -86,7 +86,16 @@ float attention_int8_query(const AttentionShape& s, const float* q, int8_t* code
   block_hadamard(row.data(), s.d, hb);
   const float sq = symmetric_codes(row.data(), s.d, codes, 1);
   std::fill(codes + s.d, codes + attention_int8_d_pad(s.d), int8_t{0});
-  return s.scale / static_cast<float>(hb) * sq;
+  return s.scale / static_cast<float>(hb) * sq * kInt8Log2e;
+}
+
+int32_t attention_int8_p_code(float t) {
+  t = std::max(t, -30.0f);
+  const float n = round_even(t);
+  const float r = t - n;
+  float p = kInt8P255[0];
+  for (int i = 1; i < 5; ++i) p = std::fma(p, r, kInt8P255[i]);
+  return static_cast<int32_t>(std::nearbyint(std::ldexp(p, static_cast<int>(n))));
 }
 
 }  // namespace hadanorm

@@ -9,10 +9,12 @@
 //                                           orthogonal up to a factor: (H q) . (H k) = hb (q . k)
 //            codes ck_j = round(k~_j / sk_j), sk_j = max|k~_j| / 127         (per key, symmetric)
 //   queries: q~_i = H q_i,  cq_i = round(q~_i / sq_i), sq_i = max|q~_i| / 127 (per query row, symmetric)
-//   scores:  s_ij = (scale / hb * sq_i) * sk_j * (cq_i . ck_j)              (the dot product exact in int32)
+//   scores:  s_ij = (scale / hb * sq_i * log2 e) * sk_j * (cq_i . ck_j)     (the dot product exact in int32; in
+//            log2 units: the mask is added times log2 e, and the online softmax runs on powers of 2)
 //   values:  v~_j = v_j - mean_j v_j        (the rows of softmax sum to 1: sum_j p_j v_j = sum_j p_j v~_j + mean v)
 //            codes cv_jc = round(v~_jc / sv_c), sv_c = max_j |v~_jc| / 127  (per value channel, symmetric)
-//   p:       p_ij = exp(s_ij - mx_i) in [0, 1], codes cp_ij = round(255 p_ij) (unsigned; 255 for the running max)
+//   p:       p_ij = 2^(s_ij - mx_i) in [0, 1], codes cp_ij = round(255 p_ij) (unsigned; 255 for the running max),
+//            computed as attention_int8_p_code does (every path the same operations: the same codes)
 //   output:  o_ic = sum_j cp_ij cv_jc and l_i = sum_j cp_ij (int32 a key block; across blocks the online softmax's
 //            o = alpha o + block sum in fp32),  y_ic = (o_ic * (1 / l_i)) * sv_c + mean_c
 //
@@ -27,6 +29,18 @@
 #include "attention.h"
 
 namespace hadanorm {
+
+inline constexpr float kInt8Log2e = 1.44269504088896341f;
+
+// 255 * 2^r for r in [-1/2, 1/2]: a degree-4 polynomial (coefficients of the highest power first, Horner's rule with
+// fused multiply-adds), relative error 8.5e-6 (0.002 of a code at most).
+inline constexpr float kInt8P255[5] = {2.360015869140625f, 14.243287086486816f, 61.27968978881836f,
+                                       176.74830627441406f, 254.9994354248047f};
+
+// The code round(255 * 2^t) of t = s - mx <= 0 (log2 units): t clamped at -30 (-inf and anything under -9 give 0),
+// n = round(t) (ties to even, by adding and subtracting 1.5 * 2^23), r = t - n, then kInt8P255 at r times 2^n,
+// rounded to the nearest integer (ties to even). The reference of the vector paths' 16-lane version.
+int32_t attention_int8_p_code(float t);
 
 // hb: the rotation's block (see above).
 int64_t attention_int8_rotation_block(int64_t d);
@@ -43,7 +57,8 @@ void attention_int8_keys(const AttentionShape& s, const float* k, int8_t* codes,
 void attention_int8_values(const AttentionShape& s, const float* v, int8_t* codes, int64_t code_stride,
                            float* scales, float* means);
 
-// One query row q [d]: codes [d_pad] (0 past d) and the factor scale / hb * sq_i of its scores (0 for a zero row).
+// One query row q [d]: codes [d_pad] (0 past d) and the factor scale / hb * sq_i * log2 e of its scores (0 for a
+// zero row).
 float attention_int8_query(const AttentionShape& s, const float* q, int8_t* codes);
 
 // The AVX-512 path's kInt8 (attention_vnni_int8.cc: AVX512-VNNI), called by attention_avx512.cc's path functions.

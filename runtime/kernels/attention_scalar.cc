@@ -84,16 +84,16 @@ void int8_rows(const AttentionShape& s, const AttentionHead& h, const void* pack
         for (int64_t c = 0; c < s.d; ++c) dot += int32_t{q[c]} * int32_t{kj[c]};
         const float f = qf * sk[j0 + j];
         float acc = f * static_cast<float>(dot);
-        if (h.mask) acc += h.mask[i * h.mask_row + (j0 + j) * h.mask_col];
+        if (h.mask) acc += h.mask[i * h.mask_row + (j0 + j) * h.mask_col] * kInt8Log2e;
         scores[j] = acc;
         block_max = std::max(block_max, acc);
       }
       const float new_max = std::max(mx, block_max);
       if (new_max == neg_inf) continue;  // every score so far is -inf: nothing to add
-      const float alpha = std::exp(mx - new_max);
+      const float alpha = std::exp2(mx - new_max);  // log2 units
       int32_t sum = 0;
       for (int64_t j = 0; j < nb; ++j) {
-        p[j] = static_cast<int32_t>(std::nearbyint(std::exp(scores[j] - new_max) * 255.0f));
+        p[j] = attention_int8_p_code(scores[j] - new_max);
         sum += p[j];
       }
       l = alpha * l + static_cast<float>(sum);

@@ -12,8 +12,9 @@
 //
 // A task (query rows q0..q1) walks the key blocks once with its rows' state in per-thread buffers; a group of 4 rows:
 //   S [4 x 128] = (qf_i sk_j) (cq_i . ck_j)   4 rows x 4 key vectors of 16 per pass (16 accumulators), 2 passes
-//   softmax step per row                       mask, -inf past nk, block max, alpha, cp = round(255 exp(s - max))
-//                                              (vcvtps2dq: nearest even), l += sum cp (int32)
+//   softmax step per row (log2 units)          mask (times log2 e), -inf past nk, block max, alpha = 2^(mx - mx'),
+//                                              cp = round(255 2^(s - mx')) (p_codes: attention_int8_p_code's
+//                                              operations, the polynomial with 255 folded in), l += sum cp (int32)
 //   O [4 x dv_pad] = alpha O + cp cv           4 rows x up to 6 column vectors per pass (int32 sums, added to O)
 
 #include "attention.h"
@@ -36,7 +37,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
-#include "attention_exp512.h"  // exp_ps (compiled for this file's targets)
+#include "attention_exp512.h"  // horner (compiled for this file's targets)
 #include "attention_row512.h"  // masked_row_max
 
 namespace hadanorm {
@@ -271,6 +272,15 @@ float rotate_quantize_row(const float* x, const float* mean, int64_t d, int64_t 
   return amax / 127.0f;
 }
 
+// attention_int8_p_code for 16 lanes, operation for operation: round(255 * 2^t) for t <= 0 (log2 units).
+HN_INLINE __m512i p_codes(__m512 t) {
+  t = _mm512_max_ps(t, _mm512_set1_ps(-30.0f));
+  const __m512 shifter = _mm512_set1_ps(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const __m512 n = _mm512_sub_ps(_mm512_add_ps(t, shifter), shifter);
+  const __m512 r = _mm512_sub_ps(t, n);
+  return _mm512_cvtps_epi32(_mm512_scalef_ps(horner(r, kInt8P255), n));  // nearest even (MXCSR default)
+}
+
 struct Scratch {
   std::vector<uint8_t> q, P;  // queries cq + 128 [rows][d_pad]; p codes [kRows][kBlock]
   std::vector<float> buf, qf, S, O, mx, l;  // buf: one query row, rotated
@@ -295,18 +305,17 @@ void group_block(const AttentionShape& s, const AttentionHead& h, const Int8Layo
     float* srow = S + r * kBlock;
     uint8_t* prow = w.P.data() + r * kBlock;
     const float old_max = w.mx[g + r];
-    const float new_max = std::max(old_max, masked_row_max(h, srow, i + r, j0, nb));
+    const float new_max = std::max(old_max, masked_row_max<true>(h, srow, i + r, j0, nb, kInt8Log2e));
     float* o = w.O.data() + (g + r) * lay.dv_pad;
     if (new_max == neg_inf) {  // every score so far is -inf: p = 0
       std::memset(prow, 0, static_cast<size_t>(vecs * 16));
       continue;
     }
-    const float alpha = std::exp(old_max - new_max);
-    const __m512 m = _mm512_set1_ps(new_max), full = _mm512_set1_ps(255.0f);
+    const float alpha = std::exp2(old_max - new_max);  // log2 units
+    const __m512 m = _mm512_set1_ps(new_max);
     __m512i sum = _mm512_setzero_si512();
     for (int64_t t = 0; t < vecs; ++t) {
-      const __m512 p = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(srow + 16 * t), m));
-      const __m512i code = _mm512_cvtps_epi32(_mm512_mul_ps(p, full));  // nearest even (MXCSR default)
+      const __m512i code = p_codes(_mm512_sub_ps(_mm512_loadu_ps(srow + 16 * t), m));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(prow + 16 * t), _mm512_cvtusepi32_epi8(code));
       sum = _mm512_add_epi32(sum, code);
     }
@@ -396,7 +405,7 @@ void attention_int8_avx512_rows(const AttentionShape& s, const AttentionHead& h,
   for (int64_t r = 0; r < rows; ++r) {
     const float sq = rotate_quantize_row(h.q + (q0 + r) * s.q_stride, nullptr, s.d, lay.d_pad, hb, w.buf.data(),
                                          w.q.data() + r * lay.d_pad, 0x80, nullptr);
-    w.qf[r] = s.scale / static_cast<float>(hb) * sq;  // attention_int8_query's factor
+    w.qf[r] = s.scale / static_cast<float>(hb) * sq * kInt8Log2e;  // attention_int8_query's factor
   }
   for (int64_t b = 0; b < lay.blocks; ++b) {
     const int64_t nb = std::min(kBlock, s.nk - b * kBlock);
