@@ -9,9 +9,9 @@ Bounds:
   op on a path that computes fp32 (AVX-512 and AVX2: no AMX tiles) against the scalar float reference, 1e-5;
 * bf16 against exact float64 attention: 1e-2 relative L2 (bf16 keeps 8 bits: the measured level is 2e-3..4e-3);
 * int8 (HadaNorm's transform on attention: `runtime/kernels/attention_int8.h`): every path's int8 codes are the same
-  (the AVX-512 path computes them with attention_int8.cc's arithmetic, element for element), so paths differ only
-  where exp's last bit flips a p code: 1e-4 against the scalar reference (measured 0, bit for bit, on every shape
-  here); against exact float64 attention 5e-2 (int8 keeps 7 bits of each row: measured 1.2e-2..2.7e-2 with the
+  (the AVX-512 path computes them with attention_int8.cc's arithmetic, element for element) and so are the float
+  steps around the int32 sums (p's codes from one polynomial, not exp): 1e-4 against the scalar reference (measured
+  0, bit for bit, on every shape here); against exact float64 attention 5e-2 (int8 keeps 7 bits of each row: measured 1.2e-2..2.7e-2 with the
   peaky rows below, the q k^T codes the largest part);
 * memory: 8192 x 8192 scores for one head would be 256 MB; the op's call must raise peak RSS by under 64 MB.
 """

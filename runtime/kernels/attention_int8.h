@@ -1,6 +1,6 @@
 // The int8 codes of the fused attention at precision kInt8 (attention.h), shared by every path that computes it: each
-// path lays the same codes out its own way, so their integer sums are equal and only float rounding of the scales,
-// the softmax and exp's last bits differ between paths.
+// path lays the same codes out its own way, so their integer sums are equal, and does the float steps around them
+// (scales, online softmax, p's codes, output) with the same operations in the same order: the paths agree bit for bit.
 //
 // HadaNorm's transform, applied to attention (issue 18). For one head, queries q_i, keys k_j, values v_j:
 //
