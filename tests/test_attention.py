@@ -396,6 +396,28 @@ def test_int8_centers_keys_and_values(kernel_library):
         assert rel_l2(shifted - offset, exact - offset) <= INT8_VS_EXACT, (isa, path)
 
 
+def test_int8_edge_inputs_match_float(kernel_library):
+    """The int8 edges, every path: (1) a row whose every key is masked by -FLT_MAX (torch's finfo.min padding) is the
+    mean of v, as the float op and the function body give (the mask in log2 units stays finite: times log2 e it would
+    overflow to -inf and the row would be NaN); (2) a query row and a key row of 1e-38 (127 / max would be +inf) are
+    zero rows to int8, not codes of -127; the outputs finite and within the int8 bound of the float op (measured
+    5.8e-3 relative L2; before these were handled: NaN in row 3 and 0.29 elsewhere)."""
+    rng = np.random.default_rng(12)
+    q, k, v = (rng.standard_normal((1, 2, 6, 32)).astype(np.float32) for _ in range(3))
+    q[0, 0, 1] = 1e-38
+    k[0, 1, 2] = 1e-38
+    mask = np.zeros((1, 1, 6, 6), np.float32)
+    mask[..., 3, :] = np.finfo(np.float32).min
+    feeds = {"q": q, "k": k, "v": v, "mask": mask}
+    want = session(attention_model(True, 0.2, "float"), kernel_library, "scalar").run(None, feeds)[0]
+    assert np.allclose(want[:, :, 3], v.mean(axis=2), atol=1e-6)
+    for isa, path in supported_paths(kernel_library, "int8"):
+        got = session(attention_model(True, 0.2, "int8"), kernel_library, isa).run(None, feeds)[0]
+        assert np.isfinite(got).all(), (isa, path)
+        assert rel_l2(got[:, :, 3], want[:, :, 3]) <= 1e-2, (isa, path)  # the mean of v through int8 codes
+        assert rel_l2(got, want) <= INT8_VS_EXACT, (isa, path)
+
+
 def test_fast_is_the_fastest_precision_of_each_path(kernel_library):
     """precision=fast is chosen where the graph runs: bf16 on the AMX tiles, int8 on AVX512-VNNI without them, float
     elsewhere (benchmarks/attention.md: the fastest of each); its output is, bit for bit, that of the op at the

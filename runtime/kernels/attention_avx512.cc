@@ -21,6 +21,7 @@
 // Standard headers before the target pragma: their inline templates must not be compiled for AVX-512 here (the
 // linker may keep this copy for the whole library).
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 #include <limits>

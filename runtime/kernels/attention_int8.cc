@@ -3,6 +3,7 @@
 #include "attention_int8.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <vector>
 
@@ -30,7 +31,8 @@ inline float round_even(float x) { return (x + 12582912.0f) - 12582912.0f; }
 float symmetric_codes(const float* x, int64_t n, int8_t* codes, int64_t code_stride) {
   float amax = 0.0f;
   for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
-  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  if (!(inv <= FLT_MAX)) inv = 0.0f;  // amax under 127 / FLT_MAX: a zero row to int8 (codes 0)
   for (int64_t i = 0; i < n; ++i)
     codes[i * code_stride] = static_cast<int8_t>(std::clamp(round_even(x[i] * inv), -127.0f, 127.0f));
   return amax / 127.0f;
@@ -89,8 +91,13 @@ float attention_int8_query(const AttentionShape& s, const float* q, int8_t* code
   return s.scale / static_cast<float>(hb) * sq * kInt8Log2e;
 }
 
+float attention_int8_mask(float mask) {
+  const float scaled = mask * kInt8Log2e;
+  return std::isfinite(mask) ? std::clamp(scaled, -FLT_MAX, FLT_MAX) : scaled;
+}
+
 int32_t attention_int8_p_code(float t) {
-  t = std::max(t, -30.0f);
+  t = t >= -30.0f ? t : -30.0f;  // NaN too, as vmaxps(t, -30) gives
   const float n = round_even(t);
   const float r = t - n;
   float p = kInt8P255[0];

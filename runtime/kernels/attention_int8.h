@@ -37,6 +37,10 @@ inline constexpr float kInt8Log2e = 1.44269504088896341f;
 inline constexpr float kInt8P255[5] = {2.360015869140625f, 14.243287086486816f, 61.27968978881836f,
                                        176.74830627441406f, 254.9994354248047f};
 
+// A mask element in log2 units: mask * log2 e, clamped to +-FLT_MAX where the mask is finite (a finite mask under
+// -2.36e38, e.g. -FLT_MAX padding, stays finite as in the float maths; +-inf and NaN stay as they are).
+float attention_int8_mask(float mask);
+
 // The code round(255 * 2^t) of t = s - mx <= 0 (log2 units): t clamped at -30 (-inf and anything under -9 give 0),
 // n = round(t) (ties to even, by adding and subtracting 1.5 * 2^23), r = t - n, then kInt8P255 at r times 2^n,
 // rounded to the nearest integer (ties to even). The reference of the vector paths' 16-lane version.

@@ -5,20 +5,21 @@
 
 #include <immintrin.h>
 
+#include <cfloat>
 #include <limits>
 
 #include "attention.h"
+#include "attention_int8.h"  // kInt8Log2e
 #include "util.h"
 
 namespace hadanorm {
 namespace {
 
 // srow [ceil(nb / 16) * 16]: the scores of query row qi against keys j0 .. j0 + nb. Adds the mask (h.mask, element
-// strides h.mask_row, h.mask_col; none when null; times mask_scale when ScaleMask: the int8 path's log2 units), sets
-// the lanes past nb to -inf, stores the row back and returns its maximum.
-template <bool ScaleMask = false>
-inline float masked_row_max(const AttentionHead& h, float* srow, int64_t qi, int64_t j0, int64_t nb,
-                            float mask_scale = 1.0f) {
+// strides h.mask_row, h.mask_col; none when null; when Log2Mask, in the int8 path's log2 units as
+// attention_int8_mask gives it), sets the lanes past nb to -inf, stores the row back and returns its maximum.
+template <bool Log2Mask = false>
+inline float masked_row_max(const AttentionHead& h, float* srow, int64_t qi, int64_t j0, int64_t nb) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const int64_t vecs = ceil_div(nb, 16);
   const __mmask16 tail = nb % 16 ? static_cast<__mmask16>((1u << (nb % 16)) - 1) : 0xffff;
@@ -38,7 +39,11 @@ inline float masked_row_max(const AttentionHead& h, float* srow, int64_t qi, int
         for (int e = 0; e < 16 && 16 * t + e < nb; ++e) tmp[e] = m[e * h.mask_col];
         mv = _mm512_load_ps(tmp);
       }
-      if constexpr (ScaleMask) mv = _mm512_mul_ps(mv, _mm512_set1_ps(mask_scale));
+      if constexpr (Log2Mask) {  // attention_int8_mask: finite masks clamped to +-FLT_MAX, +-inf and NaN kept
+        const __m512 scaled = _mm512_mul_ps(mv, _mm512_set1_ps(kInt8Log2e));
+        const __m512 clamped = _mm512_max_ps(_mm512_min_ps(scaled, _mm512_set1_ps(FLT_MAX)), _mm512_set1_ps(-FLT_MAX));
+        mv = _mm512_mask_mov_ps(clamped, _mm512_fpclass_ps_mask(mv, 0x99), scaled);  // 0x99: NaN, +inf, -inf
+      }
       x = _mm512_add_ps(x, mv);
     }
     if (t + 1 == vecs) x = _mm512_mask_mov_ps(_mm512_set1_ps(neg_inf), tail, x);

@@ -84,7 +84,7 @@ void int8_rows(const AttentionShape& s, const AttentionHead& h, const void* pack
         for (int64_t c = 0; c < s.d; ++c) dot += int32_t{q[c]} * int32_t{kj[c]};
         const float f = qf * sk[j0 + j];
         float acc = f * static_cast<float>(dot);
-        if (h.mask) acc += h.mask[i * h.mask_row + (j0 + j) * h.mask_col] * kInt8Log2e;
+        if (h.mask) acc += attention_int8_mask(h.mask[i * h.mask_row + (j0 + j) * h.mask_col]);
         scores[j] = acc;
         block_max = std::max(block_max, acc);
       }

@@ -23,6 +23,7 @@
 
 // Standard headers before the target pragma (see attention_avx512.cc).
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -260,7 +261,9 @@ float rotate_quantize_row(const float* x, const float* mean, int64_t d, int64_t 
   __m512 vmax = _mm512_setzero_ps();
   for (int64_t t = 0; t < vecs; ++t) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(buf + 16 * t)));
   const float amax = _mm512_reduce_max_ps(vmax);
-  const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+  float inv_amax = amax > 0.0f ? 127.0f / amax : 0.0f;
+  if (!(inv_amax <= FLT_MAX)) inv_amax = 0.0f;  // as symmetric_codes: a row under 127 / FLT_MAX gets codes 0
+  const __m512 inv = _mm512_set1_ps(inv_amax);
   __m512i sum = _mm512_setzero_si512();
   for (int64_t t = 0; t < vecs; ++t) {
     const __m512i c = codes_of(_mm512_loadu_ps(buf + 16 * t), inv);
@@ -305,7 +308,7 @@ void group_block(const AttentionShape& s, const AttentionHead& h, const Int8Layo
     float* srow = S + r * kBlock;
     uint8_t* prow = w.P.data() + r * kBlock;
     const float old_max = w.mx[g + r];
-    const float new_max = std::max(old_max, masked_row_max<true>(h, srow, i + r, j0, nb, kInt8Log2e));
+    const float new_max = std::max(old_max, masked_row_max<true>(h, srow, i + r, j0, nb));
     float* o = w.O.data() + (g + r) * lay.dv_pad;
     if (new_max == neg_inf) {  // every score so far is -inf: p = 0
       std::memset(prow, 0, static_cast<size_t>(vecs * 16));
@@ -367,7 +370,8 @@ void attention_int8_avx512_pack(const AttentionShape& s, const float* k, const f
     const __m512 mc = _mm512_maskz_loadu_ps(m, mean.data() + c0);
     const __m512 vmax = _mm512_loadu_ps(buf.data() + c0);
     const __mmask16 nonzero = _mm512_cmp_ps_mask(vmax, _mm512_setzero_ps(), _CMP_GT_OQ);
-    const __m512 inv = _mm512_maskz_div_ps(nonzero, _mm512_set1_ps(127.0f), vmax);
+    __m512 inv = _mm512_maskz_div_ps(nonzero, _mm512_set1_ps(127.0f), vmax);
+    inv = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(inv, _mm512_set1_ps(FLT_MAX), _CMP_LE_OQ), inv);  // as the scalar
     _mm512_mask_storeu_ps(sv + c0, m, _mm512_div_ps(vmax, _mm512_set1_ps(127.0f)));
     for (int64_t j0 = 0; j0 < s.nk; j0 += 4) {
       __m128i key[4];
