@@ -118,19 +118,8 @@ HN_INLINE void pv_pass(const float* P, const float* v, int64_t dv_pad, int64_t n
 
 template <int R>
 void pv(const float* P, const float* v, int64_t dv_pad, int64_t nb, float* O) {
-  for (int64_t c0 = 0; c0 < dv_pad; c0 += 16 * kMaxColVectors) {
-    const int64_t n = std::min<int64_t>(kMaxColVectors, (dv_pad - c0) / 16);
-    const float* vc = v + c0;
-    float* oc = O + c0;
-    switch (n) {
-      case 1: pv_pass<R, 1>(P, vc, dv_pad, nb, oc); break;
-      case 2: pv_pass<R, 2>(P, vc, dv_pad, nb, oc); break;
-      case 3: pv_pass<R, 3>(P, vc, dv_pad, nb, oc); break;
-      case 4: pv_pass<R, 4>(P, vc, dv_pad, nb, oc); break;
-      case 5: pv_pass<R, 5>(P, vc, dv_pad, nb, oc); break;
-      default: pv_pass<R, 6>(P, vc, dv_pad, nb, oc); break;
-    }
-  }
+  column_passes<kMaxColVectors>(
+      dv_pad, [&]<int NV>(int64_t c0) { pv_pass<R, NV>(P, v + c0, dv_pad, nb, O + c0); });
 }
 
 struct Scratch {

@@ -52,8 +52,7 @@ std::vector<float> channel_means(const float* x, int64_t n, int64_t width, int64
 
 int64_t attention_int8_rotation_block(int64_t d) { return std::min<int64_t>(d & -d, 128); }
 
-void attention_int8_keys(const AttentionShape& s, const float* k, int8_t* codes, int64_t code_stride, float* scales,
-                         int32_t* code_sums) {
+void attention_int8_keys(const AttentionShape& s, const float* k, int8_t* codes, int64_t code_stride, float* scales) {
   const int64_t hb = attention_int8_rotation_block(s.d);
   const std::vector<float> mean = channel_means(k, s.nk, s.d, s.k_stride);
   std::vector<float> row(static_cast<size_t>(s.d));
@@ -63,9 +62,6 @@ void attention_int8_keys(const AttentionShape& s, const float* k, int8_t* codes,
     int8_t* out = codes + j * code_stride;
     scales[j] = symmetric_codes(row.data(), s.d, out, 1);
     std::fill(out + s.d, out + code_stride, int8_t{0});
-    int32_t sum = 0;
-    for (int64_t c = 0; c < s.d; ++c) sum += out[c];
-    code_sums[j] = sum;
   }
 }
 
@@ -88,7 +84,7 @@ float attention_int8_query(const AttentionShape& s, const float* q, int8_t* code
   block_hadamard(row.data(), s.d, hb);
   const float sq = symmetric_codes(row.data(), s.d, codes, 1);
   std::fill(codes + s.d, codes + attention_int8_d_pad(s.d), int8_t{0});
-  return s.scale / static_cast<float>(hb) * sq * kInt8Log2e;
+  return attention_int8_query_factor(s, hb, sq);
 }
 
 float attention_int8_mask(float mask) {

@@ -52,17 +52,19 @@ int64_t attention_int8_rotation_block(int64_t d);
 // d rounded up to a multiple of 4 (VNNI quads): the codes' padded width (padding codes are 0).
 inline int64_t attention_int8_d_pad(int64_t d) { return (d + 3) / 4 * 4; }
 
-// Key codes of one head: codes [nk][code_stride] (code_stride >= d_pad; codes past d are 0), scales sk [nk] and the
-// sums of each key's codes [nk] (for the unsigned-query products of VNNI: (cq + 128) . ck - 128 sum ck).
-void attention_int8_keys(const AttentionShape& s, const float* k, int8_t* codes, int64_t code_stride, float* scales,
-                         int32_t* code_sums);
+// Key codes of one head: codes [nk][code_stride] (code_stride >= d_pad; codes past d are 0) and scales sk [nk].
+void attention_int8_keys(const AttentionShape& s, const float* k, int8_t* codes, int64_t code_stride, float* scales);
 
 // Value codes of one head: codes [nk][code_stride] (code_stride >= dv), scales sv [dv], means [dv].
 void attention_int8_values(const AttentionShape& s, const float* v, int8_t* codes, int64_t code_stride,
                            float* scales, float* means);
 
-// One query row q [d]: codes [d_pad] (0 past d) and the factor scale / hb * sq_i * log2 e of its scores (0 for a
-// zero row).
+// The factor of a query row's scores, scale / hb * sq_i * log2 e (sq_i: the row's int8 scale; 0 for a zero row).
+inline float attention_int8_query_factor(const AttentionShape& s, int64_t hb, float sq) {
+  return s.scale / static_cast<float>(hb) * sq * kInt8Log2e;
+}
+
+// One query row q [d]: codes [d_pad] (0 past d) and attention_int8_query_factor of its scale.
 float attention_int8_query(const AttentionShape& s, const float* q, int8_t* codes);
 
 // The AVX-512 path's kInt8 (attention_vnni_int8.cc: AVX512-VNNI), called by attention_avx512.cc's path functions.

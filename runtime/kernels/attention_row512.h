@@ -1,10 +1,12 @@
-// The first softmax pass over one query row's scores of a key block, for the AVX-512 paths of the fused attention
-// (attention_avx512.cc: float, attention_vnni_int8.cc: int8): include it after the file's `#pragma GCC target` with
-// AVX-512F (internal linkage: each file compiles its own copy for its own targets).
+// What the AVX-512 paths of the fused attention (attention_avx512.cc: float, attention_vnni_int8.cc: int8) share: the
+// first softmax pass over one query row's scores of a key block, and the split of p v's output columns into passes.
+// Include it after the file's `#pragma GCC target` with AVX-512F (internal linkage: each file compiles its own copy
+// for its own targets).
 #pragma once
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <limits>
 
@@ -51,6 +53,23 @@ inline float masked_row_max(const AttentionHead& h, float* srow, int64_t qi, int
     vmax = _mm512_max_ps(vmax, x);
   }
   return _mm512_reduce_max_ps(vmax);
+}
+
+// p v's output columns [0, dv_pad) (a multiple of 16) in passes of at most MaxVectors vectors of 16:
+// pass.template operator()<NV>(c0) for each, NV the pass's vectors (a compile-time count: its accumulators' array).
+template <int MaxVectors, class Pass>
+HN_INLINE void column_passes(int64_t dv_pad, Pass&& pass) {
+  static_assert(MaxVectors == 6, "the switch below has a case per count up to 6");
+  for (int64_t c0 = 0; c0 < dv_pad; c0 += 16 * MaxVectors) {
+    switch (std::min<int64_t>(MaxVectors, (dv_pad - c0) / 16)) {
+      case 1: pass.template operator()<1>(c0); break;
+      case 2: pass.template operator()<2>(c0); break;
+      case 3: pass.template operator()<3>(c0); break;
+      case 4: pass.template operator()<4>(c0); break;
+      case 5: pass.template operator()<5>(c0); break;
+      default: pass.template operator()<6>(c0); break;
+    }
+  }
 }
 
 }  // namespace

@@ -31,17 +31,16 @@ float round_bf16(float x) {
   return y;
 }
 
-// kInt8, packed (attention_int8.h): key codes [nk][d_pad], value codes [nk][dv], then the floats sk [nk],
-// sv [dv], value means [dv] and the key code sums [nk] (int32; the scalar path multiplies signed codes directly).
+// kInt8, packed (attention_int8.h): key codes [nk][d_pad], value codes [nk][dv], then the floats sk [nk], sv [dv]
+// and the value means [dv].
 struct Int8Packed {
-  int64_t d_pad, v, sk, sv, vmean, ksum, bytes;  // byte offsets of each part; bytes in all
+  int64_t d_pad, v, sk, sv, vmean, bytes;  // byte offsets of each part; bytes in all
   explicit Int8Packed(const AttentionShape& s) : d_pad(attention_int8_d_pad(s.d)) {
     v = s.nk * d_pad;
     sk = (v + s.nk * s.dv + 3) / 4 * 4;
     sv = sk + 4 * s.nk;
     vmean = sv + 4 * s.dv;
-    ksum = vmean + 4 * s.dv;
-    bytes = ksum + 4 * s.nk;
+    bytes = vmean + 4 * s.dv;
   }
 };
 
@@ -54,8 +53,7 @@ auto* part(P* packed, int64_t offset) {
 
 void int8_pack(const AttentionShape& s, const float* k, const float* v, void* packed) {
   const Int8Packed l(s);
-  attention_int8_keys(s, k, part<int8_t>(packed, 0), l.d_pad, part<float>(packed, l.sk),
-                      part<int32_t>(packed, l.ksum));
+  attention_int8_keys(s, k, part<int8_t>(packed, 0), l.d_pad, part<float>(packed, l.sk));
   attention_int8_values(s, v, part<int8_t>(packed, l.v), s.dv, part<float>(packed, l.sv),
                         part<float>(packed, l.vmean));
 }

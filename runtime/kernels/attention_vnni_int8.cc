@@ -93,8 +93,8 @@ HN_INLINE __m512i broadcast_quad(const uint8_t* p) {
 
 // S[r][64 h .. 64 h + 64) for R rows: 4 key vectors of the block's half h.
 template <int R>
-__attribute__((noinline)) void scores_pass(const uint8_t* q, int64_t d_pad, const float* qf, const uint8_t* kblock, int64_t quads,
-                           const int32_t* kcorr, const float* sk, float* S) {
+__attribute__((noinline)) void scores_pass(const uint8_t* q, int64_t d_pad, const float* qf, const uint8_t* kblock,
+                                           int64_t quads, const int32_t* kcorr, const float* sk, float* S) {
   __m512i acc[R][4];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
@@ -154,19 +154,8 @@ __attribute__((noinline)) void pv_pass(const uint8_t* P, const uint8_t* v, int64
 
 template <int R>
 void pv(const uint8_t* P, const uint8_t* v, int64_t dv_pad, int64_t quads, float* O) {
-  for (int64_t c0 = 0; c0 < dv_pad; c0 += 16 * kMaxColVectors) {
-    const int64_t n = std::min<int64_t>(kMaxColVectors, (dv_pad - c0) / 16);
-    const uint8_t* vc = v + c0 * kQuadBytes;
-    float* oc = O + c0;
-    switch (n) {
-      case 1: pv_pass<R, 1>(P, vc, dv_pad, quads, oc); break;
-      case 2: pv_pass<R, 2>(P, vc, dv_pad, quads, oc); break;
-      case 3: pv_pass<R, 3>(P, vc, dv_pad, quads, oc); break;
-      case 4: pv_pass<R, 4>(P, vc, dv_pad, quads, oc); break;
-      case 5: pv_pass<R, 5>(P, vc, dv_pad, quads, oc); break;
-      default: pv_pass<R, 6>(P, vc, dv_pad, quads, oc); break;
-    }
-  }
+  column_passes<kMaxColVectors>(
+      dv_pad, [&]<int NV>(int64_t c0) { pv_pass<R, NV>(P, v + c0 * kQuadBytes, dv_pad, quads, O + c0); });
 }
 
 // ---- the codes (attention_int8.cc's arithmetic, element for element: the same bits, 16 lanes at a time) ----
@@ -409,7 +398,7 @@ void attention_int8_avx512_rows(const AttentionShape& s, const AttentionHead& h,
   for (int64_t r = 0; r < rows; ++r) {
     const float sq = rotate_quantize_row(h.q + (q0 + r) * s.q_stride, nullptr, s.d, lay.d_pad, hb, w.buf.data(),
                                          w.q.data() + r * lay.d_pad, 0x80, nullptr);
-    w.qf[r] = s.scale / static_cast<float>(hb) * sq * kInt8Log2e;  // attention_int8_query's factor
+    w.qf[r] = attention_int8_query_factor(s, hb, sq);
   }
   for (int64_t b = 0; b < lay.blocks; ++b) {
     const int64_t nb = std::min(kBlock, s.nk - b * kBlock);
