@@ -21,7 +21,14 @@ Graphs (`--graphs`, onnxruntime FP32 always runs: it is the reference):
   the ``*-fattn`` graphs have it in fp32 (``--attention float``), the ``*-iattn`` graphs in int8 (``--attention
   int8``), ``hn-w4a4-noattn`` keeps MatMul -> Softmax -> MatMul (``--attention none``, the graphs before issue 18);
   ``fp32-attn`` is the FP32 graph with only the attention fused (``hn-export optimize --attention bf16``), on the
-  kernel library.
+  kernel library;
+* ``*-split``: the graph of the key before ``-split`` cut in two by ``hn-export split-prompt`` (a prompt graph for
+  what depends on the caption alone, a step graph for the rest), run by `runtime.denoiser.Denoiser`, which runs the
+  prompt graph once per prompt. Its "ms" is a step of a generation (the prompt's values cached: the timing feeds
+  are the same every round); each round also times a first call (the cache cleared: prompt graph + step graph, the
+  same work as the whole graph), and the table gives the mean cost of a step in a `--steps`-step generation,
+  (first + (steps - 1) x step) / steps. ``ort-w8a8-split`` is onnxruntime's W8A8 graph split the same way (not how
+  a user of onnxruntime runs it: not a peer; it shows what the split alone is worth).
 
 Each graph runs in its own worker process (this script with ``--worker``; under ``benchmarks/no_amx.py`` with
 ``--no-amx``), which loads it once and reports its RSS, then serves calls. The workers start one after the other
@@ -115,7 +122,16 @@ GRAPHS = {g.key: g for g in (
           "hn-w4a4-noattn", False),
     Graph("fp32-attn", "FP32 with only the attention fused (`hn-export optimize --attention bf16`)", "hn",
           "fp32-attn", False),
+    Graph("hn-w4a4-all-block-tl-split", "hn-export `--w4a4 --format fused --every-linear --hadamard block "
+          "--weight-scales two-level`, then `hn-export split-prompt`", "hn", "hn-w4a4-all-block-tl-split", False),
+    Graph("hn-w4a4-all-block-tl-pc-split", "hn-export `--w4a4 --format fused --every-linear --hadamard block "
+          "--weight-scales two-level --outer-weight-block 0`, then `hn-export split-prompt`", "hn",
+          "hn-w4a4-all-block-tl-pc-split", False),
+    Graph("ort-w8a8-split", "onnxruntime `quantize_dynamic` W8A8, then `hn-export split-prompt` (not a peer: what "
+          "the split alone gives)", "hn-ort", "ort-w8a8-split", False),
 )}
+SPLIT_SUFFIX = "-split"
+GENERATION_STEPS = 20  # the generation a split graph's step cost is given for when --steps is 0
 
 
 def fail(problem: str, fix: str, code: int = 2) -> None:
@@ -163,15 +179,29 @@ def load_runner(runtime: str, path: Path, threads: int, shrink_arena: bool):
     run_options = ort.RunOptions()
     if shrink_arena:
         run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-    if runtime == "hn":
+    if runtime in ("hn", "hn-ort"):
         from runtime.denoiser import Denoiser
+        from runtime.session import NumericsMode
 
         base = proc_status()[0]
-        den = Denoiser(path, threads=threads, spinning=False, kernel_library=True)
-        if den.kernel_library is None:
-            raise RuntimeError("the hadanorm kernel library is not built (python -m runtime.kernels.build)")
+        if runtime == "hn":
+            den = Denoiser(path, threads=threads, spinning=False, kernel_library=True)
+            if den.kernel_library is None:
+                raise RuntimeError("the hadanorm kernel library is not built (python -m runtime.kernels.build)")
+        else:  # a peer's graph, split: onnxruntime's default session options
+            den = Denoiser(path, threads=threads, spinning=False, kernel_library=False, mode=NumericsMode.FAST)
         session, check = den.session, den.check_inputs
-        info = {"runs_as": den.implementation}
+        info = {"runs_as": den.implementation + (", split: prompt graph once per prompt"
+                                                 if den.prompt_session is not None else "")}
+        if den.prompt_session is not None:  # a split graph runs through the Denoiser (its prompt cache)
+            info["runtime"] = f"onnxruntime {ort.__version__}"
+
+            def run_split(feeds):
+                return np.asarray(den(feeds), dtype=np.float32)
+
+            run_split.check = check
+            run_split.clear = den.clear_prompt_cache
+            return run_split, info, base
     else:
         from runtime.session import NumericsMode, create_session
 
@@ -215,7 +245,9 @@ def worker(args: argparse.Namespace) -> None:
             if getattr(run, "check", None) is not None:
                 run.check(timing)
             send(event="ok")
-        elif msg["cmd"] == "time":
+        elif msg["cmd"] in ("time", "time-first"):
+            if msg["cmd"] == "time-first":  # a split graph's first call of a generation: no cached prompt
+                run.clear()
             start = time.perf_counter()
             run(timing)
             send(event="ok", ms=(time.perf_counter() - start) * 1000)
@@ -266,6 +298,8 @@ def prepare(folder: Path, preset: str, layers: int, seed: int, keys: list[str], 
     def command(key: str, out: Path) -> list[str]:
         if key == "fp32":
             return hn + ["export", "--preset", preset, "--layers", str(layers), "--seed", str(seed), "-o", str(out)]
+        if key.endswith(SPLIT_SUFFIX):
+            return hn + ["split-prompt", str(folder / key[:-len(SPLIT_SUFFIX)] / "model.onnx"), "-o", str(out)]
         if key in ("ort-w8a8", "ort-w4"):
             return [sys.executable, str(Path(__file__).resolve()), "--quantize-peer", key, str(fp32), str(out)]
         if key == "fp32-attn":
@@ -285,7 +319,9 @@ def prepare(folder: Path, preset: str, layers: int, seed: int, keys: list[str], 
         return hn + ["quantize", str(fp32), *bits, *selection, *attention, *rotation, "--format", "fused", "--seed",
                      str(seed), "--no-progress", "-o", str(out), *calib]
 
-    needed = ["fp32"] + [GRAPHS[k].source for k in keys if GRAPHS[k].source != "fp32"]
+    needed = ["fp32"] + [source for k in keys if GRAPHS[k].source != "fp32"
+                         for source in ([GRAPHS[k].source[:-len(SPLIT_SUFFIX)]] * GRAPHS[k].source.endswith(SPLIT_SUFFIX)
+                                        + [GRAPHS[k].source])]
     made = {}
     for key in dict.fromkeys(needed):
         final = folder / key
@@ -306,7 +342,7 @@ def prepare(folder: Path, preset: str, layers: int, seed: int, keys: list[str], 
             os.rename(tmp, final)
         meta_file = final / "made.json"
         made[key] = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        made[key]["bytes"] = sum(p.stat().st_size for p in final.glob("model.onnx*"))
+        made[key]["bytes"] = sum(p.stat().st_size for p in final.glob("model*.onnx*"))
     return made
 
 
@@ -341,6 +377,8 @@ class Worker:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
                                          cwd=ROOT, env=env, bufsize=1)
         self.times: list[float] = []
+        self.first_times: list[float] = []  # a split graph's first calls (prompt cache cleared)
+        self.split = graph.source.endswith(SPLIT_SUFFIX)
         self.last: dict = {}
         self.amx_permitted: bool | None = None  # reported after each quality call
         self.loaded = self.receive()
@@ -414,7 +452,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="write the results here (.json) and the table beside it (.md)")
     p.add_argument("--no-build", action="store_true", help="use the kernel library as built, do not rebuild it")
     p.add_argument("--prepare-only", action="store_true", help="make the graphs in --work-dir, run nothing")
-    p.add_argument("--worker", choices=("ort", "openvino", "hn"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("ort", "openvino", "hn", "hn-ort"), help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--quantize-peer", nargs=3, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -498,10 +536,13 @@ def start_workers(keys: list[str], folder: Path, feeds: Path, args: argparse.Nam
 
 
 def time_rounds(workers: dict[str, Worker], rounds: int) -> None:
-    """Round-robin, one call per graph per round, starting one graph later each round."""
+    """Round-robin, one call per graph per round, starting one graph later each round (a split graph: its first call
+    of a generation, then a step)."""
     keys = list(workers)
     for r in range(rounds):
         for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            if workers[key].split:
+                workers[key].first_times.append(workers[key].ask(cmd="time-first")["ms"])
             workers[key].times.append(workers[key].ask(cmd="time")["ms"])
 
 
@@ -522,11 +563,22 @@ def quality_outputs(w: Worker, sig, config, one_call: list[dict], tmp: Path) -> 
     return out
 
 
-def graph_rows(workers: dict[str, Worker], outputs: dict[str, dict], made: dict[str, dict]) -> dict[str, dict]:
+def generation_step_ms(w: Worker, steps: int) -> float:
+    """The mean time of a step in a `steps`-step generation: a split graph's first call (prompt graph + step graph),
+    then `steps` - 1 steps with the prompt's values cached; any other graph: its one-call time."""
+    step = statistics.median(w.times)
+    if not w.split:
+        return step
+    return (statistics.median(w.first_times) + (steps - 1) * step) / steps
+
+
+def graph_rows(workers: dict[str, Worker], outputs: dict[str, dict], made: dict[str, dict],
+               steps: int) -> dict[str, dict]:
     from hn_export.metrics import sqnr_db
 
     median = {key: statistics.median(w.times) for key, w in workers.items()}
     fastest_peer = min(ms for key, ms in median.items() if GRAPHS[key].peer)
+    per_step = {key: generation_step_ms(w, steps) for key, w in workers.items()}
     ref = outputs["fp32"]
     rows = {}
     for key, w in workers.items():
@@ -534,6 +586,9 @@ def graph_rows(workers: dict[str, Worker], outputs: dict[str, dict], made: dict[
             "label": GRAPHS[key].label, "runs_as": w.loaded["info"]["runs_as"], "info": w.loaded["info"],
             "median_ms": median[key], "min_ms": min(w.times), "max_ms": max(w.times), "times_ms": w.times,
             "speedup_vs_fp32": median["fp32"] / median[key], "speedup_vs_fastest_peer": fastest_peer / median[key],
+            "split": w.split, "first_call_ms": statistics.median(w.first_times) if w.split else None,
+            "first_times_ms": w.first_times, "generation_steps": steps, "generation_step_ms": per_step[key],
+            "generation_speedup_vs_fastest_peer": fastest_peer / per_step[key],
             "rss_before_load_mb": w.loaded["base_mb"], "rss_after_load_mb": w.loaded["rss_mb"],
             "peak_rss_mb": w.last.get("hwm_mb"), "rss_at_end_mb": w.last.get("rss_mb"),
             "amx_permitted_in_worker": w.amx_permitted,
@@ -597,7 +652,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             for w in workers.values():
                 w.close()
-    rows = graph_rows(workers, outputs, made)
+    rows = graph_rows(workers, outputs, made, args.steps or GENERATION_STEPS)
     result = {
         "command": command, "machine": machine(), "versions": versions(),
         "amx": "refused (benchmarks/no_amx.py)" if args.no_amx else "allowed",
@@ -649,12 +704,23 @@ def table(result: dict) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows.values():
-        lines.append(f"| {r['label']} | {r['runs_as']} | {r['median_ms']:.1f} | {r['speedup_vs_fp32']:.2f}x | "
+        ms = (f"{r['median_ms']:.1f} a step, {r['first_call_ms']:.1f} the first" if r.get("split") else
+              f"{r['median_ms']:.1f}")
+        lines.append(f"| {r['label']} | {r['runs_as']} | {ms} | {r['speedup_vs_fp32']:.2f}x | "
                      f"{r['speedup_vs_fastest_peer']:.2f}x | {r['rss_before_load_mb']:.0f} | "
                      f"{r['rss_after_load_mb']:.0f} | {fmt(r['peak_rss_mb'], '.0f')} | "
                      f"{fmt(r['one_call_sqnr_db'], '.1f')} | {fmt(r['end_sqnr_db'], '.1f')} |")
     lines += ["", "vs FP32 / vs fastest peer: speed-ups (time of FP32 / of the fastest non-hn-export graph over this "
-              "graph's time; above 1 is faster)."]
+              "graph's time; above 1 is faster). A split graph's ms: a step with the prompt's values cached, and the "
+              "first call of a generation (prompt graph + step graph)."]
+    split = [r for r in rows.values() if r.get("split")]
+    if split:
+        steps = split[0]["generation_steps"]
+        lines += ["", f"A step of a {steps}-step generation, mean ((first call + {steps - 1} steps) / {steps}; graphs "
+                  "that are not split: their one-call time):", "",
+                  "| graph | ms a step | vs fastest peer |", "|---|---:|---:|"]
+        lines += [f"| {r['label']} | {r['generation_step_ms']:.1f} | {r['generation_speedup_vs_fastest_peer']:.2f}x |"
+                  for r in rows.values()]
     return "\n".join(lines) + "\n"
 
 

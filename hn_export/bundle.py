@@ -9,6 +9,8 @@ Bundle layout (`runtime.bundle_manifest` describes ``bundle.json``)::
     BUNDLE/tokenizer.json               the checkpoint's spiece.model converted on the host (transformers)
     BUNDLE/text_encoder.onnx            T5 encoder, weight-only int8 (default) or int4 MatMulNBits, or float
     BUNDLE/transformer_WxH.onnx         one per --sizes entry: W4A4 (`fused` by default) or float (--no-quantize)
+    BUNDLE/transformer_WxH.prompt.onnx  its prompt graph: what depends on the prompt alone, run once per prompt
+                                        (`hn-export split-prompt`; --no-split-prompt: one whole graph per size)
     BUNDLE/vae_decoder.onnx             latents / scaling_factor -> post_quant_conv -> decoder (dynamic size)
     BUNDLE/scheduler_config.json        the checkpoint's scheduler/scheduler_config.json, byte for byte
 
@@ -49,7 +51,7 @@ from hn_export.bundle_components import (DEFAULT_ENCODER_BITS, DEFAULT_ENCODER_B
                                          convert_tokenizer, load_component, quantize_weights, read_json,
                                          text_encoder_graph, vae_decoder_graph)
 from hn_export.errors import UserError
-from hn_export.metadata_keys import BITS_KEY, FORMAT_KEY, METHOD_KEY, SIZE_KEY, SOURCE_KEY
+from hn_export.metadata_keys import BITS_KEY, FORMAT_KEY, METHOD_KEY, PROMPT_GRAPH_KEY, SIZE_KEY, SOURCE_KEY
 from hn_export.model_files import save_model
 from hn_export.quantize_job import QuantizeJob, run_quantize
 from runtime.bundle_manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, BundleFile, sha256_file
@@ -80,6 +82,7 @@ class BundleJob:
     encoder_block: int = DEFAULT_ENCODER_BLOCK
     max_sequence_length: int | None = None  # T5's tokens; None: the pipeline's default (PixArt 300, SD3 256)
     progress: bool = True
+    split_prompt: bool = True  # each transformer as a step graph + prompt graph (`split_transformer`)
 
 
 @dataclasses.dataclass
@@ -322,6 +325,37 @@ def _graph_entries(folder: Path, written: list[Path], role: str, **fields) -> li
     return entries
 
 
+def split_transformer(staging: Path, name: str, written: list[Path], work: Path) -> tuple[list[Path], list[Path]]:
+    """Cut the transformer `staging/name` into a step graph (same name) and a prompt graph (``*.prompt.onnx``) by
+    `graph_passes.prompt_split` (PixArt: the caption projection and cross-attention K/V then run once per prompt, not
+    once per step). A graph with nothing that depends on the prompt alone stays whole. Returns the files of the step
+    graph and of the prompt graph (none when whole)."""
+    from graph_passes.errors import GraphInputError
+    from graph_passes.prompt_split import split_prompt_graph
+    from hn_export.model_files import load_model, save_model
+
+    whole = work / "whole"
+    whole.mkdir(exist_ok=True)
+    moved = [whole / path.name for path in written]
+    for path, target in zip(written, moved):
+        os.replace(path, target)
+    model = load_model(moved[0])
+    try:
+        split = split_prompt_graph(model)
+    except GraphInputError as exc:
+        logger.info("%s stays whole: %s", name, exc)
+        for path, target in zip(written, moved):
+            os.replace(target, path)
+        return written, []
+    prompt_name = f"{Path(name).stem}.prompt.onnx"
+    split.step.metadata_props[PROMPT_GRAPH_KEY] = prompt_name
+    prompt_files = save_model(split.prompt, staging / prompt_name)
+    step_files = save_model(split.step, staging / name)
+    for target in moved:
+        target.unlink()
+    return step_files, prompt_files
+
+
 def _transformer_method(path: Path) -> dict[str, Any]:
     import onnx
 
@@ -463,7 +497,12 @@ def _build(job: BundleJob, work: Path, staging: Path, stage, bar) -> BundleRepor
                 path.unlink(missing_ok=True)
             bar.update(1)
         info = _transformer_method(staging / name)
+        prompt_written: list[Path] = []
+        if job.split_prompt:
+            written, prompt_written = split_transformer(staging, name, written, work)
         entries += _graph_entries(staging, written, "transformer", width=width, height=height, **info)
+        if prompt_written:
+            entries += _graph_entries(staging, prompt_written, "transformer_prompt", of=name)
         size_entries.append({"width": width, "height": height, "latent_height": height // vae_scale,
                              "latent_width": width // vae_scale, "aspect_ratio": _aspect_ratio(width, height, own),
                              "transformer": name})

@@ -66,6 +66,7 @@ def _register_commands() -> None:
     cli.add_command(sensitivity_command, "sensitivity")
     cli.add_command(optimize_command, "optimize")
     from hn_export.cli_bundle import bundle_command; cli.add_command(bundle_command, "bundle")  # noqa: E702
+    from hn_export.cli_split import split_prompt_command; cli.add_command(split_prompt_command, "split-prompt")  # noqa
     cli.add_command(quantize_command, DEFAULT_COMMAND)
 
 

@@ -18,6 +18,7 @@ The transformer quantize options are those of ``hn-export MODEL.onnx --w4a4``: t
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import click
@@ -31,6 +32,38 @@ from hn_export.errors import UserError
 from models.pipeline_presets import pipeline_preset_names
 
 DEFAULT_FORMAT = OutputFormat.FUSED  # --format defaults to fused here
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderOptions:
+    """The text encoders' options: weight-only bits and block, and the tokens the runtime keeps of a prompt."""
+
+    bits: int = DEFAULT_ENCODER_BITS
+    block: int = DEFAULT_ENCODER_BLOCK
+    max_sequence_length: int | None = None
+
+
+def encoder_options(command):
+    """Adds --encoder-bits, --encoder-block and --max-sequence-length, passed as one `EncoderOptions` (`encoder`)."""
+    options = [
+        click.option("--encoder-bits", type=click.Choice([str(b) for b in ENCODER_BITS]),
+                     default=str(DEFAULT_ENCODER_BITS), show_default=True,
+                     help="Weight-only bits of the text encoders' linears (MatMulNBits; T5, and SD3's two CLIP "
+                          "encoders)."),
+        click.option("--encoder-block", type=int, default=DEFAULT_ENCODER_BLOCK, show_default=True,
+                     help="Block size of the encoder's weight quantization (a power of two >= 16)."),
+        click.option("--max-sequence-length", type=int,
+                     help="T5 tokens the runtime keeps of a prompt (longer ones are truncated with a warning). "
+                          "Default: the pipeline's (PixArt-Sigma 300, SD3 256)."),
+    ]
+
+    @functools.wraps(command)
+    def wrapper(*args, encoder_bits: str, encoder_block: int, max_sequence_length: int | None, **kwargs):
+        return command(*args, encoder=EncoderOptions(int(encoder_bits), encoder_block, max_sequence_length), **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -48,20 +81,16 @@ DEFAULT_FORMAT = OutputFormat.FUSED  # --format defaults to fused here
                    "transformer's own size); 'bins': diffusers' aspect-ratio table for the checkpoint's sample size "
                    "(PixArtSigmaPipeline's resolution binning: 33 sizes at 256-1024 px, 40 at 2048 px).")
 @click.option("--no-quantize", is_flag=True, help="Every component in float32 (the reference bundle).")
-@click.option("--encoder-bits", type=click.Choice([str(b) for b in ENCODER_BITS]), default=str(DEFAULT_ENCODER_BITS),
-              show_default=True, help="Weight-only bits of the text encoders' linears (MatMulNBits; T5, and SD3's "
-                                      "two CLIP encoders).")
-@click.option("--encoder-block", type=int, default=DEFAULT_ENCODER_BLOCK, show_default=True,
-              help="Block size of the encoder's weight quantization (a power of two >= 16).")
-@click.option("--max-sequence-length", type=int,
-              help="T5 tokens the runtime keeps of a prompt (longer ones are truncated with a warning). Default: the "
-                   "pipeline's (PixArt-Sigma 300, SD3 256).")
+@click.option("--no-split-prompt", is_flag=True,
+              help="One whole transformer graph per size (default: a step graph and a prompt graph, the caption's "
+                   "work once per prompt: `hn-export split-prompt`).")
+@encoder_options
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @quant_options(default_format=DEFAULT_FORMAT)
 @ray_options
 def bundle_command(checkpoint: Path | None, pipeline_preset: str | None, preset_seed: int, output: Path,
-                   sizes: str | None, no_quantize: bool, encoder_bits: str, encoder_block: int,
-                   max_sequence_length: int | None, no_progress: bool, quant: QuantOptions, ray_options: RayOptions) -> None:
+                   sizes: str | None, no_quantize: bool, no_split_prompt: bool, encoder: EncoderOptions,
+                   no_progress: bool, quant: QuantOptions, ray_options: RayOptions) -> None:
     """Write a text-to-image bundle (text encoder, W4A4 transformer, VAE decoder, tokenizer, scheduler) that
     `hn-run` runs with onnxruntime, numpy and tokenizers only."""
     given = [name for name, value in (("--checkpoint", checkpoint), ("--preset", pipeline_preset)) if value is not None]
@@ -73,8 +102,9 @@ def bundle_command(checkpoint: Path | None, pipeline_preset: str | None, preset_
     bins = sizes is not None and sizes.strip().lower() == SIZES_BINS
     job = BundleJob(output=output, checkpoint=checkpoint, preset=pipeline_preset, preset_seed=preset_seed,
                     sizes=() if bins else parse_sizes(sizes), bins=bins, quantize=quantize,
-                    encoder_bits=None if no_quantize else int(encoder_bits), encoder_block=encoder_block,
-                    max_sequence_length=max_sequence_length, progress=not no_progress)
+                    encoder_bits=None if no_quantize else encoder.bits, encoder_block=encoder.block,
+                    max_sequence_length=encoder.max_sequence_length, progress=not no_progress,
+                    split_prompt=not no_split_prompt)
     with ray_options.cluster() as cluster:  # each size's calibration as a map-reduce on it
         if quantize is not None:
             job = dataclasses.replace(job, quantize=dataclasses.replace(quantize, cluster=cluster))
@@ -83,6 +113,6 @@ def bundle_command(checkpoint: Path | None, pipeline_preset: str | None, preset_
         click.echo(line)
     for entry in report.files:
         detail = ", ".join(str(v) for v in (entry.bits, entry.method, entry.format) if v)
-        click.echo(f"{entry.role:13s} {entry.path} ({entry.bytes / 1e6:.2f} MB{', ' + detail if detail else ''})")
+        click.echo(f"{entry.role:18s} {entry.path} ({entry.bytes / 1e6:.2f} MB{', ' + detail if detail else ''})")
     click.echo(f"wrote {report.output}/ (sizes {', '.join(f'{w}x{h}' for w, h in report.sizes)}); run it with "
                f"hn-run {report.output} \"a prompt\" -o image.png")

@@ -20,6 +20,7 @@ from hn_export.families import selection_for
 from hn_export.input_arrays import check_same_inputs
 from hn_export.denoise import DenoiseConfig, ModelSignature
 from hn_export.errors import UserError
+from hn_export.metadata_keys import PROMPT_GRAPH_KEY
 from hn_export.evaluate import GraphRunner, final_latents, single_call_outputs
 from hn_export.metrics import Comparison
 from hn_export.graph_import import load_graph
@@ -75,6 +76,10 @@ def _with_outputs(model: ir.Model, names: list[str]) -> None:
 def per_layer(candidate: Path, reference: Path, feeds: dict[str, np.ndarray]) -> list[LayerComparison]:
     # the reference as the quantizer saw it (exporter fixes, Gemm linears as MatMul: output names are kept)
     ref_model, cand_model = load_graph(reference, "reference"), load_model(candidate, "candidate")
+    for path, model in ((reference, ref_model), (candidate, cand_model)):
+        if model.metadata_props.get(PROMPT_GRAPH_KEY):
+            raise UserError(f"{path} is a step graph (`hn-export split-prompt`): its caption part is in "
+                            f"{model.metadata_props[PROMPT_GRAPH_KEY]}", "--per-layer needs the whole graph it came from")
     cand_values = {v.name for node in cand_model.graph for v in node.outputs}
     plan: list[tuple[str, str, int | None, list[str]]] = []
     for site in find_activation_sites(ref_model, selection_for(ref_model)):

@@ -18,6 +18,7 @@ import numpy as np
 
 from hn_export.denoise import DenoiseConfig, ModelSignature, denoise, first_call_feeds
 from hn_export.errors import UserError
+from hn_export.metadata_keys import PROMPT_GRAPH_KEY
 from hn_export.metrics import Comparison
 from hn_export.model_files import load_model, save_model
 from runtime.denoiser import Denoiser
@@ -34,6 +35,25 @@ class Evaluation:
     end_of_denoising: Comparison | None
 
 
+def feeds_signature(path: Path) -> ModelSignature:
+    """The signature of the feeds a graph file takes: its inputs, or for a step graph (`hn-export split-prompt`)
+    those of the whole graph it came from (its own less the values its prompt graph hands over, and the prompt
+    graph's), which `runtime.denoiser.Denoiser` takes for it."""
+    import onnx_ir as ir
+
+    model = load_model(path)
+    prompt_name = model.metadata_props.get(PROMPT_GRAPH_KEY)
+    if prompt_name:
+        prompt = load_model(path.parent / prompt_name, "prompt graph")
+        carried = {value.name for value in prompt.graph.outputs}
+        keep = [value for value in model.graph.inputs if value.name not in carried]
+        names = {value.name for value in keep}
+        extra = [ir.Value(name=v.name, type=v.type, shape=v.shape) for v in prompt.graph.inputs if v.name not in names]
+        model.graph.inputs.clear()
+        model.graph.inputs.extend(keep + extra)
+    return ModelSignature.of(model)
+
+
 class GraphRunner:
     """A graph file run through `runtime.Denoiser`, callable with feeds -> `sample` (float32)."""
 
@@ -46,7 +66,7 @@ class GraphRunner:
             except KernelLibraryError as exc:
                 raise UserError(f"{exc} (or run without kernels)") from None
         try:
-            self.signature = ModelSignature.of(load_model(path))  # lazy: weights stay on disk
+            self.signature = feeds_signature(path)  # lazy: weights stay on disk
             runs = path
         except UserError:
             # another opset (or another problem load_graph names in one line): run the imported copy

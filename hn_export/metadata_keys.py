@@ -4,7 +4,9 @@ The keys the device reads (`runtime.session`, `runtime.denoiser`) have their hom
 `runtime.domain`, and are re-exported here so that every writer imports its keys from one module.
 """
 
-from runtime.domain import ATTENTION_KEY, FORMAT_KEY, TRANSFORM_OPS_KEY  # noqa: F401  (read on the device)
+from runtime.domain import (  # noqa: F401  (read on the device)
+    ATTENTION_KEY, FORMAT_KEY, PROMPT_GRAPH_KEY, TRANSFORM_OPS_KEY,
+)
 
 # `hn-export export` (and the bundle's per-size transformers)
 FAMILY_KEY = "hn_export.family"  # the model family (`hn_export.families.graph_family` reads it back)

@@ -19,7 +19,9 @@ requested height / width with (`runtime.pipeline_sizes.closest_size`): diffusers
 aspect-ratio table (e.g. 0.57 for 768x1344), else height / width.
 
 File roles: ``text_encoder``, ``transformer`` (one per size; ``width``/``height`` given), ``vae_decoder``,
-``tokenizer``, ``scheduler``, and ``external_data`` (a ``.onnx.data`` beside its graph; ``of`` names the graph).
+``tokenizer``, ``scheduler``, ``transformer_prompt`` (a transformer's prompt graph, ``of`` names its step graph:
+`runtime.denoiser.Denoiser` loads it from beside the step graph) and ``external_data`` (a ``.onnx.data`` beside its
+graph; ``of`` names the graph).
 A Stable Diffusion 3 bundle (``"family": "sd3"``) also has ``text_encoder_2`` and ``tokenizer_2`` (CLIP-G; the
 first pair is CLIP-L), ``text_encoder_3`` and ``tokenizer_3`` (T5), ``text.clip`` (each CLIP tokenizer's
 ``max_length`` and ``pad_token_id``), ``text.pooled_width`` and ``latent.shift_factor`` (applied by the VAE graph).
@@ -41,7 +43,7 @@ from runtime.errors import RuntimeInputError
 MANIFEST_NAME = "bundle.json"
 FORMAT = "hn-export-bundle"
 FORMAT_VERSION = 1
-ROLES = ("text_encoder", "transformer", "vae_decoder", "tokenizer", "scheduler", "external_data", "text_encoder_2",
+ROLES = ("text_encoder", "transformer", "transformer_prompt", "vae_decoder", "tokenizer", "scheduler", "external_data", "text_encoder_2",
          "text_encoder_3", "tokenizer_2", "tokenizer_3")
 # the roles each family's bundle must hold (one file each)
 REQUIRED_ROLES = {"pixart-sigma": ("text_encoder", "vae_decoder", "tokenizer", "scheduler"),

@@ -10,7 +10,12 @@
 * sets the session options of `runtime.session` so DequantizeLinear+MatMul fusions do not change the numbers;
 * checks feeds (names, ranks, static dims, dtypes, equal batch, caption length) before onnxruntime sees them. The
   batched inputs are those whose first axis has the same symbolic name as ``hidden_states``' (or the first input's);
-  inputs with a static first axis (e.g. Flux's position ids) are checked against their static shape only.
+  inputs with a static first axis (e.g. Flux's position ids) are checked against their static shape only;
+* runs a split graph (`hn-export split-prompt`: a step graph whose metadata names its prompt graph, beside it) as the
+  whole graph it came from: it takes the same feeds, runs the prompt graph only when the per-prompt feeds (the
+  caption embedding, ...) differ from those of one of the last `PROMPT_CACHE_SIZE` prompts (bitwise), and the step
+  graph with the values the prompt graph handed over. A denoising loop pays the prompt part once per prompt instead
+  of once per step; every call returns what the whole graph returns, bit for bit.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from runtime.domain import HADANORM_DOMAIN, TRANSFORM_OPS_KEY
+from runtime.domain import HADANORM_DOMAIN, PROMPT_GRAPH_KEY, TRANSFORM_OPS_KEY
 from runtime.errors import RuntimeInputError
 from runtime.kernels import KernelLibraryError
 from runtime.session import NumericsMode, create_session, implementation, resolve_library
@@ -99,11 +104,62 @@ class Denoiser:
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self.transform_ops = [op for op in self.metadata.get(TRANSFORM_OPS_KEY, "").split(",") if op]
         self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.prompt_session = None  # the prompt graph of a split graph (module docstring)
+        self.prompt_runs = 0  # how often the prompt graph ran (a split graph's cache misses)
+        self._prompt_cache: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []
+        if self.metadata.get(PROMPT_GRAPH_KEY):
+            self._load_prompt_graph(self.metadata[PROMPT_GRAPH_KEY], mode, threads, spinning, cpu_arena)
         self.batched_inputs = batched_inputs({name: spec.shape for name, spec in self.inputs.items()})
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.run_options = ort.RunOptions()
         if shrink_arena:
             self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+    def _load_prompt_graph(self, name: str, mode: NumericsMode, threads: int | None, spinning: bool,
+                           cpu_arena: bool) -> None:
+        prompt_path = self.path.parent / name
+        if Path(name).name != name or not name.endswith(".onnx"):
+            raise RuntimeInputError(f"{self.path} names its prompt graph {name!r}, not a file name beside it; "
+                                    "re-split the model with `hn-export split-prompt`")
+        if not prompt_path.is_file():
+            raise RuntimeInputError(f"{self.path} is a step graph and needs its prompt graph {name} beside it; copy "
+                                    f"{name} into {self.path.parent} (written by `hn-export split-prompt`)")
+        try:
+            self.prompt_session = create_session(prompt_path, mode, self.providers, threads,
+                                                 kernel_library=self.kernel_library, spinning=spinning,
+                                                 cpu_arena=cpu_arena)
+        except Exception as exc:  # onnxruntime raises several pybind types
+            message = explain_run_error(str(exc), prompt_path) or self._explain_load_error(str(exc))
+            raise RuntimeInputError(message) from None
+        self.carried = [o.name for o in self.prompt_session.get_outputs()]
+        unknown = [name for name in self.carried if name not in self.inputs]
+        if unknown:
+            raise RuntimeInputError(f"prompt graph {prompt_path} hands over {unknown[0]!r}, which step graph "
+                                    f"{self.path} does not take; split the model again with `hn-export split-prompt`")
+        self.prompt_inputs = [i.name for i in self.prompt_session.get_inputs()]
+        step = {name: spec for name, spec in self.inputs.items() if name not in self.carried}
+        self._step_reads = {name for name in self.prompt_inputs if name in step}  # read by both graphs
+        self.inputs = {**step, **{i.name: i for i in self.prompt_session.get_inputs() if i.name not in step}}
+
+    def _prompt_values(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The carried values for `feeds` (checked by `check_inputs` but for NaN in the prompt feeds): cached when
+        the prompt feeds are bitwise those of a cached prompt, else from a run of the prompt graph."""
+        prompt = {name: np.asarray(feeds[name]) for name in self.prompt_inputs}
+        for index, (seen, values) in enumerate(self._prompt_cache):
+            if all(_same_bits(prompt[name], seen[name]) for name in seen):
+                self._prompt_cache.insert(0, self._prompt_cache.pop(index))
+                return values
+        for name, array in prompt.items():
+            _check_finite(name, array)
+        values = dict(zip(self.carried, self.prompt_session.run(self.carried, prompt, self.run_options)))
+        self.prompt_runs += 1
+        self._prompt_cache.insert(0, ({name: array.copy() for name, array in prompt.items()}, values))
+        del self._prompt_cache[PROMPT_CACHE_SIZE:]
+        return values
+
+    def clear_prompt_cache(self) -> None:
+        """Forget the cached prompts: the next call runs the prompt graph (a split graph; no-op otherwise)."""
+        self._prompt_cache.clear()
 
     @property
     def hadanorm_path(self) -> str:
@@ -129,7 +185,9 @@ class Denoiser:
             return f"{self.path} is not a readable ONNX model; re-export it with `hn-export export`"
         return f"onnxruntime cannot load {self.path}: {first[:300]}"
 
-    def check_inputs(self, feeds: Mapping[str, np.ndarray]) -> None:
+    def check_inputs(self, feeds: Mapping[str, np.ndarray], checked: set[str] = frozenset()) -> None:
+        """One-line errors for feeds the graph cannot take; `checked`: names whose values are not scanned for NaN
+        again (bitwise equal to feeds checked before)."""
         unknown = sorted(set(feeds) - set(self.inputs))
         missing = sorted(set(self.inputs) - set(feeds))
         if unknown or missing:
@@ -158,22 +216,45 @@ class Denoiser:
             elif array.shape[0] != batch:
                 raise RuntimeInputError(f"input {name} has batch {array.shape[0]}, other inputs {batch}; "
                                         "all inputs need the same batch size")
-            if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
-                raise RuntimeInputError(f"input {name} contains NaN or inf; pass finite values")
+            if name not in checked:
+                _check_finite(name, array)
         text, mask = feeds.get("encoder_hidden_states"), feeds.get("encoder_attention_mask")
         if text is not None and mask is not None and mask.shape[1] != text.shape[1]:
             raise RuntimeInputError(f"encoder_attention_mask has caption length {mask.shape[1]}, "
                                     f"encoder_hidden_states {text.shape[1]}; they must match")
 
     def __call__(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> np.ndarray:
-        self.check_inputs(feeds)
         try:
-            return self.session.run(list(outputs or self.output_names[:1]), dict(feeds), self.run_options)[0]
+            if self.prompt_session is None:
+                self.check_inputs(feeds)
+                run_feeds = dict(feeds)
+            else:
+                self.check_inputs(feeds, checked=set(self.prompt_inputs))  # NaN in the prompt feeds: below
+                run_feeds = {**{k: v for k, v in feeds.items() if k not in self.prompt_inputs or k in self._step_reads},
+                             **self._prompt_values(feeds)}
+            return self.session.run(list(outputs or self.output_names[:1]), run_feeds, self.run_options)[0]
         except Exception as exc:  # onnxruntime's pybind error types
             message = explain_run_error(str(exc), self.path)
             if message is None:
                 raise
             raise RuntimeInputError(message) from None
+
+
+PROMPT_CACHE_SIZE = 2  # prompts a split graph keeps the carried values of (a guidance pair run as two calls: 2)
+
+
+def _check_finite(name: str, array: np.ndarray) -> None:
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        raise RuntimeInputError(f"input {name} contains NaN or inf; pass finite values")
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    if a.nbytes % 8 == 0 and a.nbytes:
+        return bool(np.array_equal(a.reshape(-1).view(np.uint64), b.reshape(-1).view(np.uint64)))
+    return a.tobytes() == b.tobytes()
 
 
 def batched_inputs(shapes: Mapping[str, Sequence[int | str | None]]) -> set[str]:

@@ -11,3 +11,4 @@ HADANORM_OPSET_VERSION = 1
 TRANSFORM_OPS_KEY = "hn_export.transform_ops"  # model metadata: comma list of hadanorm op types the graph uses
 FORMAT_KEY = "hn_export.format"  # model metadata: qdq, nbits or fused (graph_passes.quantization.OutputFormat)
 ATTENTION_KEY = "hn_export.attention"  # model metadata: precision of the fused hadanorm::Attention ops, or "none"
+PROMPT_GRAPH_KEY = "hn_export.prompt_graph"  # a step graph's metadata: file name of its prompt graph, beside it

@@ -56,7 +56,8 @@ def test_fp_bundle_layout(fp_bundle, tiny_pipeline):
     names = sorted(p.name for p in fp_bundle.iterdir())
     assert names == sorted([MANIFEST_NAME, "scheduler_config.json", "text_encoder.onnx", "tokenizer.json",
                             "transformer_64x64.onnx", "transformer_128x128.onnx", "transformer_96x64.onnx",
-                            "vae_decoder.onnx"])
+                            "transformer_64x64.prompt.onnx", "transformer_128x128.prompt.onnx",
+                            "transformer_96x64.prompt.onnx", "vae_decoder.onnx"])
     manifest = load_manifest(fp_bundle)
     data = manifest.data
     assert data["family"] == "pixart-sigma" and data["pipeline"] == "PixArtSigmaPipeline"
@@ -66,6 +67,8 @@ def test_fp_bundle_layout(fp_bundle, tiny_pipeline):
     assert data["defaults"]["width"] == data["defaults"]["height"] == 64  # the checkpoint's own size
     wide = data["sizes"][2]  # no diffusers table for sample size 8: the ratio key is height / width
     assert (wide["latent_height"], wide["latent_width"], wide["aspect_ratio"]) == (8, 12, 64 / 96)
+    prompts = {e.path: e.of for e in manifest.files if e.role == "transformer_prompt"}  # each step graph's
+    assert prompts == {f"transformer_{w}x{h}.prompt.onnx": f"transformer_{w}x{h}.onnx" for w, h in FP_BUNDLE_SIZES}
     for entry in manifest.files:
         assert sha256_file(fp_bundle / entry.path) == entry.sha256
         assert entry.bits in (32, None) or entry.role in ("tokenizer", "scheduler")

@@ -32,7 +32,7 @@ def test_sd3_bundle_layout(sd3_fp_bundle):
     names = sorted(p.name for p in sd3_fp_bundle.iterdir())
     assert names == sorted([MANIFEST_NAME, "scheduler_config.json", "text_encoder.onnx", "text_encoder_2.onnx",
                             "text_encoder_3.onnx", "tokenizer.json", "tokenizer_2.json", "tokenizer_3.json",
-                            "transformer_64x64.onnx", "vae_decoder.onnx"])
+                            "transformer_64x64.onnx", "transformer_64x64.prompt.onnx", "vae_decoder.onnx"])
     manifest = load_manifest(sd3_fp_bundle)
     data = manifest.data
     assert (data["family"], data["pipeline"]) == ("sd3", "StableDiffusion3Pipeline")
