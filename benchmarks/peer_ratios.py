@@ -6,6 +6,8 @@ For each hn-export graph of the run: the ratio of medians (the faster peer's med
 run's table gives it) and, round by round, the faster peer's time in that round over the graph's time in the same
 round (the rounds are interleaved, so each round's graphs ran minutes apart at most), as the median and the 10th-90th
 percentiles of those per-round ratios. Peers: OpenVINO and onnxruntime's W8A8, those of the run that were timed.
+A split graph (`hn-export split-prompt`): the mean step of the run's generation, (first call + (steps - 1) x step) /
+steps, the first call and the step of the same round.
 """
 
 from __future__ import annotations
@@ -37,8 +39,14 @@ def ratios(run: dict) -> list[str]:
     for name, g in graphs.items():
         if not name.startswith("hn-"):
             continue
-        per_round = fastest / np.asarray(g["times_ms"], dtype=np.float64)
-        lines.append(f"  {name}: {g['median_ms']:.1f} ms, ratio of medians {fastest_median / g['median_ms']:.2f}x, "
+        times = np.asarray(g["times_ms"], dtype=np.float64)
+        what, median = "", g["median_ms"]
+        if g.get("split"):  # a split graph: the mean step of a generation, round by round (first call + steps)
+            steps = g["generation_steps"]
+            times = (np.asarray(g["first_times_ms"], dtype=np.float64) + (steps - 1) * times) / steps
+            what, median = f" a step of a {steps}-step generation", g["generation_step_ms"]
+        per_round = fastest / times
+        lines.append(f"  {name}: {median:.1f} ms{what}, ratio of medians {fastest_median / median:.2f}x, "
                      f"per round {np.median(per_round):.2f}x (10-90%: {np.percentile(per_round, 10):.2f}-"
                      f"{np.percentile(per_round, 90):.2f}x, {len(per_round)} rounds)")
     return lines
