@@ -311,20 +311,21 @@ def test_split_transformer_runs_its_prompt_graph_once_per_generation(fp_bundle, 
     assert np.array_equal(cached.latents, every_step.latents)
 
 
-def test_no_split_prompt_bundle_is_whole_and_gives_the_split_bundles_image(fp_bundle, tiny_pipeline, tmp_path):
-    """`hn-export bundle --no-split-prompt`: one whole transformer per size, no prompt graph; its generation equals
-    the split bundle's (float graphs: the cut may round a sum differently, latents within 1e-5 of their scale;
-    measured 6.4e-7 after 3 steps)."""
-    from runtime import pipeline
-    from runtime.bundle_manifest import load_manifest
-    from tests.cli_runner import run_cli
+def test_no_split_prompt_reaches_the_bundle_job(monkeypatch, capsys, tmp_path):
+    """`hn-export bundle --no-split-prompt` asks for whole transformers (`BundleJob.split_prompt`; what a split
+    bundle computes against the whole graph: tests/test_prompt_split.py and the bundle tests against diffusers)."""
+    from hn_export import cli_bundle
+    from hn_export.bundle import BundleReport
+    from hn_export.cli import main
 
-    out = tmp_path / "whole"
-    assert run_cli(["bundle", "--checkpoint", str(tiny_pipeline), "--no-quantize", "--no-split-prompt", "-o", str(out),
-                    "--no-progress"]) == 0
-    assert not list(out.glob("*.prompt.onnx"))
-    assert "transformer_prompt" not in {f.role for f in load_manifest(out).files}
-    whole = pipeline.TextToImage(out, progress=False)(PROMPT, steps=3, seed=0, output_type="latent").latents
-    split = pipeline.TextToImage(fp_bundle, progress=False, verify=False)(PROMPT, steps=3, seed=0,
-                                                                         output_type="latent").latents
-    assert np.max(np.abs(split - whole)) <= 1e-5 * np.max(np.abs(whole))
+    jobs = []
+
+    def capture(job):
+        jobs.append(job)
+        return BundleReport(tmp_path, [], [], [])
+
+    monkeypatch.setattr(cli_bundle, "run_bundle", capture)
+    for flags in ([], ["--no-split-prompt"]):
+        assert run_main(main, capsys, ["bundle", "--preset", "tiny", "--no-quantize", *flags,
+                                       "-o", tmp_path / "b"]).exit_code == 0
+    assert [job.split_prompt for job in jobs] == [True, False]
