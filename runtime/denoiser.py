@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +106,8 @@ class Denoiser:
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.prompt_session = None  # the prompt graph of a split graph (module docstring)
         self.prompt_runs = 0  # how often the prompt graph ran (a split graph's cache misses)
-        self._prompt_cache: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []
+        # (the caller's prompt key or None, a copy of the prompt feeds (None with a key), the carried values)
+        self._prompt_cache: list[tuple[Hashable | None, dict[str, np.ndarray] | None, dict[str, np.ndarray]]] = []
         if self.metadata.get(PROMPT_GRAPH_KEY):
             self._load_prompt_graph(self.metadata[PROMPT_GRAPH_KEY], mode, threads, spinning, cpu_arena)
         self.batched_inputs = batched_inputs({name: spec.shape for name, spec in self.inputs.items()})
@@ -136,24 +137,35 @@ class Denoiser:
         if unknown:
             raise RuntimeInputError(f"prompt graph {prompt_path} hands over {unknown[0]!r}, which step graph "
                                     f"{self.path} does not take; split the model again with `hn-export split-prompt`")
+        for out in self.prompt_session.get_outputs():  # the same element type and rank on both sides
+            want = self.inputs[out.name]
+            ranks = [None if spec.shape is None else len(spec.shape) for spec in (out, want)]
+            if out.type != want.type or None not in ranks and ranks[0] != ranks[1]:
+                raise RuntimeInputError(f"prompt graph {prompt_path} hands over {out.name} as {out.type} rank "
+                                        f"{ranks[0]}, step graph {self.path} takes {want.type} rank {ranks[1]}; "
+                                        "the two files come from different splits: split the model again")
         self.prompt_inputs = [i.name for i in self.prompt_session.get_inputs()]
         step = {name: spec for name, spec in self.inputs.items() if name not in self.carried}
         self._step_reads = {name for name in self.prompt_inputs if name in step}  # read by both graphs
         self.inputs = {**step, **{i.name: i for i in self.prompt_session.get_inputs() if i.name not in step}}
 
-    def _prompt_values(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _prompt_values(self, feeds: Mapping[str, np.ndarray], key: Hashable | None) -> dict[str, np.ndarray]:
         """The carried values for `feeds` (checked by `check_inputs` but for NaN in the prompt feeds): cached when
-        the prompt feeds are bitwise those of a cached prompt, else from a run of the prompt graph."""
+        `key` is a cached prompt's key or, without a key, when the prompt feeds are bitwise those of a cached prompt;
+        else from a run of the prompt graph."""
         prompt = {name: np.asarray(feeds[name]) for name in self.prompt_inputs}
-        for index, (seen, values) in enumerate(self._prompt_cache):
-            if all(_same_bits(prompt[name], seen[name]) for name in seen):
+        for index, (seen_key, seen, values) in enumerate(self._prompt_cache):
+            hit = seen_key == key if key is not None else (
+                seen is not None and all(_same_bits(prompt[name], seen[name]) for name in seen))
+            if hit:
                 self._prompt_cache.insert(0, self._prompt_cache.pop(index))
                 return values
         for name, array in prompt.items():
             _check_finite(name, array)
         values = dict(zip(self.carried, self.prompt_session.run(self.carried, prompt, self.run_options)))
         self.prompt_runs += 1
-        self._prompt_cache.insert(0, ({name: array.copy() for name, array in prompt.items()}, values))
+        seen = None if key is not None else {name: array.copy() for name, array in prompt.items()}
+        self._prompt_cache.insert(0, (key, seen, values))
         del self._prompt_cache[PROMPT_CACHE_SIZE:]
         return values
 
@@ -223,7 +235,12 @@ class Denoiser:
             raise RuntimeInputError(f"encoder_attention_mask has caption length {mask.shape[1]}, "
                                     f"encoder_hidden_states {text.shape[1]}; they must match")
 
-    def __call__(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> np.ndarray:
+    def __call__(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None,
+                 prompt_key: Hashable | None = None) -> np.ndarray:
+        """The graph's first output (or `outputs`) for `feeds`. A split graph: `prompt_key` names the per-prompt
+        feeds for its cache (the caller promises the same key only with the same per-prompt feeds, e.g. a denoising
+        loop's guidance group): found by the key, the feeds are not compared (nor scanned for NaN) again; without a
+        key they are compared bitwise with the cached prompts'. Ignored by a whole graph."""
         try:
             if self.prompt_session is None:
                 self.check_inputs(feeds)
@@ -231,7 +248,7 @@ class Denoiser:
             else:
                 self.check_inputs(feeds, checked=set(self.prompt_inputs))  # NaN in the prompt feeds: below
                 run_feeds = {**{k: v for k, v in feeds.items() if k not in self.prompt_inputs or k in self._step_reads},
-                             **self._prompt_values(feeds)}
+                             **self._prompt_values(feeds, prompt_key)}
             return self.session.run(list(outputs or self.output_names[:1]), run_feeds, self.run_options)[0]
         except Exception as exc:  # onnxruntime's pybind error types
             message = explain_run_error(str(exc), self.path)

@@ -376,12 +376,14 @@ class TextToImage:
                 for index, t in enumerate(timesteps):
                     model_input = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
                     outs = []
-                    for group in groups:
+                    for key, group in enumerate(groups):
                         batch = len(group["encoder_hidden_states"])
                         feeds = {"hidden_states": np.repeat(model_input, batch, axis=0),
                                  "timestep": np.full((batch,), t), **group}
                         feeds = {k: v.astype(dtypes.get(k, np.float32)) for k, v in feeds.items()}
-                        outs.append(np.asarray(denoiser(feeds), dtype=np.float32))
+                        # the group's prompt feeds are the same at every step: a split transformer's prompt graph
+                        # runs once per group, found by the key without comparing the caption (runtime.denoiser)
+                        outs.append(np.asarray(denoiser(feeds, prompt_key=key), dtype=np.float32))
                     out = np.concatenate(outs, axis=0)
                     if cfg:
                         out = out[:1] + np.float32(guidance) * (out[1:] - out[:1])

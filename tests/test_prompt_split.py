@@ -57,6 +57,12 @@ def test_fused_split_gives_the_whole_graphs_bits_and_caches_prompts(fused, hn_cl
     split.clear_prompt_cache()
     split(again)
     assert split.prompt_runs == 6
+    # a prompt key: the cache is looked up by it, the feeds not compared (the caller's promise)
+    keyed = Denoiser(out)
+    np.testing.assert_array_equal(keyed(captions["a"], prompt_key="a"), whole(captions["a"]))
+    np.testing.assert_array_equal(keyed(captions["b"], prompt_key="b"), whole(captions["b"]))
+    np.testing.assert_array_equal(keyed(captions["b"], prompt_key="a"), whole(captions["a"]))  # a's values, as promised
+    assert keyed.prompt_runs == 2
 
 
 def test_step_graph_is_smaller_and_names_its_prompt_graph(fused, hn_cli, tmp_path):
@@ -154,3 +160,31 @@ def test_diff_runs_a_step_graph_and_refuses_it_per_layer(fused, hn_cli, tmp_path
     assert figures["single_call"]["max_abs"] == 0.0 and figures["end_of_denoising"]["max_abs"] == 0.0
     refused = hn_cli("diff", out, fused, "--per-layer", "--steps", "0")
     assert refused.exit_code == 2 and "is a step graph (`hn-export split-prompt`)" in refused.err
+
+
+def test_prompt_graph_of_another_split_is_refused(fused, tiny_onnx, hn_cli, tmp_path):
+    """A step graph beside the prompt graph of another model (a file copied over): one line at load."""
+    import shutil
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    assert hn_cli("split-prompt", fused, "-o", a / "m.onnx").exit_code == 0
+    assert hn_cli("split-prompt", tiny_onnx, "-o", b / "m.onnx").exit_code == 0
+    shutil.copy(b / "m.prompt.onnx", a / "m.prompt.onnx")  # the float model's prompt graph
+    with pytest.raises(RuntimeInputError, match=r"prompt graph .*m.prompt.onnx hands over '.*', which step graph "
+                                                 r".*m.onnx does not take; split the model again"):
+        Denoiser(a / "m.onnx")
+
+
+def test_carried_value_of_another_rank_is_refused(fused, hn_cli, tmp_path):
+    out = tmp_path / "m.onnx"
+    assert hn_cli("split-prompt", fused, "-o", out).exit_code == 0
+    step = onnx.load(out)
+    carried = onnx.load(tmp_path / "m.prompt.onnx").graph.output[0].name
+    value = next(i for i in step.graph.input if i.name == carried)
+    del value.type.tensor_type.shape.dim[-1]  # declared one rank lower than the prompt graph hands over
+    onnx.save(step, out)
+    with pytest.raises(RuntimeInputError, match=f"hands over {carried} as tensor\\(float\\) rank 4, step graph "
+                                                ".* takes tensor\\(float\\) rank 3; the two files come from "
+                                                "different splits"):
+        Denoiser(out)

@@ -287,8 +287,9 @@ def test_bad_call_arguments(fp_bundle):
 def test_split_transformer_runs_its_prompt_graph_once_per_generation(fp_bundle, monkeypatch):
     """The bundle's transformers are split (`hn-export split-prompt`; the images against diffusers': the tests of
     tests/test_bundle.py): a 4-step generation with guidance (negative and positive prompt: two calls a step here)
-    runs the prompt graph once per prompt, twice in all, and gives the bits of a run whose prompt graph runs at every
-    call (the cache cleared before each: 8 runs)."""
+    runs the prompt graph once per prompt, twice in all (found by the group's key, the caption not compared: no
+    bitwise check ran), and gives the bits of a run whose prompt graph runs at every call (the cache cleared before
+    each: 8 runs)."""
     from runtime import denoiser, pipeline
 
     made = []
@@ -299,13 +300,17 @@ def test_split_transformer_runs_its_prompt_graph_once_per_generation(fp_bundle, 
         return made[-1]
 
     monkeypatch.setattr(denoiser, "Denoiser", spy)
+    compared = []
+    same_bits = denoiser._same_bits
+    monkeypatch.setattr(denoiser, "_same_bits", lambda a, b: compared.append(1) or same_bits(a, b))
     pipe = pipeline.TextToImage(fp_bundle, progress=False, verify=False)
     cached = pipe(PROMPT, steps=4, seed=0, output_type="latent")
+    assert not compared
     assert made[-1].prompt_session is not None and made[-1].prompt_runs == 2
     assert made[-1].prompt_inputs == ["encoder_hidden_states"]
     call = real.__call__
-    monkeypatch.setattr(real, "__call__", lambda self, feeds, outputs=None: (
-        self.clear_prompt_cache(), call(self, feeds, outputs))[1])
+    monkeypatch.setattr(real, "__call__", lambda self, feeds, outputs=None, prompt_key=None: (
+        self.clear_prompt_cache(), call(self, feeds, outputs, prompt_key))[1])
     every_step = pipe(PROMPT, steps=4, seed=0, output_type="latent")
     assert made[-1].prompt_runs == 8
     assert np.array_equal(cached.latents, every_step.latents)
