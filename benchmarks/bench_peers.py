@@ -28,7 +28,8 @@ Graphs (`--graphs`, onnxruntime FP32 always runs: it is the reference):
   are the same every round); each round also times a first call (the cache cleared: prompt graph + step graph, the
   same work as the whole graph), and the table gives the mean cost of a step in a `--steps`-step generation,
   (first + (steps - 1) x step) / steps. ``ort-w8a8-split`` is onnxruntime's W8A8 graph split the same way (not how
-  a user of onnxruntime runs it: not a peer; it shows what the split alone is worth).
+  a user of onnxruntime runs it: not a peer; it shows what the split is worth to another graph; run by the Denoiser,
+  its sessions also have onnxruntime's ``SkipLayerNormFusion`` off, which the ``ort`` workers keep on).
 
 Each graph runs in its own worker process (this script with ``--worker``; under ``benchmarks/no_amx.py`` with
 ``--no-amx``), which loads it once and reports its RSS, then serves calls. The workers start one after the other
@@ -188,7 +189,7 @@ def load_runner(runtime: str, path: Path, threads: int, shrink_arena: bool):
             den = Denoiser(path, threads=threads, spinning=False, kernel_library=True)
             if den.kernel_library is None:
                 raise RuntimeError("the hadanorm kernel library is not built (python -m runtime.kernels.build)")
-        else:  # a peer's graph, split: onnxruntime's default session options
+        else:  # a peer's graph, split: onnxruntime's default session options but SkipLayerNormFusion (the Denoiser's)
             den = Denoiser(path, threads=threads, spinning=False, kernel_library=False, mode=NumericsMode.FAST)
         session, check = den.session, den.check_inputs
         info = {"runs_as": den.implementation + (", split: prompt graph once per prompt"
@@ -319,9 +320,11 @@ def prepare(folder: Path, preset: str, layers: int, seed: int, keys: list[str], 
         return hn + ["quantize", str(fp32), *bits, *selection, *attention, *rotation, "--format", "fused", "--seed",
                      str(seed), "--no-progress", "-o", str(out), *calib]
 
-    needed = ["fp32"] + [source for k in keys if GRAPHS[k].source != "fp32"
-                         for source in ([GRAPHS[k].source[:-len(SPLIT_SUFFIX)]] * GRAPHS[k].source.endswith(SPLIT_SUFFIX)
-                                        + [GRAPHS[k].source])]
+    def sources(key: str) -> list[str]:  # a split graph needs the graph it is cut from, made first
+        source = GRAPHS[key].source
+        return ([source[:-len(SPLIT_SUFFIX)]] if source.endswith(SPLIT_SUFFIX) else []) + [source]
+
+    needed = ["fp32"] + [source for k in keys if GRAPHS[k].source != "fp32" for source in sources(k)]
     made = {}
     for key in dict.fromkeys(needed):
         final = folder / key
@@ -712,7 +715,8 @@ def table(result: dict) -> str:
                      f"{fmt(r['one_call_sqnr_db'], '.1f')} | {fmt(r['end_sqnr_db'], '.1f')} |")
     lines += ["", "vs FP32 / vs fastest peer: speed-ups (time of FP32 / of the fastest non-hn-export graph over this "
               "graph's time; above 1 is faster). A split graph's ms: a step with the prompt's values cached, and the "
-              "first call of a generation (prompt graph + step graph)."]
+              "first call of a generation (prompt graph + step graph); its vs FP32 and vs fastest peer compare that "
+              "step with the other graphs' one call (the generation table below amortizes its first call)."]
     split = [r for r in rows.values() if r.get("split")]
     if split:
         steps = split[0]["generation_steps"]

@@ -8,7 +8,8 @@ projection and each block's cross-attention K and V projections (about a sixth o
 `split_prompt_graph` moves those nodes into a *prompt graph* (the per-prompt inputs -> the values the rest of the
 graph reads from them, the *carried* values) and leaves the rest as a *step graph* (the step inputs and the carried
 values -> the outputs). Running the prompt graph once and the step graph at every step computes what the whole graph
-computes, node for node: the same ops on the same inputs, so the same bits.
+computes, node for node: the same ops on the same inputs (the same bits where the runtime runs each op alike;
+onnxruntime may fuse ops differently at the cut, and float sums then round differently).
 
 Which node goes where, from graph structure alone (no family knowledge):
 
@@ -25,6 +26,7 @@ outer values that this split does not follow.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from collections.abc import Iterable, Sequence
 
@@ -51,6 +53,7 @@ class PromptSplit:
     prompt_inputs: tuple[str, ...]  # the original inputs the prompt graph reads
     prompt_ops: dict[str, int]  # op type -> count of the nodes moved
     prompt_weight_bytes: int  # bytes of the initializers the prompt graph holds
+    split_id: str  # sha256 of the carried names and the prompt graph's weights: the pair's mark (`split_id_of`)
 
 
 def split_prompt_graph(model: ir.Model, step_inputs: Sequence[str] = STEP_INPUTS) -> PromptSplit:
@@ -58,6 +61,7 @@ def split_prompt_graph(model: ir.Model, step_inputs: Sequence[str] = STEP_INPUTS
     docstring). Raises `GraphInputError` when a step input is missing, when no computing node depends on the other
     inputs alone, when an output would come from the prompt graph, or for control flow."""
     graph = model.graph
+    graph.sort()  # the classification below reads each node after its producers
     names = [value.name for value in graph.inputs]
     missing = [name for name in step_inputs if name not in names]
     if missing:
@@ -112,7 +116,20 @@ def split_prompt_graph(model: ir.Model, step_inputs: Sequence[str] = STEP_INPUTS
                 ", ".join(f"{op} {n}" for op, n in sorted(ops.items())), len(carried), weight_bytes / 1e6)
     return PromptSplit(prompt=prompt, step=model, carried=tuple(v.name for v in carried),
                        prompt_inputs=tuple(v.name for v in prompt_side_inputs), prompt_ops=ops,
-                       prompt_weight_bytes=weight_bytes)
+                       prompt_weight_bytes=weight_bytes, split_id=split_id_of(carried, initializers))
+
+
+def split_id_of(carried: Sequence[ir.Value], initializers: Sequence[ir.Value]) -> str:
+    """A mark both files of a split carry (the same inputs give the same mark): two files of different splits, e.g. of
+    two checkpoints of one model, differ in it (the runtime refuses such a pair)."""
+    digest = hashlib.sha256()
+    for value in carried:
+        digest.update(value.name.encode() + b"\0")
+    for value in sorted(initializers, key=lambda v: v.name):
+        digest.update(value.name.encode() + b"\0")
+        if value.const_value is not None:
+            digest.update(value.const_value.tobytes())
+    return digest.hexdigest()[:32]
 
 
 def _prompt_nodes(graph: ir.Graph, step_inputs: set[str]) -> list[ir.Node]:
@@ -149,6 +166,10 @@ def _prompt_nodes(graph: ir.Graph, step_inputs: set[str]) -> list[ir.Node]:
             if stays:
                 prompt.discard(id(node))
                 changed = True
+    held = [node for node in nodes if id(node) in input_dep and id(node) not in step_dep and id(node) not in prompt]
+    if held:  # they read an input-free node the step graph reads too (a shared Constant), and stay with it
+        logger.info("%d nodes that depend on the prompt inputs alone stay in the step graph (first: %s)", len(held),
+                    held[0].name)
     return [node for node in nodes if id(node) in prompt]
 
 

@@ -51,7 +51,7 @@ from hn_export.bundle_components import (DEFAULT_ENCODER_BITS, DEFAULT_ENCODER_B
                                          convert_tokenizer, load_component, quantize_weights, read_json,
                                          text_encoder_graph, vae_decoder_graph)
 from hn_export.errors import UserError
-from hn_export.metadata_keys import BITS_KEY, FORMAT_KEY, METHOD_KEY, PROMPT_GRAPH_KEY, SIZE_KEY, SOURCE_KEY
+from hn_export.metadata_keys import BITS_KEY, FORMAT_KEY, METHOD_KEY, SIZE_KEY, SOURCE_KEY
 from hn_export.model_files import save_model
 from hn_export.quantize_job import QuantizeJob, run_quantize
 from runtime.bundle_manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, BundleFile, sha256_file
@@ -332,7 +332,8 @@ def split_transformer(staging: Path, name: str, written: list[Path], work: Path)
     graph and of the prompt graph (none when whole)."""
     from graph_passes.errors import GraphInputError
     from graph_passes.prompt_split import split_prompt_graph
-    from hn_export.model_files import load_model, save_model
+    from hn_export.model_files import load_model
+    from hn_export.split_files import save_split
 
     whole = work / "whole"
     whole.mkdir(exist_ok=True)
@@ -347,10 +348,7 @@ def split_transformer(staging: Path, name: str, written: list[Path], work: Path)
         for path, target in zip(written, moved):
             os.replace(target, path)
         return written, []
-    prompt_name = f"{Path(name).stem}.prompt.onnx"
-    split.step.metadata_props[PROMPT_GRAPH_KEY] = prompt_name
-    prompt_files = save_model(split.prompt, staging / prompt_name)
-    step_files = save_model(split.step, staging / name)
+    step_files, prompt_files = save_split(split, staging / name)
     for target in moved:
         target.unlink()
     return step_files, prompt_files

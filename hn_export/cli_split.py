@@ -13,16 +13,12 @@ import click
 from graph_passes.prompt_split import STEP_INPUTS, split_prompt_graph
 from hn_export.errors import UserError
 from hn_export.metadata_keys import PROMPT_GRAPH_KEY
-from hn_export.model_files import check_output_path, input_files, load_model, save_model
+from hn_export.model_files import check_output_path, input_files, load_model
+from hn_export.split_files import prompt_output, save_split
 
 
 def default_output(model: Path) -> Path:
     return model.with_name(f"{model.stem}.split.onnx")
-
-
-def prompt_output(output: Path) -> Path:
-    """Where the prompt graph of step graph `output` goes: beside it, ``OUT.prompt.onnx``."""
-    return output.with_name(f"{output.stem}.prompt.onnx")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,8 +29,8 @@ def prompt_output(output: Path) -> Path:
 def split_prompt_command(model: Path, output: Path | None) -> None:
     """Split MODEL (any denoiser graph: float, qdq, nbits, fused) into a step graph (hidden_states, timestep and
     what the prompt graph hands over) and a prompt graph (what depends on the other inputs alone). Load the step
-    graph as you load MODEL (hn-run, runtime.denoiser.Denoiser): the same feeds give the same outputs, and the
-    prompt part runs once per prompt."""
+    graph as you load MODEL (hn-run, runtime.denoiser.Denoiser): it takes the same feeds and computes the same ops
+    (fused graphs: the same bits), and the prompt part runs once per prompt."""
     output = output or default_output(model)
     prompt_path = prompt_output(output)
     for path in (output, prompt_path):
@@ -46,14 +42,8 @@ def split_prompt_command(model: Path, output: Path | None) -> None:
         raise UserError(f"{model} is already a step graph (its prompt graph: "
                         f"{graph.metadata_props[PROMPT_GRAPH_KEY]})", "split the whole graph it came from")
     split = split_prompt_graph(graph, STEP_INPUTS)
-    split.step.metadata_props[PROMPT_GRAPH_KEY] = prompt_path.name
-    written = save_model(split.prompt, prompt_path)
-    try:
-        written += save_model(split.step, output)
-    except BaseException:
-        for path in written:  # no prompt graph left without its step graph
-            path.unlink(missing_ok=True)
-        raise
+    step_files, prompt_files = save_split(split, output)
+    written = prompt_files + step_files
     ops = ", ".join(f"{op} {count}" for op, count in sorted(split.prompt_ops.items()))
     click.echo(f"prompt graph: {sum(split.prompt_ops.values())} nodes ({ops}), "
                f"{split.prompt_weight_bytes / 1e6:.1f} MB of weights, reading {', '.join(split.prompt_inputs)}; "

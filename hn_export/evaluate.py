@@ -35,13 +35,13 @@ class Evaluation:
     end_of_denoising: Comparison | None
 
 
-def feeds_signature(path: Path) -> ModelSignature:
+def feeds_signature(path: Path, model=None) -> ModelSignature:
     """The signature of the feeds a graph file takes: its inputs, or for a step graph (`hn-export split-prompt`)
     those of the whole graph it came from (its own less the values its prompt graph hands over, and the prompt
     graph's), which `runtime.denoiser.Denoiser` takes for it."""
     import onnx_ir as ir
 
-    model = load_model(path)
+    model = load_model(path) if model is None else model
     prompt_name = model.metadata_props.get(PROMPT_GRAPH_KEY)
     if prompt_name:
         prompt = load_model(path.parent / prompt_name, "prompt graph")
@@ -66,12 +66,14 @@ class GraphRunner:
             except KernelLibraryError as exc:
                 raise UserError(f"{exc} (or run without kernels)") from None
         try:
-            self.signature = feeds_signature(path)  # lazy: weights stay on disk
-            runs = path
+            model = load_model(path)  # lazy: weights stay on disk
         except UserError:
             # another opset (or another problem load_graph names in one line): run the imported copy
             runs = self._import(path)
             self.signature = ModelSignature.of(load_model(runs))
+        else:  # a step graph's prompt graph problems are its own (one line), not an opset's
+            self.signature = feeds_signature(path, model)
+            runs = path
         try:
             self.denoiser = Denoiser(runs, provider=provider, kernel_library=kernels)
         except RuntimeInputError:

@@ -5,7 +5,7 @@ The keys the device reads (`runtime.session`, `runtime.denoiser`) have their hom
 """
 
 from runtime.domain import (  # noqa: F401  (read on the device)
-    ATTENTION_KEY, FORMAT_KEY, PROMPT_GRAPH_KEY, TRANSFORM_OPS_KEY,
+    ATTENTION_KEY, CARRIED_KEY, FORMAT_KEY, PROMPT_GRAPH_KEY, SPLIT_ID_KEY, TRANSFORM_OPS_KEY,
 )
 
 # `hn-export export` (and the bundle's per-size transformers)

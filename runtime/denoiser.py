@@ -15,7 +15,9 @@
   whole graph it came from: it takes the same feeds, runs the prompt graph only when the per-prompt feeds (the
   caption embedding, ...) differ from those of one of the last `PROMPT_CACHE_SIZE` prompts (bitwise), and the step
   graph with the values the prompt graph handed over. A denoising loop pays the prompt part once per prompt instead
-  of once per step; every call returns what the whole graph returns, bit for bit.
+  of once per step; every call computes the whole graph's ops (fused graphs: the same bits; onnxruntime may fuse
+  float ops differently at the cut). The pair must come from one split: the same split id in both files' metadata,
+  the values handed over those the step graph names.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from runtime.domain import HADANORM_DOMAIN, PROMPT_GRAPH_KEY, TRANSFORM_OPS_KEY
+from runtime.domain import CARRIED_KEY, HADANORM_DOMAIN, PROMPT_GRAPH_KEY, SPLIT_ID_KEY, TRANSFORM_OPS_KEY
 from runtime.errors import RuntimeInputError
 from runtime.kernels import KernelLibraryError
 from runtime.session import NumericsMode, create_session, implementation, resolve_library
@@ -130,9 +132,15 @@ class Denoiser:
                                                  kernel_library=self.kernel_library, spinning=spinning,
                                                  cpu_arena=cpu_arena)
         except Exception as exc:  # onnxruntime raises several pybind types
-            message = explain_run_error(str(exc), prompt_path) or self._explain_load_error(str(exc))
+            message = explain_run_error(str(exc), prompt_path) or self._explain_load_error(str(exc), prompt_path)
             raise RuntimeInputError(message) from None
         self.carried = [o.name for o in self.prompt_session.get_outputs()]
+        prompt_meta = dict(self.prompt_session.get_modelmeta().custom_metadata_map)
+        ids = self.metadata.get(SPLIT_ID_KEY), prompt_meta.get(SPLIT_ID_KEY)
+        if None in ids or ids[0] != ids[1] or self.metadata.get(CARRIED_KEY, "").split(",") != self.carried:
+            raise RuntimeInputError(f"{prompt_path} is not the prompt graph of {self.path} (another split: split id "
+                                    f"{ids[1]} against {ids[0]}); split the model again with `hn-export "
+                                    "split-prompt` and keep the two files together")
         unknown = [name for name in self.carried if name not in self.inputs]
         if unknown:
             raise RuntimeInputError(f"prompt graph {prompt_path} hands over {unknown[0]!r}, which step graph "
@@ -185,17 +193,20 @@ class Denoiser:
         """What runs the quantized linears and hadanorm ops, e.g. ``fused: kernels (avx512vnni)``."""
         return implementation(self.metadata, self.kernel_library)
 
-    def _explain_load_error(self, message: str) -> str:
+    def _explain_load_error(self, message: str, path: Path | None = None) -> str:
+        """One line for a load failure of `path` (the step graph's own path by default)."""
+        path = path or self.path
         first = message.strip().splitlines()[0] if message.strip() else "unknown error"
         if "external data" in message.lower() or ".onnx.data" in message or "No such file" in message:
-            return (f"cannot load {self.path}: its external data file is missing or unreadable ({first[:200]}); "
-                    f"keep {self.path.name}.data beside it")
+            return (f"cannot load {path}: its external data file is missing or unreadable ({first[:200]}); "
+                    f"keep {path.name}.data beside it")
         if HADANORM_DOMAIN in message:
-            return (f"{self.path} uses {HADANORM_DOMAIN} ops but carries no function bodies and no kernel library is "
-                    "registered; build the kernels with `python -m runtime.kernels.build` or re-quantize with hn-export")
+            return (f"{path} uses {HADANORM_DOMAIN} ops but carries no function bodies and no kernel library is "
+                    "registered; build the kernels with `python -m runtime.kernels.build` or re-quantize with "
+                    "hn-export")
         if "Protobuf parsing failed" in message or "INVALID_PROTOBUF" in message:
-            return f"{self.path} is not a readable ONNX model; re-export it with `hn-export export`"
-        return f"onnxruntime cannot load {self.path}: {first[:300]}"
+            return f"{path} is not a readable ONNX model; re-export it with `hn-export export`"
+        return f"onnxruntime cannot load {path}: {first[:300]}"
 
     def check_inputs(self, feeds: Mapping[str, np.ndarray], checked: set[str] = frozenset()) -> None:
         """One-line errors for feeds the graph cannot take; `checked`: names whose values are not scanned for NaN

@@ -12,3 +12,5 @@ TRANSFORM_OPS_KEY = "hn_export.transform_ops"  # model metadata: comma list of h
 FORMAT_KEY = "hn_export.format"  # model metadata: qdq, nbits or fused (graph_passes.quantization.OutputFormat)
 ATTENTION_KEY = "hn_export.attention"  # model metadata: precision of the fused hadanorm::Attention ops, or "none"
 PROMPT_GRAPH_KEY = "hn_export.prompt_graph"  # a step graph's metadata: file name of its prompt graph, beside it
+SPLIT_ID_KEY = "hn_export.split_id"  # both files of a split: the same mark (graph_passes.prompt_split.split_id_of)
+CARRIED_KEY = "hn_export.carried"  # a step graph's metadata: comma list of the values its prompt graph hands over

@@ -87,11 +87,9 @@ def test_float_graphs_of_every_family_with_prompt_only_work(preset, preset_onnx,
     model = preset_onnx(preset)
     split = split_prompt_graph(load_model(model))
     assert split.carried and split.prompt_inputs
-    from hn_export.model_files import save_model
+    from hn_export.split_files import save_split
 
-    split.step.metadata_props["hn_export.prompt_graph"] = "m.prompt.onnx"
-    save_model(split.prompt, tmp_path / "m.prompt.onnx")
-    save_model(split.step, tmp_path / "m.onnx")
+    save_split(split, tmp_path / "m.onnx")
     whole, cut = Denoiser(model, kernel_library=False), Denoiser(tmp_path / "m.onnx", kernel_library=False)
     for index in range(2):
         x = feeds(model, index)
@@ -171,9 +169,33 @@ def test_prompt_graph_of_another_split_is_refused(fused, tiny_onnx, hn_cli, tmp_
     assert hn_cli("split-prompt", fused, "-o", a / "m.onnx").exit_code == 0
     assert hn_cli("split-prompt", tiny_onnx, "-o", b / "m.onnx").exit_code == 0
     shutil.copy(b / "m.prompt.onnx", a / "m.prompt.onnx")  # the float model's prompt graph
-    with pytest.raises(RuntimeInputError, match=r"prompt graph .*m.prompt.onnx hands over '.*', which step graph "
-                                                 r".*m.onnx does not take; split the model again"):
+    with pytest.raises(RuntimeInputError, match=r"m.prompt.onnx is not the prompt graph of .*m.onnx \(another "
+                                                 r"split: split id [0-9a-f]{32} against [0-9a-f]{32}\); split the "
+                                                 r"model again"):
         Denoiser(a / "m.onnx")
+
+
+def test_same_architecture_other_weights_refused_and_splits_deterministic(fused, tiny_onnx, hn_cli, tmp_path):
+    """Two splits of one model are byte-identical files; the prompt graph of the same architecture with other
+    weights (another calibration seed: the same carried names, element types and ranks) is refused by the split
+    id."""
+    import shutil
+
+    again = tmp_path / "again"
+    again.mkdir()
+    for folder in (tmp_path, again):
+        assert hn_cli("split-prompt", fused, "-o", folder / "a.onnx").exit_code == 0
+    for name in ("a.onnx", "a.prompt.onnx"):
+        assert (tmp_path / name).read_bytes() == (again / name).read_bytes()
+    other = tmp_path / "other.onnx"
+    assert hn_cli(tiny_onnx, "--w4a4", "--every-linear", "--format", "fused", "--seed", "1", "-o", other,
+                  "--calib-samples", "1", "--calib-steps", "2", "--no-progress").exit_code == 0
+    folder = tmp_path / "o"
+    folder.mkdir()
+    assert hn_cli("split-prompt", other, "-o", folder / "a.onnx").exit_code == 0
+    shutil.copy(folder / "a.prompt.onnx", tmp_path / "a.prompt.onnx")
+    with pytest.raises(RuntimeInputError, match="is not the prompt graph of"):
+        Denoiser(tmp_path / "a.onnx")
 
 
 def test_carried_value_of_another_rank_is_refused(fused, hn_cli, tmp_path):
