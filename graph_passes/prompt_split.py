@@ -25,6 +25,7 @@ outer values that this split does not follow.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import logging
@@ -108,9 +109,7 @@ def split_prompt_graph(model: ir.Model, step_inputs: Sequence[str] = STEP_INPUTS
     prompt = ir.Model(prompt_graph, ir_version=model.ir_version, producer_name=model.producer_name,
                       producer_version=model.producer_version, functions=list(model.functions.values()))
     prompt.metadata_props.update(model.metadata_props)
-    ops: dict[str, int] = {}
-    for node in moved:
-        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    ops = dict(collections.Counter(node.op_type for node in moved))
     weight_bytes = sum(v.const_value.nbytes for v in initializers if v.const_value is not None)
     logger.info("prompt graph: %d nodes (%s), %d carried values, %.1f MB of weights", len(moved),
                 ", ".join(f"{op} {n}" for op, n in sorted(ops.items())), len(carried), weight_bytes / 1e6)

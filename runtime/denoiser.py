@@ -141,17 +141,14 @@ class Denoiser:
             raise RuntimeInputError(f"{prompt_path} is not the prompt graph of {self.path} (another split: split id "
                                     f"{ids[1]} against {ids[0]}); split the model again with `hn-export "
                                     "split-prompt` and keep the two files together")
-        unknown = [name for name in self.carried if name not in self.inputs]
-        if unknown:
-            raise RuntimeInputError(f"prompt graph {prompt_path} hands over {unknown[0]!r}, which step graph "
-                                    f"{self.path} does not take; split the model again with `hn-export split-prompt`")
-        for out in self.prompt_session.get_outputs():  # the same element type and rank on both sides
-            want = self.inputs[out.name]
-            ranks = [None if spec.shape is None else len(spec.shape) for spec in (out, want)]
-            if out.type != want.type or None not in ranks and ranks[0] != ranks[1]:
+        for out in self.prompt_session.get_outputs():  # a step graph input of the same element type and rank
+            want = self.inputs.get(out.name)
+            ranks = [None if spec is None or spec.shape is None else len(spec.shape) for spec in (out, want)]
+            if want is None or out.type != want.type or None not in ranks and ranks[0] != ranks[1]:
+                takes = "no such input" if want is None else f"{want.type} rank {ranks[1]}"
                 raise RuntimeInputError(f"prompt graph {prompt_path} hands over {out.name} as {out.type} rank "
-                                        f"{ranks[0]}, step graph {self.path} takes {want.type} rank {ranks[1]}; "
-                                        "the two files come from different splits: split the model again")
+                                        f"{ranks[0]}, step graph {self.path} takes {takes}; the two files do not "
+                                        "fit together: split the model again with `hn-export split-prompt`")
         self.prompt_inputs = [i.name for i in self.prompt_session.get_inputs()]
         step = {name: spec for name, spec in self.inputs.items() if name not in self.carried}
         self._step_reads = {name for name in self.prompt_inputs if name in step}  # read by both graphs

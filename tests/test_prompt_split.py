@@ -207,8 +207,8 @@ def test_carried_value_of_another_rank_is_refused(fused, hn_cli, tmp_path):
     del value.type.tensor_type.shape.dim[-1]  # declared one rank lower than the prompt graph hands over
     onnx.save(step, out)
     with pytest.raises(RuntimeInputError, match=f"hands over {carried} as tensor\\(float\\) rank 4, step graph "
-                                                ".* takes tensor\\(float\\) rank 3; the two files come from "
-                                                "different splits"):
+                                                ".* takes tensor\\(float\\) rank 3; the two files do not "
+                                                "fit together"):
         Denoiser(out)
 
 

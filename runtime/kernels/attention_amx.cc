@@ -64,6 +64,7 @@
 #include <immintrin.h>
 
 #include "attention_exp512.h"  // exp_ps, exp2_bf16_ps (compiled for this file's targets)
+#include "attention_row512.h"  // lanes
 
 namespace hadanorm {
 
@@ -104,11 +105,6 @@ Layout layout(const AttentionShape& s) {
   l.k_bytes = l.k_tiles * l.d_steps * kTileBytes;
   l.v_bytes = l.v_steps * l.v_tiles * kTileBytes;
   return l;
-}
-
-// Lanes [0, n) of 16 (n may be <= 0 or >= 16).
-HN_INLINE __mmask16 lanes(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1);
 }
 
 // 32 floats (lo: elements 0..15, hi: 16..31) rounded to bf16 (nearest even), in order.

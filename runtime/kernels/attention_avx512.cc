@@ -37,7 +37,7 @@
 #include <immintrin.h>
 
 #include "attention_exp512.h"  // exp_ps (compiled for this file's targets)
-#include "attention_row512.h"  // masked_row_max
+#include "attention_row512.h"  // masked_row_max, column_passes, store_rows
 
 namespace hadanorm {
 
@@ -194,17 +194,7 @@ void avx512_rows(const AttentionShape& s, const AttentionHead& h, const void* pa
       default: break;
     }
   }
-  const float nan = std::numeric_limits<float>::quiet_NaN();
-  const __mmask16 tail = s.dv % 16 ? static_cast<__mmask16>((1u << (s.dv % 16)) - 1) : 0xffff;
-  for (int64_t r = 0; r < rows; ++r) {
-    const __m512 inv = _mm512_set1_ps(w.l[r] > 0.0f ? 1.0f / w.l[r] : nan);
-    const float* o = w.O.data() + r * lay.dv_pad;
-    float* out = h.out + (q0 + r) * s.out_stride;
-    for (int64_t c = 0; c < s.dv; c += 16) {
-      const __mmask16 m = c + 16 > s.dv ? tail : 0xffff;
-      _mm512_mask_storeu_ps(out + c, m, _mm512_mul_ps(_mm512_loadu_ps(o + c), inv));
-    }
-  }
+  store_rows(s, h, q0, rows, w.O.data(), lay.dv_pad, w.l.data());
 }
 
 }  // namespace

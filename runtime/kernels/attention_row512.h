@@ -1,5 +1,6 @@
-// What the AVX-512 paths of the fused attention (attention_avx512.cc: float, attention_vnni_int8.cc: int8) share: the
-// first softmax pass over one query row's scores of a key block, and the split of p v's output columns into passes.
+// What the AVX-512 paths of the fused attention (attention_avx512.cc: float, attention_vnni_int8.cc: int8; `lanes` also
+// attention_amx.cc) share: the tail masks, the first softmax pass over one query row's scores of a key block, the split
+// of p v's output columns into passes, and the rows' last step (out = o / l).
 // Include it after the file's `#pragma GCC target` with AVX-512F (internal linkage: each file compiles its own copy
 // for its own targets).
 #pragma once
@@ -16,6 +17,11 @@
 
 namespace hadanorm {
 namespace {
+
+// Lanes [0, n) of 16 (n may be <= 0 or >= 16).
+HN_INLINE __mmask16 lanes(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1);
+}
 
 // srow [ceil(nb / 16) * 16]: the scores of query row qi against keys j0 .. j0 + nb. Adds the mask (h.mask, element
 // strides h.mask_row, h.mask_col; none when null; when Log2Mask, in the int8 path's log2 units as
@@ -73,4 +79,22 @@ HN_INLINE void column_passes(int64_t dv_pad, Pass&& pass) {
 }
 
 }  // namespace
+// The rows' last step: out[q0 + r][:dv] = O[r] * (1 / l[r]) (O: rows x dv_pad sums, l: the row sums; NaN where l is
+// 0: every score -inf), then, when given, times scale[c] and plus offset[c] (the int8 path's value scales and means).
+inline void store_rows(const AttentionShape& s, const AttentionHead& h, int64_t q0, int64_t rows, const float* O,
+                       int64_t dv_pad, const float* l, const float* scale = nullptr, const float* offset = nullptr) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 inv = _mm512_set1_ps(l[r] > 0.0f ? 1.0f / l[r] : nan);
+    const float* o = O + r * dv_pad;
+    float* out = h.out + (q0 + r) * s.out_stride;
+    for (int64_t c = 0; c < s.dv; c += 16) {
+      __m512 y = _mm512_mul_ps(_mm512_loadu_ps(o + c), inv);
+      if (scale) y = _mm512_mul_ps(y, _mm512_loadu_ps(scale + c));
+      if (offset) y = _mm512_add_ps(y, _mm512_loadu_ps(offset + c));
+      _mm512_mask_storeu_ps(out + c, lanes(s.dv - c), y);
+    }
+  }
+}
+
 }  // namespace hadanorm

@@ -39,7 +39,7 @@
 #include <immintrin.h>
 
 #include "attention_exp512.h"  // horner (compiled for this file's targets)
-#include "attention_row512.h"  // masked_row_max
+#include "attention_row512.h"  // lanes, masked_row_max, column_passes, store_rows
 
 namespace hadanorm {
 
@@ -159,10 +159,6 @@ void pv(const uint8_t* P, const uint8_t* v, int64_t dv_pad, int64_t quads, float
 }
 
 // ---- the codes (attention_int8.cc's arithmetic, element for element: the same bits, 16 lanes at a time) ----
-
-HN_INLINE __mmask16 lanes(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1);
-}
 
 // Channels [c0, c0 + 8 U) of channel_means: U chains of double sums side by side (one chain waits 4 cycles an add).
 template <int U>
@@ -418,20 +414,8 @@ void attention_int8_avx512_rows(const AttentionShape& s, const AttentionHead& h,
       default: break;
     }
   }
-  const float nan = std::numeric_limits<float>::quiet_NaN();
-  const float* sv = part<float>(packed, lay.sv);
-  const float* vmean = part<float>(packed, lay.vmean);
-  const __mmask16 tail = s.dv % 16 ? static_cast<__mmask16>((1u << (s.dv % 16)) - 1) : 0xffff;
-  for (int64_t r = 0; r < rows; ++r) {
-    const __m512 inv = _mm512_set1_ps(w.l[r] > 0.0f ? 1.0f / w.l[r] : nan);
-    const float* o = w.O.data() + r * lay.dv_pad;
-    float* out = h.out + (q0 + r) * s.out_stride;
-    for (int64_t c = 0; c < s.dv; c += 16) {
-      const __mmask16 m = c + 16 > s.dv ? tail : 0xffff;
-      const __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(o + c), inv), _mm512_loadu_ps(sv + c));
-      _mm512_mask_storeu_ps(out + c, m, _mm512_add_ps(y, _mm512_loadu_ps(vmean + c)));
-    }
-  }
+  store_rows(s, h, q0, rows, w.O.data(), lay.dv_pad, w.l.data(), part<float>(packed, lay.sv),
+             part<float>(packed, lay.vmean));
 }
 
 }  // namespace hadanorm
