@@ -124,6 +124,12 @@ def _check_versions(model: ir.Model, path: Path, check_opset: bool = True) -> No
         )
 
 
+def _shown_location(location: str) -> str:
+    """An external-data location as an error line shows it: whole up to 80 characters, else its start and its end
+    (the file name stays visible however deep the folder), ``...`` between."""
+    return repr(location) if len(location) <= 80 else repr(location[:38] + "..." + location[-39:])
+
+
 def _check_external_data(proto: onnx.ModelProto, path: Path, what: str) -> tuple[Path, ...]:
     """Every external-data tensor (initializers, Constant attributes, subgraphs) must name a regular file inside the
     model's folder that holds its bytes. Returns those files (resolved)."""
@@ -134,7 +140,7 @@ def _check_external_data(proto: onnx.ModelProto, path: Path, what: str) -> tuple
             continue
         info = {entry.key: entry.value for entry in tensor.external_data}
         location = info.get("location", "")
-        shown = repr(location) if len(location) <= 80 else repr(location[:77] + "...")
+        shown = _shown_location(location)
         fix = f"keep the weights in a file beside {path.name} and name it relative to that folder"
         if not location or os.path.isabs(location) or ".." in Path(location).parts:
             raise UserError(f"{what} file {path}: tensor {tensor.name!r} names external data {shown}, which is "

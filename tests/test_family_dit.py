@@ -36,14 +36,9 @@ BLOCK_SITES = [
 
 
 @pytest.fixture(scope="module")
-def dit(tmp_path_factory):
-    """The dit-tiny torch model (dit-stats, seed 0) and its FP32 export."""
-    from hn_export.export import export_transformer
-
-    model = build_transformer(ModelSource(preset="dit-tiny", seed=0))
-    path = tmp_path_factory.mktemp("dit") / "dit.onnx"
-    export_transformer(model, path, progress=False)
-    return model, path
+def dit(preset_onnx):
+    """The dit-tiny torch model (dit-stats, seed 0) and its FP32 export by the command line."""
+    return build_transformer(ModelSource(preset="dit-tiny", seed=0)), preset_onnx("dit-tiny")
 
 
 def quantize(hn_cli, path, out, *args: str):

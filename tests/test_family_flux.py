@@ -15,7 +15,6 @@ import torch
 from graph_passes.linears import find_activation_sites, find_linears
 from hn_export.denoise import DenoiseConfig, ModelSignature, trajectory
 from hn_export.evaluate import GraphRunner, evaluate, reference_outputs
-from hn_export.export import export_transformer
 from hn_export.families import selection_for
 from hn_export.graph_import import load_graph
 from models.build import ModelSource, build_transformer, forward, make_inputs
@@ -30,11 +29,9 @@ EVAL = DenoiseConfig(steps=4, samples=1, seed=7)
 
 
 @pytest.fixture(scope="module")
-def flux_tiny(tmp_path_factory):
-    model = build_transformer(ModelSource(preset="flux-tiny", seed=0))
-    path = tmp_path_factory.mktemp("flux") / "flux.onnx"
-    export_transformer(model, path, progress=False)
-    return model, path
+def flux_tiny(preset_onnx):
+    """The flux-tiny torch model (dit-stats, seed 0) and its FP32 export by the command line."""
+    return build_transformer(ModelSource(preset="flux-tiny", seed=0)), preset_onnx("flux-tiny")
 
 
 @pytest.fixture(scope="module")

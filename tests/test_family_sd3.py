@@ -54,8 +54,9 @@ def export(preset: str, folder):
 
 
 @pytest.fixture(scope="module")
-def sd3_tiny(tmp_path_factory):
-    return export("sd3-tiny", tmp_path_factory.mktemp("sd3"))
+def sd3_tiny(preset_onnx):
+    """The sd3-tiny torch model (dit-stats, seed 0) and its FP32 export by the command line."""
+    return build_transformer(ModelSource(preset="sd3-tiny", seed=0)), preset_onnx("sd3-tiny")
 
 
 @pytest.fixture(scope="module")
