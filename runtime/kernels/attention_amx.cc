@@ -433,18 +433,6 @@ HN_INLINE void row_exp(const Scratch& sc, int64_t r, int64_t nb, int buf, float 
   _mm512_store_ps(lrow, lsum);
 }
 
-// Prefetches the cache lines of one row of `n` floats (for writing: prefetchw), into L2 and L1.
-HN_INLINE void prefetch_row(const float* x, int64_t n, bool write) {
-  const uintptr_t first = reinterpret_cast<uintptr_t>(x) & ~uintptr_t{63};
-  const uintptr_t last = reinterpret_cast<uintptr_t>(x + n) - 1;
-  for (uintptr_t line = first; line <= last; line += 64) {
-    if (write)
-      __builtin_prefetch(reinterpret_cast<const void*>(line), 1, 3);
-    else
-      __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 3);
-  }
-}
-
 // Query rows [i0, i0 + n) (n <= 16 RT) of one head, of a task ending at row q1: RT row tiles, rows beyond n
 // zero-padded. After S of block 0, phase b runs the softmax of block b and O = alpha O of block b - 1, with the tile
 // chunks of S of block b + 1 and O += P V of block b - 1 between the rows of its exp pass (see the top).

@@ -1,6 +1,6 @@
 // What the AVX-512 paths of the fused attention (attention_avx512.cc: float, attention_vnni_int8.cc: int8; `lanes` also
 // attention_amx.cc) share: the tail masks, the first softmax pass over one query row's scores of a key block, the split
-// of p v's output columns into passes, and the rows' last step (out = o / l).
+// of p v's output columns into passes, the rows' last step (out = o / l), and a row's prefetch.
 // Include it after the file's `#pragma GCC target` with AVX-512F (internal linkage: each file compiles its own copy
 // for its own targets).
 #pragma once
@@ -21,6 +21,19 @@ namespace {
 // Lanes [0, n) of 16 (n may be <= 0 or >= 16).
 HN_INLINE __mmask16 lanes(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1);
+}
+
+// Prefetches the cache lines of one row of `n` floats (for writing: prefetchw), into L2 and L1: the rows of a head
+// are heads * d apart in the bnhd layout, one miss each for the hardware prefetchers.
+HN_INLINE void prefetch_row(const float* x, int64_t n, bool write) {
+  const uintptr_t first = reinterpret_cast<uintptr_t>(x) & ~uintptr_t{63};
+  const uintptr_t last = reinterpret_cast<uintptr_t>(x + n) - 1;
+  for (uintptr_t line = first; line <= last; line += 64) {
+    if (write)
+      __builtin_prefetch(reinterpret_cast<const void*>(line), 1, 3);
+    else
+      __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 3);
+  }
 }
 
 // srow [ceil(nb / 16) * 16]: the scores of query row qi against keys j0 .. j0 + nb. Adds the mask (h.mask, element
