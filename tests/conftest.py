@@ -7,17 +7,16 @@ artifact's lock (`built_once`)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from hn_export.cli import main
 from runtime.bundle_manifest import MANIFEST_NAME
+from runtime.file_lock import exclusive
 from tests.cli_runner import run_cli
 
 
@@ -60,26 +59,14 @@ def shared_root(tmp_path_factory) -> Path:
     return root
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def built_once(shared: Path, name: str, build: Callable[[Path], None], done: Callable[[Path], bool] = Path.exists
                ) -> Path:
     """``shared / name`` (`shared_root`; name may hold a folder), built by ``build(path)`` unless ``done(path)``, under
     the artifact's lock (in ``shared/.locks``, never beside it): a worker asking while another builds it waits and
     reuses it."""
     path = shared / name
-    locks = shared / ".locks"
-    for folder in (locks, path.parent):
-        folder.mkdir(parents=True, exist_ok=True)
-    with _exclusive(locks / (name.replace("/", "--") + ".lock")):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(shared / ".locks" / (name.replace("/", "--") + ".lock")):
         if not done(path):
             build(path)
     return path

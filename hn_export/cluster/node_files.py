@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from runtime.file_lock import exclusive
 
 CHUNK_BYTES = 256 << 20
 _COMPLETE = ".complete"
@@ -64,22 +65,11 @@ def node_root() -> Path:
     return Path(tempfile.gettempdir()) / f"hn-export-ray-{context.get_job_id()}" / context.get_node_id()[:16]
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def built_once(key: str, build: Callable[[Path], None]) -> tuple[Path, bool]:
     """Node side: the folder ``node_root()/key``, filled by `build` by the first task of this node that asks (a
     failed build leaves no folder behind); returns it and whether this call built it."""
     folder = node_root() / key
-    with _locked(folder.with_name(folder.name + ".lock")):
+    with exclusive(folder.with_name(folder.name + ".lock")):
         if (folder / _COMPLETE).exists():
             return folder, False
         shutil.rmtree(folder, ignore_errors=True)

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
-import fcntl
 import glob
 import hashlib
 import logging
@@ -33,6 +31,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from runtime.file_lock import exclusive
 
 logger = logging.getLogger(__name__)
 
@@ -252,17 +252,6 @@ def _stamp(cxx: str, include_dir: Path, flags: list[str]) -> str:
     return digest.hexdigest()
 
 
-@contextlib.contextmanager
-def _locked(folder: Path):
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def build(output_dir: str | os.PathLike | None = None, force: bool = False, log=None) -> Path:
     """Build (or reuse) the kernel library; returns the path of ``libhadanorm_kernels.so``."""
     log = log or logger.info
@@ -270,7 +259,7 @@ def build(output_dir: str | os.PathLike | None = None, force: bool = False, log=
     library = out_dir / LIBRARY_NAME
     stamp_file = out_dir / (LIBRARY_NAME + ".stamp")
     cxx = _compiler()
-    with _locked(out_dir):
+    with exclusive(out_dir / ".build.lock"):
         include_dir = ensure_headers(log)
         flags = list(CXX_FLAGS)
         stamp = _stamp(cxx, include_dir, flags)
