@@ -30,14 +30,11 @@ ROOT = HERE.parent
 def worker(model: str, library: str, calls: int, threads: int) -> dict:
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(HERE))
-    from profile_ops import feeds_for
+    from profile_ops import call_for, feeds_for
     from runtime.denoiser import Denoiser
 
     denoiser = Denoiser(model, threads=threads, kernel_library=library)
-    feeds = feeds_for(denoiser)
-    # a split graph (hn-export split-prompt): the Denoiser runs the prompt graph at the first call, then the step
-    # graph alone (the same feeds: the prompt's values are cached), as profile_ops.py times it
-    call = (lambda: denoiser.session.run(None, feeds)) if denoiser.prompt_session is None else (lambda: denoiser(feeds))
+    call = call_for(denoiser, feeds_for(denoiser))
     for _ in range(2):
         call()
     before = resource.getrusage(resource.RUSAGE_SELF)

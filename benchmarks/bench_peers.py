@@ -123,15 +123,20 @@ GRAPHS = {g.key: g for g in (
           "hn-w4a4-noattn", False),
     Graph("fp32-attn", "FP32 with only the attention fused (`hn-export optimize --attention bf16`)", "hn",
           "fp32-attn", False),
-    Graph("hn-w4a4-all-block-tl-split", "hn-export `--w4a4 --format fused --every-linear --hadamard block "
-          "--weight-scales two-level`, then `hn-export split-prompt`", "hn", "hn-w4a4-all-block-tl-split", False),
-    Graph("hn-w4a4-all-block-tl-pc-split", "hn-export `--w4a4 --format fused --every-linear --hadamard block "
-          "--weight-scales two-level --outer-weight-block 0`, then `hn-export split-prompt`", "hn",
-          "hn-w4a4-all-block-tl-pc-split", False),
-    Graph("ort-w8a8-split", "onnxruntime `quantize_dynamic` W8A8, then `hn-export split-prompt` (not a peer: what "
-          "the split alone gives)", "hn-ort", "ort-w8a8-split", False),
 )}
 SPLIT_SUFFIX = "-split"
+
+
+def _split(base: str, runtime: str = "hn", note: str = "") -> Graph:
+    """The graph `base` cut by `hn-export split-prompt` (never a peer: run by the Denoiser)."""
+    key = base + SPLIT_SUFFIX
+    return Graph(key, f"{GRAPHS[base].label}, then `hn-export split-prompt`{note}", runtime, key, False)
+
+
+GRAPHS.update({g.key: g for g in (
+    _split("hn-w4a4-all-block-tl"), _split("hn-w4a4-all-block-tl-pc"),
+    _split("ort-w8a8", "hn-ort", " (not a peer: what the split alone gives)"),
+)})
 GENERATION_STEPS = 20  # the generation a split graph's step cost is given for when --steps is 0
 
 
