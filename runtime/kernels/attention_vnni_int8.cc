@@ -230,85 +230,48 @@ HN_INLINE __m512 butterfly_signs(int h) {
                               _mm512_set1_ps(-1.0f));
 }
 
-// One row x [d] (minus mean [d] when given) rotated by the block Hadamard (hb) and quantized: d_pad code bytes
-// (each code xor `flip`: 0x80 gives the unsigned cq + 128), the sum of the codes in *code_sum; returns the scale
-// max|x~| / 127. buf: ceil(d / 16) * 16 floats.
-template <int V>
-float rotate_quantize_row_in_registers(const float* x, const float* mean, int64_t d, int64_t d_pad, int64_t hb,
-                                       uint8_t* out, uint8_t flip, int32_t* code_sum);
-
-float rotate_quantize_row(const float* x, const float* mean, int64_t d, int64_t d_pad, int64_t hb, float* buf,
-                          uint8_t* out, uint8_t flip, int32_t* code_sum) {
-  const int64_t vecs = ceil_div(d, 16);
-  switch (vecs) {  // d <= 128 (PixArt's 72, 64, 128): the same operations on the row held in registers
-    case 1: return rotate_quantize_row_in_registers<1>(x, mean, d, d_pad, hb, out, flip, code_sum);
-    case 2: return rotate_quantize_row_in_registers<2>(x, mean, d, d_pad, hb, out, flip, code_sum);
-    case 3: return rotate_quantize_row_in_registers<3>(x, mean, d, d_pad, hb, out, flip, code_sum);
-    case 4: return rotate_quantize_row_in_registers<4>(x, mean, d, d_pad, hb, out, flip, code_sum);
-    case 5: return rotate_quantize_row_in_registers<5>(x, mean, d, d_pad, hb, out, flip, code_sum);
-    case 6: return rotate_quantize_row_in_registers<6>(x, mean, d, d_pad, hb, out, flip, code_sum);
-    case 7: return rotate_quantize_row_in_registers<7>(x, mean, d, d_pad, hb, out, flip, code_sum);
-    case 8: return rotate_quantize_row_in_registers<8>(x, mean, d, d_pad, hb, out, flip, code_sum);
-    default: break;
-  }
-  for (int64_t t = 0; t < vecs; ++t) {
-    const __mmask16 m = lanes(d - 16 * t);
-    __m512 v = _mm512_maskz_loadu_ps(m, x + 16 * t);
-    if (mean) v = _mm512_sub_ps(v, _mm512_maskz_loadu_ps(m, mean + 16 * t));
-    // butterflies within the vector (h < 16): lane i gets x[i] + x[i ^ h] where i & h is 0, x[i ^ h] - x[i] else,
-    // as fma(x[i], +-1, x[i ^ h]) (x[i] * +-1 is exact: the add's or the subtraction's bits) with x[i ^ h] from an
-    // immediate shuffle (in-lane for h = 1, 2: one cycle), not a blend of both and a lane permute. One op, one thread
-    // (`bench_ops_ab.py attention --precision int8 --tokens 256 --keys K`, busy host, bits checked): 256 keys 4.02 ->
-    // 3.80 and 4.77 -> 4.70 ms (two runs), 300 keys 5.19 -> 5.04 ms; 1024 tokens a tie
-    if (hb > 1) v = _mm512_fmadd_ps(v, butterfly_signs(1), _mm512_permute_ps(v, 0xB1));
-    if (hb > 2) v = _mm512_fmadd_ps(v, butterfly_signs(2), _mm512_permute_ps(v, 0x4E));
-    if (hb > 4) v = _mm512_fmadd_ps(v, butterfly_signs(4), _mm512_shuffle_f32x4(v, v, 0xB1));
-    if (hb > 8) v = _mm512_fmadd_ps(v, butterfly_signs(8), _mm512_shuffle_f32x4(v, v, 0x4E));
-    _mm512_storeu_ps(buf + 16 * t, v);
-  }
-  for (int64_t h = 16; h < hb; h *= 2)  // butterflies between vectors
-    for (int64_t b = 0; b < d; b += hb)
-      for (int64_t i = b; i < b + hb; i += 2 * h)
-        for (int64_t j = i; j < i + h; j += 16) {
-          const __m512 a = _mm512_loadu_ps(buf + j), c = _mm512_loadu_ps(buf + j + h);
-          _mm512_storeu_ps(buf + j, _mm512_add_ps(a, c));
-          _mm512_storeu_ps(buf + j + h, _mm512_sub_ps(a, c));
-        }
-  __m512 vmax = _mm512_setzero_ps();
-  for (int64_t t = 0; t < vecs; ++t) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(buf + 16 * t)));
-  const float amax = _mm512_reduce_max_ps(vmax);
-  float inv_amax = amax > 0.0f ? 127.0f / amax : 0.0f;
-  if (!(inv_amax <= FLT_MAX)) inv_amax = 0.0f;  // as symmetric_codes: a row under 127 / FLT_MAX gets codes 0
-  const __m512 inv = _mm512_set1_ps(inv_amax);
-  __m512i sum = _mm512_setzero_si512();
-  for (int64_t t = 0; t < vecs; ++t) {
-    const __m512i c = codes_of(_mm512_loadu_ps(buf + 16 * t), inv);
-    sum = _mm512_add_epi32(sum, c);
-    const __m128i bytes = _mm_xor_si128(_mm512_cvtsepi32_epi8(c), _mm_set1_epi8(static_cast<char>(flip)));
-    _mm_mask_storeu_epi8(out + 16 * t, lanes(d_pad - 16 * t), bytes);
-  }
-  if (code_sum) *code_sum = _mm512_reduce_add_epi32(sum);
-  return amax / 127.0f;
+// Vector t of a row x [d] (minus mean when given), with the block Hadamard's butterflies within the vector (h < 16,
+// h < hb): lane i gets x[i] + x[i ^ h] where i & h is 0, x[i ^ h] - x[i] else, as fma(x[i], +-1, x[i ^ h]) (x[i] *
+// +-1 is exact: the add's or the subtraction's bits) with x[i ^ h] from an immediate shuffle (in-lane for h = 1, 2:
+// one cycle), not a blend of both and a lane permute. One op, one thread (`bench_ops_ab.py attention --precision
+// int8 --tokens 256 --keys K`, busy host, bits checked): 256 keys 4.02 -> 3.80 and 4.77 -> 4.70 ms (two runs), 300
+// keys 5.19 -> 5.04 ms; 1024 tokens a tie.
+HN_INLINE __m512 rotated_vector(const float* x, const float* mean, int64_t d, int64_t t, int64_t hb) {
+  const __mmask16 m = lanes(d - 16 * t);
+  __m512 v = _mm512_maskz_loadu_ps(m, x + 16 * t);
+  if (mean) v = _mm512_sub_ps(v, _mm512_maskz_loadu_ps(m, mean + 16 * t));
+  if (hb > 1) v = _mm512_fmadd_ps(v, butterfly_signs(1), _mm512_permute_ps(v, 0xB1));
+  if (hb > 2) v = _mm512_fmadd_ps(v, butterfly_signs(2), _mm512_permute_ps(v, 0x4E));
+  if (hb > 4) v = _mm512_fmadd_ps(v, butterfly_signs(4), _mm512_shuffle_f32x4(v, v, 0xB1));
+  if (hb > 8) v = _mm512_fmadd_ps(v, butterfly_signs(8), _mm512_shuffle_f32x4(v, v, 0x4E));
+  return v;
 }
 
-// rotate_quantize_row for a row of V vectors (d in (16 (V - 1), 16 V]), without its buffer: the same operations in the
-// same order on the row in registers (the same bits). One op, one thread (`bench_ops_ab.py attention --precision int8
-// --tokens 256 --keys K`, busy host, bits checked; also checked at d = 8 .. 128): 256 keys 4.08 -> 3.83 and 4.93 ->
-// 4.77 ms (two runs), 300 keys 4.73 -> 4.35 ms
+// 127 / amax, or 0 for a row under 127 / FLT_MAX (as symmetric_codes: such a row gets codes 0)
+HN_INLINE __m512 inverse_scale(float amax) {
+  float inv_amax = amax > 0.0f ? 127.0f / amax : 0.0f;
+  if (!(inv_amax <= FLT_MAX)) inv_amax = 0.0f;
+  return _mm512_set1_ps(inv_amax);
+}
+
+// Vector t's codes stored (each xor `flip`, d_pad bytes in all) and added to *sum
+HN_INLINE void store_codes(__m512 v, __m512 inv, int64_t t, int64_t d_pad, uint8_t flip, uint8_t* out, __m512i* sum) {
+  const __m512i c = codes_of(v, inv);
+  *sum = _mm512_add_epi32(*sum, c);
+  const __m128i bytes = _mm_xor_si128(_mm512_cvtsepi32_epi8(c), _mm_set1_epi8(static_cast<char>(flip)));
+  _mm_mask_storeu_epi8(out + 16 * t, lanes(d_pad - 16 * t), bytes);
+}
+
+// rotate_quantize_row for a row of V vectors (d in (16 (V - 1), 16 V]) held in registers: the same operations in the
+// same order (the same bits) without the buffer's stores and reloads. One op, one thread (`bench_ops_ab.py attention
+// --precision int8 --tokens 256 --keys K`, busy host, bits checked; also checked at d = 8 .. 128): 256 keys 4.08 ->
+// 3.83 and 4.93 -> 4.77 ms (two runs), 300 keys 4.73 -> 4.35 ms.
 template <int V>
 float rotate_quantize_row_in_registers(const float* x, const float* mean, int64_t d, int64_t d_pad, int64_t hb,
                                        uint8_t* out, uint8_t flip, int32_t* code_sum) {
   __m512 v[V];
 #pragma GCC unroll 8
-  for (int t = 0; t < V; ++t) {
-    const __mmask16 m = lanes(d - 16 * t);
-    v[t] = _mm512_maskz_loadu_ps(m, x + 16 * t);
-    if (mean) v[t] = _mm512_sub_ps(v[t], _mm512_maskz_loadu_ps(m, mean + 16 * t));
-    if (hb > 1) v[t] = _mm512_fmadd_ps(v[t], butterfly_signs(1), _mm512_permute_ps(v[t], 0xB1));
-    if (hb > 2) v[t] = _mm512_fmadd_ps(v[t], butterfly_signs(2), _mm512_permute_ps(v[t], 0x4E));
-    if (hb > 4) v[t] = _mm512_fmadd_ps(v[t], butterfly_signs(4), _mm512_shuffle_f32x4(v[t], v[t], 0xB1));
-    if (hb > 8) v[t] = _mm512_fmadd_ps(v[t], butterfly_signs(8), _mm512_shuffle_f32x4(v[t], v[t], 0x4E));
-  }
+  for (int t = 0; t < V; ++t) v[t] = rotated_vector(x, mean, d, t, hb);
   // butterflies between vectors (hb >= 32 divides d: whole vectors, blocks of hb / 16 of them)
   for (int h = 1; 16 * h < hb; h *= 2)
 #pragma GCC unroll 8
@@ -322,17 +285,46 @@ float rotate_quantize_row_in_registers(const float* x, const float* mean, int64_
 #pragma GCC unroll 8
   for (int t = 0; t < V; ++t) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v[t]));
   const float amax = _mm512_reduce_max_ps(vmax);
-  float inv_amax = amax > 0.0f ? 127.0f / amax : 0.0f;
-  if (!(inv_amax <= FLT_MAX)) inv_amax = 0.0f;  // as symmetric_codes: a row under 127 / FLT_MAX gets codes 0
-  const __m512 inv = _mm512_set1_ps(inv_amax);
+  const __m512 inv = inverse_scale(amax);
   __m512i sum = _mm512_setzero_si512();
 #pragma GCC unroll 8
-  for (int t = 0; t < V; ++t) {
-    const __m512i c = codes_of(v[t], inv);
-    sum = _mm512_add_epi32(sum, c);
-    const __m128i bytes = _mm_xor_si128(_mm512_cvtsepi32_epi8(c), _mm_set1_epi8(static_cast<char>(flip)));
-    _mm_mask_storeu_epi8(out + 16 * t, lanes(d_pad - 16 * t), bytes);
+  for (int t = 0; t < V; ++t) store_codes(v[t], inv, t, d_pad, flip, out, &sum);
+  if (code_sum) *code_sum = _mm512_reduce_add_epi32(sum);
+  return amax / 127.0f;
+}
+
+// One row x [d] (minus mean [d] when given) rotated by the block Hadamard (hb) and quantized: d_pad code bytes
+// (each code xor `flip`: 0x80 gives the unsigned cq + 128), the sum of the codes in *code_sum; returns the scale
+// max|x~| / 127. Rows of up to 128 in registers; longer ones through buf (ceil(d / 16) * 16 floats).
+float rotate_quantize_row(const float* x, const float* mean, int64_t d, int64_t d_pad, int64_t hb, float* buf,
+                          uint8_t* out, uint8_t flip, int32_t* code_sum) {
+  const int64_t vecs = ceil_div(d, 16);
+  switch (vecs) {
+    case 1: return rotate_quantize_row_in_registers<1>(x, mean, d, d_pad, hb, out, flip, code_sum);
+    case 2: return rotate_quantize_row_in_registers<2>(x, mean, d, d_pad, hb, out, flip, code_sum);
+    case 3: return rotate_quantize_row_in_registers<3>(x, mean, d, d_pad, hb, out, flip, code_sum);
+    case 4: return rotate_quantize_row_in_registers<4>(x, mean, d, d_pad, hb, out, flip, code_sum);
+    case 5: return rotate_quantize_row_in_registers<5>(x, mean, d, d_pad, hb, out, flip, code_sum);
+    case 6: return rotate_quantize_row_in_registers<6>(x, mean, d, d_pad, hb, out, flip, code_sum);
+    case 7: return rotate_quantize_row_in_registers<7>(x, mean, d, d_pad, hb, out, flip, code_sum);
+    case 8: return rotate_quantize_row_in_registers<8>(x, mean, d, d_pad, hb, out, flip, code_sum);
+    default: break;
   }
+  for (int64_t t = 0; t < vecs; ++t) _mm512_storeu_ps(buf + 16 * t, rotated_vector(x, mean, d, t, hb));
+  for (int64_t h = 16; h < hb; h *= 2)  // butterflies between vectors
+    for (int64_t b = 0; b < d; b += hb)
+      for (int64_t i = b; i < b + hb; i += 2 * h)
+        for (int64_t j = i; j < i + h; j += 16) {
+          const __m512 a = _mm512_loadu_ps(buf + j), c = _mm512_loadu_ps(buf + j + h);
+          _mm512_storeu_ps(buf + j, _mm512_add_ps(a, c));
+          _mm512_storeu_ps(buf + j + h, _mm512_sub_ps(a, c));
+        }
+  __m512 vmax = _mm512_setzero_ps();
+  for (int64_t t = 0; t < vecs; ++t) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(buf + 16 * t)));
+  const float amax = _mm512_reduce_max_ps(vmax);
+  const __m512 inv = inverse_scale(amax);
+  __m512i sum = _mm512_setzero_si512();
+  for (int64_t t = 0; t < vecs; ++t) store_codes(_mm512_loadu_ps(buf + 16 * t), inv, t, d_pad, flip, out, &sum);
   if (code_sum) *code_sum = _mm512_reduce_add_epi32(sum);
   return amax / 127.0f;
 }
