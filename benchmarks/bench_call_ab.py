@@ -2,14 +2,16 @@
 alternated: before / after of a kernel change measured on the whole graph (build the old commit's library with
 ``python -m runtime.kernels.build --output-dir DIR``).
 
-    python benchmarks/bench_call_ab.py MODEL.onnx OLD.so NEW.so [--pairs 5] [--calls 40] [--threads 2]
+    python benchmarks/bench_call_ab.py MODEL.onnx OLD.so NEW.so [--pairs 5] [--calls 40] [--threads 2] [--no-spinning]
 
 Each process loads MODEL (a split graph's step graph too: the prompt graph runs once, in the warm-up) with
 ``runtime.denoiser.Denoiser(kernel_library=LIB)`` (onnxruntime's arena kept, as the
 product runs it), makes `benchmarks/profile_ops.py`'s seeded feeds (batch 2), runs two warm-up calls, then `--calls`
 timed calls, and reports their median and minimum wall time and the minor page faults and system CPU time per timed
 call (a kernel that maps fresh memory every call shows there). Prints one line per process, then each library's
-medians over the `--pairs` alternations.
+medians over the `--pairs` alternations. ``--no-spinning``: onnxruntime's intra-op threads sleep between parallel
+sections (``session.intra_op.allow_spinning=0``), as `benchmarks/bench_peers.py` runs every graph: then each
+parallel section of an op pays for waking the pool's threads.
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-def worker(model: str, library: str, calls: int, threads: int) -> dict:
+def worker(model: str, library: str, calls: int, threads: int, spinning: bool) -> dict:
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(HERE))
     from profile_ops import call_for, feeds_for
     from runtime.denoiser import Denoiser
 
-    denoiser = Denoiser(model, threads=threads, kernel_library=library)
+    denoiser = Denoiser(model, threads=threads, kernel_library=library, spinning=spinning)
     call = call_for(denoiser, feeds_for(denoiser))
     for _ in range(2):
         call()
@@ -56,16 +58,18 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=5, help="alternations of the libraries (one process each)")
     p.add_argument("--calls", type=int, default=40, help="timed calls per process")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-spinning", action="store_true", help="intra-op threads sleep between parallel sections")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.model, args.libraries[0], args.calls, args.threads)))
+        print(json.dumps(worker(args.model, args.libraries[0], args.calls, args.threads, not args.no_spinning)))
         return
     medians: dict[str, list[float]] = {lib: [] for lib in args.libraries}
     for _ in range(args.pairs):
         for lib in args.libraries:
             out = subprocess.run([sys.executable, __file__, args.model, lib, "--worker", "--calls", str(args.calls),
-                                  "--threads", str(args.threads)], capture_output=True, text=True, check=True)
+                                  "--threads", str(args.threads)] + (["--no-spinning"] if args.no_spinning else []),
+                                 capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             medians[lib].append(r["median_ms"])
             print(f"{lib}: median {r['median_ms']:.1f} ms, min {r['min_ms']:.1f}, minor faults / call "

@@ -36,10 +36,13 @@ Each graph runs in its own worker process (this script with ``--worker``; under 
 (warm-up calls each); then ``--rounds`` rounds, each calling every graph once (round-robin, starting one graph later
 each round) on the same one-call feeds: medians of the times measured inside the workers. onnxruntime sessions
 run with onnxruntime's default options except ``--threads`` intra-op threads and no thread spinning (an idle
-worker must not steal the cores of the one being timed); OpenVINO gets ``INFERENCE_NUM_THREADS``. After the
-timing, quality against FP32 on inputs held out from hn-export's calibration (seed + 1000): one call per sample,
-and the final latents of the family's denoising loop (`hn_export.denoise`, PixArt: DPM-Solver++, guidance pair =
-batch 2), driven by each worker in turn. Peak RSS is each worker's VmHWM at its end.
+worker must not steal the cores of the one being timed); OpenVINO gets ``INFERENCE_NUM_THREADS``. ``--spinning``:
+onnxruntime's default spinning instead (how a process that runs one model gets it: the pool's threads spin between
+parallel sections instead of sleeping), and a pause of ``SPIN_PAUSE_S`` before each timed call, so that the last
+worker's threads have stopped spinning (onnxruntime's workers spin 2^20 pause loops after their last task, tens of
+milliseconds). After the timing, quality against FP32 on inputs held out from hn-export's calibration (seed + 1000):
+one call per sample, and the final latents of the family's denoising loop (`hn_export.denoise`, PixArt:
+DPM-Solver++, guidance pair = batch 2), driven by each worker in turn. Peak RSS is each worker's VmHWM at its end.
 
     python benchmarks/bench_peers.py [--preset pixart-sigma-256] [--layers 4] [--rounds 15] [--threads 2]
         [--no-amx] [--graphs fp32,ort-w8a8,...] [--work-dir DIR] [--out RESULT.json]
@@ -67,6 +70,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 NO_AMX = HERE / "no_amx.py"
 MALLOC_HUGETLB = "glibc.malloc.hugetlb=1"
+SPIN_PAUSE_S = 0.1  # --spinning: sleep before each timed call (onnxruntime's pool spins on after a run)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +160,7 @@ def proc_status() -> tuple[float, float]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def load_runner(runtime: str, path: Path, threads: int, shrink_arena: bool):
+def load_runner(runtime: str, path: Path, threads: int, shrink_arena: bool, spinning: bool = False):
     """(run(feeds) -> float32 output, info, RSS in MB after the imports and before the load)."""
     import numpy as np
 
@@ -191,11 +195,11 @@ def load_runner(runtime: str, path: Path, threads: int, shrink_arena: bool):
 
         base = proc_status()[0]
         if runtime == "hn":
-            den = Denoiser(path, threads=threads, spinning=False, kernel_library=True)
+            den = Denoiser(path, threads=threads, spinning=spinning, kernel_library=True)
             if den.kernel_library is None:
                 raise RuntimeError("the hadanorm kernel library is not built (python -m runtime.kernels.build)")
         else:  # a peer's graph, split: onnxruntime's default session options but SkipLayerNormFusion (the Denoiser's)
-            den = Denoiser(path, threads=threads, spinning=False, kernel_library=False, mode=NumericsMode.FAST)
+            den = Denoiser(path, threads=threads, spinning=spinning, kernel_library=False, mode=NumericsMode.FAST)
         session, check = den.session, den.check_inputs
         info = {"runs_as": den.implementation + (", split: prompt graph once per prompt"
                                                  if den.prompt_session is not None else "")}
@@ -212,7 +216,7 @@ def load_runner(runtime: str, path: Path, threads: int, shrink_arena: bool):
         from runtime.session import NumericsMode, create_session
 
         base = proc_status()[0]
-        session = create_session(path, NumericsMode.FAST, ["CPUExecutionProvider"], threads, spinning=False,
+        session = create_session(path, NumericsMode.FAST, ["CPUExecutionProvider"], threads, spinning=spinning,
                                  disabled_optimizers=())  # onnxruntime's defaults, as a user runs it
         check = None
         info = {"runs_as": "onnxruntime CPU, default session options"}
@@ -239,7 +243,8 @@ def worker(args: argparse.Namespace) -> None:
 
     from no_amx import amx_permitted
 
-    run, info, base = load_runner(args.worker, Path(args.model), args.threads, args.ort_arena == "shrink")
+    run, info, base = load_runner(args.worker, Path(args.model), args.threads, args.ort_arena == "shrink",
+                                  args.spinning)
     info["amx_permitted_after_load"] = amx_permitted()
     send(event="loaded", base_mb=base, info=info)
     timing = None
@@ -375,6 +380,8 @@ class Worker:
         self.log = logdir / f"worker-{graph.key}{'-noamx' if args.no_amx else ''}.log"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", graph.runtime, "--model", str(model),
                "--threads", str(args.threads), "--ort-arena", worker_arena(args.ort_arena, graph)]
+        if args.spinning:
+            cmd.append("--spinning")
         if args.no_amx:
             cmd = [sys.executable, str(NO_AMX), "--", *cmd]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
@@ -456,6 +463,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "in memory together; each call then pays its page faults); shrink-peers: only the "
                         "onnxruntime peers' (FP32, W8A8, W4) do, hn-export's graphs keep theirs (OpenVINO has no "
                         "onnxruntime arena either way)")
+    p.add_argument("--spinning", action="store_true",
+                   help="onnxruntime's default thread spinning in every onnxruntime worker (default: off), with a "
+                        f"{SPIN_PAUSE_S:g} s pause before each timed call")
     p.add_argument("--work-dir", type=Path, help="graphs are made here once and reused (default: a temp folder)")
     p.add_argument("--out", type=Path, help="write the results here (.json) and the table beside it (.md)")
     p.add_argument("--no-build", action="store_true", help="use the kernel library as built, do not rebuild it")
@@ -543,15 +553,21 @@ def start_workers(keys: list[str], folder: Path, feeds: Path, args: argparse.Nam
                  f"{guard_mb:.0f} MB)", "pass --ort-arena shrink or fewer --graphs", 1)
 
 
-def time_rounds(workers: dict[str, Worker], rounds: int) -> None:
+def time_rounds(workers: dict[str, Worker], rounds: int, pause_s: float = 0.0) -> None:
     """Round-robin, one call per graph per round, starting one graph later each round (a split graph: its first call
-    of a generation, then a step)."""
+    of a generation, then a step); `pause_s` seconds of sleep before each timed call."""
     keys = list(workers)
+
+    def timed(worker: Worker, cmd: str) -> float:
+        if pause_s:
+            time.sleep(pause_s)
+        return worker.ask(cmd=cmd)["ms"]
+
     for r in range(rounds):
         for key in keys[r % len(keys):] + keys[:r % len(keys)]:
             if workers[key].split:
-                workers[key].first_times.append(workers[key].ask(cmd="time-first")["ms"])
-            workers[key].times.append(workers[key].ask(cmd="time")["ms"])
+                workers[key].first_times.append(timed(workers[key], "time-first"))
+            workers[key].times.append(timed(workers[key], "time"))
 
 
 def quality_outputs(w: Worker, sig, config, one_call: list[dict], tmp: Path) -> dict:
@@ -651,7 +667,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             start_workers(keys, folder, tmp / "timing.npz", args, logs, workers)
             log(f"{args.rounds} interleaved rounds")
-            time_rounds(workers, args.rounds)
+            time_rounds(workers, args.rounds, SPIN_PAUSE_S if args.spinning else 0.0)
             load_timed = os.getloadavg()
             outputs = {}
             for key, w in workers.items():
@@ -671,7 +687,7 @@ def main(argv: list[str] | None = None) -> None:
                            "in_workers": sorted({r["runs_as"] for k, r in rows.items() if GRAPHS[k].runtime == "hn"})},
         "settings": {k: getattr(args, k) for k in ("preset", "layers", "seed", "rounds", "warmup", "threads",
                                                    "caption_length", "steps", "samples", "ort_arena",
-                                                   "malloc_hugetlb")},
+                                                   "malloc_hugetlb", "spinning")},
         "batch": int(one_call[0][next(iter(sig.batched))].shape[0]) if sig.batched else None,
         "evaluation_seed": args.seed + 1000,
         "load_average": {"start": load_start, "after_rounds": load_timed, "end": os.getloadavg()},
@@ -699,7 +715,8 @@ def table(result: dict) -> str:
         + (", ".join(result["kernel_library"]["in_workers"]) or "-"),
         f"One denoiser call, batch {result['batch']} (guidance pair), caption {s['caption_length']}, {s['threads']} "
         f"threads, each graph in its own process; median of {s['rounds']} interleaved rounds after {s['warmup']} "
-        f"warm-up calls; onnxruntime arena: {s['ort_arena']}"
+        f"warm-up calls; onnxruntime arena: {s['ort_arena']}; onnxruntime thread spinning: "
+        + ("on (its default), a pause before each timed call" if s.get("spinning") else "off")
         + (f"; every worker with GLIBC_TUNABLES={MALLOC_HUGETLB} (transparent huge pages for malloc)"
            if s.get("malloc_hugetlb") else "")
         + (" (the onnxruntime peers shrink theirs after every call; hn-export's graphs keep theirs, onnxruntime's "

@@ -1,6 +1,6 @@
 """Per-op time of one denoiser graph with onnxruntime's profiler: where a call's time goes.
 
-    python benchmarks/profile_ops.py MODEL.onnx [--calls 8] [--threads 2] [--top 15] [--nodes OP]
+    python benchmarks/profile_ops.py MODEL.onnx [--calls 8] [--threads 2] [--top 15] [--nodes OP] [--no-spinning]
 
 Runs MODEL (hadanorm kernel library registered when built) on seeded one-call feeds of the graph's inputs (batch 2,
 caption 300 where the length is dynamic), 2 warm-up calls, then --calls profiled calls, and prints each op type's
@@ -57,9 +57,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--nodes", help="also list the slowest nodes of this op type")
+    parser.add_argument("--no-spinning", action="store_true",
+                        help="onnxruntime's intra-op threads sleep between parallel sections (allow_spinning=0)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        denoiser = Denoiser(args.model, threads=args.threads, profile_prefix=os.path.join(tmp, "profile"))
+        denoiser = Denoiser(args.model, threads=args.threads, profile_prefix=os.path.join(tmp, "profile"),
+                            spinning=not args.no_spinning)
         feeds = feeds_for(denoiser)
         call = call_for(denoiser, feeds)
         times = []

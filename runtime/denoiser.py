@@ -111,15 +111,17 @@ class Denoiser:
         # (the caller's prompt key or None, a copy of the prompt feeds (None with a key), the carried values)
         self._prompt_cache: list[tuple[Hashable | None, dict[str, np.ndarray] | None, dict[str, np.ndarray]]] = []
         if self.metadata.get(PROMPT_GRAPH_KEY):
-            self._load_prompt_graph(self.metadata[PROMPT_GRAPH_KEY], mode, threads, spinning, cpu_arena)
+            self._load_prompt_graph(self.metadata[PROMPT_GRAPH_KEY], mode, threads, cpu_arena)
         self.batched_inputs = batched_inputs({name: spec.shape for name, spec in self.inputs.items()})
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.run_options = ort.RunOptions()
         if shrink_arena:
             self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
-    def _load_prompt_graph(self, name: str, mode: NumericsMode, threads: int | None, spinning: bool,
-                           cpu_arena: bool) -> None:
+    def _load_prompt_graph(self, name: str, mode: NumericsMode, threads: int | None, cpu_arena: bool) -> None:
+        """The prompt graph's session: its own intra-op pool, never spinning. It runs once per prompt and the step
+        graph right after it: spinning threads of the prompt session (onnxruntime's workers spin 2^20 pause loops
+        after their last task) would take the cores from the step graph's for tens of milliseconds."""
         prompt_path = self.path.parent / name
         if Path(name).name != name or not name.endswith(".onnx"):
             raise RuntimeInputError(f"{self.path} names its prompt graph {name!r}, not a file name beside it; "
@@ -129,7 +131,7 @@ class Denoiser:
                                     f"{name} into {self.path.parent} (written by `hn-export split-prompt`)")
         try:
             self.prompt_session = create_session(prompt_path, mode, self.providers, threads,
-                                                 kernel_library=self.kernel_library, spinning=spinning,
+                                                 kernel_library=self.kernel_library, spinning=False,
                                                  cpu_arena=cpu_arena)
         except Exception as exc:  # onnxruntime raises several pybind types
             message = explain_run_error(str(exc), prompt_path) or self._explain_load_error(str(exc), prompt_path)

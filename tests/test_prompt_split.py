@@ -80,6 +80,25 @@ def test_step_graph_is_smaller_and_names_its_prompt_graph(fused, hn_cli, tmp_pat
     assert weights(step) | weights(prompt) == weights(whole)
 
 
+def test_prompt_session_never_spins(fused, hn_cli, tmp_path):
+    """The step session spins as asked (onnxruntime's default: on); the prompt session never does: its threads
+    would spin on for tens of milliseconds after the prompt graph, on the cores the step graph runs on next."""
+    out = tmp_path / "m.onnx"
+    assert hn_cli("split-prompt", fused, "-o", out).exit_code == 0
+    key = "session.intra_op.allow_spinning"
+
+    def spinning(session) -> bool:
+        try:
+            return session.get_session_options().get_session_config_entry(key) != "0"
+        except RuntimeError:  # not set: onnxruntime's default, spinning
+            return True
+
+    for asked in (True, False):
+        den = Denoiser(out, spinning=asked)
+        assert spinning(den.session) is asked
+        assert spinning(den.prompt_session) is False
+
+
 @pytest.mark.parametrize("preset", ["tiny", "sd3-tiny", "flux-tiny", "pixart-alpha-tiny"])
 def test_float_graphs_of_every_family_with_prompt_only_work(preset, preset_onnx, tmp_path):
     """Float graphs: the split stops onnxruntime's fusions at the cut (e.g. MatMul + Add), so the sums may round
