@@ -45,7 +45,7 @@ one call per sample, and the final latents of the family's denoising loop (`hn_e
 DPM-Solver++, guidance pair = batch 2), driven by each worker in turn. Peak RSS is each worker's VmHWM at its end.
 
     python benchmarks/bench_peers.py [--preset pixart-sigma-256] [--layers 4] [--rounds 15] [--threads 2]
-        [--no-amx] [--graphs fp32,ort-w8a8,...] [--work-dir DIR] [--out RESULT.json]
+        [--no-amx] [--spinning] [--graphs fp32,ort-w8a8,...] [--work-dir DIR] [--out RESULT.json]
 
 Graphs are made once in ``--work-dir`` (``<preset>-<layers>blocks-seed<seed>/<graph>/model.onnx``, one process at a
 time; a folder appears only when complete) and reused. ``--out X.json`` also writes ``X.md``.
