@@ -83,7 +83,8 @@ def main() -> None:
                 per_node[e["name"].removesuffix("_kernel_time")] += e["dur"]
     total = sum(per_op.values())
     print(f"{args.model}: {denoiser.implementation}; median call {1e3 * float(np.median(times)):.1f} ms "
-          f"({args.calls} profiled calls, {args.threads} threads)")
+          f"({args.calls} profiled calls, {args.threads} threads); the nodes' kernel time {total / 1e3 / calls:.1f} ms "
+          "a call")
     print(f"{'op':32s} {'share':>6s} {'ms/call':>8s} {'nodes':>6s}")
     for op, us in per_op.most_common(args.top):
         print(f"{op:32s} {100 * us / total:5.1f}% {us / 1e3 / calls:8.2f} {count[op] // calls:6d}")
